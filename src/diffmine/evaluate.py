@@ -1,0 +1,142 @@
+"""Proof that mining works: typicality against ground-truth element masks.
+
+- localization: per-image average precision (AUC-PR) of the pixel typicality map against the
+  element mask, with the random baseline (the mask's pixel fraction: the AP of an uninformative
+  map), averaged per label and overall;
+- hit rate: the share of mined patches that show the element (at least half of the element's
+  pixels inside the patch), for the top patches and, as the baseline, the random ones;
+- cluster purity: per label, the size-weighted share of each cluster's majority (element hit or
+  not), and the hit rate of each label's top-ranked cluster.
+
+Masks: ``MASKS/<image_id>`` with any image extension, nonzero = element (the built-in
+dataset writes them as ``OUT/masks/<label>/<file>.png``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.metrics import average_precision_score
+
+HIT_SHARE = 0.5
+
+
+def find_mask(masks: Path, image_id: str) -> Path | None:
+    path = masks / image_id
+    if path.is_file():
+        return path
+    for candidate in sorted(path.parent.glob(path.stem + ".*")):
+        return candidate
+    return None
+
+
+def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool at ``size`` = (H, W), nearest-neighbour resized."""
+    with Image.open(path) as img:
+        mask = img.convert("L")
+        if mask.size != (size[1], size[0]):
+            mask = mask.resize((size[1], size[0]), Image.Resampling.NEAREST)
+        return np.asarray(mask) > 0
+
+
+def localization_ap(pixel_map: np.ndarray, mask: np.ndarray) -> float:
+    """AUC-PR of ``pixel_map`` as a detector of ``mask`` over all pixels (NaN for an empty mask)."""
+    if not mask.any():
+        return float("nan")
+    return float(average_precision_score(mask.ravel(), pixel_map.ravel()))
+
+
+def patch_hits(patches: pd.DataFrame, masks_by_image: dict[str, np.ndarray]) -> np.ndarray:
+    """Per patch: does it hold at least HIT_SHARE of its image's element pixels? (NaN: no mask)."""
+    hits = np.full(len(patches), np.nan)
+    for n, r in enumerate(patches.itertuples()):
+        mask = masks_by_image.get(r.image_id)
+        if mask is None or not mask.any():
+            continue
+        inside = mask[r.y0:r.y1, r.x0:r.x1].sum()
+        hits[n] = float(inside >= HIT_SHARE * mask.sum())
+    return hits
+
+
+def evaluate_maps(maps: dict[str, np.ndarray], labels: dict[str, str], masks: Path) -> tuple[pd.DataFrame, dict]:
+    """Per-image AP rows and the loaded masks, for ``maps`` {image_id: (H, W) typicality}."""
+    rows, loaded = [], {}
+    for image_id, pixel_map in maps.items():
+        path = find_mask(masks, image_id)
+        if path is None:
+            continue
+        mask = load_mask(path, pixel_map.shape)
+        loaded[image_id] = mask
+        rows.append({"image_id": image_id, "label": labels[image_id], "auc_pr": localization_ap(pixel_map, mask),
+                     "random": float(mask.mean()) if mask.any() else float("nan"),
+                     "inside": float(pixel_map[mask].mean()) if mask.any() else float("nan"),
+                     "outside": float(pixel_map[~mask].mean()) if (~mask).any() else float("nan")})
+    return pd.DataFrame(rows), loaded
+
+
+def summarize(per_image: pd.DataFrame) -> dict:
+    """{"overall": {...}, "per_label": {label: {...}}}, means over images with a nonempty mask."""
+    def stats(frame):
+        frame = frame.dropna(subset=["auc_pr"])
+        return {"auc_pr": float(frame["auc_pr"].mean()), "random": float(frame["random"].mean()),
+                "inside": float(frame["inside"].mean()), "outside": float(frame["outside"].mean()), "images": len(frame)}
+    return {"overall": stats(per_image), "per_label": {l: stats(g) for l, g in per_image.groupby("label")}}
+
+
+def cluster_purity(clustered: pd.DataFrame, hits: np.ndarray) -> dict:
+    """Per label: weighted majority share over clusters, and the hit rate of the top cluster."""
+    frame = clustered.assign(hit=hits).dropna(subset=["hit"])
+    out = {}
+    for label, group in frame.groupby("label"):
+        shares = group.groupby("cluster")["hit"].agg(lambda h: max(h.mean(), 1 - h.mean()))
+        sizes = group.groupby("cluster").size()
+        top = group[group["cluster_rank"] == group["cluster_rank"].min()]
+        out[label] = {"purity": float((shares * sizes).sum() / sizes.sum()), "top_cluster_hit_rate": float(top["hit"].mean())}
+    return out
+
+
+def evaluate_run(run, masks: str | Path) -> dict:
+    """Localization AP, mined-patch hit rates and cluster purity of a run against ``masks``."""
+    masks = Path(masks)
+    if not masks.is_dir():
+        raise FileNotFoundError(f"{masks}: no such mask folder")
+    index = run.typicality_index()
+    ok = index[index["status"] == "ok"]
+    maps = {i: run.typicality_map(i) for i in ok["image_id"]}
+    per_image, loaded = evaluate_maps(maps, dict(zip(ok["image_id"], ok["label"])), masks)
+    if per_image.empty:
+        raise FileNotFoundError(f"{masks}: no mask matches any image of {run.path} (expected MASKS/<image_id>)")
+    result = summarize(per_image)
+    result["masks_found"] = len(per_image)
+    if run.patches_path.is_file():
+        result["hit_rate"] = {}
+        for kind in ("top", "random", "least"):
+            mined = pd.read_parquet(run.patches_path).query("kind == @kind")
+            hits = patch_hits(mined, loaded)
+            result["hit_rate"][kind] = {"overall": float(np.nanmean(hits)) if np.isfinite(hits).any() else float("nan"),
+                                        "per_label": {l: float(np.nanmean(hits[(mined["label"] == l).to_numpy()]))
+                                                      for l in mined["label"].unique()}}
+    if run.clusters_path.is_file():
+        clustered = pd.read_parquet(run.clusters_path)
+        result["clusters"] = cluster_purity(clustered, patch_hits(clustered, loaded))
+    return result
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{'label':<16} {'AUC-PR':>8} {'random':>8} {'hit(top)':>9} {'hit(rnd)':>9} {'purity':>7}"]
+    hits = result.get("hit_rate", {})
+    for label, s in list(result["per_label"].items()) + [("overall", result["overall"])]:
+        top = hits.get("top", {}).get("per_label", {}).get(label) if label != "overall" else hits.get("top", {}).get("overall")
+        rnd = hits.get("random", {}).get("per_label", {}).get(label) if label != "overall" else hits.get("random", {}).get("overall")
+        purity = result.get("clusters", {}).get(label, {}).get("purity")
+        if label == "overall" and result.get("clusters"):
+            purity = float(np.mean([c["purity"] for c in result["clusters"].values()]))
+        fmt = lambda v: f"{v:.3f}" if v is not None and np.isfinite(v) else "-"
+        lines.append(f"{label:<16} {fmt(s['auc_pr']):>8} {fmt(s['random']):>8} {fmt(top):>9} {fmt(rnd):>9} {fmt(purity):>7}")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate_run", "evaluate_maps", "summarize", "localization_ap", "patch_hits", "cluster_purity"]

@@ -1,0 +1,191 @@
+"""The run directory: one folder holds every step's settings and results.
+
+    RUN/
+      config.json              settings and seed of every step run so far (see README)
+      images.parquet           the dataset listing: index, image_id, path, label
+      problems.parquet         images skipped and why: image_id, path, step, problem
+      model/                   backend.json + trainable.safetensors (the trained model)
+        checkpoints/step-N/    resumable training state
+      typicality/              maps at latent resolution, sharded
+        shard-00000.safetensors    one (h, w) tensor per image, key = row in shard
+        shard-00000.parquet        index: image_id, label, height, width, key, mean, status, problem
+      mining/patches.parquet   top / least / random patches per label
+      features/features.npy    DIFT feature per top patch (rows of mining/patches.parquet, kind=top)
+      clusters/patches.parquet top patches with cluster, cluster_rank, rank_in_cluster
+      report/index.html        the visual summary
+
+Every Parquet file can be queried with DuckDB, e.g.
+``SELECT label, avg(typicality) FROM 'RUN/clusters/patches.parquet' GROUP BY label``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .data import Dataset, Problem, write_table
+
+
+class RunError(ValueError):
+    """The run directory lacks what a step needs; the message says which step to run first."""
+
+
+class Run:
+    """A run directory. ``open_run(path)`` is the public door."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # -- layout ---------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def typicality_dir(self) -> Path:
+        return self.path / "typicality"
+
+    @property
+    def patches_path(self) -> Path:
+        return self.path / "mining" / "patches.parquet"
+
+    @property
+    def features_path(self) -> Path:
+        return self.path / "features" / "features.npy"
+
+    @property
+    def clusters_path(self) -> Path:
+        return self.path / "clusters" / "patches.parquet"
+
+    @property
+    def report_path(self) -> Path:
+        return self.path / "report" / "index.html"
+
+    # -- config ---------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else {}
+
+    def step_config(self, step: str) -> dict:
+        if step not in self.config:
+            raise RunError(f"{self.path}: step {step!r} has not been run yet")
+        return self.config[step]
+
+    def set_step_config(self, step: str, settings: dict) -> None:
+        config = self.config
+        config[step] = settings
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_name("config.json.tmp")
+        tmp.write_text(json.dumps(config, indent=2, default=str))
+        tmp.replace(self.config_path)
+
+    # -- dataset --------------------------------------------------------------------------
+    def save_dataset(self, dataset: Dataset) -> None:
+        write_table(dataset.table(), self.path / "images.parquet")
+        self.record_problems("listing", dataset.problems)
+
+    def images(self) -> pd.DataFrame:
+        path = self.path / "images.parquet"
+        if not path.is_file():
+            raise RunError(f"{self.path}: no dataset listed here; run `diffmine train --data DIR --run {self.path}` first")
+        return pd.read_parquet(path)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.step_config("dataset")["labels"]
+
+    def prompt(self, label: str | None) -> str:
+        """The exact prompt string for ``label`` (None: the null prompt), as trained."""
+        prompts = self.step_config("dataset")
+        return prompts["null_prompt"] if label is None else prompts["prompt"].format(label=label)
+
+    # -- problems -------------------------------------------------------------------------
+    def record_problems(self, step: str, problems: list[Problem]) -> None:
+        """Append skipped images to problems.parquet (replacing earlier records of this step)."""
+        path = self.path / "problems.parquet"
+        old = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["image_id", "path", "step", "problem"])
+        old = old[old["step"] != step]
+        new = pd.DataFrame([{"image_id": p.image_id, "path": p.path, "step": step, "problem": p.problem} for p in problems],
+                           columns=["image_id", "path", "step", "problem"])
+        write_table(pa.Table.from_pandas(pd.concat([old, new], ignore_index=True), preserve_index=False), path)
+
+    def problems(self) -> pd.DataFrame:
+        """Every image skipped so far, with the step and the problem."""
+        path = self.path / "problems.parquet"
+        frames = [pd.read_parquet(path)] if path.is_file() else []
+        index = self.typicality_index(missing_ok=True)
+        if index is not None and len(index):
+            bad = index[index["status"] != "ok"]
+            frames.append(pd.DataFrame({"image_id": bad["image_id"], "path": bad["path"], "step": "typicality", "problem": bad["problem"]}))
+        if not frames:
+            return pd.DataFrame(columns=["image_id", "path", "step", "problem"])
+        return pd.concat(frames, ignore_index=True).drop_duplicates(["image_id", "problem"])
+
+    # -- typicality -----------------------------------------------------------------------
+    def typicality_shards(self) -> list[Path]:
+        return sorted(self.typicality_dir.glob("shard-*.parquet"))
+
+    def typicality_index(self, missing_ok: bool = False) -> pd.DataFrame | None:
+        shards = self.typicality_shards()
+        if not shards:
+            if missing_ok:
+                return None
+            raise RunError(f"{self.path}: no typicality yet; run `diffmine typicality --run {self.path}`")
+        return pd.concat([pd.read_parquet(s).assign(shard=s.stem) for s in shards], ignore_index=True)
+
+    @cached_property
+    def _typicality_lookup(self) -> dict[str, tuple[str, str, int, int]]:
+        index = self.typicality_index()
+        ok = index[index["status"] == "ok"]
+        return {r.image_id: (r.shard, r.key, r.height, r.width) for r in ok.itertuples()}
+
+    def latent_typicality_map(self, image_id: str) -> np.ndarray:
+        """(h, w) float32 typicality on the latent grid, as stored."""
+        from safetensors import safe_open
+
+        try:
+            shard, key, _, _ = self._typicality_lookup[image_id]
+        except KeyError:
+            raise KeyError(f"no typicality map for {image_id!r} in {self.path} (unknown image, or skipped as bad)") from None
+        with safe_open(str(self.typicality_dir / f"{shard}.safetensors"), "np") as f:
+            return f.get_tensor(key).astype(np.float32)
+
+    def typicality_map(self, image_id: str) -> np.ndarray:
+        """(H, W) float32 typicality at the image's resolution after the run's resize.
+
+        Positive where the label explains the pixel better than the null prompt does.
+        """
+        from .typicality import upsample
+
+        _, _, height, width = self._typicality_lookup.get(image_id, (None, None, 0, 0))
+        return upsample(self.latent_typicality_map(image_id), (height, width))
+
+    # -- mining and clusters --------------------------------------------------------------
+    def patches(self, kind: str = "top") -> pd.DataFrame:
+        """Mined patches: image_id, label, x0, y0, x1, y1 (pixels, x1/y1 exclusive), typicality,
+        and, once clustered, cluster, cluster_rank (0 = most typical cluster of its label) and
+        rank_in_cluster (0 = nearest to the centroid). ``kind``: top, least or random."""
+        if kind == "top" and self.clusters_path.is_file():
+            return pd.read_parquet(self.clusters_path)
+        if not self.patches_path.is_file():
+            raise RunError(f"{self.path}: no mined patches yet; run `diffmine mine --run {self.path}`")
+        table = pd.read_parquet(self.patches_path)
+        return table[table["kind"] == kind].reset_index(drop=True)
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a run directory written by diffmine."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: no such run directory")
+    return Run(path)

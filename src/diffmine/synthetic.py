@@ -1,0 +1,133 @@
+"""The built-in dataset: labeled synthetic scenes, each label with its own planted element.
+
+Every image is a smooth two-colour background with a few shared distractors (filled discs and
+squares in random colours, the same distribution for every label) and one planted element that
+only its label has. The element's pixel mask is written beside the image, so typicality can be
+checked against ground truth:
+
+    OUT/images/<label>/img_0000.png   the scene, RGB uint8, size x size
+    OUT/masks/<label>/img_0000.png    255 where the planted element is, 0 elsewhere
+
+Since the labels differ only by their element, a model that learned the labels should find its
+typicality there and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+# label -> how its element is drawn. Names are made-up lands so that prompts read naturally
+# ("A scene from norland.").
+ELEMENTS = {
+    "norland": "red_cross",
+    "sudland": "blue_triangle",
+    "eastland": "yellow_ring",
+    "westland": "green_checker",
+    "upland": "magenta_bar",
+    "lowland": "cyan_diamond",
+}
+
+
+@dataclass
+class SynthConfig:
+    labels: int = 4
+    per_label: int = 64
+    size: int = 64
+    distractors: int = 3
+    seed: int = 0
+
+
+def _element_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """Boolean mask of one element of half-size ``r`` centred at (cy, cx) on the grid (yy, xx)."""
+    dy, dx = yy - cy, xx - cx
+    if kind == "red_cross":
+        arm = r * 0.35
+        return ((np.abs(dy) <= r) & (np.abs(dx) <= arm)) | ((np.abs(dx) <= r) & (np.abs(dy) <= arm))
+    if kind == "blue_triangle":
+        # apex up: inside when below the apex and within the widening sides
+        return (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.5)
+    if kind == "yellow_ring":
+        d = np.hypot(dy, dx)
+        return (d <= r) & (d >= r * 0.55)
+    if kind == "green_checker":
+        return (np.abs(dy) <= r) & (np.abs(dx) <= r)
+    if kind == "magenta_bar":
+        return (np.abs(dy) <= r * 0.3) & (np.abs(dx) <= r)
+    if kind == "cyan_diamond":
+        return np.abs(dy) + np.abs(dx) <= r
+    raise ValueError(f"unknown element kind {kind!r}")
+
+
+def _element_colour(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """(H, W, 3) float colour field of the element (only read inside its mask)."""
+    h, w = yy.shape
+    base = {
+        "red_cross": (220, 30, 30),
+        "blue_triangle": (30, 60, 220),
+        "yellow_ring": (240, 220, 30),
+        "green_checker": (30, 170, 60),
+        "magenta_bar": (210, 40, 200),
+        "cyan_diamond": (40, 210, 220),
+    }[kind]
+    colour = np.broadcast_to(np.array(base, np.float32), (h, w, 3)).copy()
+    if kind == "green_checker":
+        # a 2x2 checker of green and white: texture, not only colour, marks this element
+        white = ((yy - cy) >= 0) ^ ((xx - cx) >= 0)
+        colour[white] = (245, 245, 245)
+    return colour
+
+
+def render_scene(label_index: int, rng: np.random.Generator, size: int = 64, distractors: int = 3):
+    """One scene of label ``label_index``.
+
+    Returns:
+        image: (size, size, 3) uint8
+        mask: (size, size) bool, True on the planted element
+    """
+    kind = list(ELEMENTS.values())[label_index]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    # background: a linear blend between two muted colours along a random direction, plus grain
+    c0, c1 = rng.uniform(60, 190, size=(2, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = ((np.cos(angle) * xx + np.sin(angle) * yy) / size + 1) / 2
+    image = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
+    image += rng.normal(0, 4, size=image.shape)
+
+    scale = size / 64
+    for _ in range(distractors):
+        cy, cx = rng.uniform(6 * scale, size - 6 * scale, size=2)
+        r = rng.uniform(3, 6) * scale
+        shape = (np.hypot(yy - cy, xx - cx) <= r) if rng.random() < 0.5 else ((np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r))
+        image[shape] = rng.uniform(20, 235, size=3)
+
+    r = rng.uniform(5.5, 7.5) * scale
+    cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
+    mask = _element_mask(kind, yy, xx, cy, cx, r)
+    image[mask] = _element_colour(kind, yy, xx, cy, cx, r)[mask]
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def generate(out: str | Path, config: SynthConfig = SynthConfig(), progress: bool = True) -> Path:
+    """Write the dataset under ``out`` (images/ and masks/); returns the images folder.
+
+    Deterministic: the same config gives byte-identical files.
+    """
+    if not 1 <= config.labels <= len(ELEMENTS):
+        raise ValueError(f"labels must be in 1..{len(ELEMENTS)}, got {config.labels}")
+    out = Path(out)
+    names = list(ELEMENTS)[: config.labels]
+    jobs = [(li, i) for li in range(config.labels) for i in range(config.per_label)]
+    for li, i in tqdm(jobs, desc="synthetic scenes", disable=not progress):
+        # one generator per image, so any image can be regenerated alone
+        rng = np.random.default_rng([config.seed, li, i])
+        image, mask = render_scene(li, rng, config.size, config.distractors)
+        for sub, array in (("images", image), ("masks", mask.astype(np.uint8) * 255)):
+            path = out / sub / names[li] / f"img_{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(path)
+    return out / "images"

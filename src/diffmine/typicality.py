@@ -1,0 +1,297 @@
+"""Typicality: how much better a label explains each latent pixel than the null prompt does.
+
+    T(x | c) = E_{t, eps} [ L_t(x, eps, null) - L_t(x, eps, c) ],   L = || eps_theta(x_t, t, .) - eps ||^2
+
+per latent pixel (mean over latent channels), t in [t_min, t_max] of the diffusion time, the
+SAME (t, eps) in both terms, averaged over K draws and upsampled to the image (Siglidis et al.
+2024, section 3.2).
+
+The draws depend only on the seed and the latent shape, never on the process, the batch or the
+position of an image in the dataset; so every image of a given shape sees the same draws (as in
+the authors' code), comparisons across images share their noise, and a data-parallel run gives
+exactly the single-process result.
+
+The core is :func:`condition_errors`: the denoising error of a batch of images under M
+conditions with shared noise, all conditions of a draw in one forward pass. Typicality is its
+M = 2 case [label, null]; the classifier (argmin over labels) uses M = |labels|.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import BadImage, iter_images, to_model_input, write_table
+from .models import Backend
+
+ESTIMATORS = ("paper", "stratified", "stratified-antithetic")
+
+
+@dataclass
+class TypicalityConfig:
+    samples: int = 16
+    t_min: float = 0.1
+    t_max: float = 0.7
+    # paper: t i.i.d. uniform, eps i.i.d.; stratified: one t per equal-width stratum (lower
+    # variance for the same K); stratified-antithetic: also eps, -eps in pairs
+    estimator: str = "stratified"
+    seed: int = 0
+    batch_size: int = 256  # UNet inputs per forward pass, all conditions counted
+    shard_size: int = 512  # images per stored shard (the unit of work and of resume)
+    map_dtype: str = "float16"  # storage precision of the latent maps
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast) for the UNet forward
+    workers: int = 0  # image-decoding processes prefetching ahead of the model
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if not 0.0 <= self.t_min < self.t_max <= 1.0:
+            raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
+        if self.samples < 1:
+            raise ValueError("samples must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions on tensors
+
+
+def draw_noise(seed: int, samples: int, latent_shape: tuple[int, int, int], num_train_timesteps: int,
+               t_min: float = 0.1, t_max: float = 0.7, estimator: str = "stratified") -> tuple[torch.Tensor, torch.Tensor]:
+    """The K (t, eps) draws shared by every image of one latent shape.
+
+    Returns:
+        timesteps: (K,) int64 in [t_min * T, t_max * T)
+        noise: (K, C, h, w) float32
+    """
+    key = hashlib.sha256(json.dumps([seed, list(latent_shape)]).encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    u = torch.rand(samples, generator=generator, dtype=torch.float64)
+    if estimator != "paper":
+        u = (torch.arange(samples, dtype=torch.float64) + u) / samples  # one draw per stratum
+    t = t_min + (t_max - t_min) * u
+    timesteps = (t * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    noise = torch.randn(samples, *latent_shape, generator=generator)
+    if estimator == "stratified-antithetic":
+        noise[1::2] = -noise[0::2][: samples // 2]
+    return timesteps, noise
+
+
+def autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.inference_mode()
+def condition_errors(backend: Backend, latents: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor,
+                     noise: torch.Tensor, batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
+    """Per-pixel denoising error under M conditions, averaged over K shared draws.
+
+    Args:
+        latents: (B, C, h, w) clean latents
+        states: (B, M, L, D) prompt states, M conditions per image
+        timesteps: (K,) int64; noise: (K, C, h, w): the draws, shared by the M conditions
+        batch_size: UNet inputs per forward pass
+    Returns:
+        (B, M, h, w) float32: mean over draws of || eps_theta - eps ||^2 averaged over channels
+    """
+    device = backend.device
+    B, M = states.shape[:2]
+    K = timesteps.shape[0]
+    scheduler = backend.scheduler
+    alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    totals = torch.zeros(B * M, *latents.shape[2:], device=device)
+    # every (image, draw) pair, all M conditions of a pair in the same forward pass
+    pairs = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij"), -1).reshape(-1, 2)
+    per_pass = max(1, batch_size // M)
+    latents, states = latents.to(device), states.to(device)
+    timesteps, noise = timesteps.to(device), noise.to(device)
+    for chunk in pairs.split(per_pass):
+        b, k = chunk[:, 0].to(device), chunk[:, 1].to(device)
+        a = alphas[timesteps[k]].view(-1, 1, 1, 1)
+        eps = noise[k]
+        noisy = a.sqrt() * latents[b] + (1 - a).sqrt() * eps  # q(x_t | x_0), the DDPM forward
+        n = len(chunk)
+        with autocast(device, precision):
+            pred = backend.denoiser(noisy.repeat_interleave(M, 0), timesteps[k].repeat_interleave(M, 0),
+                                    states[b].flatten(0, 1))
+        err = (pred.float() - eps.repeat_interleave(M, 0)).pow(2).mean(1)  # (n * M, h, w)
+        rows = (b.view(-1, 1) * M + torch.arange(M, device=device)).flatten()
+        totals.index_add_(0, rows, err)
+    return (totals / K).view(B, M, *latents.shape[2:])
+
+
+def typicality_from_errors(errors: torch.Tensor) -> torch.Tensor:
+    """(B, 2, h, w) errors under [label, null] -> (B, h, w) typicality = null - label."""
+    return errors[:, 1] - errors[:, 0]
+
+
+def upsample(latent_map: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of (h, w) or (B, h, w) maps to (H, W) / (B, H, W) float32."""
+    t = torch.as_tensor(np.asarray(latent_map, dtype=np.float32))
+    squeeze = t.dim() == 2
+    t = t.view(-1, 1, *t.shape[-2:])
+    out = F.interpolate(t, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return (out[0] if squeeze else out).numpy()
+
+
+def typicality_latent_maps(backend: Backend, pixels: torch.Tensor, label_prompts: list[str], null_prompt: str,
+                           config: TypicalityConfig) -> torch.Tensor:
+    """Typicality of a batch of same-size images, each under its own label.
+
+    Args:
+        pixels: (B, 3, H, W) in [-1, 1]
+        label_prompts: B prompt strings
+    Returns:
+        (B, h, w) float32 on the latent grid
+    """
+    with torch.inference_mode():
+        latents = backend.encode_images(pixels.to(backend.device)).float()
+        cond = backend.encode_prompts(label_prompts)
+        null = backend.encode_prompts([null_prompt]).expand_as(cond)
+        states = torch.stack([cond, null], 1)
+    timesteps, noise = draw_noise(config.seed, config.samples, tuple(latents.shape[1:]),
+                                  backend.scheduler.config.num_train_timesteps, config.t_min, config.t_max, config.estimator)
+    errors = condition_errors(backend, latents, states, timesteps, noise, config.batch_size, config.precision)
+    return typicality_from_errors(errors)
+
+
+# ----------------------------------------------------------------------------------------------
+# the step: sharded, resumable, data-parallel
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def shard_is_complete(directory: Path, name: str) -> bool:
+    """A shard counts only when its index parses and its maps file holds every key it lists."""
+    from safetensors import safe_open
+
+    index, maps = directory / f"{name}.parquet", directory / f"{name}.safetensors"
+    try:
+        table = pd.read_parquet(index)
+        keys = set(table.loc[table["status"] == "ok", "key"])
+        if not keys:
+            return True
+        with safe_open(str(maps), "np") as f:
+            return keys <= set(f.keys())
+    except Exception:  # missing or truncated files: redo the shard
+        return False
+
+
+def _write_shard(directory: Path, name: str, maps: dict[str, np.ndarray], rows: list[dict]) -> None:
+    from safetensors.numpy import save_file
+
+    if maps:
+        tmp = directory / f"{name}.safetensors.tmp"
+        save_file(maps, str(tmp))
+        tmp.replace(directory / f"{name}.safetensors")
+    # the index is written last: its presence marks the shard complete
+    write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), directory / f"{name}.parquet")
+
+
+SHARD_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()),
+    ("height", pa.int32()), ("width", pa.int32()), ("key", pa.string()),
+    ("mean", pa.float32()), ("max", pa.float32()), ("status", pa.string()), ("problem", pa.string()),
+])
+
+
+def compute_shard(backend: Backend, images: pd.DataFrame, prompt_of: dict[str, str], null_prompt: str,
+                  config: TypicalityConfig, resolution: int, resize: str, progress=None) -> tuple[dict, list[dict]]:
+    """Typicality maps of one shard's images. Returns (maps by key, index rows)."""
+    maps, rows = {}, []
+    pending: list[tuple[int, np.ndarray]] = []
+    records = images.to_dict("records")
+
+    def flush():
+        # images of one size go through the model together
+        if not pending:
+            return
+        pixels = to_model_input(np.stack([a for _, a in pending]))
+        prompts = [prompt_of[records[i]["label"]] for i, _ in pending]
+        out = typicality_latent_maps(backend, pixels, prompts, null_prompt, config).cpu().numpy()
+        for (i, array), latent_map in zip(pending, out):
+            r = records[i]
+            key = str(i)
+            maps[key] = latent_map.astype(config.map_dtype)
+            rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
+                             height=array.shape[0], width=array.shape[1], key=key, mean=float(latent_map.mean()),
+                             max=float(latent_map.max()), status="ok", problem=None))
+        if progress is not None:
+            progress.update(len(pending))
+        pending.clear()
+
+    per_batch = max(1, config.batch_size // (2 * config.samples))
+    for i, item in iter_images([r["path"] for r in records], resolution, resize, backend.latent_factor, config.workers):
+        if isinstance(item, BadImage):
+            r = records[i]
+            rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"], height=0,
+                             width=0, key="", mean=float("nan"), max=float("nan"), status="bad", problem=item.problem))
+            if progress is not None:
+                progress.update(1)
+            continue
+        if pending and (pending[0][1].shape != item.shape or len(pending) >= per_batch):
+            flush()
+        pending.append((i, item))
+    flush()
+    rows.sort(key=lambda r: r["index"])
+    return maps, rows
+
+
+def run_typicality(run, backend: Backend, config: TypicalityConfig, model_identity: dict,
+                   process_index: int = 0, num_processes: int = 1, progress: bool = True) -> int:
+    """Compute the missing typicality shards of a run; returns how many shards this process wrote.
+
+    Shards are assigned round-robin to processes; each shard is computed whole by one process
+    and written atomically, so a killed run resumes at the first missing shard and a
+    multi-process run equals a single-process one bit for bit.
+    """
+    directory = run.typicality_dir
+    settings = {**asdict(config), "model": model_identity}
+    stamp = directory / "settings.json"
+    if process_index == 0:
+        if stamp.is_file() and json.loads(stamp.read_text()) != json.loads(json.dumps(settings, default=str)):
+            # other settings or another model: earlier shards do not belong to this result
+            for old in directory.glob("shard-*"):
+                old.unlink()
+        directory.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(settings, indent=2, default=str))
+    _barrier(num_processes)
+
+    dataset = run.step_config("dataset")
+    images = run.images()
+    prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
+    null_prompt = run.prompt(None)
+    n_shards = math.ceil(len(images) / config.shard_size)
+    mine = [s for s in range(process_index, n_shards, num_processes) if not shard_is_complete(directory, _shard_name(s))]
+    todo = sum(min(config.shard_size, len(images) - s * config.shard_size) for s in mine)
+    backend.denoiser.eval()
+    bar = tqdm(total=todo, desc=f"typicality [{process_index}]" if num_processes > 1 else "typicality",
+               unit="img", position=process_index, disable=not progress)
+    for s in mine:
+        chunk = images.iloc[s * config.shard_size:(s + 1) * config.shard_size]
+        maps, rows = compute_shard(backend, chunk, prompt_of, null_prompt, config,
+                                   dataset["resolution"], dataset["resize"], bar)
+        _write_shard(directory, _shard_name(s), maps, rows)
+    bar.close()
+    _barrier(num_processes)
+    return len(mine)
+
+
+def _barrier(num_processes: int) -> None:
+    if num_processes > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
