@@ -1,0 +1,249 @@
+"""Stable Diffusion (1.x / 2.x-base and finetunes of them) through diffusers: ``--model sd:PATH_OR_ID``.
+
+The model is read from a folder laid out like a hub Stable Diffusion repository, or from a hub id
+(``runwayml/stable-diffusion-v1-5``, the authors' ``diff-mining/cardb`` ...)::
+
+    MODEL/unet/           UNet2DConditionModel   (trained: fully, or LoRA adapters only)
+    MODEL/vae/            AutoencoderKL          (frozen; posterior MEAN, so encoding is deterministic)
+    MODEL/text_encoder/   CLIPTextModel          (frozen; replaceable with ``text_encoder=...``)
+    MODEL/tokenizer/      CLIPTokenizer
+    MODEL/scheduler/      any DDPM-family scheduler config, read as a DDPMScheduler
+
+Prompts are few (one per label and the null prompt) and the text encoder is frozen, so each
+prompt's CLIP states are computed once per device and cached.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from . import ModelError
+from .base import Backend, Denoiser
+
+SUBFOLDERS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": None,  # tokenizer.json, or vocab.json + merges.txt
+    "scheduler": "scheduler_config.json",
+}
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _locate(path_or_id: str) -> tuple[str, bool]:
+    """(where to load from, is a local folder): local folders become absolute paths."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path}: not a folder (a Stable Diffusion model is a folder with unet/, vae/, "
+                             "text_encoder/, tokenizer/ and scheduler/)")
+        return str(path.resolve()), True
+    looks_like_path = path_or_id.startswith(("/", ".", "~")) or path_or_id.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(path_or_id):
+        raise ModelError(f"{path_or_id}: no such model folder")
+    return path_or_id, False
+
+
+def _check_folder(root: Path, subfolders: list[str]) -> None:
+    """A clear message for a folder that is not a hub-style SD repository."""
+    for sub in subfolders:
+        folder = root / sub
+        if not folder.is_dir():
+            raise ModelError(f"{root}: not a Stable Diffusion model folder: no {sub}/ subfolder "
+                             f"(expected {', '.join(s + '/' for s in SUBFOLDERS)} as in a hub SD repository)")
+        config = SUBFOLDERS[sub]
+        if config is not None and not (folder / config).is_file():
+            raise ModelError(f"{folder}: no {config} in it")
+        if sub == "tokenizer" and not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+            raise ModelError(f"{folder}: no tokenizer files in it (tokenizer.json, or vocab.json + merges.txt)")
+
+
+def _load(what: str, where: str, loader, **kwargs):
+    try:
+        return loader(where, **kwargs)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear message
+        sub = kwargs.get("subfolder")
+        place = f"{where}/{sub}" if sub else where
+        offline = " (offline: HF_HUB_OFFLINE=1; download the model once and give its folder)" \
+            if not Path(where).exists() and os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise ModelError(f"{place}: cannot load the {what}{offline}: {_short(exc)}") from None
+
+
+class CLIPPromptEncoder(torch.nn.Module):
+    """Prompt strings -> CLIP ``last_hidden_state`` (B, L, D), padded to the maximum length.
+
+    The text encoder is frozen; the states of each prompt are computed once per device (in
+    float32, outside autocast and outside inference mode, so cached tensors serve training too).
+    """
+
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.text_encoder.requires_grad_(False)
+        self.text_encoder.eval()
+        limit = getattr(tokenizer, "model_max_length", None) or 77
+        self.max_length = int(min(limit, text_encoder.config.max_position_embeddings))
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def train(self, mode: bool = True) -> "CLIPPromptEncoder":
+        super().train(mode)
+        self.text_encoder.eval()  # frozen: never dropout
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()  # moved or cast: recompute on the new device
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        device = next(self.text_encoder.parameters()).device
+        missing = [p for p in dict.fromkeys(prompts) if (p, str(device)) not in self._cache]
+        if missing:
+            ids = self.tokenizer(missing, padding="max_length", max_length=self.max_length, truncation=True,
+                                 return_tensors="pt").input_ids.to(device)
+            with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
+                states = self.text_encoder(ids).last_hidden_state.float()
+            for p, s in zip(missing, states):
+                self._cache[(p, str(device))] = s
+        return torch.stack([self._cache[(p, str(device))] for p in prompts])
+
+
+class StableDiffusionBackend(Backend):
+    default_feature_block = 1
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, spec: dict, lora_rank: int = 0):
+        cross = unet.config.cross_attention_dim
+        hidden = text_encoder.config.hidden_size
+        if cross != hidden:
+            raise ModelError(f"the text encoder ({spec.get('text_encoder') or spec['base']}) gives {hidden}-d states "
+                             f"but the UNet of {spec['base']} expects cross_attention_dim {cross}")
+        prediction = scheduler.config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise ModelError(f"{spec['base']}: the scheduler predicts {prediction!r}; diffmine needs an "
+                             "epsilon-prediction model (SD 1.x, SD 2.x-base)")
+        self.vae = vae.eval()
+        self.vae.requires_grad_(False)
+        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.lora_rank = int(lora_rank)
+        if self.lora_rank > 0:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.add_adapter(LoraConfig(r=self.lora_rank, lora_alpha=self.lora_rank, init_lora_weights="gaussian",
+                                        target_modules=LORA_TARGETS))
+            self.default_learning_rate = 1e-4
+        else:
+            unet.requires_grad_(True)
+            self.default_learning_rate = 1e-5
+        self.denoiser = Denoiser(unet, CLIPPromptEncoder(tokenizer, text_encoder))
+        self.scheduler = scheduler
+        self.spec = spec
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, lora_rank: int = 0, text_encoder: str | None = None,
+                        **unknown) -> "StableDiffusionBackend":
+        """Load the parts of a hub-style SD repository (folder or hub id).
+
+        Args:
+            lora_rank: 0 trains the full UNet; r > 0 adds LoRA adapters of rank r to the UNet's
+                attention projections (to_q, to_k, to_v, to_out.0) and trains only those
+            text_encoder: another CLIP text encoder (folder or hub id), its tokenizer from the
+                same place: a CLIP repository (config at its root) or an SD-style one
+                (text_encoder/ and tokenizer/)
+        """
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if unknown:
+            raise ModelError(f"unknown option(s) for an sd: model: {', '.join(sorted(unknown))} "
+                             "(known: lora_rank, text_encoder)")
+        if not path_or_id:
+            raise ModelError("sd: needs a model folder or hub id, e.g. sd:runwayml/stable-diffusion-v1-5")
+        try:
+            lora_rank = int(lora_rank or 0)
+        except (TypeError, ValueError):
+            raise ModelError(f"lora_rank must be an integer, got {lora_rank!r}") from None
+        if lora_rank < 0:
+            raise ModelError(f"lora_rank must be >= 0, got {lora_rank}")
+        base, local = _locate(str(path_or_id))
+        if local:
+            _check_folder(Path(base), [s for s in SUBFOLDERS if not (text_encoder and s in ("text_encoder", "tokenizer"))])
+        unet = _load("UNet", base, UNet2DConditionModel.from_pretrained, subfolder="unet")
+        vae = _load("VAE", base, AutoencoderKL.from_pretrained, subfolder="vae")
+        scheduler = _load("noise schedule", base, DDPMScheduler.from_pretrained, subfolder="scheduler")
+        encoder_source = None
+        if text_encoder:
+            encoder_source, encoder_local = _locate(str(text_encoder))
+            clip, tokenizer = _load_text_encoder(encoder_source, encoder_local, CLIPTextModel, CLIPTokenizer)
+        else:
+            clip = _load("text encoder", base, CLIPTextModel.from_pretrained, subfolder="text_encoder")
+            tokenizer = _load("tokenizer", base, CLIPTokenizer.from_pretrained, subfolder="tokenizer")
+        spec = {"kind": "sd", "base": base, "lora_rank": lora_rank, "text_encoder": encoder_source}
+        return cls(unet, vae, clip, tokenizer, scheduler, spec, lora_rank)
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "StableDiffusionBackend":
+        """Rebuild the architecture recorded in ``backend.json`` (LoRA adapters included) with the
+        base weights; the trained weights are loaded on top by :func:`load_backend`."""
+        return cls.from_pretrained(spec["base"], lora_rank=spec.get("lora_rank", 0), text_encoder=spec.get("text_encoder"))
+
+    # -- device ---------------------------------------------------------------------------
+    def to(self, device: str | torch.device) -> "StableDiffusionBackend":
+        self.denoiser.to(device)  # UNet and text encoder
+        self.vae.to(device)
+        return self
+
+    # -- encoders -------------------------------------------------------------------------
+    def _scale(self) -> tuple[float, float]:
+        config = self.vae.config
+        return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4, H / f, W / f): the posterior mean, scaled."""
+        scale, shift = self._scale()
+        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        out = [self.vae.encode(part.to(device, dtype)).latent_dist.mean for part in pixels.split(chunk)]
+        return ((torch.cat(out) - shift) * scale).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        scale, shift = self._scale()
+        device, dtype = next(self.vae.parameters()).device, next(self.vae.parameters()).dtype
+        out = [self.vae.decode((part / scale + shift).to(device, dtype)).sample for part in latents.split(chunk)]
+        return torch.cat(out).float().clamp(-1, 1)
+
+
+def _load_text_encoder(source: str, local: bool, model_cls, tokenizer_cls):
+    """A CLIP repository (files at its root) or an SD-style one (text_encoder/, tokenizer/)."""
+    root = Path(source)
+    if local and (root / "text_encoder").is_dir():
+        _check_folder(root, ["text_encoder", "tokenizer"])
+        return (_load("text encoder", source, model_cls.from_pretrained, subfolder="text_encoder"),
+                _load("tokenizer", source, tokenizer_cls.from_pretrained, subfolder="tokenizer"))
+    if local and not (root / "config.json").is_file():
+        raise ModelError(f"{root}: not a text encoder folder: no config.json (nor a text_encoder/ subfolder)")
+    try:
+        return (_load("text encoder", source, model_cls.from_pretrained),
+                _load("tokenizer", source, tokenizer_cls.from_pretrained))
+    except ModelError as first:
+        if local:
+            raise
+        try:  # a hub id of an SD-style repository
+            return (_load("text encoder", source, model_cls.from_pretrained, subfolder="text_encoder"),
+                    _load("tokenizer", source, tokenizer_cls.from_pretrained, subfolder="tokenizer"))
+        except ModelError:
+            raise first from None

@@ -1,0 +1,253 @@
+"""The Stable Diffusion backend through the real pipeline, on a tiny random-weight SD folder.
+
+No download: the pipeline (unet/, vae/, text_encoder/, tokenizer/, scheduler/) is built here with
+random weights in the SD layout (tests/sd_fixtures.py), at 32 px with latent factor 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sd_fixtures import build_sd_folder  # noqa: E402
+
+from diffmine.clustering import ClusterConfig  # noqa: E402
+from diffmine.features import FeatureConfig  # noqa: E402
+from diffmine.mining import MineConfig  # noqa: E402
+from diffmine.models import ModelError, create_backend, load_backend  # noqa: E402
+from diffmine.models.base import WEIGHTS_FILE, read_weights  # noqa: E402
+from diffmine.pipeline import cluster_step, mine_step, prepare, train_step, typicality_step  # noqa: E402
+from diffmine.report import write_report  # noqa: E402
+from diffmine.rundir import Run  # noqa: E402
+from diffmine.synthetic import SynthConfig, generate  # noqa: E402
+from diffmine.train import TrainConfig  # noqa: E402
+from diffmine.typicality import TypicalityConfig  # noqa: E402
+
+RES = 32
+TYP = TypicalityConfig(samples=2, batch_size=16, shard_size=4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline():
+    import huggingface_hub.constants as constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    yield
+    constants.HF_HUB_OFFLINE = old
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory) -> Path:
+    return build_sd_folder(tmp_path_factory.mktemp("sd") / "tiny-sd", "tiny")
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("synth"), SynthConfig(labels=2, per_label=4, size=RES), progress=False)
+
+
+def _prepare(path: Path, data: Path, sd_folder: Path) -> Run:
+    run = Run(path)
+    prepare(run, data, "An image of {label}.", "An image.", RES, model=f"sd:{sd_folder}")
+    return run
+
+
+def _downstream(run: Run) -> None:
+    mine_step(run, MineConfig(patch=8, per_image=2, top=20, least=4, random=4), progress=False)
+    cluster_step(run, ClusterConfig(k=2), FeatureConfig(ensemble=1, batch_size=8), progress=False)
+
+
+@pytest.fixture(scope="session")
+def finetuned(tmp_path_factory, data, sd_folder) -> dict:
+    """Full finetune, 4 steps then resumed to 6, then every later step."""
+    run = _prepare(tmp_path_factory.mktemp("runs") / "full", data, sd_folder)
+    train_step(run, TrainConfig(steps=4, batch_size=4, checkpoint_every=2), progress=False)
+    after_four = sorted(p.name for p in (run.model_dir / "checkpoints").iterdir())
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        train_step(run, TrainConfig(steps=6, batch_size=4, checkpoint_every=2), progress=False)
+    after_six = sorted(p.name for p in (run.model_dir / "checkpoints").iterdir())
+    typicality_step(run, TYP, progress=False)
+    _downstream(run)
+    report = write_report(run)
+    return {"run": run, "after_four": after_four, "after_six": after_six, "log": log.getvalue(), "report": report}
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, data, sd_folder) -> Run:
+    """The same data scored with the pretrained model, no training."""
+    run = _prepare(tmp_path_factory.mktemp("runs") / "pretrained", data, sd_folder)
+    typicality_step(run, TYP, model=f"sd:{sd_folder}", progress=False)
+    mine_step(run, MineConfig(patch=8, per_image=2, top=20, least=4, random=4), progress=False)
+    return run
+
+
+# -- the backend itself -----------------------------------------------------------------------
+
+
+def test_backend_parts_and_spec(sd_folder):
+    backend = create_backend(f"sd:{sd_folder}", [])
+    assert backend.latent_factor == 2 and backend.default_feature_block == 1
+    assert backend.default_learning_rate == pytest.approx(1e-5)
+    assert backend.spec == {"kind": "sd", "base": str(sd_folder.resolve()), "lora_rank": 0, "text_encoder": None}
+    pixels = torch.rand(2, 3, RES, RES) * 2 - 1
+    latents = backend.encode_images(pixels)
+    assert latents.shape == (2, 4, RES // 2, RES // 2) and latents.dtype == torch.float32
+    assert torch.equal(latents, backend.encode_images(pixels)), "encoding must be deterministic (posterior mean)"
+    assert backend.decode_latents(latents).shape == pixels.shape
+    states = backend.encode_prompts(["An image of a.", "An image.", "An image of a."])
+    assert states.shape == (3, 77, 32)
+    assert torch.equal(states[0], states[2]) and not torch.equal(states[0], states[1])
+    # VAE and text encoder frozen, the whole UNet trainable
+    assert not any(p.requires_grad for p in backend.vae.parameters())
+    assert not any(p.requires_grad for p in backend.denoiser.prompt_encoder.parameters())
+    assert all(p.requires_grad for p in backend.unet.parameters())
+    assert set(backend.trainable_state()) == {f"unet.{n}" for n, _ in backend.unet.named_parameters()}
+
+
+def test_prompt_cache_serves_training_after_inference(sd_folder):
+    backend = create_backend(f"sd:{sd_folder}", [], lora_rank=2)
+    with torch.inference_mode():
+        backend.encode_prompts(["An image."])  # cached while in inference mode
+    latents = torch.randn(1, 4, 16, 16)
+    out = backend.denoiser(latents, torch.tensor([100]), ["An image."])
+    out.pow(2).mean().backward()  # must not fail on an inference tensor
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_folder_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="no such model folder"):
+        create_backend(f"sd:{tmp_path / 'nowhere'}", [])
+
+
+def test_folder_without_unet_is_a_model_error(tmp_path, sd_folder):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for sub in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        (broken / sub).symlink_to(sd_folder / sub)
+    with pytest.raises(ModelError, match=r"no unet/ subfolder") as info:
+        create_backend(f"sd:{broken}", [])
+    assert str(broken) in str(info.value)
+
+
+def test_corrupt_weights_and_unknown_options_are_model_errors(tmp_path, sd_folder):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sd_folder, copy)
+    for f in (copy / "unet").glob("diffusion_pytorch_model*"):
+        f.write_bytes(b"not weights")
+    with pytest.raises(ModelError, match=r"unet: cannot load the UNet"):
+        create_backend(f"sd:{copy}", [])
+    with pytest.raises(ModelError, match="unknown option"):
+        create_backend(f"sd:{sd_folder}", [], block_out_channels=(8,))
+    with pytest.raises(ModelError, match="no such model folder"):
+        create_backend(f"sd:{sd_folder}", [], text_encoder=str(tmp_path / "nowhere"))
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+
+
+def test_finetune_checkpoints_and_resumes(finetuned):
+    assert finetuned["after_four"] == ["step-0000002", "step-0000004"]
+    assert "resuming from" in finetuned["log"] and "step 4" in finetuned["log"]
+    assert finetuned["after_six"] == ["step-0000004", "step-0000006"]
+    run = finetuned["run"]
+    assert (run.model_dir / "backend.json").is_file() and (run.model_dir / WEIGHTS_FILE).is_file()
+
+
+def test_finetuned_run_typicality_mining_clusters_report(finetuned):
+    run = finetuned["run"]
+    index = run.typicality_index()
+    assert len(index) == 8 and (index["status"] == "ok").all()
+    latent = run.latent_typicality_map(index["image_id"][0])
+    assert latent.shape == (RES // 2, RES // 2)
+    full = run.typicality_map(index["image_id"][0])
+    assert full.shape == (RES, RES) and full.dtype == np.float32 and np.isfinite(full).all()
+    top = run.patches("top")
+    assert len(top) and set(top["label"]) == set(run.labels)
+    assert {"cluster", "cluster_rank", "rank_in_cluster"} <= set(top.columns)
+    assert finetuned["report"].is_file() and "<html" in finetuned["report"].read_text().lower()
+
+
+def test_loaded_full_model_matches_its_weights(finetuned, sd_folder):
+    run = finetuned["run"]
+    backend = load_backend(run.model_dir)
+    saved = read_weights(run.model_dir / WEIGHTS_FILE)
+    state = backend.trainable_state()
+    assert set(state) == set(saved)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    base = create_backend(f"sd:{sd_folder}", [])
+    assert any(not torch.equal(state[k], base.trainable_state()[k]) for k in saved), "training changed nothing"
+
+
+def test_typicality_with_the_pretrained_model(pretrained):
+    index = pretrained.typicality_index()
+    assert len(index) == 8 and (index["status"] == "ok").all()
+    assert pretrained.typicality_map(index["image_id"][3]).shape == (RES, RES)
+    assert pretrained.config["typicality"]["model"]["model"].startswith("sd:")
+
+
+def test_lora_trains_only_adapters_and_round_trips(tmp_path, data, sd_folder):
+    run = _prepare(tmp_path / "lora", data, sd_folder)
+    train_step(run, TrainConfig(steps=2, batch_size=4, checkpoint_every=2, warmup_steps=1), model_options={"lora_rank": 4},
+               progress=False)
+    saved = read_weights(run.model_dir / WEIGHTS_FILE)
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved)
+    full_size = sum(f.stat().st_size for f in (sd_folder / "unet").glob("*.safetensors"))
+    assert (run.model_dir / WEIGHTS_FILE).stat().st_size < full_size / 10
+    assert any(v.abs().max() > 0 for k, v in saved.items() if ".lora_B." in k), "LoRA B still zero: no training"
+
+    backend = load_backend(run.model_dir)
+    assert backend.spec["lora_rank"] == 4 and backend.default_learning_rate == pytest.approx(1e-4)
+    trainable = [n for n, p in backend.denoiser.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(torch.equal(backend.trainable_state()[k], saved[k]) for k in saved)
+    # save and load again: identical outputs
+    backend.save(tmp_path / "copy")
+    again = load_backend(tmp_path / "copy")
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([150, 600])
+    prompts = [run.prompt(run.labels[0]), run.prompt(None)]
+    with torch.no_grad():
+        assert torch.equal(backend.denoiser.eval()(latents, t, prompts), again.denoiser.eval()(latents, t, prompts))
+    # and the whole pipeline runs on the LoRA model
+    typicality_step(run, TYP, progress=False)
+    assert run.typicality_map(run.images()["image_id"][0]).shape == (RES, RES)
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+
+def test_compare_finetuned_against_pretrained(finetuned, pretrained, tmp_path):
+    import argparse
+
+    from diffmine.compare import add_parser, cmd_compare, compare_runs
+
+    page = compare_runs(finetuned["run"], pretrained, tmp_path / "cmp.html")
+    html = page.read_text()
+    assert html.count("data:image/png;base64,") >= 2 * 8  # maps of both runs and patches
+    for label in finetuned["run"].labels:
+        assert label in html
+    assert "Mean typicality per label" in html
+
+    root = argparse.ArgumentParser()
+    add_parser(root.add_subparsers(dest="command"))
+    args = root.parse_args(["compare", "--run", str(finetuned["run"].path), "--run", str(pretrained.path)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        path = cmd_compare(args)
+    assert path == finetuned["run"].path / "compare" / f"vs-{pretrained.path.name}.html" and path.is_file()
