@@ -1,0 +1,626 @@
+"""Discriminative patch mining: the Doersch et al. 2013 baseline ("What makes Paris look like Paris?").
+
+As the diffusion-mining authors reimplemented it in Python (and compare with in their paper):
+
+1. features: every patch of ``patch`` px on a ``stride``-px grid (optionally on an image pyramid,
+   ``scales``) is described by HOG (scikit-image ``hog``: ``orientations`` = 31 bins, cells of
+   ``stride`` px, one block = the whole patch, L2-Hys block normalisation) and Lab colour
+   (scikit-image ``rgb2lab``: the a and b channels averaged per HOG cell, mapped by
+   ``(v + 128) / 255``), concatenated and L2-normalised. With ``c = patch / stride`` cells per side
+   that is ``c^2 * (orientations + 2)`` dims: at the default 64 px / 8 px, 8 x 8 cells x 31 HOG
+   bins = 1,984 + 8 x 8 x 2 Lab = 128, **2,112 dims** (the authors' number). The stride is the
+   HOG cell side, so ``patch`` must be a multiple of ``stride``.
+2. seeds: ``seeds`` random patches of the positive images (round-robin over images), dropping
+   low-contrast ones (gradient energy below the ``contrast_quantile`` quantile of the positive
+   patches).
+3. seeding: the nearest neighbours of each seed among all patches of all images (scikit-learn
+   ``NearestNeighbors``, Euclidean on unit vectors = cosine), at most one per image; seeds are
+   ranked by how many of their top ``neighbors`` are on positive images, and greedily kept unless
+   a kept detector's neighbours overlap theirs heavily (more than ``redundancy_overlaps`` shared
+   images with IoU > ``redundancy_iou`` among the top ``redundancy_neighbors``), until
+   ``detectors`` are kept.
+4. training: positive and negative images are split into ``folds``; for fold i, a linear SVM
+   (scikit-learn ``LinearSVC``, C = 0.1) is trained on the current detector's ``top_positives``
+   best detections (one per image) in positive fold i against ``max(negatives_max - hard,
+   negatives_min)`` random patches of negative fold i plus the hard negatives gathered so far;
+   then the negative fold is searched with the new detector and its patches scoring above
+   ``hard_negative_margin`` become hard negatives for the next fold.
+5. ranking: every image is searched (best patch per image); a detector's discriminativeness is
+   the share of positive images among its ``top_detections`` (100) best detections; detectors are
+   ranked by it (ties: seed rank). Each detector's ``examples`` best detections on positive images
+   are written (one per image).
+
+The output ``RUN/baselines/doersch/patches.parquet`` has the columns of the typicality cluster
+table (``RUN/clusters/patches.parquet``) so the report and evaluation treat both alike: one
+"cluster" per detector (``cluster`` = ``cluster_rank``, 0 = most discriminative),
+``typicality`` = the SVM score of the detection, plus ``discriminativeness``.
+
+Memory: the patch features of every image are held in memory, float32:
+images x positions per image x dims x 4 bytes (e.g. 3,200 images of 256 px at the defaults,
+25 positions x 2,112 dims: 680 MB). Time: the seeding search is seeds x all patches; training is
+detectors x folds SVMs of at most ``negatives_max + top_positives`` samples each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from tqdm import tqdm
+
+from ..data import BadImage, Dataset, Problem, iter_images, write_table
+from ..rundir import Run, RunError
+
+OUTPUT = Path("baselines") / "doersch"
+COLUMNS = ["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "kind", "cluster", "cluster_rank",
+           "rank_in_cluster", "distance", "cluster_median", "discriminativeness"]
+
+
+@dataclass
+class DoerschConfig:
+    patch: int = 64  # patch side in pixels (at every pyramid scale)
+    stride: int = 8  # grid step in pixels = HOG cell side; patch must be a multiple of it
+    scales: tuple[float, ...] = (1.0,)  # image pyramid, e.g. (1.0, 0.75, 0.5)
+    orientations: int = 31  # HOG orientation bins
+    seeds: int = 25_000  # random seed patches from the positive images
+    contrast_quantile: float = 0.25  # seeds in this lowest quantile of gradient energy are dropped
+    neighbors: int = 20  # seeds are ranked by positives among their top-k neighbours
+    redundancy_neighbors: int = 50  # neighbours compared to find redundant detectors
+    overfetch: int = 3  # neighbours fetched per kept one (several may fall on one image)
+    redundancy_iou: float = 0.3  # a neighbour overlaps a kept detector's above this IoU ...
+    redundancy_overlaps: int = 5  # ... and a seed overlapping one on more images than this is dropped
+    detectors: int = 1000  # detectors kept and trained
+    folds: int = 3  # cross-validation folds of iterative SVM training
+    top_positives: int = 5  # positives per fold: the detector's best detections in the positive fold
+    negatives_min: int = 10_000  # random negatives per SVM, at least ...
+    negatives_max: int = 25_000  # ... and at most (hard negatives included)
+    hard_negative_margin: float = -1.0  # negative patches scoring above this become hard negatives
+    C: float = 0.1  # LinearSVC regularisation
+    svm_max_iter: int = 2000
+    top_detections: int = 100  # discriminativeness: share of positives among this many detections
+    examples: int = 8  # detections kept per detector (positive images, one per image)
+    batch_size: int = 64  # detectors searched at once (bounds the score matrix)
+    workers: int = 0  # image-decoding processes
+    seed: int = 0
+
+    def __post_init__(self):
+        self.scales = tuple(float(s) for s in (self.scales if isinstance(self.scales, (list, tuple)) else [self.scales]))
+        if self.stride < 1 or self.patch < self.stride or self.patch % self.stride:
+            raise ValueError(f"patch ({self.patch}) must be a positive multiple of stride ({self.stride}), the HOG cell side")
+        if not self.scales or any(not 0 < s <= 4 for s in self.scales):
+            raise ValueError(f"scales must be in (0, 4], got {self.scales}")
+        if not 0 <= self.contrast_quantile < 1:
+            raise ValueError(f"contrast_quantile must be in [0, 1), got {self.contrast_quantile}")
+        if self.folds < 1:
+            raise ValueError("folds must be >= 1")
+        if self.negatives_min > self.negatives_max:
+            raise ValueError(f"negatives_min ({self.negatives_min}) > negatives_max ({self.negatives_max})")
+        for name in ("seeds", "neighbors", "redundancy_neighbors", "overfetch", "detectors", "top_positives",
+                     "top_detections", "examples", "batch_size", "orientations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @property
+    def cells(self) -> int:
+        """HOG cells per patch side."""
+        return self.patch // self.stride
+
+    @property
+    def dims(self) -> int:
+        """Feature length: cells^2 x (orientations HOG bins + 2 Lab channels); 2,112 at the defaults."""
+        return self.cells ** 2 * (self.orientations + 2)
+
+
+# --------------------------------------------------------------------------------------------
+# features
+
+
+def patch_features(image: np.ndarray, config: DoerschConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HOG + Lab of every patch of one image, on every pyramid scale.
+
+    Args:
+        image: (H, W, 3) uint8
+    Returns:
+        features: (P, dims) float32, unit L2 norm
+        boxes: (P, 4) int32, x0, y0, x1, y1 in pixels of ``image`` (x1, y1 exclusive)
+        energy: (P,) float32, mean squared gradient magnitude over the patch (contrast filter)
+    """
+    from PIL import Image
+    from skimage.color import rgb2lab
+    from skimage.feature import hog
+
+    H, W = image.shape[:2]
+    cell, k = config.stride, config.cells
+    feats, boxes, energies = [], [], []
+    for s in config.scales:
+        if s == 1.0:
+            img = image
+        else:
+            h, w = int(round(H * s)), int(round(W * s))
+            if min(h, w) < config.patch:
+                continue
+            img = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BICUBIC))
+        ncy, ncx = img.shape[0] // cell, img.shape[1] // cell
+        if ncy < k or ncx < k:
+            continue
+        # one block = the whole patch: block (r, c) covers cells r..r+k-1, c..c+k-1 (pixels r*cell ...)
+        blocks = hog(img, orientations=config.orientations, pixels_per_cell=(cell, cell), cells_per_block=(k, k),
+                     block_norm="L2-Hys", channel_axis=-1, feature_vector=False)
+        nby, nbx = blocks.shape[:2]
+        hog_f = blocks.reshape(nby * nbx, -1)
+        crop = img[: ncy * cell, : ncx * cell]
+        ab = rgb2lab(crop)[..., 1:3]
+        ab_cells = ab.reshape(ncy, cell, ncx, cell, 2).mean(axis=(1, 3))
+        ab_win = np.lib.stride_tricks.sliding_window_view(ab_cells, (k, k), axis=(0, 1))  # (nby, nbx, 2, k, k)
+        lab_f = (ab_win.transpose(0, 1, 3, 4, 2).reshape(nby * nbx, -1) + 128.0) / 255.0
+        gray = crop.astype(np.float32).mean(axis=-1)
+        gy, gx = np.gradient(gray)
+        e_cells = (gx * gx + gy * gy).reshape(ncy, cell, ncx, cell).mean(axis=(1, 3))
+        energy = np.lib.stride_tricks.sliding_window_view(e_cells, (k, k)).mean(axis=(-2, -1)).reshape(-1)
+        r, c = np.mgrid[0:nby, 0:nbx]
+        r, c = r.reshape(-1), c.reshape(-1)
+        x0 = np.floor(c * cell / s + 0.5).astype(np.int32)
+        y0 = np.floor(r * cell / s + 0.5).astype(np.int32)
+        side = int(np.floor(config.patch / s + 0.5))  # one box size per scale
+        x1, y1 = np.minimum(W, x0 + side), np.minimum(H, y0 + side)
+        feats.append(np.concatenate([hog_f, lab_f], axis=1).astype(np.float32))
+        boxes.append(np.stack([x0, y0, x1, y1], axis=1))
+        energies.append(energy.astype(np.float32))
+    if not feats:
+        return np.zeros((0, config.dims), np.float32), np.zeros((0, 4), np.int32), np.zeros(0, np.float32)
+    features = np.concatenate(feats)
+    features /= np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    return features, np.concatenate(boxes), np.concatenate(energies)
+
+
+@dataclass
+class FeatureBank:
+    """Patch features of a set of images; the rows of one image are contiguous."""
+
+    image_ids: list[str]
+    labels: np.ndarray  # (N,) str, per image
+    features: np.ndarray  # (M, dims) float32
+    image: np.ndarray  # (M,) int32, image position of each row
+    boxes: np.ndarray  # (M, 4) int32, x0 y0 x1 y1
+    energy: np.ndarray  # (M,) float32
+    offsets: np.ndarray  # (N + 1,) int64: rows of image i are offsets[i]:offsets[i+1]
+    problems: list[Problem]
+    seconds: float = 0.0
+
+    def rows_of(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of ``images`` in order, start of each image within them)."""
+        counts = self.offsets[np.asarray(images) + 1] - self.offsets[np.asarray(images)]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in images]) if len(images) else np.zeros(0, np.int64)
+        return rows, starts
+
+
+def build_bank(paths: list[str], image_ids: list[str], labels: list[str], resolution: int, config: DoerschConfig,
+               resize: str = "square", multiple: int = 1, progress: bool = True) -> FeatureBank:
+    """Decode every image at the run's size and describe all its patches; bad images are skipped."""
+    t0 = time.time()
+    feats, boxes, energies, owner, kept_ids, kept_labels, counts, problems = [], [], [], [], [], [], [], []
+    items = iter_images(paths, resolution, resize, multiple, config.workers)
+    for pos, item in tqdm(items, total=len(paths), desc="doersch features", unit="img", disable=not progress):
+        if isinstance(item, BadImage):
+            problems.append(Problem(image_ids[pos], paths[pos], item.problem))
+            continue
+        f, b, e = patch_features(item, config)
+        if not len(f):
+            problems.append(Problem(image_ids[pos], paths[pos],
+                                    f"image {item.shape[1]}x{item.shape[0]} smaller than the {config.patch}px patch"))
+            continue
+        owner.append(np.full(len(f), len(kept_ids), np.int32))
+        feats.append(f), boxes.append(b), energies.append(e), counts.append(len(f))
+        kept_ids.append(image_ids[pos]), kept_labels.append(labels[pos])
+    if not feats:
+        raise ValueError(f"no usable image: every image was bad or smaller than the {config.patch}px patch "
+                         f"(at {resolution}px, try --patch {max(config.stride, resolution // 4 // config.stride * config.stride)})")
+    return FeatureBank(kept_ids, np.asarray(kept_labels, dtype=object), np.concatenate(feats), np.concatenate(owner),
+                       np.concatenate(boxes).astype(np.int32), np.concatenate(energies),
+                       np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), problems, time.time() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# mining
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise IoU of boxes (n, 4) x0 y0 x1 y1 against (n, 4)."""
+    ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = ix * iy
+    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
+    return inter / np.maximum(union, 1)
+
+
+def sample_seeds(bank: FeatureBank, positives: np.ndarray, config: DoerschConfig, rng: np.random.Generator) -> np.ndarray:
+    """Rows of up to ``seeds`` random contrasted patches of the positive images, round-robin over images."""
+    rows, _ = bank.rows_of(positives)
+    energy = bank.energy[rows]
+    threshold = np.quantile(energy, config.contrast_quantile) if config.contrast_quantile > 0 else -np.inf
+    keep = energy > threshold
+    if not keep.any():  # flat images: nothing beats the quantile
+        keep[:] = True
+    rows = rows[keep]
+    # round-robin: the j-th random patch of every image (images in random order) before any (j+1)-th
+    key = rng.random(len(rows))
+    image_order = rng.permutation(len(bank.image_ids))
+    owner = bank.image[rows]
+    by_key = np.lexsort((key, owner))
+    rank_in_image = np.empty(len(rows), np.int64)
+    firsts = np.r_[0, np.flatnonzero(np.diff(owner[by_key])) + 1]
+    sizes = np.diff(np.r_[firsts, len(rows)])
+    rank_in_image[by_key] = np.arange(len(rows)) - np.repeat(firsts, sizes)
+    order = np.lexsort((image_order[owner], rank_in_image))
+    return rows[order[: config.seeds]]
+
+
+def seed_neighbours(bank: FeatureBank, seeds: np.ndarray, config: DoerschConfig, progress: bool) -> list[np.ndarray]:
+    """Per seed: rows of its nearest patches among all images, best first, at most one per image."""
+    from sklearn import config_context
+    from sklearn.neighbors import NearestNeighbors
+
+    want = max(config.neighbors, config.redundancy_neighbors)
+    k = int(min(len(bank.features), want * config.overfetch))
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="euclidean").fit(bank.features)
+    out = []
+    chunk = 256
+    for start in tqdm(range(0, len(seeds), chunk), desc="doersch seeding", unit="chunk", disable=not progress):
+        with config_context(working_memory=256):
+            _, idx = nn.kneighbors(bank.features[seeds[start:start + chunk]], n_neighbors=k)
+        for row in idx:
+            _, first = np.unique(bank.image[row], return_index=True)
+            out.append(row[np.sort(first)][:want])
+    return out
+
+
+def select_detectors(bank: FeatureBank, seeds: np.ndarray, neighbours: list[np.ndarray], is_positive: np.ndarray,
+                     config: DoerschConfig) -> tuple[list[int], np.ndarray]:
+    """Seeds ranked by positives among their top neighbours, redundant ones dropped.
+
+    Returns (indices into ``seeds`` of the kept detectors, best first; per-seed positive count).
+    """
+    counts = np.array([int(is_positive[bank.image[n[: config.neighbors]]].sum()) for n in neighbours])
+    order = np.argsort(-counts, kind="stable")
+    kept: list[int] = []
+    # every kept detector's neighbours, flat: image, box, which detector
+    cap = config.detectors * config.redundancy_neighbors
+    kept_img, kept_box, kept_owner, n = np.zeros(cap, np.int64), np.zeros((cap, 4), np.int64), np.zeros(cap, np.int64), 0
+    cand_box = np.zeros((len(bank.image_ids), 4), np.int64)  # the candidate's neighbour box per image
+    cand_has = np.zeros(len(bank.image_ids), bool)
+    for s in order:
+        if len(kept) == config.detectors:
+            break
+        mine = neighbours[s][: config.redundancy_neighbors]
+        images = bank.image[mine]
+        cand_has[images], cand_box[images] = True, bank.boxes[mine]
+        shared = np.flatnonzero(cand_has[kept_img[:n]])
+        redundant = False
+        if len(shared):
+            overlap = _iou(cand_box[kept_img[shared]], kept_box[shared]) > config.redundancy_iou
+            redundant = np.bincount(kept_owner[shared[overlap]], minlength=1).max() > config.redundancy_overlaps
+        cand_has[images] = False
+        if redundant:
+            continue
+        kept_img[n:n + len(mine)], kept_box[n:n + len(mine)], kept_owner[n:n + len(mine)] = images, bank.boxes[mine], len(kept)
+        n += len(mine)
+        kept.append(int(s))
+    return kept, counts
+
+
+def _image_max(scores: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(rows, K) scores -> (images, K) best score per image (rows grouped by image from ``starts``)."""
+    return np.maximum.reduceat(scores, starts, axis=0)
+
+
+def _best_rows(scores: np.ndarray, rows: np.ndarray, starts: np.ndarray, k: int, images: np.ndarray) -> np.ndarray:
+    """Row of the best patch in each of ``images`` (positions into ``starts``) for detector column k."""
+    ends = np.r_[starts[1:], len(rows)]
+    return np.array([rows[a + int(np.argmax(scores[a:b, k]))] for a, b in zip(starts[images], ends[images])], np.int64)
+
+
+def _fit_svm(X: np.ndarray, y: np.ndarray, config: DoerschConfig, seed: int) -> tuple[np.ndarray, float]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        svm = LinearSVC(C=config.C, dual="auto", max_iter=config.svm_max_iter, random_state=seed).fit(X, y)
+    return svm.coef_[0].astype(np.float32), float(svm.intercept_[0])
+
+
+def _split(items: np.ndarray, folds: int, rng: np.random.Generator) -> list[np.ndarray]:
+    perm = rng.permutation(items)
+    return [np.sort(part) for part in np.array_split(perm, folds)]
+
+
+def train_detectors(bank: FeatureBank, init: np.ndarray, positives: np.ndarray, negatives: np.ndarray,
+                    config: DoerschConfig, rng: np.random.Generator, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Iterative cross-validated SVM training of the detectors ``init`` (K, dims); returns (W, b)."""
+    pos_folds, neg_folds = _split(positives, config.folds, rng), _split(negatives, config.folds, rng)
+    fold_rows = [(bank.rows_of(p), bank.rows_of(n)) for p, n in zip(pos_folds, neg_folds)]
+    K = len(init)
+    W, b = init.astype(np.float32).copy(), np.zeros(K, np.float32)
+    bar = tqdm(total=K * config.folds, desc="doersch svm", unit="svm", disable=not progress)
+    for start in range(0, K, config.batch_size):
+        batch = slice(start, min(K, start + config.batch_size))
+        hard: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(batch.stop - batch.start)]
+        for fold, ((prow, pstart), (nrow, nstart)) in enumerate(fold_rows):
+            if not len(prow) or not len(nrow):
+                bar.update(batch.stop - batch.start)
+                continue
+            pscores = bank.features[prow] @ W[batch].T + b[batch]
+            pbest = _image_max(pscores, pstart)
+            perm = rng.permutation(nrow)
+            for j in range(batch.stop - batch.start):
+                top = np.argsort(-pbest[:, j], kind="stable")[: config.top_positives]
+                pos_rows = _best_rows(pscores, prow, pstart, j, top)
+                n_random = min(len(perm), max(config.negatives_max - len(hard[j]), config.negatives_min))
+                neg_rows = np.union1d(perm[:n_random], hard[j])
+                X = bank.features[np.r_[pos_rows, neg_rows]]
+                y = np.r_[np.ones(len(pos_rows)), -np.ones(len(neg_rows))]
+                W[batch.start + j], b[batch.start + j] = _fit_svm(X, y, config, config.seed + fold)
+                bar.update()
+            # hard negatives: patches of this negative fold the new detectors score within the margin
+            nscores = bank.features[nrow] @ W[batch].T + b[batch]
+            for j in range(batch.stop - batch.start):
+                above = np.flatnonzero(nscores[:, j] > config.hard_negative_margin)
+                above = above[np.argsort(-nscores[above, j], kind="stable")][: config.negatives_max]
+                # hardest first, then the ones gathered in earlier folds; at most negatives_max
+                merged = np.r_[nrow[above], hard[j]]
+                _, first = np.unique(merged, return_index=True)
+                hard[j] = merged[np.sort(first)][: config.negatives_max]
+            del pscores, nscores
+    bar.close()
+    return W, b
+
+
+def rank_detectors(bank: FeatureBank, W: np.ndarray, b: np.ndarray, is_positive: np.ndarray, config: DoerschConfig):
+    """Search every image with every detector; per detector its discriminativeness and best positive detections."""
+    rows, starts = bank.rows_of(np.arange(len(bank.image_ids)))
+    out = []
+    for start in range(0, len(W), config.batch_size):
+        batch = slice(start, min(len(W), start + config.batch_size))
+        scores = bank.features @ W[batch].T + b[batch]
+        best = _image_max(scores, starts)
+        for j in range(batch.stop - batch.start):
+            order = np.argsort(-best[:, j], kind="stable")
+            top = order[: config.top_detections]
+            disc = float(is_positive[top].mean())
+            shown = order[is_positive[order]][: config.examples]
+            det_rows = _best_rows(scores, rows, starts, j, shown)
+            out.append((disc, shown, det_rows, best[shown, j]))
+        del scores
+    return out
+
+
+def mine_doersch(source, positive_label: str, config: DoerschConfig = DoerschConfig(), *, resolution: int | None = None,
+                 resize: str = "square", progress: bool = True, timings: dict | None = None) -> pd.DataFrame:
+    """Mine ``positive_label``'s discriminative patches against all other labels.
+
+    Args:
+        source: a :class:`FeatureBank` (reused across labels), a :class:`~diffmine.rundir.Run` with a
+            listed dataset, or a :class:`~diffmine.data.Dataset` (then ``resolution`` is needed).
+        timings: if given, seconds of each phase (features, seeding, svm) are added to it.
+    Returns:
+        the cluster-table columns (see module doc), best detector first.
+    """
+    timings = timings if timings is not None else {}
+    bank = _as_bank(source, config, resolution, resize, progress)
+    timings["features"] = timings.get("features", 0.0) + bank.seconds
+    bank.seconds = 0.0  # counted once
+    is_positive = bank.labels == positive_label
+    positives, negatives = np.flatnonzero(is_positive), np.flatnonzero(~is_positive)
+    if not len(positives) or not len(negatives):
+        raise ValueError(f"label {positive_label!r}: needs images of it and of other labels "
+                         f"({len(positives)} positive, {len(negatives)} negative)")
+    labels = sorted(set(bank.labels))
+    rng = np.random.default_rng([config.seed, labels.index(positive_label)])
+
+    t0 = time.time()
+    seeds = sample_seeds(bank, positives, config, rng)
+    neighbours = seed_neighbours(bank, seeds, config, progress)
+    kept, _ = select_detectors(bank, seeds, neighbours, is_positive, config)
+    timings["seeding"] = timings.get("seeding", 0.0) + time.time() - t0
+
+    t0 = time.time()
+    W, b = train_detectors(bank, bank.features[seeds[kept]], positives, negatives, config, rng, progress)
+    ranked = rank_detectors(bank, W, b, is_positive, config)
+    timings["svm"] = timings.get("svm", 0.0) + time.time() - t0
+
+    order = sorted(range(len(ranked)), key=lambda d: -ranked[d][0])  # stable: ties keep the seed rank
+    records = []
+    for rank, d in enumerate(order):
+        disc, shown, det_rows, scores = ranked[d]
+        median = float(np.median(scores)) if len(scores) else float("nan")
+        for j, (img, row, score) in enumerate(zip(shown, det_rows, scores)):
+            x0, y0, x1, y1 = (int(v) for v in bank.boxes[row])
+            records.append((bank.image_ids[img], positive_label, x0, y0, x1, y1, float(score), "top", rank, rank, j,
+                            float("nan"), median, disc))
+    return _frame(records)
+
+
+def _frame(records: list) -> pd.DataFrame:
+    frame = pd.DataFrame(records, columns=COLUMNS)
+    return frame.astype({"x0": "int32", "y0": "int32", "x1": "int32", "y1": "int32", "typicality": "float32",
+                         "cluster": "int64", "cluster_rank": "int64", "rank_in_cluster": "int64",
+                         "distance": "float32", "cluster_median": "float32", "discriminativeness": "float32"})
+
+
+# --------------------------------------------------------------------------------------------
+# run directory
+
+
+def _multiple(run: Run, dataset: dict) -> int:
+    """The width multiple keep-aspect images were resized to (the backend's latent factor)."""
+    if dataset.get("resize", "square") == "square":
+        return 1
+    spec = run.model_dir / "backend.json"
+    if spec.is_file():
+        def find(d):
+            if isinstance(d, dict):
+                if isinstance(d.get("latent_factor"), int):
+                    return d["latent_factor"]
+                for v in d.values():
+                    if (f := find(v)) is not None:
+                        return f
+            return None
+        if (factor := find(json.loads(spec.read_text()))) is not None:
+            return factor
+    return 8 if str(dataset.get("model", "tiny")).startswith("sd") else 4
+
+
+def _as_bank(source, config: DoerschConfig, resolution: int | None, resize: str, progress: bool) -> FeatureBank:
+    if isinstance(source, FeatureBank):
+        return source
+    if isinstance(source, Run):
+        images = source.images()
+        dataset = source.step_config("dataset")
+        _check_size(dataset["resolution"], config)
+        return build_bank(list(images["path"]), list(images["image_id"]), list(images["label"]), dataset["resolution"],
+                          config, dataset.get("resize", "square"), _multiple(source, dataset), progress)
+    if isinstance(source, Dataset):
+        if resolution is None:
+            raise ValueError("mining a Dataset needs the image resolution")
+        _check_size(resolution, config)
+        return build_bank(source.paths, source.image_ids, source.labels, resolution, config, resize, 1, progress)
+    raise TypeError(f"expected a FeatureBank, Run or Dataset, got {type(source).__name__}")
+
+
+def _check_size(resolution: int, config: DoerschConfig) -> None:
+    if resolution < config.patch + config.stride:
+        patch = max(4, resolution // 4 // 4 * 4)
+        raise ValueError(f"{config.patch}px patches fit at most once in {resolution}px images; mine smaller patches "
+                         f"(e.g. --patch {patch} --stride {max(1, patch // 4)}) or list the dataset at a higher --resolution")
+
+
+def output_dir(run: Run) -> Path:
+    return run.path / OUTPUT
+
+
+def run_doersch(run: Run, config: DoerschConfig = DoerschConfig(), positive: str | None = None,
+                progress: bool = True) -> pd.DataFrame:
+    """Mine every label (or only ``positive``) against all the others; writes RUN/baselines/doersch/."""
+    dataset = run.step_config("dataset")
+    labels = list(dataset["labels"])
+    if positive is not None and positive not in labels:
+        raise ValueError(f"unknown label {positive!r}; the run has {labels}")
+    started = time.time()
+    timings: dict[str, float] = {}
+    bank = _as_bank(run, config, None, "square", progress)
+    n_features = bank.features.nbytes
+    if bank.problems:
+        run.record_problems("baseline-doersch", bank.problems)
+    frames = []
+    for label in ([positive] if positive is not None else labels):
+        if label not in set(bank.labels):
+            print(f"doersch: no usable image of {label!r}; skipped")
+            continue
+        frames.append(mine_doersch(bank, label, config, progress=progress, timings=timings))
+    table = pd.concat(frames, ignore_index=True) if frames else _frame([])
+    out = output_dir(run)
+    write_table(pa.Table.from_pandas(table, preserve_index=False), out / "patches.parquet")
+    settings = {"config": asdict(config), "dims": config.dims, "labels": [positive] if positive else labels,
+                "images": len(bank.image_ids), "patches": int(len(bank.features)), "feature_mb": n_features / 2 ** 20,
+                "skipped": len(bank.problems), "seconds": {**{k: round(v, 3) for k, v in timings.items()},
+                                                          "total": round(time.time() - started, 3)}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    del bank
+    return table
+
+
+def prepare_and_run(data_dir: str | Path | None, run_dir: str | Path, config: DoerschConfig = DoerschConfig(),
+                    positive: str | None = None, prompt: str = "An image of {label}.", null_prompt: str = "An image.",
+                    resolution: int = 256, resize: str = "square", progress: bool = True) -> pd.DataFrame:
+    """Mine a dataset standalone: list ``data_dir`` into ``run_dir`` if that run has no dataset yet
+    (at ``resolution``; an existing run keeps its own listing and size), then :func:`run_doersch`."""
+    run = Run(run_dir)
+    if not (run.path / "images.parquet").is_file() or "dataset" not in run.config:
+        if data_dir is None:
+            raise RunError(f"{run.path}: no dataset listed here; pass --data DIR")
+        from ..pipeline import prepare
+
+        prepare(run, data_dir, prompt, null_prompt, resolution, resize)
+    return run_doersch(run, config, positive, progress)
+
+
+# --------------------------------------------------------------------------------------------
+# command line: `diffmine baseline doersch --data DIR --run RUN [--positive LABEL] [options]`
+
+HELP = {
+    "patch": "patch side in pixels", "stride": "grid step in pixels (= HOG cell side; patch must be a multiple)",
+    "scales": "image pyramid scales, e.g. 1.0 0.75 0.5", "orientations": "HOG orientation bins",
+    "seeds": "random seed patches from the positive images", "contrast_quantile": "drop seeds in this lowest quantile of gradient energy",
+    "neighbors": "rank seeds by positives among their top-k nearest neighbours",
+    "redundancy_neighbors": "neighbours compared to drop redundant detectors",
+    "overfetch": "neighbours fetched per kept one (several may fall on one image)",
+    "redundancy_iou": "IoU above which a neighbour overlaps a kept detector's",
+    "redundancy_overlaps": "drop a seed overlapping a kept detector on more images than this",
+    "detectors": "detectors kept and trained", "folds": "cross-validation folds of SVM training",
+    "top_positives": "positives per fold (the detector's best detections)", "negatives_min": "random negatives per SVM, at least",
+    "negatives_max": "negatives per SVM (random + hard), at most", "hard_negative_margin": "negatives scoring above this are hard",
+    "C": "LinearSVC C", "svm_max_iter": "LinearSVC max_iter", "top_detections": "discriminativeness = positives among this many detections",
+    "examples": "detections written per detector", "batch_size": "detectors searched at once", "workers": "image-decoding processes",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(DoerschConfig):
+        if f.name == "seed":
+            continue
+        flag = "--" + f.name.replace("_", "-").lower()
+        if f.name == "scales":
+            parser.add_argument(flag, dest=f.name, type=float, nargs="+", default=list(f.default), help=f"{HELP[f.name]} (default: {' '.join(map(str, f.default))})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=f"{HELP[f.name]} (default: {f.default})")
+
+
+def config_from_args(args: argparse.Namespace) -> DoerschConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DoerschConfig) if hasattr(args, f.name)}
+    return DoerschConfig(**values)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``baseline`` (with its ``doersch`` sub-command) to the CLI's sub-parsers."""
+    baseline = subparsers.add_parser("baseline", help="baseline miners to compare typicality with",
+                                     description="Baseline data-mining methods, written to RUN/baselines/<name>/.")
+    methods = baseline.add_subparsers(dest="baseline", required=True, metavar="METHOD")
+    p = methods.add_parser("doersch", help="discriminative patches (Doersch et al. 2013): HOG+Lab, seeds, iterative SVMs",
+                           description="Mine each label's discriminative patches against the other labels; writes "
+                                       "RUN/baselines/doersch/patches.parquet (cluster-table columns) and settings.json.")
+    p.add_argument("--data", type=Path, default=None, help="dataset folder or manifest (needed when the run has none listed)")
+    p.add_argument("--run", required=True, type=Path, help="the run directory")
+    p.add_argument("--positive", default=None, help="mine only this label (default: every label)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    p.add_argument("--resolution", type=int, default=256, help="image side when listing a new run (default: 256)")
+    p.add_argument("--resize", default="square", choices=["square", "keep-aspect"], help="resize mode when listing a new run")
+    p.add_argument("--prompt", default="An image of {label}.", help=argparse.SUPPRESS)
+    p.add_argument("--null-prompt", default="An image.", help=argparse.SUPPRESS)
+    add_config_flags(p)
+    p.set_defaults(func=cmd_baseline)
+    return baseline
+
+
+def cmd_baseline(args: argparse.Namespace) -> pd.DataFrame:
+    if getattr(args, "baseline", "doersch") != "doersch":
+        raise ValueError(f"unknown baseline {args.baseline!r}")
+    config = dataclasses.replace(config_from_args(args), seed=args.seed)
+    table = prepare_and_run(args.data, args.run, config, args.positive, args.prompt, args.null_prompt,
+                            args.resolution, args.resize)
+    n = table.groupby("label")["cluster"].nunique().sum() if len(table) else 0
+    print(f"{n} detectors, {len(table)} detections -> {args.run / OUTPUT / 'patches.parquet'}")
+    return table
+
+
+__all__ = ["DoerschConfig", "FeatureBank", "patch_features", "build_bank", "mine_doersch", "run_doersch",
+           "prepare_and_run", "add_parser", "cmd_baseline"]

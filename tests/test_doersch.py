@@ -1,0 +1,153 @@
+"""The Doersch et al. baseline on the built-in dataset: it finds the planted elements, its table has
+the cluster-table schema, it is deterministic, and small configs stay fast."""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffmine.baselines.doersch import (COLUMNS, DoerschConfig, add_parser, cmd_baseline, patch_features,
+                                        run_doersch)
+from diffmine.evaluate import find_mask, load_mask, patch_hits
+from diffmine.pipeline import prepare
+from diffmine.rundir import Run
+from diffmine.synthetic import SynthConfig, generate
+
+SIZE = 48
+SMALL = dict(patch=16, stride=4, seeds=300, neighbors=10, redundancy_neighbors=20, detectors=10, negatives_min=300,
+             negatives_max=1000, top_detections=20, examples=5)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    images = generate(out, SynthConfig(labels=3, per_label=24, size=SIZE), progress=False)
+    return images, out / "masks"
+
+
+def _new_run(path: Path, images: Path) -> Run:
+    run = Run(path)
+    prepare(run, images, "A scene from {label}.", "A scene.", SIZE)
+    return run
+
+
+@pytest.fixture(scope="module")
+def mined(data, tmp_path_factory):
+    images, masks = data
+    run = _new_run(tmp_path_factory.mktemp("run"), images)
+    t0 = time.time()
+    table = run_doersch(run, DoerschConfig(**SMALL, seed=0), progress=False)
+    return run, table, time.time() - t0
+
+
+def _masks(run: Run, masks: Path) -> dict:
+    return {i: load_mask(find_mask(masks, i), (SIZE, SIZE)) for i in run.images()["image_id"]}
+
+
+def test_feature_layout_matches_the_authors_2112_dims():
+    assert DoerschConfig().dims == 8 * 8 * 31 + 8 * 8 * 2 == 2112
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(80, 96, 3), dtype=np.uint8)
+    feats, boxes, energy = patch_features(image, DoerschConfig())
+    # 64 px patches on the 8 px grid: (80 // 8 - 8 + 1) x (96 // 8 - 8 + 1) positions
+    assert feats.shape == (3 * 5, 2112) and boxes.shape == (15, 4) and energy.shape == (15,)
+    assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    assert (boxes[:, 2] - boxes[:, 0] == 64).all() and (boxes[:, 3] - boxes[:, 1] == 64).all()
+    assert set(boxes[:, 0]) == {0, 8, 16, 24, 32} and set(boxes[:, 1]) == {0, 8, 16}
+
+
+def test_pyramid_boxes_are_in_original_pixels():
+    image = np.random.default_rng(1).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)
+    config = DoerschConfig(patch=16, stride=4, scales=(1.0, 0.75, 0.5))
+    feats, boxes, _ = patch_features(image, config)
+    sides = boxes[:, 2] - boxes[:, 0]
+    # 9x9 positions at 48 px, 6x6 at 36 px (side 16 / 0.75 ~ 21), 3x3 at 24 px (side 32)
+    assert len(feats) == 81 + 36 + 9 and feats.shape[1] == config.dims == 4 * 4 * 33
+    assert sorted(set(sides)) == [16, 21, 32]
+    assert boxes.min() >= 0 and boxes[:, 2].max() <= 48 and boxes[:, 3].max() <= 48
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="multiple"):
+        DoerschConfig(patch=20, stride=8)
+    with pytest.raises(ValueError, match="negatives_min"):
+        DoerschConfig(negatives_min=10, negatives_max=5)
+
+
+def test_top_detectors_find_the_planted_elements(mined, data):
+    run, table, _ = mined
+    hits = patch_hits(table, _masks(run, data[1]))
+    table = table.assign(hit=hits)
+    top = table[table["cluster_rank"] < 3].groupby("label")["hit"].mean()
+
+    # random patches of the same size on the same images
+    rng = np.random.default_rng(0)
+    images = run.images()
+    rows = [(i, x, y, x + 16, y + 16) for i in images["image_id"] for x, y in rng.integers(0, SIZE - 16 + 1, size=(20, 2))]
+    random = pd.DataFrame(rows, columns=["image_id", "x0", "y0", "x1", "y1"])
+    random_rate = float(np.nanmean(patch_hits(random, _masks(run, data[1]))))
+
+    assert random_rate < 0.3
+    assert top.mean() > random_rate + 0.35, (top.to_dict(), random_rate)
+    assert (top > 2 * random_rate + 0.2).sum() >= 2, (top.to_dict(), random_rate)
+
+
+def test_output_schema_and_settings(mined):
+    run, table, seconds = mined
+    assert list(table.columns) == COLUMNS
+    saved = pd.read_parquet(run.path / "baselines" / "doersch" / "patches.parquet")
+    pd.testing.assert_frame_equal(saved, table)
+    labels = dict(zip(run.images()["image_id"], run.images()["label"]))
+    assert set(table["label"]) == set(run.labels)
+    assert all(labels[i] == l for i, l in zip(table["image_id"], table["label"]))  # detections on positive images
+    assert ((table["x1"] - table["x0"]) == 16).all() and ((table["y1"] - table["y0"]) == 16).all()
+    assert table[["x0", "y0"]].min().min() >= 0 and table[["x1", "y1"]].max().max() <= SIZE
+    assert (table["cluster"] == table["cluster_rank"]).all() and (table["kind"] == "top").all()
+    for label, group in table.groupby("label"):
+        assert sorted(group["cluster"].unique()) == list(range(SMALL["detectors"]))
+        disc = group.groupby("cluster")["discriminativeness"].first()
+        assert (np.diff(disc.to_numpy()) <= 1e-6).all()  # cluster 0 = most discriminative
+        assert disc.between(0, 1).all()
+        for _, det in group.groupby("cluster"):
+            assert list(det["rank_in_cluster"]) == list(range(len(det))) and len(det) <= SMALL["examples"]
+            assert (np.diff(det["typicality"].to_numpy()) <= 1e-6).all()  # best detection first
+            assert det["image_id"].is_unique  # at most one detection per image
+    settings = json.loads((run.path / "baselines" / "doersch" / "settings.json").read_text())
+    assert settings["config"]["patch"] == 16 and settings["dims"] == 528 and settings["images"] == 72
+    assert {"features", "seeding", "svm", "total"} <= set(settings["seconds"])
+    assert seconds < 30
+
+
+def test_deterministic_and_labels_independent(mined, data, tmp_path):
+    run, table, _ = mined
+    label = run.labels[1]
+    again = run_doersch(_new_run(tmp_path / "again", data[0]), DoerschConfig(**SMALL, seed=0), positive=label,
+                        progress=False)
+    assert set(again["label"]) == {label}
+    pd.testing.assert_frame_equal(again, table[table["label"] == label].reset_index(drop=True))
+    other = run_doersch(Run(tmp_path / "again"), DoerschConfig(**SMALL, seed=1), positive=label, progress=False)
+    assert not other[["image_id", "x0", "y0"]].equals(again[["image_id", "x0", "y0"]])
+
+
+def test_cli_standalone_lists_the_dataset(data, tmp_path):
+    root = argparse.ArgumentParser()
+    add_parser(root.add_subparsers(dest="command"))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**SMALL, "detectors": 3}.items()]
+    args = root.parse_args(["baseline", "doersch", "--data", str(data[0]), "--run", str(tmp_path / "run"),
+                            "--positive", "norland", "--resolution", str(SIZE), *flags,
+                            "--scales", "1.0", "0.75"])
+    assert args.scales == [1.0, 0.75] and args.patch == 16
+    table = args.func(args)
+    assert (tmp_path / "run" / "images.parquet").is_file()
+    assert set(table["label"]) == {"norland"} and table["cluster"].max() <= 2
+    assert len(pd.read_parquet(tmp_path / "run" / "baselines" / "doersch" / "patches.parquet")) == len(table)
+
+
+def test_too_small_images_are_refused_with_advice(data, tmp_path):
+    run = _new_run(tmp_path / "run", data[0])
+    with pytest.raises(ValueError, match="--patch"):
+        run_doersch(run, DoerschConfig(), progress=False)
