@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+from .baselines.doersch import add_parser as add_baseline
+from .baselines.doersch import cmd_baseline
 from .clustering import ClusterConfig
+from .compare import add_parser as add_compare
+from .compare import cmd_compare
 from .data import DatasetError
 from .features import FeatureConfig
 from .mining import MineConfig
@@ -125,6 +129,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     add_config(p, SynthConfig, skip=())
 
+    p = sub.add_parser("prepare", help="list a dataset into a run without training (to score with a given model)",
+                       description="List the dataset and record prompts and image size; then e.g. "
+                                   "`diffmine typicality --run RUN --model sd:PATH` scores it with pretrained weights.")
+    _data_args(p); _run_arg(p)
+
     p = sub.add_parser("train", help="finetune (or train from scratch) the conditional model",
                        description="List the dataset into the run and train the label-conditioned model (resumable).")
     _data_args(p); _run_arg(p); _sd_args(p)
@@ -135,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
                                    "Data-parallel under `accelerate launch -m diffmine typicality ...`.")
     _run_arg(p)
     p.add_argument("--model", default=None, help="score with this model instead of the run's trained one (e.g. sd:PATH)")
+    p.add_argument("--text-encoder", default=None, help="with --model sd:...: another CLIP text encoder (folder or hub id)")
     add_config(p, TypicalityConfig)
 
     p = sub.add_parser("mine", help="mine the most typical patches per label",
@@ -177,6 +187,9 @@ def parser() -> argparse.ArgumentParser:
         add_config(p, ClusterConfig)
         add_config(p, FeatureConfig, prefix="feature-")
 
+    add_compare(sub)
+    add_baseline(sub)
+
     p = sub.add_parser("status", help="what is done, what is left, which files were bad", description="Progress of a run.")
     p.add_argument("--run", required=True, type=Path)
 
@@ -204,6 +217,13 @@ def _train(args, run):
     pipeline.train_step(run, build_config(TrainConfig, args), _model_options(args))
 
 
+def cmd_prepare(args):
+    from . import pipeline
+
+    pipeline.prepare(Run(args.run), args.data, args.prompt, args.null_prompt, args.resolution, args.resize, args.model)
+    print(f"listed {len(Run(args.run).images())} images into {args.run}")
+
+
 def cmd_train(args):
     _train(args, Run(args.run))
     print(f"model: {args.run / 'model'}")
@@ -213,7 +233,8 @@ def cmd_typicality(args, prefix=""):
     from . import pipeline
 
     config = build_config(TypicalityConfig, args, prefix)
-    pipeline.typicality_step(Run(args.run), config, getattr(args, "model", None) if not prefix else None)
+    model = getattr(args, "model", None) if not prefix else None
+    pipeline.typicality_step(Run(args.run), config, model, _model_options(args) if model else None)
 
 
 def cmd_mine(args):
@@ -301,7 +322,7 @@ def cmd_query(args):
     print(query(Run(args.run), args.sql).to_string(index=False))
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
+COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
             "report": cmd_report, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status,
             "query": cmd_query}
 

@@ -122,6 +122,13 @@ def evaluate_run(run, masks: str | Path) -> dict:
     if run.clusters_path.is_file():
         clustered = pd.read_parquet(run.clusters_path)
         result["clusters"] = cluster_purity(clustered, patch_hits(clustered, loaded))
+    for path in sorted(run.path.glob("baselines/*/patches.parquet")):
+        # the same metrics for a baseline's detectors, so the methods compare side by side
+        table = pd.read_parquet(path)
+        hits = patch_hits(table, loaded)
+        result.setdefault("baselines", {})[path.parent.name] = {
+            "hit_rate": float(np.nanmean(hits)) if np.isfinite(hits).any() else float("nan"),
+            "clusters": cluster_purity(table, hits)}
     return result
 
 

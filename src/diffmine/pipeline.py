@@ -102,9 +102,11 @@ def distributed_context() -> tuple[int, int, torch.device]:
     return 0, 1, default_device()
 
 
-def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None, progress: bool = True) -> int:
+def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None, model_options: dict | None = None,
+                    progress: bool = True) -> int:
+    """Typicality with the run's trained model, or with ``model`` (e.g. pretrained ``sd:PATH``)."""
     rank, world, device = distributed_context()
-    backend, identity = load_model(run, model, device)
+    backend, identity = load_model(run, model, device, **(model_options or {}))
     written = run_typicality(run, backend, config, identity, rank, world, progress)
     if rank == 0:
         run.set_step_config("typicality", {**asdict(config), "model": identity})
@@ -115,8 +117,16 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True):
     return run_mining(run, config, progress)
 
 
+def scoring_model(run: Run) -> Backend:
+    """The model that computed the run's typicality: features come from the same one."""
+    used = run.config.get("typicality", {}).get("model", {"model": "run"})
+    if used.get("model") == "run":
+        return load_model(run)[0]
+    return load_model(run, used["model"], **used.get("options", {}))[0]
+
+
 def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progress: bool = True):
-    backend, _ = load_model(run)
+    backend = scoring_model(run)
     run_features(run, backend, features, progress)
     return run_clustering(run, config)
 

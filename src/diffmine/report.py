@@ -52,27 +52,28 @@ def overlay(image: np.ndarray, values: np.ndarray, alpha: float = 0.55) -> np.nd
     return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
 
 
-class _Images:
-    """Decoded run images, each loaded once."""
+class RunImages:
+    """A run's images at its own size (the run's resolution and resize), each decoded once."""
 
     def __init__(self, run):
         dataset = run.step_config("dataset")
         images = run.images()
         self.paths = dict(zip(images["image_id"], images["path"]))
         self.resolution, self.resize = dataset["resolution"], dataset["resize"]
-        self.multiple = run.config.get("report_multiple", 1)
         self.cache: dict[str, np.ndarray | None] = {}
 
     def get(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray | None:
-        if image_id not in self.cache:
+        """(H, W, 3) uint8, resized to ``size`` = (H, W) if given; None for a bad or unknown image."""
+        key = f"{image_id}@{size}"
+        if key not in self.cache:
             try:
                 image = load_image(self.paths[image_id], self.resolution, self.resize, 1)
             except (BadImage, KeyError):
                 image = None
             if image is not None and size is not None and image.shape[:2] != tuple(size):
                 image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC))
-            self.cache[image_id] = image
-        return self.cache[image_id]
+            self.cache[key] = image
+        return self.cache[key]
 
     def crop(self, row, size: int) -> str | None:
         image = self.get(row.image_id)
@@ -82,7 +83,7 @@ class _Images:
         return png_data_uri(np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.NEAREST)))
 
 
-def _crops(images: _Images, frame: pd.DataFrame, size: int) -> list[dict]:
+def _crops(images: RunImages, frame: pd.DataFrame, size: int) -> list[dict]:
     out = []
     for row in frame.itertuples():
         uri = images.crop(row, size)
@@ -91,24 +92,32 @@ def _crops(images: _Images, frame: pd.DataFrame, size: int) -> list[dict]:
     return out
 
 
+def _cluster_rows(images: RunImages, clustered: pd.DataFrame, config: ReportConfig) -> list[dict]:
+    """Rows of crops, best-ranked cluster first, members nearest the centre first."""
+    rows = []
+    for rank, group in clustered.groupby("cluster_rank", sort=True):
+        if len(group) < config.min_cluster_size:
+            continue
+        rows.append({"rank": int(rank), "size": len(group), "median": float(group["typicality"].median()),
+                     "crops": _crops(images, group.sort_values("rank_in_cluster").head(config.per_cluster), config.crop_px)})
+        if len(rows) >= config.clusters:
+            break
+    return rows
+
+
 def build_context(run, config: ReportConfig, evaluation: dict | None = None) -> dict:
-    images = _Images(run)
+    images = RunImages(run)
     mined = pd.read_parquet(run.patches_path)
     clustered = pd.read_parquet(run.clusters_path) if run.clusters_path.is_file() else None
     index = run.typicality_index()
+    baselines = {path.parent.name: pd.read_parquet(path) for path in sorted(run.path.glob("baselines/*/patches.parquet"))}
     labels = []
     for label in run.labels:
         entry = {"name": label, "prompt": run.prompt(label), "clusters": [], "examples": [], "compare": []}
         if clustered is not None:
-            of_label = clustered[clustered["label"] == label]
-            for rank, group in of_label.groupby("cluster_rank", sort=True):
-                if len(group) < config.min_cluster_size:
-                    continue
-                entry["clusters"].append({
-                    "rank": int(rank), "size": len(group), "median": float(group["typicality"].median()),
-                    "crops": _crops(images, group.sort_values("rank_in_cluster").head(config.per_cluster), config.crop_px)})
-                if len(entry["clusters"]) >= config.clusters:
-                    break
+            entry["clusters"] = _cluster_rows(images, clustered[clustered["label"] == label], config)
+        entry["baselines"] = [{"name": name, "clusters": _cluster_rows(images, table[table["label"] == label], config)}
+                              for name, table in baselines.items()]
         top_images = mined[(mined["label"] == label) & (mined["kind"] == "top")]["image_id"].drop_duplicates()
         for image_id in top_images.head(config.examples):
             values = run.typicality_map(image_id)

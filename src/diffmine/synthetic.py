@@ -39,6 +39,7 @@ class SynthConfig:
     per_label: int = 64
     size: int = 64
     distractors: int = 3
+    element_scale: float = 1.0  # planted element size relative to the default (about 1/5 of the side)
     seed: int = 0
 
 
@@ -82,7 +83,8 @@ def _element_colour(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: fl
     return colour
 
 
-def render_scene(label_index: int, rng: np.random.Generator, size: int = 64, distractors: int = 3):
+def render_scene(label_index: int, rng: np.random.Generator, size: int = 64, distractors: int = 3,
+                 element_scale: float = 1.0):
     """One scene of label ``label_index``.
 
     Returns:
@@ -105,7 +107,7 @@ def render_scene(label_index: int, rng: np.random.Generator, size: int = 64, dis
         shape = (np.hypot(yy - cy, xx - cx) <= r) if rng.random() < 0.5 else ((np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r))
         image[shape] = rng.uniform(20, 235, size=3)
 
-    r = rng.uniform(5.5, 7.5) * scale
+    r = rng.uniform(5.5, 7.5) * scale * element_scale
     cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
     mask = _element_mask(kind, yy, xx, cy, cx, r)
     image[mask] = _element_colour(kind, yy, xx, cy, cx, r)[mask]
@@ -125,7 +127,7 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig(), progress: boo
     for li, i in tqdm(jobs, desc="synthetic scenes", disable=not progress):
         # one generator per image, so any image can be regenerated alone
         rng = np.random.default_rng([config.seed, li, i])
-        image, mask = render_scene(li, rng, config.size, config.distractors)
+        image, mask = render_scene(li, rng, config.size, config.distractors, config.element_scale)
         for sub, array in (("images", image), ("masks", mask.astype(np.uint8) * 255)):
             path = out / sub / names[li] / f"img_{i:04d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,8 @@ class TinyConfig:
     prompt_tokens: int = 4
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
 
 
 class PromptTable(torch.nn.Module):
@@ -62,7 +64,7 @@ class PromptTable(torch.nn.Module):
 
 class TinyBackend(Backend):
     default_feature_block = 1
-    default_learning_rate = 1e-3
+    default_learning_rate = 2e-3
 
     def __init__(self, prompts: list[str], config: TinyConfig | None = None, seed: int = 0):
         config = config or TinyConfig()
@@ -85,7 +87,8 @@ class TinyBackend(Backend):
         )
         table = PromptTable(prompts, config.prompt_tokens, config.cross_attention_dim, seed + 1)
         self.denoiser = Denoiser(unet, table)
-        self.scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule)
+        self.scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                                       beta_start=config.beta_start, beta_end=config.beta_end)
         self.spec = {"kind": "tiny", "prompts": list(prompts), "config": asdict(config)}
 
     @classmethod

@@ -1,0 +1,43 @@
+"""Shared fixtures: one tiny model trained once per session on the built-in dataset."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from diffmine import pipeline  # noqa: E402
+from diffmine.clustering import ClusterConfig  # noqa: E402
+from diffmine.features import FeatureConfig  # noqa: E402
+from diffmine.mining import MineConfig  # noqa: E402
+from diffmine.rundir import Run  # noqa: E402
+from diffmine.synthetic import SynthConfig, generate  # noqa: E402
+from diffmine.train import TrainConfig  # noqa: E402
+from diffmine.typicality import TypicalityConfig  # noqa: E402
+
+# Small enough for CI (about four minutes on 2 cores). Measured with this exact config (training
+# is deterministic): overall AUC-PR 0.19 vs 0.028 random; the checker (0.61) and ring (0.13)
+# elements are learned, the cross and triangle need a longer training than a test can afford.
+SYNTH = SynthConfig(labels=4, per_label=40, size=64, seed=0)
+TRAIN = TrainConfig(steps=600, batch_size=32, checkpoint_every=300, seed=0)
+TYPICALITY = TypicalityConfig(samples=12, shard_size=50, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    return generate(out, SYNTH, progress=False), out / "masks"
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data, tmp_path_factory):
+    """A run through every step: train, typicality, mine, cluster."""
+    images, _ = synthetic_data
+    run = Run(tmp_path_factory.mktemp("run") / "run")
+    pipeline.prepare(run, images, "A scene from {label}.", "A scene.", SYNTH.size)
+    pipeline.train_step(run, TRAIN, progress=False)
+    pipeline.typicality_step(run, TYPICALITY, progress=False)
+    pipeline.mine_step(run, MineConfig(top=60, least=20, random=20), progress=False)
+    pipeline.cluster_step(run, ClusterConfig(k=6), FeatureConfig(ensemble=2), progress=False)
+    return run

@@ -1,0 +1,158 @@
+"""The method works on data with known ground truth, not only runs."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import diffmine
+from diffmine import pipeline
+from diffmine.evaluate import evaluate_maps, evaluate_run, load_mask, patch_hits, summarize
+from diffmine.models import create_backend
+from diffmine.rundir import Run
+from diffmine.typicality import TypicalityConfig, typicality_latent_maps, upsample
+from diffmine.data import load_image, to_model_input
+
+from conftest import TYPICALITY
+
+
+def _images_of(run, n_per_label=10):
+    images = run.images()
+    return images.groupby("label").head(n_per_label).reset_index(drop=True)
+
+
+def test_typicality_finds_the_planted_element(trained_run, synthetic_data):
+    _, masks = synthetic_data
+    result = evaluate_run(trained_run, masks)
+    overall = result["overall"]
+    # the element covers ~3% of the pixels: an uninformative map scores about that
+    assert overall["auc_pr"] > 3 * overall["random"], result
+    assert overall["inside"] > overall["outside"]
+    # at this test's training budget not every label is learned yet (see conftest); two must be
+    learned = [l for l, s in result["per_label"].items() if s["auc_pr"] > 3 * s["random"] and s["inside"] > s["outside"]]
+    assert len(learned) >= 2, result["per_label"]
+
+
+def test_mined_patches_show_the_element_far_more_often_than_random_patches(trained_run, synthetic_data):
+    _, masks = synthetic_data
+    hits = evaluate_run(trained_run, masks)["hit_rate"]
+    assert hits["top"]["overall"] > 0.15
+    assert hits["top"]["overall"] > 5 * hits["random"]["overall"]
+    assert hits["least"]["overall"] < hits["top"]["overall"]
+
+
+def test_finetuned_model_beats_an_untrained_one(trained_run, synthetic_data):
+    """The paper's "effect of finetuning": the same architecture, untrained, finds nothing."""
+    _, masks = synthetic_data
+    rows = _images_of(trained_run)
+    dataset = trained_run.step_config("dataset")
+    untrained = create_backend("tiny", pipeline.all_prompts(trained_run), seed=123)
+    pixels = to_model_input(np.stack([load_image(p, dataset["resolution"]) for p in rows["path"]]))
+    latent = typicality_latent_maps(untrained, pixels, [trained_run.prompt(l) for l in rows["label"]],
+                                    trained_run.prompt(None), TYPICALITY)
+    size = (dataset["resolution"],) * 2
+    untrained_maps = dict(zip(rows["image_id"], upsample(latent, size)))
+    trained_maps = {i: trained_run.typicality_map(i) for i in rows["image_id"]}
+    labels = dict(zip(rows["image_id"], rows["label"]))
+    trained = summarize(evaluate_maps(trained_maps, labels, masks)[0])["overall"]
+    random_init = summarize(evaluate_maps(untrained_maps, labels, masks)[0])["overall"]
+    assert trained["auc_pr"] > 2 * random_init["auc_pr"], (trained, random_init)
+    assert random_init["auc_pr"] < 2 * random_init["random"]
+
+
+def test_a_wrong_label_makes_the_element_atypical(trained_run, synthetic_data):
+    """Under another label's prompt, the element is explained worse than by the null prompt."""
+    _, masks = synthetic_data
+    backend, _ = pipeline.load_model(trained_run)
+    rows = _images_of(trained_run, 6)
+    dataset = trained_run.step_config("dataset")
+    labels = trained_run.labels
+    pixels = to_model_input(np.stack([load_image(p, dataset["resolution"]) for p in rows["path"]]))
+    wrong = [labels[(labels.index(l) + 1) % len(labels)] for l in rows["label"]]
+    right_maps = typicality_latent_maps(backend, pixels, [trained_run.prompt(l) for l in rows["label"]],
+                                        trained_run.prompt(None), TYPICALITY)
+    wrong_maps = typicality_latent_maps(backend, pixels, [trained_run.prompt(l) for l in wrong],
+                                        trained_run.prompt(None), TYPICALITY)
+    size = (dataset["resolution"],) * 2
+    inside_right, inside_wrong = [], []
+    for image_id, r, w in zip(rows["image_id"], upsample(right_maps, size), upsample(wrong_maps, size)):
+        mask = load_mask(masks / image_id, size)
+        inside_right.append(r[mask].mean())
+        inside_wrong.append(w[mask].mean())
+    assert np.mean(inside_right) > 0 > np.mean(inside_wrong)
+
+
+def test_public_api_typicality_map_and_patches(trained_run):
+    run = diffmine.open_run(trained_run.path)
+    image_id = run.images()["image_id"].iloc[0]
+    assert "/" in image_id  # named by its path relative to the dataset root
+    pixel_map = run.typicality_map(image_id)
+    assert pixel_map.shape == (64, 64) and pixel_map.dtype == np.float32
+    patches = run.patches()
+    for column in ("image_id", "label", "x0", "y0", "x1", "y1", "typicality", "cluster", "rank_in_cluster"):
+        assert column in patches.columns
+    with pytest.raises(KeyError, match="no typicality map"):
+        run.typicality_map("nope/none.png")
+
+
+def test_clusters_are_ranked_by_median_typicality_and_members_by_distance(trained_run):
+    patches = trained_run.patches()
+    for _, group in patches.groupby("label"):
+        medians = group.groupby("cluster_rank")["typicality"].median().sort_index()
+        assert medians.is_monotonic_decreasing
+        for _, members in group.groupby("cluster"):
+            ordered = members.sort_values("rank_in_cluster")["distance"]
+            assert ordered.is_monotonic_increasing
+
+
+def test_mining_per_image_boxes_do_not_overlap_and_top_is_sorted(trained_run):
+    mined = trained_run.patches("top")
+    k = trained_run.step_config("mine")["patch"]
+    assert (mined["x1"] - mined["x0"] == k).all()
+    for _, group in mined.groupby("image_id"):
+        boxes = group[["x0", "y0"]].to_numpy()
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                assert np.abs(boxes[i] - boxes[j]).max() > k
+    for _, group in mined.groupby("label"):
+        assert group["typicality"].is_monotonic_decreasing
+
+
+def test_typicality_is_deterministic_and_resumes_after_a_kill(trained_run, tmp_path):
+    """Same seed, same maps; a missing shard and a corrupt one are redone, the rest kept."""
+    copy = Run(tmp_path / "copy")
+    shutil.copytree(trained_run.path, copy.path)
+    shards = sorted(copy.typicality_dir.glob("shard-*.parquet"))
+    assert len(shards) >= 3
+    kept = shards[0].with_suffix(".safetensors").stat().st_mtime_ns
+    shards[1].unlink()  # killed before the index was written
+    shards[2].with_suffix(".safetensors").write_bytes(b"truncated")  # a half-written file
+    written = pipeline.typicality_step(copy, TYPICALITY, progress=False)
+    assert written == 2
+    assert shards[0].with_suffix(".safetensors").stat().st_mtime_ns == kept
+    for image_id in copy.images()["image_id"]:
+        np.testing.assert_array_equal(copy.typicality_map(image_id), trained_run.typicality_map(image_id))
+
+
+def test_another_seed_gives_other_draws_and_settings_change_recomputes(trained_run, tmp_path):
+    copy = Run(tmp_path / "copy")
+    shutil.copytree(trained_run.path, copy.path)
+    other = TypicalityConfig(**{**TYPICALITY.__dict__, "seed": 7})
+    assert pipeline.typicality_step(copy, other, progress=False) == len(list(trained_run.typicality_dir.glob("shard-*.parquet")))
+    image_id = copy.images()["image_id"].iloc[0]
+    a, b = copy.typicality_map(image_id), trained_run.typicality_map(image_id)
+    assert not np.array_equal(a, b)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.5  # the same quantity, other noise
+
+
+def test_query_and_status(trained_run):
+    from diffmine.query import query
+    from diffmine.status import status
+
+    counts = query(trained_run, "SELECT label, count(*) AS n FROM patches GROUP BY label ORDER BY label")
+    assert list(counts["label"]) == trained_run.labels
+    text = status(trained_run)
+    shards = -(-len(trained_run.images()) // TYPICALITY.shard_size)
+    assert f"typicality: {shards}/{shards} shards complete (0 left)" in text and "cluster: done" in text

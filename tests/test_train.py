@@ -1,0 +1,80 @@
+"""Training checkpoints, resumes exactly, and skips bad images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffmine import pipeline
+from diffmine.models import load_backend
+from diffmine.models.base import read_weights
+from diffmine.rundir import Run
+from diffmine.synthetic import SynthConfig, generate
+from diffmine.train import TrainConfig
+
+SMALL = dict(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2)
+
+
+def _tiny_run(path, images):
+    run = Run(path)
+    pipeline.prepare(run, images, "A scene from {label}.", "A scene.", 32)
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("small"), SynthConfig(labels=2, per_label=6, size=32), progress=False)
+
+
+def test_resumed_training_equals_uninterrupted(small_data, tmp_path):
+    straight = _tiny_run(tmp_path / "a", small_data)
+    pipeline.train_step(straight, TrainConfig(steps=6, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    resumed = _tiny_run(tmp_path / "b", small_data)
+    pipeline.train_step(resumed, TrainConfig(steps=3, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    assert (resumed.model_dir / "checkpoints" / "step-0000003" / "state.json").is_file()
+    pipeline.train_step(resumed, TrainConfig(steps=6, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    a = read_weights(straight.model_dir / "trainable.safetensors")
+    b = read_weights(resumed.model_dir / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # and training changed the weights at all
+    fresh = pipeline.new_backend(straight, "tiny", 0, **SMALL).trainable_state()
+    assert any(not torch.equal(fresh[k], a[k]) for k in a)
+
+
+def test_saved_model_loads_back_identically(small_data, tmp_path):
+    run = _tiny_run(tmp_path / "r", small_data)
+    pipeline.train_step(run, TrainConfig(steps=2, batch_size=4), SMALL, progress=False)
+    backend = load_backend(run.model_dir)
+    x = torch.randn(2, 48, 8, 8)
+    states = backend.encode_prompts(["A scene from norland.", "A scene."])
+    again = load_backend(run.model_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(backend.unet(x, torch.tensor([10, 500]), states).sample,
+                                   again.unet(x, torch.tensor([10, 500]), again.encode_prompts(["A scene from norland.", "A scene."])).sample)
+    with pytest.raises(KeyError, match="no embedding for 'A car.'"):
+        backend.encode_prompts(["A car."])
+
+
+def test_bad_images_are_skipped_and_listed_never_fatal(small_data, tmp_path):
+    import shutil
+
+    from diffmine.typicality import TypicalityConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    (data / "norland" / "empty.png").write_bytes(b"")
+    (data / "sudland" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (data / "sudland" / "notes.txt").write_text("hello")
+    Image.new("CMYK", (40, 40)).save(data / "norland" / "cmyk.jpg")  # odd but fine
+    run = _tiny_run(tmp_path / "run", data)
+    pipeline.train_step(run, TrainConfig(steps=3, batch_size=8), SMALL, progress=False)
+    pipeline.typicality_step(run, TypicalityConfig(samples=2, shard_size=5), progress=False)
+    problems = run.problems()
+    by_file = dict(zip(problems["image_id"], problems["problem"]))
+    assert "empty file" in by_file["norland/empty.png"]
+    assert "cannot decode" in by_file["sudland/broken.jpg"]
+    assert "extension" in by_file["sudland/notes.txt"]
+    assert "norland/cmyk.jpg" not in by_file
+    assert run.typicality_map("norland/cmyk.jpg").shape == (32, 32)
