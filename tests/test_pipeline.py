@@ -40,7 +40,8 @@ def test_mined_patches_show_the_element_far_more_often_than_random_patches(train
     hits = evaluate_run(trained_run, masks)["hit_rate"]
     assert hits["top"]["overall"] > 0.15
     assert hits["top"]["overall"] > 5 * hits["random"]["overall"]
-    assert hits["least"]["overall"] < hits["top"]["overall"]
+    # (no claim on the least typical ones: for a label not yet learned, the model can find its
+    # element atypical, and then those patches show it too)
 
 
 def test_finetuned_model_beats_an_untrained_one(trained_run, synthetic_data):
@@ -108,7 +109,7 @@ def test_clusters_are_ranked_by_median_typicality_and_members_by_distance(traine
 
 
 def test_mining_per_image_boxes_do_not_overlap_and_top_is_sorted(trained_run):
-    mined = trained_run.patches("top")
+    mined = trained_run.mined_patches("top")
     k = trained_run.step_config("mine")["patch"]
     assert (mined["x1"] - mined["x0"] == k).all()
     for _, group in mined.groupby("image_id"):

@@ -186,6 +186,10 @@ def parser() -> argparse.ArgumentParser:
         add_config(p, MineConfig)
         add_config(p, ClusterConfig)
         add_config(p, FeatureConfig, prefix="feature-")
+        if name == "demo":
+            # longer than `train`'s default: the demo should show most planted elements learned,
+            # and still finish in under 10 minutes on 2 cores
+            p.set_defaults(steps=800)
 
     add_compare(sub)
     add_baseline(sub)

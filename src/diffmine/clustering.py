@@ -64,8 +64,7 @@ def cluster_patches(patches: pd.DataFrame, features: np.ndarray, config: Cluster
 
 
 def run_clustering(run, config: ClusterConfig) -> pd.DataFrame:
-    patches = pd.read_parquet(run.patches_path)
-    patches = patches[patches["kind"] == "top"].reset_index(drop=True)
+    patches = run.mined_patches("top")
     features = np.load(run.features_path)
     if len(features) != len(patches):
         raise ValueError(f"{run.path}: {len(features)} features for {len(patches)} patches; re-run `diffmine cluster`")

@@ -114,7 +114,7 @@ def evaluate_run(run, masks: str | Path) -> dict:
     if run.patches_path.is_file():
         result["hit_rate"] = {}
         for kind in ("top", "random", "least"):
-            mined = pd.read_parquet(run.patches_path).query("kind == @kind")
+            mined = run.mined_patches(kind)
             hits = patch_hits(mined, loaded)
             result["hit_rate"][kind] = {"overall": float(np.nanmean(hits)) if np.isfinite(hits).any() else float("nan"),
                                         "per_label": {l: float(np.nanmean(hits[(mined["label"] == l).to_numpy()]))

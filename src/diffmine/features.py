@@ -127,12 +127,12 @@ def patch_features(backend: Backend, patches: pd.DataFrame, paths: dict[str, str
 
 def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = True) -> np.ndarray:
     """DIFT features of the run's top patches -> ``features/features.npy``."""
-    patches = run.patches("top") if not run.clusters_path.is_file() else pd.read_parquet(run.patches_path).query("kind == 'top'")
+    patches = run.mined_patches("top")
     dataset = run.step_config("dataset")
     images = run.images()
     paths = dict(zip(images["image_id"], images["path"]))
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
-    features = patch_features(backend, patches.reset_index(drop=True), paths, prompt_of, dataset["resolution"],
+    features = patch_features(backend, patches, paths, prompt_of, dataset["resolution"],
                               dataset["resize"], config, progress)
     run.features_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.features_path.with_name("features.tmp.npy")

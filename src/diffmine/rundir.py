@@ -177,6 +177,10 @@ class Run:
         rank_in_cluster (0 = nearest to the centroid). ``kind``: top, least or random."""
         if kind == "top" and self.clusters_path.is_file():
             return pd.read_parquet(self.clusters_path)
+        return self.mined_patches(kind)
+
+    def mined_patches(self, kind: str = "top") -> pd.DataFrame:
+        """The mining step's table of one kind, most typical first (least: least typical first)."""
         if not self.patches_path.is_file():
             raise RunError(f"{self.path}: no mined patches yet; run `diffmine mine --run {self.path}`")
         table = pd.read_parquet(self.patches_path)
