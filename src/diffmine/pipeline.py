@@ -94,12 +94,18 @@ def load_model(run: Run, model: str | None = None, device: torch.device | None =
 
 def distributed_context() -> tuple[int, int, torch.device]:
     """(process index, number of processes, device) under accelerate/torchrun, else (0, 1, default)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, default_device()
+    # `accelerate launch` and `torchrun` both set RANK / WORLD_SIZE / LOCAL_RANK; the process
+    # group is torch.distributed's own (gloo on CPU, NCCL on GPUs)
+    import torch.distributed as dist
 
-        state = PartialState()
-        return state.process_index, state.num_processes, state.device
-    return 0, 1, default_device()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None, model_options: dict | None = None,
