@@ -78,3 +78,28 @@ def test_bad_images_are_skipped_and_listed_never_fatal(small_data, tmp_path):
     assert "extension" in by_file["sudland/notes.txt"]
     assert "norland/cmyk.jpg" not in by_file
     assert run.typicality_map("norland/cmyk.jpg").shape == (32, 32)
+
+
+def test_augmentations_are_seeded_and_keep_the_shape():
+    from diffmine.train import augment
+
+    pixels = torch.rand(4, 3, 16, 16) * 2 - 1
+    config = TrainConfig(hflip=True, random_crop=0.25)
+    a = augment(pixels.clone(), config, torch.Generator().manual_seed(1))
+    b = augment(pixels.clone(), config, torch.Generator().manual_seed(1))
+    c = augment(pixels.clone(), config, torch.Generator().manual_seed(2))
+    assert a.shape == pixels.shape and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cached_latents_train_like_encoding_every_step(small_data, tmp_path):
+    cached = _tiny_run(tmp_path / "c", small_data)
+    pipeline.train_step(cached, TrainConfig(steps=3, batch_size=4, cache_latents=True), SMALL, progress=False)
+    plain = _tiny_run(tmp_path / "p", small_data)
+    pipeline.train_step(plain, TrainConfig(steps=3, batch_size=4), SMALL, progress=False)
+    a = read_weights(cached.model_dir / "trainable.safetensors")
+    b = read_weights(plain.model_dir / "trainable.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    with pytest.raises(ValueError, match="cannot be combined"):
+        pipeline.train_step(_tiny_run(tmp_path / "x", small_data), TrainConfig(steps=1, cache_latents=True, hflip=True),
+                            SMALL, progress=False)

@@ -40,6 +40,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 disables; e.g. 0.999 keeps an EMA of the weights for inference
     gradient_checkpointing: bool = False
     hflip: bool = False
+    random_crop: float = 0.0  # e.g. 0.1: crop up to 10% of each side away, resize back (seeded per step)
+    cache_latents: bool = False  # encode each image once (SD's VAE is costly); no augmentation then
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     seed: int = 0
@@ -79,6 +81,27 @@ class ImageCache:
         if self.keep:
             self.cache[i] = image
         return image
+
+
+def augment(pixels: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """Seeded flips and random crops (resized back to the input size) of (B, 3, H, W) images."""
+    import torch.nn.functional as F
+
+    if config.hflip:
+        flip = torch.rand(len(pixels), generator=generator) < 0.5
+        pixels[flip] = pixels[flip].flip(-1)
+    if config.random_crop > 0:
+        H, W = pixels.shape[-2:]
+        out = torch.empty_like(pixels)
+        for n in range(len(pixels)):
+            keep = 1 - config.random_crop * torch.rand(1, generator=generator).item()
+            h, w = max(1, round(H * keep)), max(1, round(W * keep))
+            y = int(torch.randint(0, H - h + 1, (1,), generator=generator))
+            x = int(torch.randint(0, W - w + 1, (1,), generator=generator))
+            crop = pixels[n:n + 1, :, y:y + h, x:x + w]
+            out[n] = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)[0]
+        pixels = out
+    return pixels
 
 
 def latest_checkpoint(model_dir: Path) -> Path | None:
@@ -124,6 +147,9 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
     cache = ImageCache(images["path"].tolist(), dataset["resolution"], dataset["resize"], backend.latent_factor)
     labels = images["label"].tolist()
+    if config.cache_latents and (config.hflip or config.random_crop):
+        raise ValueError("cache_latents encodes each image once: it cannot be combined with hflip or random_crop")
+    latent_cache: dict[int, torch.Tensor] = {}
     T = backend.scheduler.config.num_train_timesteps
     alphas = backend.scheduler.alphas_cumprod.to(accelerator.device)
     denoiser.train()
@@ -141,12 +167,17 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         common = max(set(sizes), key=sizes.count)
         arrays = [(i, a) for i, a in arrays if a.shape == common]
         g = _step_generator(config.seed, step)
-        pixels = to_model_input(np.stack([a for _, a in arrays]))
-        if config.hflip:
-            flip = torch.rand(len(arrays), generator=g) < 0.5
-            pixels[flip] = pixels[flip].flip(-1)
-        with torch.no_grad():
-            latents = backend.encode_images(pixels.to(accelerator.device)).float()
+        if config.cache_latents:
+            missing = [(i, a) for i, a in arrays if int(i) not in latent_cache]
+            if missing:
+                with torch.no_grad():
+                    encoded = backend.encode_images(to_model_input(np.stack([a for _, a in missing])).to(accelerator.device))
+                latent_cache.update({int(i): z.float() for (i, _), z in zip(missing, encoded)})
+            latents = torch.stack([latent_cache[int(i)] for i, _ in arrays])
+        else:
+            pixels = augment(to_model_input(np.stack([a for _, a in arrays])), config, g)
+            with torch.no_grad():
+                latents = backend.encode_images(pixels.to(accelerator.device)).float()
         noise = torch.randn(latents.shape, generator=g).to(latents.device)
         timesteps = torch.randint(0, T, (len(arrays),), generator=g).to(latents.device)
         drop = (torch.rand(len(arrays), generator=g) < config.p_uncond).tolist()
