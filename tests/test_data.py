@@ -1,4 +1,7 @@
+import io
 import json
+import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -124,3 +127,111 @@ def test_iter_images_reports_bad_files_in_order(tmp_path):
         items = list(iter_images([str(good), str(bad), str(good)], 8, workers=workers))
         assert [i for i, _ in items] == [0, 1, 2]
         assert isinstance(items[1][1], BadImage) and items[0][1].shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize("labels", [(0, 1), (0, "x"), ("1990-01-01", "2000-01-01")])
+def test_jsonl_labels_are_read_as_written(folder, labels):
+    rows = [{"path": "a/0.png", "label": labels[0]}, {"path": "b/0.png", "label": labels[1]}]
+    (folder / "m.jsonl").write_text("\n\n".join(json.dumps(r) for r in rows))
+    assert scan_dataset(folder / "m.jsonl").labels == [str(label) for label in labels]
+
+
+def test_jsonl_line_that_is_not_json_is_named(folder):
+    (folder / "bad.jsonl").write_text('{"path": "a/0.png", "label": 0}\n{"path": "b/0.png" "label": 1}\n')
+    with pytest.raises(DatasetError, match="line 2 is not JSON"):
+        scan_dataset(folder / "bad.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# WebDataset tar shards and Hugging Face datasets
+
+
+def _encoded(array, fmt="png"):
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, fmt)
+    return out.getvalue()
+
+
+def _add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two shards of 3 samples, labels as .cls, .txt and .json; returns (folder, pixels by image_id)."""
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:04d}.tar", "w") as tar:
+            for i, (extension, label) in enumerate([("cls", b"a"), ("txt", b"b\n"), ("json", b'{"label": "a"}')]):
+                array = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+                _add(tar, f"dir/{s}{i}.png", _encoded(array))
+                _add(tar, f"dir/{s}{i}.{extension}", label)
+                pixels[f"shard-{s:04d}.tar/dir/{s}{i}.png"] = array
+    return tmp_path, pixels
+
+
+def test_tar_shards_by_pattern_folder_and_file_decode_like_files(shards):
+    folder, pixels = shards
+    ds = scan_dataset(folder / "shard-{0000..0001}.tar")
+    assert ds.image_ids == list(pixels) and ds.labels == ["a", "b", "a"] * 2 and not ds.problems
+    assert ds.paths[0] == f"{folder}/shard-0000.tar#dir/00.png"
+    assert scan_dataset(folder).image_ids == ds.image_ids
+    assert scan_dataset(folder / "shard-0001.tar").image_ids == ds.image_ids[3:]
+    for path, expected in zip(ds.paths, pixels.values()):
+        np.testing.assert_array_equal(load_image(path, 16), expected)
+    # workers forked after this process opened the shards read them through their own handles
+    for workers in (0, 2):
+        decoded = dict(iter_images(ds.paths, 16, workers=workers))
+        for n, expected in enumerate(pixels.values()):
+            np.testing.assert_array_equal(np.asarray(decoded[n]), expected)
+
+
+def test_bad_tar_members_are_problems_naming_shard_and_member(shards):
+    folder, _ = shards
+    with tarfile.open(folder / "shard-0002.tar", "w") as tar:
+        _add(tar, "nolabel.png", _encoded(np.zeros((8, 8, 3), np.uint8)))
+        _add(tar, "corrupt.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+        _add(tar, "corrupt.cls", b"b")
+        _add(tar, "badjson.png", _encoded(np.zeros((8, 8, 3), np.uint8)))
+        _add(tar, "badjson.json", b"{oops")
+    (folder / "shard-0003.tar").write_bytes((folder / "shard-0000.tar").read_bytes()[:1500])  # truncated
+    ds = scan_dataset(folder / "shard-{0000..0004}.tar")
+    problems = {p.image_id: (p.path, p.problem) for p in ds.problems}
+    assert problems["shard-0002.tar/nolabel.png"] == (f"{folder}/shard-0002.tar#nolabel.png",
+                                                      "sample 'nolabel' has no label (a non-empty .cls, .json, .txt member)")
+    assert "unreadable label member badjson.json" in problems["shard-0002.tar/badjson.png"][1]
+    assert "unreadable tar shard" in problems["shard-0003.tar"][1]
+    assert problems["shard-0004.tar"][1] == "no such tar shard"
+    # the corrupt image is listed; decoding it names the shard and the member
+    corrupt = ds.paths[ds.image_ids.index("shard-0002.tar/corrupt.png")]
+    with pytest.raises(BadImage, match=r"shard-0002\.tar#corrupt\.png: cannot decode image"):
+        load_image(corrupt, 16)
+    with pytest.raises(BadImage, match="cannot read the member"):
+        load_image(f"{folder}/shard-0002.tar#missing.png", 16)
+
+
+def test_hugging_face_saved_folder_and_hf_prefix(folder, tmp_path_factory, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    tmp_path = tmp_path_factory.mktemp("hf")  # outside the image folder, which load_dataset reads whole
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    expected = [load_image(folder / label / f"{i}.png", 16) for label in "ab" for i in range(3)]
+    # save_to_disk stores the image bytes in Arrow files; a selection is stored in order
+    datasets.DatasetDict({"train": loaded.select([4, 0])}).save_to_disk(tmp_path / "saved", num_shards={"train": 2})
+    ds = scan_dataset(tmp_path / "saved")
+    assert ds.image_ids == ["train/000000", "train/000001"] and ds.labels == ["b", "a"]
+    assert ds.paths[1] == f"{tmp_path}/saved/train/data-00001-of-00002.arrow#image/0"
+    for path, want in zip(ds.paths, [expected[4], expected[0]]):
+        np.testing.assert_array_equal(load_image(path, 16), want)
+    # load_dataset of a local imagefolder keeps the image files: they are read in place
+    ds = scan_dataset(f"hf:{folder}")
+    assert ds.labels == ["a"] * 3 + ["b"] * 3 and ds.paths[0] == str(folder / "a" / "0.png")
+
+
+def test_hugging_face_without_the_package_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
+    with pytest.raises(DatasetError, match="pip install datasets"):
+        scan_dataset("hf:someone/cars")

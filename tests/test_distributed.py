@@ -1,41 +1,84 @@
-"""Data-parallel typicality through torch.distributed (2 CPU processes, gloo) equals one process."""
+"""Data-parallel steps through torch.distributed (2 CPU processes, gloo) equal one process."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from diffmine import pipeline
+from diffmine.mining import MineConfig
 from diffmine.rundir import Run
 from diffmine.synthetic import SynthConfig, generate
 from diffmine.train import TrainConfig
+from diffmine.typicality import TypicalityConfig
 
 SMALL = dict(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2)
+# bit-for-bit equality holds at the same BLAS thread count (other counts sum in another order)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Run:
+    """20 images of 2 labels and a tiny model trained 2 steps: the numbers only need to match."""
+    out = tmp_path_factory.mktemp("distributed")
+    data = generate(out / "data", SynthConfig(labels=2, per_label=10, size=32), progress=False)
+    run = Run(out / "trained")
+    pipeline.prepare(run, data, "A scene from {label}.", "A scene.", 32)
+    pipeline.train_step(run, TrainConfig(steps=2, batch_size=4), SMALL, progress=False)
+    return run
+
+
+def _copies(run: Run, directory) -> tuple[Run, Run]:
+    single, parallel = Run(directory / "single"), Run(directory / "parallel")
+    shutil.copytree(run.path, single.path)
+    shutil.copytree(run.path, parallel.path)
+    return single, parallel
 
 
 @pytest.mark.slow
-def test_two_processes_give_exactly_the_single_process_maps(tmp_path):
-    data = generate(tmp_path / "data", SynthConfig(labels=2, per_label=10, size=32), progress=False)
-    single = Run(tmp_path / "single")
-    pipeline.prepare(single, data, "A scene from {label}.", "A scene.", 32)
-    pipeline.train_step(single, TrainConfig(steps=2, batch_size=4), SMALL, progress=False)
-    parallel = Run(tmp_path / "parallel")
-    shutil.copytree(single.path, parallel.path)
-    # bit-for-bit equality holds at the same BLAS thread count (other counts sum in another order)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def test_two_processes_give_exactly_the_single_process_maps(trained, tmp_path):
+    single, parallel = _copies(trained, tmp_path)
     reference = [sys.executable, "-m", "diffmine", "typicality", "--run", str(single.path), "--samples", "3", "--shard-size", "3"]
-    assert subprocess.run(reference, capture_output=True, env=env, timeout=300).returncode == 0
+    assert subprocess.run(reference, capture_output=True, env=ENV, timeout=300).returncode == 0
     # accelerate's own launcher, as the README documents it (gloo on CPU)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "diffmine", "typicality", "--run", str(parallel.path), "--samples", "3", "--shard-size", "3"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"all processes: \d/7 shards", result.stderr)  # process 0's overall count
     shards = sorted(p.name for p in parallel.typicality_dir.glob("shard-*.parquet"))
     assert shards == sorted(p.name for p in single.typicality_dir.glob("shard-*.parquet"))
     assert len(shards) == 7  # 20 images in shards of 3, split over both processes
     for image_id in single.images()["image_id"]:
         np.testing.assert_array_equal(parallel.typicality_map(image_id), single.typicality_map(image_id))
+
+
+@pytest.mark.slow
+def test_two_processes_give_exactly_the_single_process_features(trained, tmp_path):
+    # typicality and mining here, once: both runs cluster the same mined patches
+    mined = Run(tmp_path / "mined")
+    shutil.copytree(trained.path, mined.path)
+    pipeline.typicality_step(mined, TypicalityConfig(samples=2, shard_size=20), progress=False)
+    pipeline.mine_step(mined, MineConfig(per_image=2, top=20, least=2, random=2), progress=False)
+    single, parallel = _copies(mined, tmp_path)
+    # batches of 3 images: 7 blocks dealt round-robin, the last one short
+    options = ["--k", "3", "--feature-ensemble", "2", "--feature-batch-size", "3"]
+    reference = [sys.executable, "-m", "diffmine", "cluster", "--run", str(single.path), *options]
+    result = subprocess.run(reference, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # torchrun; "--" ends its own options, else it reads diffmine's --run as an abbreviated --run-path
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "--", "diffmine", "cluster", "--run", str(parallel.path), *options]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    features = np.load(single.features_path)
+    assert features.shape == (40, 32) and np.abs(features).sum(1).min() > 0  # every patch has a feature
+    np.testing.assert_array_equal(np.load(parallel.features_path), features)
+    assert [p.name for p in parallel.features_path.parent.iterdir()] == ["features.npy"]  # parts gathered, removed
+    pd.testing.assert_frame_equal(pd.read_parquet(parallel.clusters_path), pd.read_parquet(single.clusters_path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -251,3 +252,29 @@ def test_compare_finetuned_against_pretrained(finetuned, pretrained, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()):
         path = cmd_compare(args)
     assert path == finetuned["run"].path / "compare" / f"vs-{pretrained.path.name}.html" and path.is_file()
+
+
+def test_applications_run_on_stable_diffusion(finetuned, tmp_path):
+    """Translation (PnP hooks find SD's up-block resnets and self-attention), co-typicality and
+    classification go through the same code on the SD backend."""
+    from diffmine.classify import ClassifyConfig, run_classify
+    from diffmine.cotypicality import CotypicalityConfig
+    from diffmine.pipeline import cotypicality_step, load_model, translate_step
+    from diffmine.translate import SourceInjection, TranslateConfig
+
+    run = Run(tmp_path / "run")
+    shutil.copytree(finetuned["run"].path, run.path)
+    backend, _ = load_model(run)
+    injection = SourceInjection(backend.unet, 1, 1, [1, 2, 3])
+    assert len(injection.handles) > 1 and injection.attention_layers > 0
+    injection.remove()
+    translate_step(run, TranslateConfig(images=2, steps=4, shard_size=2), progress=False)
+    index = run.translations_index()
+    assert len(index) == 2 * 2 and (index["status"] == "ok").all()
+    image = run.translation(index["image_id"][0], index["target_label"][0])
+    assert image.shape == (RES, RES, 3) and image.dtype == np.uint8
+    sequences = cotypicality_step(run, CotypicalityConfig(top=6, per_tuple=2, patch=8, umap_dim=2, k=2, samples=2),
+                                  FeatureConfig(ensemble=1), progress=False)
+    assert len(sequences) == 6 and {"cotypicality", "cluster_rank"} <= set(sequences.columns)
+    summary = run_classify(run, backend, ClassifyConfig(per_label=2, samples=2), progress=False)
+    assert summary["images"] == 4 and np.sum(summary["confusion"]) == 4

@@ -15,9 +15,13 @@ from pathlib import Path
 
 from .baselines.doersch import add_parser as add_baseline
 from .baselines.doersch import cmd_baseline
+from .classify import ClassifyConfig
 from .clustering import ClusterConfig
+from .cotypicality import CotypicalityConfig
 from .compare import add_parser as add_compare
 from .compare import cmd_compare
+from .localize import add_parser as add_localize
+from .localize import cmd_localize
 from .data import DatasetError
 from .features import FeatureConfig
 from .mining import MineConfig
@@ -26,6 +30,7 @@ from .report import ReportConfig
 from .rundir import Run, RunError
 from .synthetic import SynthConfig
 from .train import TrainConfig
+from .translate import METHODS, TranslateConfig
 from .typicality import ESTIMATORS, TypicalityConfig
 
 HELP = {
@@ -54,6 +59,7 @@ HELP = {
     "t": "diffusion time of the DIFT features (fraction of T)",
     "block": "UNet up-block whose output gives the features (default: the backend's)",
     "ensemble": "noise draws averaged per DIFT feature",
+    "per_label": "images per label (0: all), a seeded random choice",
 }
 
 
@@ -61,14 +67,16 @@ def _flag(name: str, prefix: str = "") -> str:
     return "--" + (prefix + name).replace("_", "-")
 
 
-def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple[str, ...] = ("seed",)) -> None:
-    """One option per dataclass field, e.g. ``TypicalityConfig.t_min`` -> ``--t-min``."""
+def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple[str, ...] = ("seed",),
+               help: dict[str, str] | None = None) -> None:
+    """One option per dataclass field, e.g. ``TypicalityConfig.t_min`` -> ``--t-min``; ``help``
+    overrides the shared help text of a field for this parser."""
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
         default = field.default
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(field.type).split(" ")[0].split("|")[0].strip())
-        help_text = HELP.get(field.name, "")
+        help_text = (help or {}).get(field.name, HELP.get(field.name, ""))
         dest = prefix.replace("-", "_") + field.name
         if kind is bool:
             parser.add_argument(_flag(field.name, prefix), dest=dest, action=argparse.BooleanOptionalAction,
@@ -192,7 +200,40 @@ def parser() -> argparse.ArgumentParser:
             p.set_defaults(steps=800)
 
     add_compare(sub)
+    add_localize(sub)
     add_baseline(sub)
+
+    p = sub.add_parser("classify", help="score images under every label: accuracy and confusion matrix",
+                       description="Image-level typicality under each label with shared draws; the prediction is the "
+                                   "label that explains the image best (Diffusion Classifier's rule). A check that the "
+                                   "model learned the labels.")
+    _run_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_config(p, ClassifyConfig)
+
+    p = sub.add_parser("translate", help="translate images to every other label (Plug-and-Play or SDEdit)",
+                       description="The parallel dataset of paper section 5.1: each (mined) image under every other "
+                                   "label. Plug-and-Play: DDIM inversion, then guided generation with the source's "
+                                   "residual features and self-attention q/k injected. Sharded and resumable; read with "
+                                   "open_run(RUN).translation(image_id, label).")
+    _run_arg(p)
+    add_config(p, TranslateConfig, help={
+        "method": f"{' | '.join(METHODS)}", "images": "source images per label (0: all); most typical mined first",
+        "to": "target labels: all, or LABEL,LABEL,...", "steps": "DDIM steps", "guidance": "classifier-free guidance scale",
+        "feature_injection": "fraction of steps with the source's residual features injected",
+        "attention_injection": "fraction of steps with the source's self-attention queries/keys injected",
+        "strength": "sdedit: fraction of the trajectory regenerated", "batch_size": "translations per forward pass",
+        "shard_size": "source images per stored shard"})
+
+    p = sub.add_parser("cotypicality", help="co-typical elements across labels, on the translations",
+                       description="Median over labels of each translation's typicality under its label, per patch; "
+                                   "top sequences described by per-label UMAP-reduced DIFT features, clustered.")
+    _run_arg(p)
+    add_config(p, CotypicalityConfig, help={
+        "top": "sequences kept overall", "per_tuple": "boxes kept per translated scene",
+        "umap_dim": "UMAP dimensions per label block", "k": "k-means clusters of sequences",
+        "shard_size": "scenes per stored shard"})
+    add_config(p, FeatureConfig, prefix="feature-")
 
     p = sub.add_parser("status", help="what is done, what is left, which files were bad", description="Progress of a run.")
     p.add_argument("--run", required=True, type=Path)
@@ -252,6 +293,8 @@ def cmd_cluster(args):
     from . import pipeline
 
     clustered = pipeline.cluster_step(Run(args.run), build_config(ClusterConfig, args), build_config(FeatureConfig, args, "feature-"))
+    if clustered is None:  # another process of a data-parallel run: process 0 clusters
+        return
     print(f"{clustered.groupby('label')['cluster'].nunique().sum()} clusters -> {args.run / 'clusters' / 'patches.parquet'}")
 
 
@@ -314,6 +357,31 @@ def cmd_demo(args):
     _all_steps(args, Run(args.run), masks=data_dir / "masks")
 
 
+def cmd_classify(args):
+    from . import pipeline
+    from .classify import format_summary, run_classify
+
+    run = Run(args.run)
+    summary = run_classify(run, pipeline.scoring_model(run), build_config(ClassifyConfig, args))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+
+
+def cmd_translate(args):
+    from . import pipeline
+
+    written = pipeline.translate_step(Run(args.run), build_config(TranslateConfig, args))
+    print(f"{written} shards written -> {args.run / 'translations'}")
+
+
+def cmd_cotypicality(args):
+    from . import pipeline
+
+    sequences = pipeline.cotypicality_step(Run(args.run), build_config(CotypicalityConfig, args),
+                                           build_config(FeatureConfig, args, "feature-"))
+    print(f"{len(sequences)} sequences in {sequences['cluster'].nunique()} clusters -> "
+          f"{args.run / 'cotypicality' / 'sequences.parquet'}")
+
+
 def cmd_status(args):
     from .status import status
 
@@ -326,9 +394,10 @@ def cmd_query(args):
     print(query(Run(args.run), args.sql).to_string(index=False))
 
 
-COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
+COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "localize": cmd_localize, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
             "report": cmd_report, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status,
-            "query": cmd_query}
+            "query": cmd_query, "classify": cmd_classify,
+            "translate": cmd_translate, "cotypicality": cmd_cotypicality}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,19 @@
 """Labeled image collections: listing, validation, decoding and resizing.
 
-A dataset is either a folder with one sub-folder per label, or a manifest (.csv with a header,
-or .jsonl) with ``path`` and ``label`` fields, paths relative to the manifest's folder. Every
-image is named by its ``image_id``: its path relative to the dataset root, with forward slashes
-(``norland/img_0001.png``).
+A dataset is one of:
+
+- a folder with one sub-folder per label;
+- a manifest (.csv with a header, or .jsonl) with ``path`` and ``label`` fields, paths relative
+  to the manifest's folder;
+- WebDataset tar shards (a .tar, a folder of them, or ``shards-{0000..0099}.tar``): a sample is
+  the members sharing a key, an image (.jpg/.jpeg/.png/.webp) and a label (.cls/.txt/.json);
+- a Hugging Face ``datasets`` imagefolder: a ``save_to_disk`` folder or ``hf:NAME_OR_PATH``
+  (needs the optional ``datasets`` package).
+
+Every image is named by its ``image_id``: its path relative to the dataset root, with forward
+slashes (``norland/img_0001.png``, ``shard-0003.tar/a/17.jpg``; ``train/000123`` for a row of a
+Hugging Face split). An image inside a container has the path ``CONTAINER#MEMBER``, which
+:func:`load_image` reads lazily.
 
 Bad input never stops a run: listing returns the good records and a list of problems, and
 decoding raises :class:`BadImage` (file and problem named) for the caller to record and skip.
@@ -12,13 +22,19 @@ decoding raises :class:`BadImage` (file and problem named) for the caller to rec
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
+import os
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -50,6 +66,9 @@ class Problem:
     problem: str
 
 
+Row = tuple[str, str, str]  # image_id, path, label
+
+
 @dataclass
 class Dataset:
     root: Path
@@ -74,7 +93,7 @@ class Dataset:
         })
 
 
-def _scan_folder(root: Path) -> tuple[list[tuple[str, str]], list[Problem]]:
+def _scan_folder(root: Path) -> tuple[list[Row], list[Problem]]:
     rows, problems = [], []
     label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for label_dir in label_dirs:
@@ -85,91 +104,364 @@ def _scan_folder(root: Path) -> tuple[list[tuple[str, str]], list[Problem]]:
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 problems.append(Problem(image_id, str(path), f"not an image file extension ({path.suffix or 'none'})"))
                 continue
-            rows.append((image_id, label_dir.name))
+            rows.append((image_id, str(path), label_dir.name))
     return rows, problems
 
 
-def _read_manifest(manifest: Path) -> list[dict]:
+def _manifest_column(table: pa.Table, name: str) -> list[str]:
+    """One manifest column as stripped strings, "" where missing (JSON numbers become text)."""
+    column = pc.fill_null(table.column(name).cast(pa.string()), "")
+    return pc.utf8_trim_whitespace(column).to_pylist()
+
+
+def _require_columns(manifest: Path, columns: list[str]) -> None:
+    if not {"path", "label"} <= set(columns):
+        raise DatasetError(f"{manifest}: needs 'path' and 'label' columns, found {sorted(columns)}")
+
+
+def _read_jsonl_in_python(manifest: Path) -> tuple[list[str], list[str]]:
+    """The slow path, for what pyarrow refuses: a line that is not JSON (named here), or a field
+    whose type changes between rows (labels 1 and "x")."""
+    entries = []
+    for n, line in enumerate(manifest.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{manifest}: line {n} is not JSON ({exc.msg})") from None
+            if not isinstance(entry, dict):
+                raise DatasetError(f"{manifest}: line {n} is not a JSON object")
+            entries.append(entry)
+    if entries:
+        _require_columns(manifest, list(entries[0]))
+    return tuple(["" if e.get(name) is None else str(e[name]).strip() for e in entries] for name in ("path", "label"))
+
+
+def _read_manifest(manifest: Path) -> tuple[list[str], list[str]]:
+    """The ``path`` and ``label`` columns of a manifest, read by pyarrow: a million-row manifest
+    becomes two lists of strings, never a million dicts."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.json as pa_json
+
     try:
         if manifest.suffix.lower() == ".jsonl":
-            entries = []
-            for n, line in enumerate(manifest.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        entries.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise DatasetError(f"{manifest}: line {n} is not JSON ({exc.msg})") from None
-            return entries
-        with manifest.open(newline="") as f:
-            return list(csv.DictReader(f))
+            try:
+                table = pa_json.read_json(manifest)
+                # inference turns date-like strings into timestamps: read those columns again as text
+                dates = [n for n in ("path", "label") if n in table.column_names
+                         and pa.types.is_temporal(table.schema.field(n).type)]
+                if dates:
+                    table = pa_json.read_json(manifest, parse_options=pa_json.ParseOptions(
+                        explicit_schema=pa.schema([(n, pa.string()) for n in dates]), unexpected_field_behavior="infer"))
+            except pa.ArrowException:
+                return _read_jsonl_in_python(manifest)
+        else:
+            with manifest.open(newline="") as f:
+                header = next(csv.reader(f), [])
+            if not header:
+                return [], []
+            _require_columns(manifest, header)
+            # only the two columns, as text: other columns are never parsed, "NA" stays a label
+            table = pa_csv.read_csv(manifest, convert_options=pa_csv.ConvertOptions(
+                include_columns=["path", "label"], column_types={"path": pa.string(), "label": pa.string()}))
     except UnicodeDecodeError:
         raise DatasetError(f"{manifest}: not a text manifest") from None
+    except pa.ArrowException as exc:
+        raise DatasetError(f"{manifest}: cannot read the manifest ({exc})") from None
+    if not table.num_rows:
+        return [], []
+    _require_columns(manifest, table.column_names)
+    return _manifest_column(table, "path"), _manifest_column(table, "label")
 
 
-def _scan_manifest(manifest: Path) -> tuple[list[tuple[str, str]], list[Problem]]:
-    root = manifest.parent.resolve()
-    entries = _read_manifest(manifest)
-    if entries and not {"path", "label"} <= set(entries[0]):
-        raise DatasetError(f"{manifest}: needs 'path' and 'label' columns, found {sorted(entries[0])}")
+def _scan_manifest(manifest: Path) -> tuple[list[Row], list[Problem]]:
+    root = str(manifest.parent.resolve())
+    inside = root.rstrip(os.sep) + os.sep
     rows, problems, seen = [], [], set()
-    for n, entry in enumerate(entries, 1):
-        raw, label = str(entry.get("path") or "").strip(), str(entry.get("label") or "").strip()
+    for n, (raw, label) in enumerate(zip(*_read_manifest(manifest)), 1):
         where = f"{manifest.name} row {n}"
         if not raw:
             problems.append(Problem(f"<{where}>", "", f"{where}: empty path"))
             continue
-        path = (root / raw).resolve()
-        try:
-            image_id = path.relative_to(root).as_posix()
-        except ValueError:
-            problems.append(Problem(raw, str(path), f"{where}: path points outside the dataset root {root}"))
+        # normpath, not resolve(): no system call per row, and a symlinked image keeps its name
+        path = os.path.normpath(os.path.join(root, raw))
+        if not path.startswith(inside):
+            problems.append(Problem(raw, path, f"{where}: path points outside the dataset root {root}"))
             continue
+        image_id = path[len(inside):].replace(os.sep, "/")
         if not label:
-            problems.append(Problem(image_id, str(path), f"{where}: empty label"))
-        elif not path.is_file():
-            problems.append(Problem(image_id, str(path), f"{where}: file not found"))
+            problems.append(Problem(image_id, path, f"{where}: empty label"))
+        elif not os.path.isfile(path):
+            problems.append(Problem(image_id, path, f"{where}: file not found"))
         elif image_id in seen:
-            problems.append(Problem(image_id, str(path), f"{where}: listed twice"))
+            problems.append(Problem(image_id, path, f"{where}: listed twice"))
         else:
             seen.add(image_id)
-            rows.append((image_id, label))
+            rows.append((image_id, path, label))
     return rows, problems
 
 
+# --------------------------------------------------------------------------------------------
+# images inside containers: WebDataset tar shards and Hugging Face Arrow files
+#
+# Such an image's path is CONTAINER#MEMBER ("/data/shard-0003.tar#a/17.jpg",
+# "/hf/data-00000-of-00002.arrow#image/123": column and row of the Arrow file), so every step
+# passes it around as it does a file path, and load_image opens the member lazily.
+
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# .cls first: in WebDataset collections .txt is often a caption and .json other metadata
+TAR_LABEL_EXTENSIONS = ("cls", "json", "txt")
+_MEMBER = re.compile(r"^(.+?\.(?:tar|arrow))#(.+)$")
+
+
+def split_member(path: str | Path) -> tuple[str, str] | None:
+    """("/d/shard.tar", "a/17.jpg") for "/d/shard.tar#a/17.jpg"; None for a plain file path."""
+    match = _MEMBER.match(str(path))
+    if match is None or os.path.exists(path):  # a real file may have '#' in its name
+        return None
+    return match[1], match[2]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shell-style brace expansion: ``shards-{0000..0002}.tar`` -> three names (zero padding
+    kept); ``{a,b}`` lists alternatives."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    span = re.fullmatch(r"(\d+)\.\.(\d+)", match[1])
+    if span:
+        items = [str(i).zfill(len(span[1])) for i in range(int(span[1]), int(span[2]) + 1)]
+    else:
+        items = match[1].split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [name for item in items for name in expand_braces(head + item + tail)]
+
+
+@functools.lru_cache(maxsize=16)
+def _open_tar(path: str, pid: int) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
+    # keyed by process: a DataLoader worker forked from a process holding this handle would share
+    # its file offset, so each process opens its own. The member table is read once per handle.
+    tar = tarfile.open(path)
+    return tar, {info.name: info for info in tar.getmembers()}
+
+
+@functools.lru_cache(maxsize=16)
+def _open_arrow(path: str, pid: int) -> pa.Table:
+    # memory-mapped: opening reads only the metadata, a row's bytes are paged in when read
+    return pa.ipc.open_stream(pa.memory_map(path)).read_all()
+
+
+def _member_bytes(container: str, member: str) -> bytes:
+    """The stored bytes of a tar member or of an Arrow file's image cell ("column/row")."""
+    if container.endswith(".tar"):
+        tar, members = _open_tar(container, os.getpid())
+        if member not in members:
+            raise KeyError(f"no member {member!r}")
+        return tar.extractfile(members[member]).read()
+    column, _, row = member.rpartition("/")
+    cell = _open_arrow(container, os.getpid()).column(column)[int(row)].as_py()
+    if not cell or cell.get("bytes") is None:
+        raise KeyError("no image bytes stored in this row")
+    return cell["bytes"]
+
+
+def _label_text(extension: str, data: bytes) -> str:
+    """The label of a WebDataset sample from its .cls, .txt or .json ({"label": ...}) member."""
+    text = data.decode("utf-8").strip()
+    if extension != "json":
+        return text
+    value = json.loads(text)
+    label = value.get("label") if isinstance(value, dict) else None
+    return "" if label is None else str(label).strip()
+
+
+def _scan_tar(tar_path: Path, root: Path) -> tuple[list[Row], list[Problem]]:
+    """The samples of one WebDataset shard: members sharing a key (the name up to the first dot
+    of its base name, ``a/17`` for ``a/17.jpg``), an image and a label each."""
+    shard = tar_path.relative_to(root).as_posix()
+    samples: dict[str, dict[str, str]] = {}  # key -> extension -> member name
+    labels: dict[str, str] = {}
+    unreadable: dict[str, str] = {}  # key -> why its label member could not be read
+    problems = []
+    try:
+        with tarfile.open(tar_path) as tar:
+            for info in tar:  # one pass over the headers; only label members are read
+                directory, _, base = info.name.rpartition("/")
+                stem, dot, extension = base.partition(".")
+                if not info.isfile() or not dot or not stem:
+                    continue
+                key = f"{directory}/{stem}" if directory else stem
+                extension = extension.lower()
+                samples.setdefault(key, {})[extension] = info.name
+                if extension in TAR_LABEL_EXTENSIONS and key not in labels:
+                    try:
+                        labels[key] = _label_text(extension, tar.extractfile(info).read())
+                    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                        labels[key] = ""
+                        unreadable[key] = f"unreadable label member {info.name} ({type(exc).__name__}: {exc})"
+    except (tarfile.TarError, OSError) as exc:  # a damaged shard: keep the samples before the damage
+        problems.append(Problem(shard, str(tar_path), f"unreadable tar shard, later members skipped ({exc})"))
+    rows = []
+    for key, members in samples.items():
+        image = next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+        name = image or next(iter(members.values()))
+        image_id, path = f"{shard}/{name}", f"{tar_path}#{name}"
+        if image is None:
+            problems.append(Problem(image_id, path, f"sample {key!r} has no image member (.{', .'.join(TAR_IMAGE_EXTENSIONS)})"))
+        elif not labels.get(key):
+            problems.append(Problem(image_id, path, unreadable.get(key) or f"sample {key!r} has no label "
+                                                    f"(a non-empty .{', .'.join(TAR_LABEL_EXTENSIONS)} member)"))
+        else:
+            rows.append((image_id, path, labels[key]))
+    return rows, problems
+
+
+def _scan_tars(tars: list[Path], root: Path) -> tuple[list[Row], list[Problem]]:
+    rows, problems = [], []
+    for tar_path in tars:
+        if not tar_path.is_file():
+            problems.append(Problem(tar_path.relative_to(root).as_posix(), str(tar_path), "no such tar shard"))
+            continue
+        shard_rows, shard_problems = _scan_tar(tar_path, root)
+        rows += shard_rows
+        problems += shard_problems
+    return rows, problems
+
+
+def _is_saved_hf(directory: Path) -> bool:
+    """A folder written by ``datasets.Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``)."""
+    return (directory / "state.json").is_file() or (directory / "dataset_dict.json").is_file()
+
+
+def _scan_hf(source: str) -> tuple[Path, list[Row], list[Problem]]:
+    """A Hugging Face dataset with an Image column and a ``label`` column (an imagefolder):
+    ``hf:NAME_OR_PATH`` through ``load_dataset``, or a ``save_to_disk`` folder. Every split is
+    listed; image ids are ``SPLIT/ROW``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(f"{source}: reading a Hugging Face dataset needs the `datasets` package: "
+                           "pip install datasets (or pip install 'diffmine[hf]')") from None
+    try:
+        if source.startswith("hf:"):
+            loaded = datasets.load_dataset(source[3:], streaming=False)
+        else:
+            loaded = datasets.load_from_disk(source)
+    except Exception as exc:  # not found, offline, not a dataset: the library's own words
+        raise DatasetError(f"{source}: cannot load the Hugging Face dataset ({type(exc).__name__}: {exc})") from exc
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [("", loaded)]
+    rows, problems, files = [], [], []
+    for split, table in splits:
+        split_rows, split_problems, split_files = _hf_split_rows(source, table, split)
+        rows += split_rows
+        problems += split_problems
+        files += split_files
+    # a loaded dataset lives in the datasets cache, next to its Arrow files
+    root = Path(files[0]).parent if source.startswith("hf:") else Path(source).resolve()
+    return root, rows, problems
+
+
+def _hf_split_rows(source: str, split, split_name: str) -> tuple[list[Row], list[Problem], list[str]]:
+    """Rows of one split (a ``datasets.Dataset``), each image addressed in the Arrow file that
+    stores it. Returns (rows, problems, the split's Arrow files)."""
+    import datasets
+
+    where = f"{source}" + (f" split {split_name!r}" if split_name else "")
+    image_column = next((n for n, f in split.features.items() if isinstance(f, datasets.Image)), None)
+    if image_column is None or "label" not in split.features:
+        raise DatasetError(f"{where}: needs an Image column and a 'label' column, found {sorted(split.features)}")
+    if split._indices is not None:  # a selection or shuffle: store the rows in order first
+        split = split.flatten_indices()
+    files = [f["filename"] for f in split.cache_files]
+    if not files:
+        raise DatasetError(f"{where}: held in memory only; save it with save_to_disk and pass that folder")
+    table = split.data.table
+    label_feature = split.features["label"]
+    labels = table.column("label").to_pylist()
+    if isinstance(label_feature, datasets.ClassLabel):
+        labels = [label_feature.names[v] if v is not None and v >= 0 else "" for v in labels]
+    else:
+        labels = ["" if v is None else str(v).strip() for v in labels]
+    images = table.column(image_column)
+    has_bytes = pc.is_valid(pc.struct_field(images, "bytes")).to_pylist()
+    stored_paths = pc.struct_field(images, "path").to_pylist()
+    # global row -> (Arrow file, row in that file)
+    counts = [_open_arrow(f, os.getpid()).num_rows for f in files]
+    if sum(counts) != len(labels):
+        raise DatasetError(f"{where}: its Arrow files hold {sum(counts)} rows, the dataset {len(labels)}")
+    starts = np.cumsum([0] + counts[:-1])
+    file_of = np.repeat(np.arange(len(files)), counts)
+    row_in_file = (np.arange(len(labels)) - starts[file_of]).tolist()
+    file_of = file_of.tolist()
+    prefix = f"{split_name}/" if split_name else ""
+    rows, problems = [], []
+    for n, (label, embedded, stored) in enumerate(zip(labels, has_bytes, stored_paths)):
+        image_id = f"{prefix}{n:06d}"
+        # the bytes in the Arrow file, or, loaded from image files (load_dataset of a local
+        # folder), the file itself
+        path = f"{files[file_of[n]]}#{image_column}/{row_in_file[n]}" if embedded else stored
+        if not path:
+            problems.append(Problem(image_id, "", f"{where} row {n}: no image"))
+        elif not label:
+            problems.append(Problem(image_id, path, f"{where} row {n}: no label"))
+        else:
+            rows.append((image_id, path, label))
+    return rows, problems, files
+
+
 def scan_dataset(source: str | Path, labels: list[str] | None = None, min_labels: int = 2) -> Dataset:
-    """List a dataset folder or manifest.
+    """List a labeled image collection.
 
     Args:
-        source: a folder of label sub-folders, or a .csv/.jsonl manifest.
+        source: a folder of label sub-folders; a .csv/.jsonl manifest; WebDataset tar shards (a
+            .tar file, a folder of them, or a brace pattern such as ``shards-{0000..0099}.tar``);
+            a ``datasets`` folder written by ``save_to_disk``; or ``hf:NAME_OR_PATH``.
         labels: if given, the labels a model knows; images of any other label are reported as
             problems ("unknown label") instead of listed.
         min_labels: typicality contrasts a label with the null prompt learned on all labels, so
             a collection of one label has nothing to contrast.
     """
+    text = str(source)
     source = Path(source)
-    if not source.exists():
+    if text.startswith("hf:"):
+        root, rows, problems = _scan_hf(text)
+    elif not source.exists() and re.search(r"\{[^{}]*\}", text):
+        tars = [Path(name).resolve() for name in expand_braces(text)]
+        root = Path(os.path.commonpath([t.parent for t in tars]))
+        rows, problems = _scan_tars(tars, root)
+    elif not source.exists():
         raise DatasetError(f"{source}: no such dataset folder or manifest")
-    if source.is_dir():
+    elif source.is_dir() and _is_saved_hf(source):
+        root, rows, problems = _scan_hf(text)
+    elif source.is_dir() and any(source.glob("*.tar")):
+        root = source.resolve()
+        rows, problems = _scan_tars(sorted(root.glob("*.tar")), root)
+    elif source.is_dir():
         root = source.resolve()
         rows, problems = _scan_folder(root)
+    elif source.suffix.lower() == ".tar":
+        root = source.parent.resolve()
+        rows, problems = _scan_tars([source.resolve()], root)
     elif source.suffix.lower() in (".csv", ".jsonl"):
         root = source.parent.resolve()
         rows, problems = _scan_manifest(source)
     else:
-        raise DatasetError(f"{source}: expected a folder of label sub-folders or a .csv/.jsonl manifest")
+        raise DatasetError(f"{source}: expected a folder of label sub-folders, a .csv/.jsonl manifest, "
+                           ".tar shards or a Hugging Face dataset")
     if labels is not None:
         known = set(labels)
-        problems += [Problem(i, str(root / i), f"unknown label {l!r} (the model knows {sorted(known)})")
-                     for i, l in rows if l not in known]
-        rows = [(i, l) for i, l in rows if l in known]
-    found = sorted({l for _, l in rows})
+        problems += [Problem(i, p, f"unknown label {l!r} (the model knows {sorted(known)})")
+                     for i, p, l in rows if l not in known]
+        rows = [row for row in rows if row[2] in known]
+    found = sorted({l for _, _, l in rows})
     if not rows:
         raise DatasetError(f"{source}: no images found (expected <label>/<image> files or a manifest)")
     if len(found) < min_labels:
         raise DatasetError(
             f"{source}: found {len(found)} label ({', '.join(map(repr, found))}); typicality contrasts each "
             f"label with the null prompt learned over all labels, so at least {min_labels} labels are needed")
-    return Dataset(root, [i for i, _ in rows], [str(root / i) for i, _ in rows], [l for _, l in rows], problems)
+    image_ids, paths, row_labels = (list(column) for column in zip(*rows))
+    return Dataset(root, image_ids, paths, row_labels, problems)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,24 +502,33 @@ def target_size(width: int, height: int, resolution: int, resize: str, multiple:
 
 
 def load_image(path: str | Path, resolution: int, resize: str = "square", multiple: int = 1) -> np.ndarray:
-    """Decode, convert to RGB and resize one image.
+    """Decode, convert to RGB and resize one image: a file, or a tar/Arrow member (``CONTAINER#MEMBER``).
 
     Returns:
         (H, W, 3) uint8 array at the run's size.
     Raises:
         BadImage: missing, empty, corrupt, truncated or oversized files.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise BadImage(path, f"cannot read file ({exc.strerror or exc})") from None
+    member = split_member(path)
+    if member is None:
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise BadImage(path, f"cannot read file ({exc.strerror or exc})") from None
+        source = path
+    else:
+        try:
+            data = _member_bytes(*member)
+        except (OSError, KeyError, IndexError, ValueError, tarfile.TarError, pa.ArrowException) as exc:
+            raise BadImage(path, f"cannot read the member ({type(exc).__name__}: {exc})") from None
+        size, source = len(data), io.BytesIO(data)
     if size == 0:
         raise BadImage(path, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadImage(path, f"image too large ({img.width}x{img.height} > {MAX_PIXELS} pixels)")
                 img = ImageOps.exif_transpose(img)
@@ -238,7 +539,8 @@ def load_image(path: str | Path, resolution: int, resize: str = "square", multip
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(path, f"image too large (over {MAX_PIXELS} pixels)") from None
     except Exception as exc:  # PIL raises many types for broken files
-        raise BadImage(path, f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        message = str(exc).replace(repr(source), "the data")  # not "<_io.BytesIO object at 0x...>"
+        raise BadImage(path, f"cannot decode image ({type(exc).__name__}: {message})") from None
     w, h = target_size(rgb.width, rgb.height, resolution, resize, multiple)
     if (w, h) != rgb.size:
         rgb = rgb.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
@@ -291,3 +593,23 @@ def iter_images(paths: list[str], resolution: int, resize: str = "square", multi
         return
     loader = torch.utils.data.DataLoader(decoder, batch_size=None, num_workers=workers, prefetch_factor=8)
     yield from loader
+
+
+def image_batches(paths: list[str], resolution: int, resize: str = "square", multiple: int = 1, per_batch: int = 32,
+                  workers: int = 0):
+    """Decoded images grouped for the model: consecutive images of one size, at most ``per_batch``.
+
+    Yields ``(positions, (B, H, W, 3) uint8 array)`` for a batch, or ``([position], BadImage)``
+    for an image that could not be read.
+    """
+    pending: list[tuple[int, np.ndarray]] = []
+    for i, item in iter_images(paths, resolution, resize, multiple, workers):
+        if isinstance(item, BadImage):
+            yield [i], item
+            continue
+        if pending and (pending[0][1].shape != item.shape or len(pending) >= per_batch):
+            yield [j for j, _ in pending], np.stack([a for _, a in pending])
+            pending = []
+        pending.append((i, item))
+    if pending:
+        yield [j for j, _ in pending], np.stack([a for _, a in pending])

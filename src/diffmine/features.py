@@ -9,15 +9,16 @@ draws. Each patch's feature is the mean over its box mapped to the feature grid,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .data import BadImage, iter_images, to_model_input
+from .data import BadImage, image_batches, to_model_input
 from .models import Backend
-from .typicality import autocast, draw_noise
+from .typicality import _barrier, autocast, draw_noise
 
 
 @dataclass
@@ -87,56 +88,109 @@ def pool_boxes(feature_map: torch.Tensor, boxes: np.ndarray, image_size: tuple[i
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
+def feature_blocks(n_images: int, batch_size: int, process_index: int = 0, num_processes: int = 1) -> list[int]:
+    """Positions (in the run's image order) of the images one process computes features for.
+
+    The images are cut into blocks of ``batch_size`` consecutive images, dealt round-robin; a
+    block is one forward pass (split further only where the image size changes), so every
+    image goes through the model with the same batch-mates whatever the number of processes,
+    and a data-parallel run equals a single-process one bit for bit.
+    """
+    blocks = range(process_index * batch_size, n_images, num_processes * batch_size)
+    return [i for start in blocks for i in range(start, min(start + batch_size, n_images))]
+
+
 def patch_features(backend: Backend, patches: pd.DataFrame, paths: dict[str, str], prompt_of: dict[str, str],
-                   resolution: int, resize: str, config: FeatureConfig, progress: bool = True) -> np.ndarray:
-    """(len(patches), C) DIFT features, rows aligned with ``patches``; each image is run once."""
+                   resolution: int, resize: str, config: FeatureConfig, progress: bool = True,
+                   process_index: int | None = None) -> np.ndarray:
+    """(len(patches), C) DIFT features, rows aligned with ``patches``; each image is run once.
+
+    Images go through the model in blocks of ``config.batch_size`` (see :func:`feature_blocks`).
+    A bad image's patches get zero features (it is listed in typicality already); C is 0 if no
+    image could be read. ``process_index``: of a data-parallel run, for its own progress bar.
+    """
     backend.denoiser.eval()
     image_ids = list(dict.fromkeys(patches["image_id"]))
     by_image = {i: g for i, g in patches.reset_index(drop=True).groupby("image_id")}
-    features: np.ndarray | None = None
-    bar = tqdm(total=len(image_ids), desc="features", unit="img", disable=not progress)
-    pending: list[tuple[str, np.ndarray]] = []
-
-    def flush():
-        nonlocal features
-        if not pending:
-            return
-        pixels = to_model_input(np.stack([a for _, a in pending]))
-        prompts = [prompt_of[by_image[i]["label"].iloc[0]] for i, _ in pending]
-        maps = dift_feature_maps(backend, pixels, prompts, config)
-        for (image_id, array), fm in zip(pending, maps):
-            group = by_image[image_id]
-            pooled = pool_boxes(fm, group[["x0", "y0", "x1", "y1"]].to_numpy(), array.shape[:2])
-            if features is None:
-                features = np.zeros((len(patches), pooled.shape[1]), np.float32)
-            features[group.index.to_numpy()] = pooled
-        bar.update(len(pending))
-        pending.clear()
-
-    for n, item in iter_images([paths[i] for i in image_ids], resolution, resize, backend.latent_factor):
-        if isinstance(item, BadImage):  # listed in typicality already; its patches get zero features
-            bar.update()
-            continue
-        if pending and (pending[0][1].shape != item.shape or len(pending) >= config.batch_size):
-            flush()
-        pending.append((image_ids[n], item))
-    flush()
+    features = np.zeros((len(patches), 0), np.float32)
+    bar = tqdm(total=len(image_ids), desc="features" if process_index is None else f"features [{process_index}]",
+               unit="img", position=process_index or 0, disable=not progress)
+    for start in range(0, len(image_ids), config.batch_size):
+        block = image_ids[start:start + config.batch_size]
+        for positions, batch in image_batches([paths[i] for i in block], resolution, resize, backend.latent_factor,
+                                              config.batch_size):
+            if not isinstance(batch, BadImage):
+                prompts = [prompt_of[by_image[block[n]]["label"].iloc[0]] for n in positions]
+                maps = dift_feature_maps(backend, to_model_input(batch), prompts, config)
+                for n, feature_map in zip(positions, maps):
+                    group = by_image[block[n]]
+                    pooled = pool_boxes(feature_map, group[["x0", "y0", "x1", "y1"]].to_numpy(), batch.shape[1:3])
+                    if not features.shape[1]:
+                        features = np.zeros((len(patches), pooled.shape[1]), np.float32)
+                    features[group.index.to_numpy()] = pooled
+            bar.update(len(positions))
     bar.close()
-    return features if features is not None else np.zeros((0, 1), np.float32)
+    return features
 
 
-def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = True) -> np.ndarray:
-    """DIFT features of the run's top patches -> ``features/features.npy``."""
+def _save_atomically(path: Path, save) -> None:
+    """``save(file)`` into a temporary file renamed to ``path``: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        save(f)
+    tmp.replace(path)
+
+
+def _part_path(directory: Path, process_index: int, num_processes: int) -> Path:
+    return directory / f"part-{process_index:05d}-of-{num_processes:05d}.npz"
+
+
+def _gather_parts(directory: Path, num_processes: int, n_rows: int) -> np.ndarray:
+    """(n_rows, C) features assembled from every process's part; the parts are removed (with
+    any left by a killed run of another number of processes)."""
+    parts = []
+    for r in range(num_processes):
+        with np.load(_part_path(directory, r, num_processes)) as part:
+            parts.append((part["rows"], part["features"]))
+    for path in directory.glob("part-*.npz"):
+        path.unlink()
+    features = np.zeros((n_rows, max(f.shape[1] for _, f in parts)), np.float32)
+    for rows, part in parts:
+        if part.shape[1]:  # a process whose images were all bad knows no width
+            features[rows] = part
+    return features
+
+
+def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = True,
+                 process_index: int = 0, num_processes: int = 1) -> np.ndarray | None:
+    """DIFT features of the run's top patches -> ``features/features.npy`` (rows of the top patches).
+
+    Data-parallel over ``num_processes`` (torch.distributed): each process computes the images
+    of :func:`feature_blocks` and writes ``features/part-RANK-of-WORLD.npz`` (its row indices and
+    features); after a barrier process 0 gathers them. Returns the (N, C) features on process 0,
+    None on the others.
+    """
     patches = run.mined_patches("top")
     dataset = run.step_config("dataset")
     images = run.images()
     paths = dict(zip(images["image_id"], images["path"]))
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
-    features = patch_features(backend, patches, paths, prompt_of, dataset["resolution"],
-                              dataset["resize"], config, progress)
-    run.features_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run.features_path.with_name("features.tmp.npy")
-    np.save(tmp, features)
-    tmp.replace(run.features_path)
+    image_ids = list(dict.fromkeys(patches["image_id"]))
+    mine = [image_ids[i] for i in feature_blocks(len(image_ids), config.batch_size, process_index, num_processes)]
+    rows = np.flatnonzero(patches["image_id"].isin(mine).to_numpy())
+    part = patch_features(backend, patches.iloc[rows], paths, prompt_of, dataset["resolution"], dataset["resize"],
+                          config, progress, process_index if num_processes > 1 else None)
+    if num_processes == 1:
+        features = part
+    else:
+        directory = run.features_path.parent
+        _save_atomically(_part_path(directory, process_index, num_processes),
+                         lambda f: np.savez(f, rows=rows, features=part))
+        _barrier(num_processes)
+        if process_index != 0:
+            return None
+        features = _gather_parts(directory, num_processes, len(patches))
+    _save_atomically(run.features_path, lambda f: np.save(f, features))
     run.set_step_config("features", asdict(config))
     return features

@@ -15,11 +15,13 @@ import torch
 
 from .clustering import ClusterConfig, run_clustering
 from .data import DatasetError, scan_dataset
+from .cotypicality import CotypicalityConfig, run_cotypicality
 from .features import FeatureConfig, run_features
 from .mining import MineConfig, run_mining
 from .models import Backend, create_backend, load_backend
 from .rundir import Run, RunError
 from .train import TrainConfig, train
+from .translate import TranslateConfig, run_translate
 from .typicality import TypicalityConfig, run_typicality
 
 
@@ -38,7 +40,7 @@ def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolutio
     run.path.mkdir(parents=True, exist_ok=True)
     run.save_dataset(dataset)
     run.set_step_config("dataset", {
-        "data": str(Path(data).resolve()), "root": str(dataset.root), "images": len(dataset),
+        "data": str(data) if str(data).startswith("hf:") else str(Path(data).resolve()), "root": str(dataset.root), "images": len(dataset),
         "labels": dataset.label_names, "prompt": prompt, "null_prompt": null_prompt,
         "resolution": resolution, "resize": resize, "model": model,
     })
@@ -76,6 +78,12 @@ def _comparable(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in ("steps", "checkpoint_every", "keep_checkpoints")}
 
 
+def model_identity(run: Run) -> dict:
+    """The identity of the run's trained model (changes whenever its weights do)."""
+    stat = (run.model_dir / "trainable.safetensors").stat()
+    return {"model": "run", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def load_model(run: Run, model: str | None = None, device: torch.device | None = None, **options) -> tuple[Backend, dict]:
     """The run's trained model, or ``model`` (e.g. ``sd:PATH`` to score with pretrained weights).
 
@@ -83,9 +91,7 @@ def load_model(run: Run, model: str | None = None, device: torch.device | None =
     """
     if model is None:
         backend = load_backend(run.model_dir)
-        weights = run.model_dir / "trainable.safetensors"
-        stat = weights.stat()
-        identity = {"model": "run", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        identity = model_identity(run)
     else:
         backend = create_backend(model, all_prompts(run), seed=0, **options)
         identity = {"model": model, "options": options}
@@ -123,18 +129,38 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True):
     return run_mining(run, config, progress)
 
 
-def scoring_model(run: Run) -> Backend:
+def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
     """The model that computed the run's typicality: features come from the same one."""
     used = run.config.get("typicality", {}).get("model", {"model": "run"})
     if used.get("model") == "run":
-        return load_model(run)[0]
-    return load_model(run, used["model"], **used.get("options", {}))[0]
+        return load_model(run, device=device)[0]
+    return load_model(run, used["model"], device, **used.get("options", {}))[0]
 
 
 def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progress: bool = True):
-    backend = scoring_model(run)
-    run_features(run, backend, features, progress)
+    """DIFT features of the top patches, then k-means per label; returns the clustered patches.
+
+    Data-parallel under accelerate/torchrun: every process computes the features of its share
+    of the images, process 0 gathers them and clusters; the other processes return None.
+    """
+    rank, world, device = distributed_context()
+    backend = scoring_model(run, device)
+    run_features(run, backend, features, progress, rank, world)
+    if rank != 0:
+        return None
     return run_clustering(run, config)
+
+
+def translate_step(run: Run, config: TranslateConfig, progress: bool = True) -> int:
+    """Translate the run's images to other labels with the run's trained model."""
+    backend, identity = load_model(run)
+    return run_translate(run, backend, config, identity, progress)
+
+
+def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureConfig, progress: bool = True):
+    """Co-typicality of the translated scenes, scored and described by the run's trained model."""
+    backend, identity = load_model(run)
+    return run_cotypicality(run, backend, config, features, identity, progress)
 
 
 __all__ = ["prepare", "train_step", "typicality_step", "mine_step", "cluster_step", "load_model", "RunError"]

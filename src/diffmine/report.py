@@ -105,6 +105,60 @@ def _cluster_rows(images: RunImages, clustered: pd.DataFrame, config: ReportConf
     return rows
 
 
+def _member(images: RunImages, run, image_id: str, source_label: str, label: str) -> np.ndarray | None:
+    """One member of a translated scene: the source image for its own label, else its translation."""
+    if label == source_label:
+        return images.get(image_id)
+    try:
+        return run.translation(image_id, label)
+    except KeyError:
+        return None
+
+
+def cotypicality_section(run, images: RunImages, config: ReportConfig) -> dict | None:
+    """Translations (each source beside its versions under every label) and co-typical clusters
+    (rows of sequences: the same box in every member, the source's crop outlined)."""
+    if not run.translations_dir.is_dir() or not any(run.translations_dir.glob("shard-*.parquet")):
+        return None
+    index = run.translations_index()
+    ok = index[index["status"] == "ok"]
+    labels = sorted(set(ok["target_label"]) | set(ok["source_label"]))
+    translations = []
+    for source_label, group in ok.groupby("source_label", sort=True):
+        for image_id in group["image_id"].drop_duplicates().head(config.examples):
+            cells = []
+            for label in labels:
+                member = _member(images, run, image_id, source_label, label)
+                cells.append({"label": label, "source": label == source_label,
+                              "src": png_data_uri(member) if member is not None else None})
+            translations.append({"image_id": image_id, "source_label": source_label, "cells": cells})
+    clusters = []
+    path = run.path / "cotypicality" / "sequences.parquet"
+    sequences = pd.read_parquet(path) if path.is_file() else None
+    if sequences is not None:
+        for rank, group in sequences.groupby("cluster_rank", sort=True):
+            if len(group) < config.min_cluster_size:
+                continue
+            rows = []
+            for r in group.sort_values("rank_in_cluster").head(config.per_cluster).itertuples():
+                crops = []
+                for label in labels:
+                    member = _member(images, run, r.image_id, r.source_label, label)
+                    if member is None:
+                        continue
+                    crop = Image.fromarray(member[r.y0:r.y1, r.x0:r.x1]).resize((config.crop_px, config.crop_px),
+                                                                              Image.Resampling.NEAREST)
+                    crops.append({"src": png_data_uri(np.asarray(crop)), "source": label == r.source_label,
+                                  "title": f"{r.image_id} as {label}: T={getattr(r, 'typicality_' + label, float('nan')):.4g}"})
+                rows.append({"image_id": r.image_id, "cotypicality": float(r.cotypicality), "crops": crops})
+            clusters.append({"rank": int(rank), "size": len(group), "median": float(group["cotypicality"].median()),
+                             "sequences": rows})
+            if len(clusters) >= config.clusters:
+                break
+    return {"labels": labels, "translations": translations, "clusters": clusters,
+            "method": run.config.get("translate", {}).get("method", "")}
+
+
 def build_context(run, config: ReportConfig, evaluation: dict | None = None) -> dict:
     images = RunImages(run)
     mined = pd.read_parquet(run.patches_path)
@@ -134,6 +188,8 @@ def build_context(run, config: ReportConfig, evaluation: dict | None = None) -> 
         entry["mean_typicality"] = float(rows["mean"].mean()) if len(rows) else float("nan")
         labels.append(entry)
     problems = run.problems()
+    from .localize import report_section  # here, not at the top: localize imports this module's helpers
+
     return {
         "title": f"diffmine report: {run.path.name}",
         "labels": labels,
@@ -141,6 +197,8 @@ def build_context(run, config: ReportConfig, evaluation: dict | None = None) -> 
         "problems": problems.head(200).to_dict("records"),
         "problem_count": len(problems),
         "evaluation": json.dumps(evaluation, indent=2) if evaluation else None,
+        "localization": report_section(run, images, config.examples),
+        "cotypicality": cotypicality_section(run, images, config),
         "crop_px": config.crop_px,
     }
 

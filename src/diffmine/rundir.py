@@ -12,6 +12,8 @@
       mining/patches.parquet   top / least / random patches per label
       features/features.npy    DIFT feature per top patch (rows of mining/patches.parquet, kind=top)
       clusters/patches.parquet top patches with cluster, cluster_rank, rank_in_cluster
+      localize/                typicality vs boxes / masks (`diffmine localize`): results.parquet (per image
+                               and label), results.safetensors (maps computed under another label), summary.json
       report/index.html        the visual summary
 
 Every Parquet file can be queried with DuckDB, e.g.
@@ -66,6 +68,10 @@ class Run:
     @property
     def clusters_path(self) -> Path:
         return self.path / "clusters" / "patches.parquet"
+
+    @property
+    def translations_dir(self) -> Path:
+        return self.path / "translations"
 
     @property
     def report_path(self) -> Path:
@@ -185,6 +191,34 @@ class Run:
             raise RunError(f"{self.path}: no mined patches yet; run `diffmine mine --run {self.path}`")
         table = pd.read_parquet(self.patches_path)
         return table[table["kind"] == kind].reset_index(drop=True)
+
+
+    # -- translations ---------------------------------------------------------------------
+    def translations_index(self) -> pd.DataFrame:
+        """Every translation made so far: image_id, source_label, target_label, key, status, shard."""
+        shards = sorted(self.translations_dir.glob("shard-*.parquet"))
+        if not shards:
+            raise RunError(f"{self.path}: no translations yet; run `diffmine translate --run {self.path}`")
+        return pd.concat([pd.read_parquet(s).assign(shard=s.stem) for s in shards], ignore_index=True)
+
+    @cached_property
+    def _translation_lookup(self) -> dict[tuple[str, str], tuple[str, str]]:
+        index = self.translations_index()
+        ok = index[index["status"] == "ok"]
+        return {(r.image_id, r.target_label): (r.shard, r.key) for r in ok.itertuples()}
+
+    def translation(self, image_id: str, label: str) -> np.ndarray:
+        """(H, W, 3) uint8: image ``image_id`` translated to ``label``.
+
+        Raises KeyError when that translation was not made.
+        """
+        from .shards import read_array
+
+        try:
+            shard, key = self._translation_lookup[(image_id, label)]
+        except KeyError:
+            raise KeyError(f"no translation of {image_id!r} to {label!r} in {self.path}") from None
+        return read_array(self.translations_dir, shard, key)
 
 
 def open_run(path: str | Path) -> Run:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .train import latest_checkpoint
-from .typicality import shard_is_complete
+from .shards import shard_is_complete
 
 
 def status(run) -> str:
@@ -29,6 +29,10 @@ def status(run) -> str:
         lines.append(f"typicality: {done}/{total} shards complete ({total - done} left)")
     for step, path in (("mine", run.patches_path), ("cluster", run.clusters_path), ("report", run.report_path)):
         lines.append(f"{step}: {'done' if path.is_file() else 'not run'}")
+    parts = sorted(run.features_path.parent.glob("part-*-of-*.npz"))
+    if parts and not run.clusters_path.is_file():  # a data-parallel cluster step running, or killed
+        world = int(parts[0].stem.rsplit("-", 1)[1])
+        lines.append(f"cluster features: {len(parts)}/{world} processes' parts written, not yet gathered")
     problems = run.problems()
     lines.append(f"bad or skipped images: {len(problems)}")
     lines += [f"  {p.path or p.image_id} ({p.step}): {p.problem}" for p in problems.head(20).itertuples()]

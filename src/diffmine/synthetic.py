@@ -67,20 +67,32 @@ def _element_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: floa
 def _element_colour(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
     """(H, W, 3) float colour field of the element (only read inside its mask)."""
     h, w = yy.shape
-    base = {
-        "red_cross": (220, 30, 30),
-        "blue_triangle": (30, 60, 220),
-        "yellow_ring": (240, 220, 30),
-        "green_checker": (30, 170, 60),
-        "magenta_bar": (210, 40, 200),
-        "cyan_diamond": (40, 210, 220),
-    }[kind]
-    colour = np.broadcast_to(np.array(base, np.float32), (h, w, 3)).copy()
+    colour = np.broadcast_to(np.array(ELEMENT_COLOURS[kind], np.float32), (h, w, 3)).copy()
     if kind == "green_checker":
         # a 2x2 checker of green and white: texture, not only colour, marks this element
         white = ((yy - cy) >= 0) ^ ((xx - cx) >= 0)
         colour[white] = (245, 245, 245)
     return colour
+
+
+ELEMENT_COLOURS = {
+    "red_cross": (220, 30, 30),
+    "blue_triangle": (30, 60, 220),
+    "yellow_ring": (240, 220, 30),
+    "green_checker": (30, 170, 60),
+    "magenta_bar": (210, 40, 200),
+    "cyan_diamond": (40, 210, 220),
+}
+
+
+def element_colour_pixels(image: np.ndarray, label: str, tolerance: float = 45.0) -> np.ndarray:
+    """A crude detector of ``label``'s element: (H, W) bool, pixels near its colour (max abs diff).
+
+    Distractors have random colours, so it has false positives; averaged over images it tells
+    whether a label's element is present, e.g. in a translated image.
+    """
+    colour = np.array(ELEMENT_COLOURS[ELEMENTS[label]], np.float32)
+    return np.abs(image.astype(np.float32) - colour).max(-1) <= tolerance
 
 
 def render_scene(label_index: int, rng: np.random.Generator, size: int = 64, distractors: int = 3,

@@ -83,6 +83,17 @@ class ImageCache:
         return image
 
 
+def most_common_size(items: list[tuple[int, np.ndarray | None]]) -> list[tuple[int, np.ndarray]]:
+    """The readable (index, image) pairs of the most common size: images of different sizes
+    (keep-aspect resize) cannot share a tensor."""
+    items = [(i, a) for i, a in items if a is not None]
+    if not items:
+        return []
+    sizes = [a.shape for _, a in items]
+    common = max(set(sizes), key=sizes.count)
+    return [(i, a) for i, a in items if a.shape == common]
+
+
 def augment(pixels: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     """Seeded flips and random crops (resized back to the input size) of (B, 3, H, W) images."""
     import torch.nn.functional as F
@@ -147,6 +158,12 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
     cache = ImageCache(images["path"].tolist(), dataset["resolution"], dataset["resize"], backend.latent_factor)
     labels = images["label"].tolist()
+    # data-dependent encoder settings (the embedded model's latent scale) from a fixed,
+    # evenly spread sample: the same on every process and on every resume
+    spread = np.unique(np.linspace(0, len(images) - 1, min(64, len(images))).astype(int))
+    sample = most_common_size([(i, cache.get(int(i))) for i in spread])
+    if sample:
+        backend.calibrate(to_model_input(np.stack([a for _, a in sample])))
     if config.cache_latents and (config.hflip or config.random_crop):
         raise ValueError("cache_latents encodes each image once: it cannot be combined with hflip or random_crop")
     latent_cache: dict[int, torch.Tensor] = {}
@@ -158,14 +175,9 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     for step in bar:
         chosen = batch_indices(len(images), config.batch_size * world, step, config.seed)[rank::world]
         arrays = [(i, cache.get(int(i))) for i in chosen]
-        arrays = [(i, a) for i, a in arrays if a is not None]
+        arrays = most_common_size(arrays)
         if not arrays:
             continue
-        # images of different sizes (keep-aspect resize) cannot share a tensor: train on the
-        # most common size of this batch
-        sizes = [a.shape for _, a in arrays]
-        common = max(set(sizes), key=sizes.count)
-        arrays = [(i, a) for i, a in arrays if a.shape == common]
         g = _step_generator(config.seed, step)
         if config.cache_latents:
             missing = [(i, a) for i, a in arrays if int(i) not in latent_cache]

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import BadImage, iter_images, to_model_input, write_table
+from .data import BadImage, image_batches, to_model_input
 from .models import Backend
+from .shards import reset_if_settings_changed, shard_is_complete, shard_name, write_shard
 
 ESTIMATORS = ("paper", "stratified", "stratified-antithetic")
 
@@ -144,6 +145,25 @@ def upsample(latent_map: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np
     return (out[0] if squeeze else out).numpy()
 
 
+def prompt_errors(backend: Backend, pixels: torch.Tensor, prompts: list[list[str]], config: TypicalityConfig) -> torch.Tensor:
+    """Denoising error of each image under each of its M prompts, with the run's shared draws.
+
+    Args:
+        pixels: (B, 3, H, W) in [-1, 1], one size
+        prompts: B lists of M prompt strings
+    Returns:
+        (B, M, h, w) float32 on the latent grid
+    """
+    with torch.inference_mode():
+        latents = backend.encode_images(pixels.to(backend.device)).float()
+        M = len(prompts[0])
+        states = backend.encode_prompts([p for row in prompts for p in row])
+        states = states.view(len(prompts), M, *states.shape[1:])
+    timesteps, noise = draw_noise(config.seed, config.samples, tuple(latents.shape[1:]),
+                                  backend.scheduler.config.num_train_timesteps, config.t_min, config.t_max, config.estimator)
+    return condition_errors(backend, latents, states, timesteps, noise, config.batch_size, config.precision)
+
+
 def typicality_latent_maps(backend: Backend, pixels: torch.Tensor, label_prompts: list[str], null_prompt: str,
                            config: TypicalityConfig) -> torch.Tensor:
     """Typicality of a batch of same-size images, each under its own label.
@@ -154,50 +174,12 @@ def typicality_latent_maps(backend: Backend, pixels: torch.Tensor, label_prompts
     Returns:
         (B, h, w) float32 on the latent grid
     """
-    with torch.inference_mode():
-        latents = backend.encode_images(pixels.to(backend.device)).float()
-        cond = backend.encode_prompts(label_prompts)
-        null = backend.encode_prompts([null_prompt]).expand_as(cond)
-        states = torch.stack([cond, null], 1)
-    timesteps, noise = draw_noise(config.seed, config.samples, tuple(latents.shape[1:]),
-                                  backend.scheduler.config.num_train_timesteps, config.t_min, config.t_max, config.estimator)
-    errors = condition_errors(backend, latents, states, timesteps, noise, config.batch_size, config.precision)
+    errors = prompt_errors(backend, pixels, [[p, null_prompt] for p in label_prompts], config)
     return typicality_from_errors(errors)
 
 
 # ----------------------------------------------------------------------------------------------
 # the step: sharded, resumable, data-parallel
-
-
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
-
-
-def shard_is_complete(directory: Path, name: str) -> bool:
-    """A shard counts only when its index parses and its maps file holds every key it lists."""
-    from safetensors import safe_open
-
-    index, maps = directory / f"{name}.parquet", directory / f"{name}.safetensors"
-    try:
-        table = pd.read_parquet(index)
-        keys = set(table.loc[table["status"] == "ok", "key"])
-        if not keys:
-            return True
-        with safe_open(str(maps), "np") as f:
-            return keys <= set(f.keys())
-    except Exception:  # missing or truncated files: redo the shard
-        return False
-
-
-def _write_shard(directory: Path, name: str, maps: dict[str, np.ndarray], rows: list[dict]) -> None:
-    from safetensors.numpy import save_file
-
-    if maps:
-        tmp = directory / f"{name}.safetensors.tmp"
-        save_file(maps, str(tmp))
-        tmp.replace(directory / f"{name}.safetensors")
-    # the index is written last: its presence marks the shard complete
-    write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), directory / f"{name}.parquet")
 
 
 SHARD_SCHEMA = pa.schema([
@@ -211,40 +193,26 @@ def compute_shard(backend: Backend, images: pd.DataFrame, prompt_of: dict[str, s
                   config: TypicalityConfig, resolution: int, resize: str, progress=None) -> tuple[dict, list[dict]]:
     """Typicality maps of one shard's images. Returns (maps by key, index rows)."""
     maps, rows = {}, []
-    pending: list[tuple[int, np.ndarray]] = []
     records = images.to_dict("records")
-
-    def flush():
-        # images of one size go through the model together
-        if not pending:
-            return
-        pixels = to_model_input(np.stack([a for _, a in pending]))
-        prompts = [prompt_of[records[i]["label"]] for i, _ in pending]
-        out = typicality_latent_maps(backend, pixels, prompts, null_prompt, config).cpu().numpy()
-        for (i, array), latent_map in zip(pending, out):
-            r = records[i]
-            key = str(i)
-            maps[key] = latent_map.astype(config.map_dtype)
-            rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
-                             height=array.shape[0], width=array.shape[1], key=key, mean=float(latent_map.mean()),
-                             max=float(latent_map.max()), status="ok", problem=None))
-        if progress is not None:
-            progress.update(len(pending))
-        pending.clear()
-
     per_batch = max(1, config.batch_size // (2 * config.samples))
-    for i, item in iter_images([r["path"] for r in records], resolution, resize, backend.latent_factor, config.workers):
-        if isinstance(item, BadImage):
-            r = records[i]
+    for positions, batch in image_batches([r["path"] for r in records], resolution, resize, backend.latent_factor,
+                                          per_batch, config.workers):
+        if isinstance(batch, BadImage):
+            r = records[positions[0]]
             rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"], height=0,
-                             width=0, key="", mean=float("nan"), max=float("nan"), status="bad", problem=item.problem))
-            if progress is not None:
-                progress.update(1)
-            continue
-        if pending and (pending[0][1].shape != item.shape or len(pending) >= per_batch):
-            flush()
-        pending.append((i, item))
-    flush()
+                             width=0, key="", mean=float("nan"), max=float("nan"), status="bad", problem=batch.problem))
+        else:
+            prompts = [prompt_of[records[i]["label"]] for i in positions]
+            out = typicality_latent_maps(backend, to_model_input(batch), prompts, null_prompt, config).cpu().numpy()
+            for i, latent_map in zip(positions, out):
+                r = records[i]
+                key = str(i)
+                maps[key] = latent_map.astype(config.map_dtype)
+                rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
+                                 height=batch.shape[1], width=batch.shape[2], key=key, mean=float(latent_map.mean()),
+                                 max=float(latent_map.max()), status="ok", problem=None))
+        if progress is not None:
+            progress.update(len(positions))
     rows.sort(key=lambda r: r["index"])
     return maps, rows
 
@@ -258,15 +226,8 @@ def run_typicality(run, backend: Backend, config: TypicalityConfig, model_identi
     multi-process run equals a single-process one bit for bit.
     """
     directory = run.typicality_dir
-    settings = {**asdict(config), "model": model_identity}
-    stamp = directory / "settings.json"
     if process_index == 0:
-        if stamp.is_file() and json.loads(stamp.read_text()) != json.loads(json.dumps(settings, default=str)):
-            # other settings or another model: earlier shards do not belong to this result
-            for old in directory.glob("shard-*"):
-                old.unlink()
-        directory.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(settings, indent=2, default=str))
+        reset_if_settings_changed(directory, {**asdict(config), "model": model_identity})
     _barrier(num_processes)
 
     dataset = run.step_config("dataset")
@@ -274,16 +235,25 @@ def run_typicality(run, backend: Backend, config: TypicalityConfig, model_identi
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
     null_prompt = run.prompt(None)
     n_shards = math.ceil(len(images) / config.shard_size)
-    mine = [s for s in range(process_index, n_shards, num_processes) if not shard_is_complete(directory, _shard_name(s))]
+    mine = [s for s in range(process_index, n_shards, num_processes) if not shard_is_complete(directory, shard_name(s))]
     todo = sum(min(config.shard_size, len(images) - s * config.shard_size) for s in mine)
     backend.denoiser.eval()
     bar = tqdm(total=todo, desc=f"typicality [{process_index}]" if num_processes > 1 else "typicality",
                unit="img", position=process_index, disable=not progress)
+
+    def show_overall():
+        # process 0 shows the whole run's progress without communicating: every finished shard's
+        # index is on disk (written last, by rename, so a half-written shard is not counted)
+        if process_index == 0 and num_processes > 1:
+            bar.set_postfix_str(f"all processes: {len(list(directory.glob('shard-*.parquet')))}/{n_shards} shards")
+
+    show_overall()
     for s in mine:
         chunk = images.iloc[s * config.shard_size:(s + 1) * config.shard_size]
         maps, rows = compute_shard(backend, chunk, prompt_of, null_prompt, config,
                                    dataset["resolution"], dataset["resize"], bar)
-        _write_shard(directory, _shard_name(s), maps, rows)
+        write_shard(directory, shard_name(s), maps, rows, SHARD_SCHEMA)
+        show_overall()
     bar.close()
     _barrier(num_processes)
     return len(mine)

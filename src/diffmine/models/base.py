@@ -75,6 +75,10 @@ class Backend:
         """Inverse of :meth:`encode_images`: (B, C, h, w) -> (B, 3, h * f, w * f) in [-1, 1]."""
         raise NotImplementedError
 
+    def calibrate(self, pixels: torch.Tensor) -> None:
+        """Fit data-dependent encoder settings on a sample of training images (B, 3, H, W) in
+        [-1, 1], before training. Pretrained encoders keep theirs: nothing to do by default."""
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Prompt strings -> ``encoder_hidden_states`` (B, L, D) for the UNet."""
         return self.denoiser.prompt_encoder(prompts)

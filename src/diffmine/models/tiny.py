@@ -26,7 +26,13 @@ from .base import Backend, Denoiser
 @dataclass
 class TinyConfig:
     latent_factor: int = 4
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    # latents are multiplied by this (SD's VAE has its scaling_factor for the same reason): the
+    # noise schedule assumes unit-variance data, and pixels in [-1, 1] have a smaller spread.
+    # 0: calibrated on the training images before training (1 / their standard deviation)
+    latent_scale: float = 0.0
+    # the first level must be at least as wide as the latent (48 channels): a narrower one cannot
+    # carry the noise through its skip connections, and the eps error stays >= 1/3 at every t
+    block_out_channels: tuple[int, ...] = (64, 64, 64)
     layers_per_block: int = 1
     # attention only at 1/2 and 1/4 of the latent grid: self-attention over the full grid
     # dominates a small UNet's cost on the CPU (shared/reference.md)
@@ -34,6 +40,9 @@ class TinyConfig:
     cross_attention_dim: int = 64
     attention_head_dim: int = 8
     prompt_tokens: int = 4
+    # also add the pooled prompt embedding to the time embedding, so the label reaches every
+    # resnet (including the full-resolution ones that have no cross-attention)
+    prompt_in_time_embedding: bool = True
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"
     beta_start: float = 0.0001
@@ -84,6 +93,8 @@ class TinyBackend(Backend):
             cross_attention_dim=config.cross_attention_dim,
             attention_head_dim=config.attention_head_dim,
             norm_num_groups=min(32, config.block_out_channels[0] // 2),
+            addition_embed_type="text" if config.prompt_in_time_embedding else None,
+            addition_embed_type_num_heads=config.cross_attention_dim // config.attention_head_dim,
         )
         table = PromptTable(prompts, config.prompt_tokens, config.cross_attention_dim, seed + 1)
         self.denoiser = Denoiser(unet, table)
@@ -98,8 +109,19 @@ class TinyBackend(Backend):
             cfg[key] = tuple(cfg[key])
         return cls(spec["prompts"], TinyConfig(**cfg))
 
+    def calibrate(self, pixels: torch.Tensor) -> None:
+        if self.config.latent_scale > 0:
+            return
+        std = float(F.pixel_unshuffle(pixels.float(), self.latent_factor).std())
+        self.config.latent_scale = round(1.0 / max(std, 1e-3), 4)
+        self.spec["config"]["latent_scale"] = self.config.latent_scale
+
+    def _scale(self) -> float:
+        # a model that never saw data (an untrained reference) has nothing to calibrate on
+        return self.config.latent_scale if self.config.latent_scale > 0 else 1.0
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle(pixels.to(self.device), self.latent_factor)
+        return F.pixel_unshuffle(pixels.to(self.device), self.latent_factor) * self._scale()
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(latents, self.latent_factor)
+        return F.pixel_shuffle(latents / self._scale(), self.latent_factor)

@@ -1,0 +1,130 @@
+"""Typicality as a classifier: did the finetuned model learn the labels?
+
+Each image is scored under every label with the shared draws of typicality (one forward pass
+holds all labels and the null prompt of a draw); its image-level typicality under label c is the
+mean over pixels of L(null) - L(c), and the prediction is the label that explains it best. With
+shared noise, argmax_c T(x|c) = argmin_c L(x, c): the rule of Diffusion Classifier (Li et al.,
+ICCV 2023), here with the run's stratified t draws instead of an evenly spaced grid.
+
+    diffmine classify --run RUN [--per-label N] [--samples K] [--json]
+
+Writes RUN/classify/scores.parquet (image_id, label, candidate, typicality: one row per image
+and candidate label) and RUN/classify/summary.json (accuracy, per-label recall, confusion matrix).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from .data import BadImage, image_batches, to_model_input, write_table
+from .models import Backend
+from .typicality import TypicalityConfig, prompt_errors
+
+
+@dataclass
+class ClassifyConfig:
+    per_label: int = 50  # images scored per label (0: all), drawn at random with the seed
+    samples: int = 16
+    t_min: float = 0.1
+    t_max: float = 0.7
+    estimator: str = "stratified"
+    batch_size: int = 256
+    precision: str = "fp32"
+    seed: int = 0
+
+    def draws(self) -> TypicalityConfig:
+        return TypicalityConfig(samples=self.samples, t_min=self.t_min, t_max=self.t_max, estimator=self.estimator,
+                                seed=self.seed, batch_size=self.batch_size, precision=self.precision)
+
+
+def label_scores(backend: Backend, pixels: torch.Tensor, label_prompts: list[str], null_prompt: str,
+                 config: TypicalityConfig) -> np.ndarray:
+    """Image-level typicality of each image under each label.
+
+    Args:
+        pixels: (B, 3, H, W) in [-1, 1]
+        label_prompts: the M candidate prompts, the same for every image
+    Returns:
+        (B, M) float64: mean over latent pixels of L(null) - L(label)
+    """
+    errors = prompt_errors(backend, pixels, [label_prompts + [null_prompt]] * len(pixels), config)
+    per_image = errors.mean((-2, -1)).double().cpu().numpy()  # (B, M + 1)
+    return per_image[:, -1:] - per_image[:, :-1]
+
+
+def sample_images(images: pd.DataFrame, per_label: int, seed: int) -> pd.DataFrame:
+    """Up to ``per_label`` images of each label, a seeded random choice, in listing order."""
+    if per_label <= 0:
+        return images
+    rng = np.random.default_rng(seed)
+    keep = []
+    for _, group in images.groupby("label", sort=True):
+        keep.extend(rng.choice(group.index.to_numpy(), size=min(per_label, len(group)), replace=False))
+    return images.loc[sorted(keep)]
+
+
+def summarize(scores: pd.DataFrame, labels: list[str]) -> dict:
+    """Accuracy, per-label recall and the confusion matrix (rows: true label, columns: predicted)."""
+    wide = scores.pivot(index="image_id", columns="candidate", values="typicality")[labels]
+    truth = scores.drop_duplicates("image_id").set_index("image_id").loc[wide.index, "label"]
+    predicted = wide.idxmax(axis=1)
+    confusion = pd.crosstab(truth, predicted).reindex(index=labels, columns=labels, fill_value=0)
+    recall = {label: float((predicted[truth == label] == label).mean()) for label in labels if (truth == label).any()}
+    return {
+        "images": int(len(wide)),
+        "accuracy": float((predicted == truth).mean()),
+        "chance": 1.0 / len(labels),
+        "per_label": recall,
+        "labels": labels,
+        "confusion": confusion.to_numpy().tolist(),
+    }
+
+
+def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool = True) -> dict:
+    """Score the chosen images under every label; write the tables; return the summary."""
+    dataset = run.step_config("dataset")
+    labels = dataset["labels"]
+    prompts = [run.prompt(label) for label in labels]
+    images = sample_images(run.images(), config.per_label, config.seed)
+    records = images.to_dict("records")
+    draws = config.draws()
+    backend.denoiser.eval()
+    rows = []
+    # every image costs (M + 1) * K UNet inputs; batch images so a pass holds about batch_size
+    per_batch = max(1, config.batch_size // ((len(labels) + 1) * config.samples))
+    bar = tqdm(total=len(records), desc="classify", unit="img", disable=not progress)
+    for positions, batch in image_batches([r["path"] for r in records], dataset["resolution"], dataset["resize"],
+                                          backend.latent_factor, per_batch):
+        if not isinstance(batch, BadImage):  # bad images are listed by the typicality step
+            scores = label_scores(backend, to_model_input(batch), prompts, run.prompt(None), draws)
+            for i, row in zip(positions, scores):
+                rows.extend(dict(image_id=records[i]["image_id"], label=records[i]["label"], candidate=c,
+                                 typicality=float(s)) for c, s in zip(labels, row))
+        bar.update(len(positions))
+    bar.close()
+    if not rows:
+        raise ValueError(f"{run.path}: no readable images to classify")
+    scores = pd.DataFrame(rows)
+    out = run.path / "classify"
+    write_table(pa.Table.from_pandas(scores, preserve_index=False), out / "scores.parquet")
+    summary = summarize(scores, labels)
+    (out / "summary.json").write_text(json.dumps({**summary, "settings": asdict(config)}, indent=2))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    labels = summary["labels"]
+    width = max(8, *(len(label) for label in labels))
+    lines = [f"accuracy {summary['accuracy']:.3f} over {summary['images']} images (chance {summary['chance']:.3f})", "",
+             "confusion (rows: true label, columns: predicted)",
+             " " * (width + 1) + " ".join(f"{label[:width]:>{width}}" for label in labels)]
+    for label, counts in zip(labels, summary["confusion"]):
+        lines.append(f"{label:<{width}} " + " ".join(f"{c:>{width}}" for c in counts))
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""Co-typical elements (paper section 5.1): what every label does to the same place of a scene.
+
+Each translated image gives a tuple (x^{c0 -> c} for every label c; x itself for its own label
+c0). Each member is scored under its own label, and a patch's co-typicality is the median over
+the tuple of the member's patch typicality:
+
+    T_bar(x, box) = median_c  mean_{box} T(x^{c0 -> c} | c)
+
+so a patch ranks high only where every label makes the scene typical of itself. Per tuple the
+``per_tuple`` best non-overlapping boxes are kept, then the ``top`` best overall; each is a
+sequence of |C| crops. A sequence is described by its members' DIFT features (each member under
+its own label, pooled over the box), each label's block reduced by its own UMAP to ``umap_dim``
+dimensions and concatenated, as the authors did; the sequences are clustered with k-means, the
+clusters ranked by median co-typicality and their members by distance to the centroid.
+
+    RUN/cotypicality/shard-00000.safetensors   per tuple: (|C|, h, w) latent typicality maps
+    RUN/cotypicality/shard-00000.parquet       per tuple: image_id, source_label, key, status
+    RUN/cotypicality/sequences.parquet         image_id, source_label, x0, y0, x1, y1,
+                                               cotypicality, typicality_<label>..., cluster,
+                                               cluster_rank, rank_in_cluster
+    RUN/cotypicality/features.npy              the reduced, concatenated features per sequence
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from tqdm import tqdm
+
+from .clustering import kmeans, rank_clusters
+from .data import load_image, to_model_input, write_table
+from .features import FeatureConfig, dift_feature_maps, pool_boxes
+from .mining import default_patch_size, greedy_boxes, patch_scores
+from .models import Backend
+from .shards import read_array, reset_if_settings_changed, shard_is_complete, shard_name, write_shard
+from .typicality import TypicalityConfig, typicality_latent_maps, upsample
+
+
+@dataclass
+class CotypicalityConfig:
+    top: int = 10_000  # sequences kept overall
+    per_tuple: int = 5  # non-overlapping boxes kept per translated scene
+    patch: int | None = None  # side in pixels; None: the mining step's
+    umap_dim: int = 32
+    k: int = 32
+    samples: int = 16  # (t, eps) draws per member; t range and estimator follow the run's typicality
+    shard_size: int = 64  # tuples per stored shard
+    seed: int = 0
+
+
+SHARD_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("image_id", pa.string()), ("source_label", pa.string()), ("labels", pa.string()),
+    ("height", pa.int32()), ("width", pa.int32()), ("key", pa.string()), ("status", pa.string()),
+    ("problem", pa.string()),
+])
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions
+
+
+def cotypical_boxes(pixel_maps: np.ndarray, k: int, n: int) -> list[tuple[int, int, float, np.ndarray]]:
+    """The ``n`` best non-overlapping boxes of a tuple by median patch typicality.
+
+    Args:
+        pixel_maps: (M, H, W) each member's typicality under its own label
+    Returns:
+        [(y0, x0, co-typicality, (M,) per-member patch typicality), ...]
+    """
+    per_member = np.stack([patch_scores(m, k) for m in pixel_maps])  # (M, H-k+1, W-k+1)
+    median = np.median(per_member, axis=0)
+    return [(y, x, score, per_member[:, y, x]) for y, x, score in greedy_boxes(median, k, n)]
+
+
+def reduce_blocks(blocks: list[np.ndarray], dim: int, seed: int) -> np.ndarray:
+    """Each (N, D_c) block reduced by its own UMAP to ``dim`` columns, concatenated: (N, M * dim').
+
+    With few points UMAP's dimension is capped at N - 2 (its spectral layout needs it).
+    """
+    import umap
+
+    reduced = []
+    for block in blocks:
+        n = len(block)
+        components = max(1, min(dim, n - 2))
+        reducer = umap.UMAP(n_components=components, n_neighbors=max(2, min(15, n - 1)), random_state=seed,
+                            init="spectral" if n > components + 1 else "random", n_jobs=1)
+        reduced.append(reducer.fit_transform(block.astype(np.float32)))
+    return np.concatenate(reduced, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the step
+
+
+def tuples(run) -> tuple[pd.DataFrame, list[str]]:
+    """Translated scenes with every label the run translated to: (rows: image_id, path, label), labels."""
+    index = run.translations_index()
+    ok = index[index["status"] == "ok"]
+    labels = sorted(set(ok["target_label"]) | set(ok["source_label"]))
+    wanted = {label: len([c for c in labels if c != label]) for label in labels}
+    counts = ok.groupby(["image_id", "source_label"])["target_label"].nunique().reset_index()
+    complete = counts[counts["target_label"] == counts["source_label"].map(wanted)]
+    images = run.images().set_index("image_id").loc[complete["image_id"]].reset_index()
+    return images, labels
+
+
+def tuple_pixels(run, image_id: str, source_path: str, source_label: str, labels: list[str], resolution: int,
+                 resize: str, multiple: int) -> np.ndarray:
+    """(M, H, W, 3) uint8: the source for its own label, its translations for the others."""
+    members = []
+    for label in labels:
+        if label == source_label:
+            image = load_image(source_path, resolution, resize, multiple)
+        else:
+            image = run.translation(image_id, label)
+        members.append(image)
+    return np.stack(members)
+
+
+def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features: FeatureConfig,
+                     model_identity: dict, progress: bool = True) -> pd.DataFrame:
+    """Score every tuple, keep the top sequences, describe and cluster them; returns the sequences."""
+    dataset = run.step_config("dataset")
+    scenes, labels = tuples(run)
+    if len(labels) < 2 or scenes.empty:
+        raise ValueError(f"{run.path}: co-typicality needs images translated to at least one other label")
+    base = run.config.get("typicality", {})
+    draws = TypicalityConfig(samples=config.samples, seed=config.seed,
+                             **{k: base[k] for k in ("t_min", "t_max", "estimator", "batch_size", "precision") if k in base})
+    directory = run.path / "cotypicality"
+    reset_if_settings_changed(directory, {**asdict(draws), "labels": labels, "model": model_identity})
+    prompts = [run.prompt(label) for label in labels]
+    null = run.prompt(None)
+    n_shards = math.ceil(len(scenes) / config.shard_size)
+    todo = [s for s in range(n_shards) if not shard_is_complete(directory, shard_name(s))]
+    backend.denoiser.eval()
+    bar = tqdm(total=sum(len(scenes.iloc[s * config.shard_size:(s + 1) * config.shard_size]) for s in todo),
+               desc="co-typicality", unit="scene", disable=not progress)
+    for s in todo:
+        arrays, rows = {}, []
+        for n, r in enumerate(scenes.iloc[s * config.shard_size:(s + 1) * config.shard_size].itertuples()):
+            members = tuple_pixels(run, r.image_id, r.path, r.label, labels, dataset["resolution"], dataset["resize"],
+                                   backend.latent_factor)
+            maps = typicality_latent_maps(backend, to_model_input(members), prompts, null, draws)
+            arrays[str(n)] = maps.cpu().numpy().astype(np.float16)
+            rows.append(dict(index=int(r.index), image_id=r.image_id, source_label=r.label, labels=",".join(labels),
+                             height=members.shape[1], width=members.shape[2], key=str(n), status="ok", problem=None))
+            bar.update()
+        write_shard(directory, shard_name(s), arrays, rows, SHARD_SCHEMA)
+    bar.close()
+
+    sequences = top_sequences(run, directory, labels, config)
+    described = sequence_features(run, backend, sequences, labels, features, dataset, progress)
+    reduced = reduce_blocks(described, config.umap_dim, config.seed)
+    assignments, centroids = kmeans(reduced, config.k, config.seed)
+    ranked = rank_clusters(assignments, centroids, reduced, sequences["cotypicality"].to_numpy())
+    sequences = pd.concat([sequences.reset_index(drop=True), ranked.reset_index(drop=True)], axis=1)
+    order = sequences.sort_values(["cluster_rank", "rank_in_cluster"], kind="mergesort").index.to_numpy()
+    sequences = sequences.loc[order].reset_index(drop=True)
+    write_table(pa.Table.from_pandas(sequences, preserve_index=False), directory / "sequences.parquet")
+    np.save(directory / "features.npy", reduced[order])  # rows aligned with sequences.parquet
+    run.set_step_config("cotypicality", {**asdict(config), "labels": labels, "features": asdict(features),
+                                         "model": model_identity})
+    return sequences
+
+
+def top_sequences(run, directory, labels: list[str], config: CotypicalityConfig) -> pd.DataFrame:
+    """The ``top`` best boxes over all tuples, streaming over shards (memory bounded by ``top``)."""
+    best = pd.DataFrame()
+    k = config.patch or run.config.get("mine", {}).get("patch")
+    for shard in sorted(directory.glob("shard-*.parquet")):
+        rows = []
+        for r in pd.read_parquet(shard).itertuples():
+            pixel_maps = upsample(read_array(directory, shard.stem, r.key), (r.height, r.width))
+            side = k or default_patch_size(r.height, r.width)
+            for y, x, score, members in cotypical_boxes(pixel_maps, side, config.per_tuple):
+                rows.append(dict(image_id=r.image_id, source_label=r.source_label, x0=x, y0=y, x1=x + side, y1=y + side,
+                                 cotypicality=score, **{f"typicality_{c}": float(v) for c, v in zip(labels, members)}))
+        best = pd.concat([best, pd.DataFrame(rows)], ignore_index=True)
+        best = best.sort_values(["cotypicality", "image_id", "y0", "x0"], ascending=[False, True, True, True],
+                                kind="mergesort").head(config.top)
+    return best.reset_index(drop=True)
+
+
+def sequence_features(run, backend: Backend, sequences: pd.DataFrame, labels: list[str], config: FeatureConfig,
+                      dataset: dict, progress: bool) -> list[np.ndarray]:
+    """Per label, (N, C) DIFT features of each sequence's member of that label, under its prompt."""
+    blocks: list[np.ndarray | None] = [None] * len(labels)
+    prompts = [run.prompt(label) for label in labels]
+    paths = dict(zip(run.images()["image_id"], run.images()["path"]))
+    groups = sequences.groupby("image_id", sort=False)
+    for image_id, group in tqdm(groups, total=groups.ngroups, desc="sequence features", unit="scene", disable=not progress):
+        members = tuple_pixels(run, image_id, paths[image_id], group["source_label"].iloc[0], labels,
+                               dataset["resolution"], dataset["resize"], backend.latent_factor)
+        maps = dift_feature_maps(backend, to_model_input(members), prompts, config)  # (M, C, hf, wf)
+        boxes = group[["x0", "y0", "x1", "y1"]].to_numpy()
+        for m in range(len(labels)):
+            pooled = pool_boxes(maps[m], boxes, members.shape[1:3])
+            if blocks[m] is None:
+                blocks[m] = np.zeros((len(sequences), pooled.shape[1]), np.float32)
+            blocks[m][group.index.to_numpy()] = pooled
+    return blocks

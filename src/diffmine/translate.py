@@ -1,0 +1,344 @@
+"""Translation across labels (paper section 5.1): each image as it would look under every other label.
+
+The translations make a parallel dataset x^{c0 -> c}: the same scene under each label, on which
+co-typical elements are mined (``cotypicality.py``).
+
+Plug-and-Play (Tumanyan et al., CVPR 2023), the default: the source latent is DDIM-inverted
+under its own label's prompt; generation under the target prompt (classifier-free guidance
+against the null prompt) starts from the inverted noise while a source branch replays the
+inversion trajectory in the same batch, and forward hooks copy the source branch's activations
+into the target branches: the residual features of ``up_blocks[1].resnets[1]`` for the first 80%
+of the steps, the self-attention queries and keys of up-blocks 1-3 for the first 50%. The
+structure of the scene comes from the source; what the label changes comes from the prompt.
+
+SDEdit (Meng et al., ICLR 2022), the cheap option: noise the source to ``strength`` of the
+trajectory and sample back under the target prompt; no inversion, no source branch.
+
+Both are deterministic: DDIM with eta = 0, and SDEdit's noise is drawn from the seed and the
+latent shape only. Results are stored in shards like typicality (resumable):
+
+    RUN/translations/shard-00000.safetensors   one (H, W, 3) uint8 image per key
+    RUN/translations/shard-00000.parquet       image_id, source_label, target_label, key, status
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from .data import BadImage, image_batches, to_model_input
+from .models import Backend
+from .shards import reset_if_settings_changed, shard_is_complete, shard_name, write_shard
+from .typicality import autocast, draw_noise
+
+METHODS = ("pnp", "sdedit")
+
+
+@dataclass
+class TranslateConfig:
+    method: str = "pnp"
+    images: int = 0  # source images per label (0: all); the most typical mined images first
+    to: str = "all"  # target labels: all, or a comma-separated list
+    steps: int = 50
+    guidance: float = 7.5
+    feature_injection: float = 0.8  # fraction of sampling steps with the source's residual features
+    attention_injection: float = 0.5  # fraction with the source's self-attention queries and keys
+    feature_block: int = 1  # the residual features of up_blocks[feature_block].resnets[feature_resnet]
+    feature_resnet: int = 1
+    attention_blocks: str = "1,2,3"  # up-blocks whose self-attention q/k are injected (absent ones skipped)
+    # fraction of the trajectory inverted (pnp) or noised (sdedit) and regenerated; None: the
+    # method's own default, 1.0 for pnp (full inversion, as the authors) and 0.6 for sdedit
+    strength: float | None = None
+    batch_size: int = 8  # translations per forward pass (times 3 branches for pnp)
+    shard_size: int = 64  # source images per stored shard
+    precision: str = "fp32"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if self.strength is None:
+            self.strength = 1.0 if self.method == "pnp" else 0.6
+        if not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {self.strength}")
+        for name in ("feature_injection", "attention_injection"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# pure functions on tensors
+
+
+def ddim_timesteps(num_train_timesteps: int, steps: int, strength: float = 1.0) -> torch.Tensor:
+    """Ascending timesteps of a ``steps``-step DDIM grid ending at the last training timestep,
+    cut to its first ``strength`` fraction (at least one step): (ceil(strength * steps),) int64."""
+    grid = torch.linspace(0, num_train_timesteps - 1, steps + 1)[1:].round().long()
+    return grid[:max(1, math.ceil(strength * steps))]
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: torch.Tensor, alpha_to: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM update (eta = 0) between two noise levels, either direction.
+
+    ``alpha_*`` are cumulative alphas (scalars or (B, 1, 1, 1)); from the predicted clean latent
+    x0 = (x - sqrt(1 - a_from) eps) / sqrt(a_from), returns sqrt(a_to) x0 + sqrt(1 - a_to) eps.
+    """
+    x0 = (x - (1 - alpha_from).sqrt() * eps) / alpha_from.sqrt()
+    return alpha_to.sqrt() * x0 + (1 - alpha_to).sqrt() * eps
+
+
+def _alpha(backend: Backend, timestep: int | None) -> torch.Tensor:
+    """Cumulative alpha at ``timestep``; None is the clean end of the trajectory (alpha = 1)."""
+    if timestep is None:
+        return torch.tensor(1.0, device=backend.device)
+    return backend.scheduler.alphas_cumprod[int(timestep)].to(device=backend.device, dtype=torch.float32)
+
+
+def _eps(backend: Backend, x: torch.Tensor, timestep: int, states: torch.Tensor, precision: str) -> torch.Tensor:
+    with autocast(x.device, precision):
+        out = backend.denoiser(x, torch.full((len(x),), int(timestep), device=x.device), states)
+    return out.float()
+
+
+@torch.inference_mode()
+def ddim_invert(backend: Backend, latents: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor,
+                precision: str = "fp32") -> list[torch.Tensor]:
+    """DDIM inversion: the trajectory from clean latents up to the last timestep.
+
+    Args:
+        latents: (B, C, h, w) clean latents; states: (B, L, D) the prompt they are inverted under
+        timesteps: (N,) ascending, from :func:`ddim_timesteps`
+    Returns:
+        N tensors (B, C, h, w): the latent at each timestep
+    """
+    x, trajectory, previous = latents, [], None
+    for t in timesteps.tolist():
+        eps = _eps(backend, x, t, states, precision)
+        x = ddim_step(x, eps, _alpha(backend, previous), _alpha(backend, t))
+        trajectory.append(x)
+        previous = t
+    return trajectory
+
+
+class SourceInjection:
+    """Forward hooks that overwrite the target branches' activations with the source branch's.
+
+    The batch is laid out as [source, unconditional target, conditional target], B rows each;
+    while a flag is on, the hooked module's output is replaced by its first B rows, repeated.
+    ``features`` drives the residual block's output, ``attention`` the ``to_q`` / ``to_k``
+    projections of the self-attention layers (their values stay the target's own).
+    """
+
+    def __init__(self, unet: torch.nn.Module, feature_block: int, feature_resnet: int, attention_blocks: list[int]):
+        self.features = False
+        self.attention = False
+        self.handles = []
+        self.attention_layers = 0
+        ups = unet.up_blocks
+        if feature_block < len(ups) and feature_resnet < len(ups[feature_block].resnets):
+            module = ups[feature_block].resnets[feature_resnet]
+            self.handles.append(module.register_forward_hook(self._hook("features")))
+        for b in attention_blocks:
+            if b >= len(ups):
+                continue
+            for module in ups[b].modules():
+                # diffusers' Attention; self-attention is the one without a cross-attention input
+                if hasattr(module, "to_q") and not getattr(module, "is_cross_attention", True):
+                    self.handles.append(module.to_q.register_forward_hook(self._hook("attention")))
+                    self.handles.append(module.to_k.register_forward_hook(self._hook("attention")))
+                    self.attention_layers += 1
+
+    def _hook(self, flag: str):
+        def hook(_module, _inputs, output):
+            if not getattr(self, flag):
+                return None
+            rows = output.shape[0] // 3
+            return output[:rows].repeat(3, *([1] * (output.dim() - 1)))
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+@contextmanager
+def source_injection(unet, config: TranslateConfig):
+    blocks = [int(b) for b in config.attention_blocks.split(",") if b.strip()]
+    injection = SourceInjection(unet, config.feature_block, config.feature_resnet, blocks)
+    try:
+        yield injection
+    finally:
+        injection.remove()
+
+
+@torch.inference_mode()
+def pnp_translate(backend: Backend, latents: torch.Tensor, source_states: torch.Tensor, target_states: torch.Tensor,
+                  null_states: torch.Tensor, config: TranslateConfig) -> torch.Tensor:
+    """Plug-and-Play translation of each latent to its target prompt.
+
+    Args:
+        latents: (B, C, h, w) clean source latents
+        source_states, target_states, null_states: (B, L, D) prompt states
+    Returns:
+        (B, C, h, w) translated clean latents
+    """
+    timesteps = ddim_timesteps(backend.scheduler.config.num_train_timesteps, config.steps, config.strength)
+    trajectory = ddim_invert(backend, latents, source_states, timesteps, config.precision)
+    x = trajectory[-1]
+    states = torch.cat([source_states, null_states, target_states])
+    with source_injection(backend.unet, config) as injection:
+        for step, i in enumerate(range(len(timesteps) - 1, -1, -1)):
+            t = int(timesteps[i])
+            injection.features = step < config.feature_injection * len(timesteps)
+            injection.attention = step < config.attention_injection * len(timesteps)
+            # the source branch replays the inversion at this timestep
+            eps = _eps(backend, torch.cat([trajectory[i], x, x]), t, states, config.precision)
+            _, eps_null, eps_target = eps.chunk(3)
+            guided = eps_null + config.guidance * (eps_target - eps_null)
+            previous = int(timesteps[i - 1]) if i > 0 else None
+            x = ddim_step(x, guided, _alpha(backend, t), _alpha(backend, previous))
+    return x
+
+
+@torch.inference_mode()
+def sdedit_translate(backend: Backend, latents: torch.Tensor, target_states: torch.Tensor, null_states: torch.Tensor,
+                     config: TranslateConfig) -> torch.Tensor:
+    """SDEdit: noise to ``strength`` of the trajectory, then guided DDIM back under the target prompt.
+
+    Shapes as in :func:`pnp_translate`.
+    """
+    T = backend.scheduler.config.num_train_timesteps
+    timesteps = ddim_timesteps(T, config.steps, config.strength)
+    _, noise = draw_noise(config.seed, 1, tuple(latents.shape[1:]), T, estimator="paper")
+    a = _alpha(backend, int(timesteps[-1]))
+    x = a.sqrt() * latents + (1 - a).sqrt() * noise.to(latents.device)
+    states = torch.cat([null_states, target_states])
+    for i in range(len(timesteps) - 1, -1, -1):
+        t = int(timesteps[i])
+        eps_null, eps_target = _eps(backend, torch.cat([x, x]), t, states, config.precision).chunk(2)
+        guided = eps_null + config.guidance * (eps_target - eps_null)
+        previous = int(timesteps[i - 1]) if i > 0 else None
+        x = ddim_step(x, guided, _alpha(backend, t), _alpha(backend, previous))
+    return x
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    scaled = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def translate_pixels(backend: Backend, pixels: torch.Tensor, source_prompts: list[str], target_prompts: list[str],
+                     null_prompt: str, config: TranslateConfig) -> np.ndarray:
+    """Translate each image from its source prompt to its target prompt.
+
+    Args:
+        pixels: (B, 3, H, W) in [-1, 1]
+    Returns:
+        (B, H, W, 3) uint8
+    """
+    with torch.inference_mode():
+        latents = backend.encode_images(pixels.to(backend.device)).float()
+        target = backend.encode_prompts(target_prompts)
+        null = backend.encode_prompts([null_prompt]).expand_as(target)
+        if config.method == "pnp":
+            out = pnp_translate(backend, latents, backend.encode_prompts(source_prompts), target, null, config)
+        else:
+            out = sdedit_translate(backend, latents, target, null, config)
+        return to_uint8(backend.decode_latents(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# the step: sharded and resumable
+
+
+SHARD_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("image_id", pa.string()), ("path", pa.string()), ("source_label", pa.string()),
+    ("target_label", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("key", pa.string()),
+    ("status", pa.string()), ("problem", pa.string()),
+])
+
+
+def target_labels(labels: list[str], to: str) -> list[str]:
+    if to == "all":
+        return list(labels)
+    wanted = [label.strip() for label in to.split(",") if label.strip()]
+    unknown = [label for label in wanted if label not in labels]
+    if unknown:
+        raise ValueError(f"unknown target label(s) {unknown}; the run's labels are {labels}")
+    return wanted
+
+
+def source_images(run, per_label: int) -> pd.DataFrame:
+    """The images to translate: mined images (most typical first) when the run has mined, else all."""
+    images = run.images()
+    if run.patches_path.is_file():
+        order = list(dict.fromkeys(run.mined_patches("top")["image_id"]))
+        images = images.set_index("image_id").loc[order].reset_index()
+    if per_label > 0:
+        images = images.groupby("label", sort=True).head(per_label)
+    return images.reset_index(drop=True)
+
+
+def compute_shard(backend: Backend, images: pd.DataFrame, targets: list[str], prompt_of: dict[str, str],
+                  null_prompt: str, config: TranslateConfig, resolution: int, resize: str, progress=None):
+    """Translations of one shard's images to every target label but their own. Returns (arrays, rows)."""
+    arrays, rows = {}, []
+    records = images.to_dict("records")
+    per_batch = max(1, config.batch_size // max(1, len(targets) - 1))
+    for positions, batch in image_batches([r["path"] for r in records], resolution, resize, backend.latent_factor, per_batch):
+        if isinstance(batch, BadImage):
+            r = records[positions[0]]
+            rows += [dict(index=r["index"], image_id=r["image_id"], path=r["path"], source_label=r["label"],
+                          target_label=c, height=0, width=0, key="", status="bad", problem=batch.problem)
+                     for c in targets if c != r["label"]]
+        else:
+            pairs = [(n, c) for n, i in enumerate(positions) for c in targets if c != records[i]["label"]]
+            if pairs:
+                pixels = to_model_input(batch)[[n for n, _ in pairs]]
+                sources = [prompt_of[records[positions[n]]["label"]] for n, _ in pairs]
+                out = translate_pixels(backend, pixels, sources, [prompt_of[c] for _, c in pairs], null_prompt, config)
+                for (n, c), image in zip(pairs, out):
+                    r = records[positions[n]]
+                    key = f"{positions[n]}/{c}"
+                    arrays[key] = image
+                    rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], source_label=r["label"],
+                                     target_label=c, height=image.shape[0], width=image.shape[1], key=key,
+                                     status="ok", problem=None))
+        if progress is not None:
+            progress.update(len(positions))
+    rows.sort(key=lambda r: (r["index"], r["target_label"]))
+    return arrays, rows
+
+
+def run_translate(run, backend: Backend, config: TranslateConfig, model_identity: dict, progress: bool = True) -> int:
+    """Translate the run's (mined) images to the target labels; returns the number of shards written."""
+    dataset = run.step_config("dataset")
+    targets = target_labels(dataset["labels"], config.to)
+    directory = run.translations_dir
+    reset_if_settings_changed(directory, {**asdict(config), "model": model_identity})
+    images = source_images(run, config.images)
+    prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
+    n_shards = math.ceil(len(images) / config.shard_size)
+    todo = [s for s in range(n_shards) if not shard_is_complete(directory, shard_name(s))]
+    backend.denoiser.eval()
+    bar = tqdm(total=sum(len(images.iloc[s * config.shard_size:(s + 1) * config.shard_size]) for s in todo),
+               desc=f"translate ({config.method})", unit="img", disable=not progress)
+    for s in todo:
+        chunk = images.iloc[s * config.shard_size:(s + 1) * config.shard_size]
+        arrays, rows = compute_shard(backend, chunk, targets, prompt_of, run.prompt(None), config,
+                                     dataset["resolution"], dataset["resize"], bar)
+        write_shard(directory, shard_name(s), arrays, rows, SHARD_SCHEMA)
+    bar.close()
+    run.set_step_config("translate", {**asdict(config), "model": model_identity})
+    return len(todo)
