@@ -124,6 +124,26 @@ def typicality_job(data_dir: str, run_dir: str, resolution: int, model_dir: str,
     return {k: round(v, 3) for k, v in phases.items()}
 
 
+def quality(patches_path: Path, masks: Path, image_size: int) -> dict:
+    """The same metrics for either method's ranked patches: planted-element hit rate of all kept
+    patches, of each label's top-ranked cluster (mean over labels), and cluster purity."""
+    import pandas as pd
+
+    from diffmine.evaluate import cluster_purity, find_mask, load_mask, patch_hits
+
+    table = pd.read_parquet(patches_path)
+    loaded = {}
+    for image_id in table["image_id"].unique():
+        path = find_mask(masks, image_id)
+        if path is not None:
+            loaded[image_id] = load_mask(path, (image_size, image_size))
+    hits = patch_hits(table, loaded)
+    purity = cluster_purity(table, hits)
+    return {"hit_rate": float(np.nanmean(hits)),
+            "top_cluster_hit_rate": float(np.mean([v["top_cluster_hit_rate"] for v in purity.values()])),
+            "purity": float(np.mean([v["purity"] for v in purity.values()]))}
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -161,7 +181,8 @@ def main(argv=None) -> int:
         run = out / f"doersch-{n}"
         shutil.rmtree(run, ignore_errors=True)
         seconds, peak, phases = measure(doersch_job, str(data), str(run), args.image_size, dataclasses.asdict(config), extra=True)
-        rows.append({"method": "doersch", "images": images, "seconds": seconds, "peak_rss_mb": peak, "phases": phases})
+        rows.append({"method": "doersch", "images": images, "seconds": seconds, "peak_rss_mb": peak, "phases": phases,
+                     **quality(run / "baselines" / "doersch" / "patches.parquet", out / f"data-{n}" / "masks", args.image_size)})
         print(f"doersch     {images:>6} images {seconds:9.1f} s {peak:9.0f} MB  {phases}", flush=True)
         if args.with_typicality:
             if model_dir is None:
@@ -175,15 +196,19 @@ def main(argv=None) -> int:
             shutil.rmtree(run, ignore_errors=True)
             seconds, peak, phases = measure(typicality_job, str(data), str(run), args.image_size, model_dir, args.samples,
                                             args.seed, extra=True)
-            rows.append({"method": "typicality", "images": images, "seconds": seconds, "peak_rss_mb": peak, "phases": phases})
+            rows.append({"method": "typicality", "images": images, "seconds": seconds, "peak_rss_mb": peak, "phases": phases,
+                         **quality(run / "clusters" / "patches.parquet", out / f"data-{n}" / "masks", args.image_size)})
             print(f"typicality  {images:>6} images {seconds:9.1f} s {peak:9.0f} MB  {phases}", flush=True)
         if not args.keep:
             shutil.rmtree(out / f"data-{n}", ignore_errors=True)
 
     print()
-    print(f"{'method':<14} {'images':>7} {'seconds':>9} {'ms/image':>9} {'peak MB':>8}")
+    print(f"{'method':<14} {'images':>7} {'seconds':>9} {'ms/image':>9} {'peak MB':>8} {'hit rate':>9} {'top-cluster hit':>16} {'purity':>7}")
     for r in rows:
-        print(f"{r['method']:<14} {r['images']:>7} {r['seconds']:>9.1f} {1000 * r['seconds'] / r['images']:>9.1f} {r['peak_rss_mb']:>8.0f}")
+        quality_cells = (f"{r['hit_rate']:>9.3f} {r['top_cluster_hit_rate']:>16.3f} {r['purity']:>7.3f}" if "hit_rate" in r
+                         else "")
+        print(f"{r['method']:<14} {r['images']:>7} {r['seconds']:>9.1f} {1000 * r['seconds'] / r['images']:>9.1f} "
+              f"{r['peak_rss_mb']:>8.0f} {quality_cells}")
     exponents = {}
     for method in ("doersch", "typicality"):
         mine = [r for r in rows if r["method"] == method]
