@@ -10,6 +10,8 @@ inversion trajectory in the same batch, and forward hooks copy the source branch
 into the target branches: the residual features of ``up_blocks[1].resnets[1]`` for the first 80%
 of the steps, the self-attention queries and keys of up-blocks 1-3 for the first 50%. The
 structure of the scene comes from the source; what the label changes comes from the prompt.
+``strength`` < 1 inverts only that fraction of the trajectory (keeps more of the source, changes
+less; measured on the embedded model: 0.5-0.7 keep the scene but add no element).
 
 SDEdit (Meng et al., ICLR 2022), the cheap option: noise the source to ``strength`` of the
 trajectory and sample back under the target prompt; no inversion, no source branch.
