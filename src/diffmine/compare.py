@@ -14,7 +14,6 @@ Typical use: the same dataset scored by a finetuned model and by the pretrained 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -23,7 +23,6 @@ clusters ranked by median co-typicality and their members by distance to the cen
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,7 +35,7 @@ from .data import load_image, to_model_input, write_table
 from .features import FeatureConfig, dift_feature_maps, pool_boxes
 from .mining import default_patch_size, greedy_boxes, patch_scores
 from .models import Backend
-from .shards import read_array, reset_if_settings_changed, shard_is_complete, shard_name, write_shard
+from .shards import missing_shards, read_array, reset_if_settings_changed, write_shard
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
 
 
@@ -129,21 +128,18 @@ def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features
     scenes, labels = tuples(run)
     if len(labels) < 2 or scenes.empty:
         raise ValueError(f"{run.path}: co-typicality needs images translated to at least one other label")
-    base = run.config.get("typicality", {})
-    draws = TypicalityConfig(samples=config.samples, seed=config.seed,
-                             **{k: base[k] for k in ("t_min", "t_max", "estimator", "batch_size", "precision") if k in base})
+    draws = TypicalityConfig.from_settings(run.config.get("typicality", {}), samples=config.samples, seed=config.seed)
     directory = run.path / "cotypicality"
     reset_if_settings_changed(directory, {**asdict(draws), "labels": labels, "model": model_identity})
     prompts = [run.prompt(label) for label in labels]
     null = run.prompt(None)
-    n_shards = math.ceil(len(scenes) / config.shard_size)
-    todo = [s for s in range(n_shards) if not shard_is_complete(directory, shard_name(s))]
+    todo = missing_shards(directory, len(scenes), config.shard_size)
     backend.denoiser.eval()
-    bar = tqdm(total=sum(len(scenes.iloc[s * config.shard_size:(s + 1) * config.shard_size]) for s in todo),
-               desc="co-typicality", unit="scene", disable=not progress)
-    for s in todo:
+    bar = tqdm(total=sum(rows.stop - rows.start for _, rows in todo), desc="co-typicality", unit="scene",
+               disable=not progress)
+    for name, chunk in todo:
         arrays, rows = {}, []
-        for n, r in enumerate(scenes.iloc[s * config.shard_size:(s + 1) * config.shard_size].itertuples()):
+        for n, r in enumerate(scenes.iloc[chunk].itertuples()):
             members = tuple_pixels(run, r.image_id, r.path, r.label, labels, dataset["resolution"], dataset["resize"],
                                    backend.latent_factor)
             maps = typicality_latent_maps(backend, to_model_input(members), prompts, null, draws)
@@ -151,7 +147,7 @@ def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features
             rows.append(dict(index=int(r.index), image_id=r.image_id, source_label=r.label, labels=",".join(labels),
                              height=members.shape[1], width=members.shape[2], key=str(n), status="ok", problem=None))
             bar.update()
-        write_shard(directory, shard_name(s), arrays, rows, SHARD_SCHEMA)
+        write_shard(directory, name, arrays, rows, SHARD_SCHEMA)
     bar.close()
 
     sequences = top_sequences(run, directory, labels, config)
@@ -192,7 +188,8 @@ def sequence_features(run, backend: Backend, sequences: pd.DataFrame, labels: li
     """Per label, (N, C) DIFT features of each sequence's member of that label, under its prompt."""
     blocks: list[np.ndarray | None] = [None] * len(labels)
     prompts = [run.prompt(label) for label in labels]
-    paths = dict(zip(run.images()["image_id"], run.images()["path"]))
+    images = run.images()
+    paths = dict(zip(images["image_id"], images["path"]))
     groups = sequences.groupby("image_id", sort=False)
     for image_id, group in tqdm(groups, total=groups.ngroups, desc="sequence features", unit="scene", disable=not progress):
         members = tuple_pixels(run, image_id, paths[image_id], group["source_label"].iloc[0], labels,

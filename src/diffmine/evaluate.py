@@ -49,6 +49,15 @@ def localization_ap(pixel_map: np.ndarray, mask: np.ndarray) -> float:
     return float(average_precision_score(mask.ravel(), pixel_map.ravel()))
 
 
+def region_scores(pixel_map: np.ndarray, mask: np.ndarray) -> dict:
+    """AUC-PR of an (H, W) map against an (H, W) bool region, the random baseline (the region's
+    pixel fraction) and the mean map inside and outside it (NaN where undefined)."""
+    nan = float("nan")
+    return {"auc_pr": localization_ap(pixel_map, mask), "random": float(mask.mean()) if mask.any() else nan,
+            "inside": float(pixel_map[mask].mean()) if mask.any() else nan,
+            "outside": float(pixel_map[~mask].mean()) if (~mask).any() else nan}
+
+
 def patch_hits(patches: pd.DataFrame, masks_by_image: dict[str, np.ndarray]) -> np.ndarray:
     """Per patch: does it hold at least HIT_SHARE of its image's element pixels? (NaN: no mask)."""
     hits = np.full(len(patches), np.nan)
@@ -70,10 +79,7 @@ def evaluate_maps(maps: dict[str, np.ndarray], labels: dict[str, str], masks: Pa
             continue
         mask = load_mask(path, pixel_map.shape)
         loaded[image_id] = mask
-        rows.append({"image_id": image_id, "label": labels[image_id], "auc_pr": localization_ap(pixel_map, mask),
-                     "random": float(mask.mean()) if mask.any() else float("nan"),
-                     "inside": float(pixel_map[mask].mean()) if mask.any() else float("nan"),
-                     "outside": float(pixel_map[~mask].mean()) if (~mask).any() else float("nan")})
+        rows.append({"image_id": image_id, "label": labels[image_id], **region_scores(pixel_map, mask)})
     return pd.DataFrame(rows), loaded
 
 

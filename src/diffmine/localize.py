@@ -31,7 +31,6 @@ typicality settings (the same shared draws), and stored with the results.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import binary_erosion, gaussian_filter
 
 from .data import load_image, to_model_input
-from .evaluate import load_mask, localization_ap, summarize
+from .evaluate import load_mask, region_scores, summarize
 from .report import overlay, png_data_uri
 from .rundir import Run, open_run
 from .shards import read_array, write_shard
@@ -101,15 +100,6 @@ def blur_map(pixel_map: np.ndarray, sigma: float) -> np.ndarray:
     if sigma < 0:
         raise ValueError(f"the blur sigma must be >= 0, got {sigma}")
     return gaussian_filter(pixel_map, sigma, mode="nearest") if sigma > 0 else pixel_map
-
-
-def region_scores(pixel_map: np.ndarray, mask: np.ndarray) -> dict:
-    """AUC-PR of an (H, W) map against an (H, W) bool region, the random baseline (the region's
-    pixel fraction) and the mean map inside and outside it (NaN where undefined)."""
-    nan = float("nan")
-    return {"auc_pr": localization_ap(pixel_map, mask), "random": float(mask.mean()) if mask.any() else nan,
-            "inside": float(pixel_map[mask].mean()) if mask.any() else nan,
-            "outside": float(pixel_map[~mask].mean()) if (~mask).any() else nan}
 
 
 def read_boxes(path: str | Path) -> pd.DataFrame:
@@ -232,8 +222,7 @@ def mask_regions(masks: Path, scored: pd.DataFrame) -> tuple[list[dict], list[st
 def computed_latent_maps(run: Run, backend, path: str, labels: list[str]) -> np.ndarray:
     """(len(labels), h, w) float32: typicality of the image at ``path`` under each of the run's
     ``labels``, with the run's typicality settings (so the same shared draws as its stored maps)."""
-    settings = run.step_config("typicality")
-    config = TypicalityConfig(**{f.name: settings[f.name] for f in dataclasses.fields(TypicalityConfig) if f.name in settings})
+    config = TypicalityConfig.from_settings(run.step_config("typicality"))
     dataset = run.step_config("dataset")
     image = load_image(path, dataset["resolution"], dataset["resize"], backend.latent_factor)
     pixels = to_model_input(np.repeat(image[None], len(labels), 0))

@@ -106,13 +106,17 @@ def _cluster_rows(images: RunImages, clustered: pd.DataFrame, config: ReportConf
 
 
 def _member(images: RunImages, run, image_id: str, source_label: str, label: str) -> np.ndarray | None:
-    """One member of a translated scene: the source image for its own label, else its translation."""
+    """One member of a translated scene: the source image for its own label, else its translation
+    (each read once: a scene shows up in several rows)."""
     if label == source_label:
         return images.get(image_id)
-    try:
-        return run.translation(image_id, label)
-    except KeyError:
-        return None
+    key = f"{image_id}->{label}"
+    if key not in images.cache:
+        try:
+            images.cache[key] = run.translation(image_id, label)
+        except KeyError:
+            images.cache[key] = None
+    return images.cache[key]
 
 
 def cotypicality_section(run, images: RunImages, config: ReportConfig) -> dict | None:

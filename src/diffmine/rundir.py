@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .data import Dataset, Problem, write_table
 
@@ -142,12 +141,12 @@ class Run:
         return sorted(self.typicality_dir.glob("shard-*.parquet"))
 
     def typicality_index(self, missing_ok: bool = False) -> pd.DataFrame | None:
-        shards = self.typicality_shards()
-        if not shards:
-            if missing_ok:
-                return None
+        from .shards import read_index
+
+        index = read_index(self.typicality_dir)
+        if index is None and not missing_ok:
             raise RunError(f"{self.path}: no typicality yet; run `diffmine typicality --run {self.path}`")
-        return pd.concat([pd.read_parquet(s).assign(shard=s.stem) for s in shards], ignore_index=True)
+        return index
 
     @cached_property
     def _typicality_lookup(self) -> dict[str, tuple[str, str, int, int]]:
@@ -157,14 +156,13 @@ class Run:
 
     def latent_typicality_map(self, image_id: str) -> np.ndarray:
         """(h, w) float32 typicality on the latent grid, as stored."""
-        from safetensors import safe_open
+        from .shards import read_array
 
         try:
             shard, key, _, _ = self._typicality_lookup[image_id]
         except KeyError:
             raise KeyError(f"no typicality map for {image_id!r} in {self.path} (unknown image, or skipped as bad)") from None
-        with safe_open(str(self.typicality_dir / f"{shard}.safetensors"), "np") as f:
-            return f.get_tensor(key).astype(np.float32)
+        return read_array(self.typicality_dir, shard, key).astype(np.float32)
 
     def typicality_map(self, image_id: str) -> np.ndarray:
         """(H, W) float32 typicality at the image's resolution after the run's resize.
@@ -196,10 +194,12 @@ class Run:
     # -- translations ---------------------------------------------------------------------
     def translations_index(self) -> pd.DataFrame:
         """Every translation made so far: image_id, source_label, target_label, key, status, shard."""
-        shards = sorted(self.translations_dir.glob("shard-*.parquet"))
-        if not shards:
+        from .shards import read_index
+
+        index = read_index(self.translations_dir)
+        if index is None:
             raise RunError(f"{self.path}: no translations yet; run `diffmine translate --run {self.path}`")
-        return pd.concat([pd.read_parquet(s).assign(shard=s.stem) for s in shards], ignore_index=True)
+        return index
 
     @cached_property
     def _translation_lookup(self) -> dict[tuple[str, str], tuple[str, str]]:

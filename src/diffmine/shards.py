@@ -12,6 +12,7 @@ lists a key its arrays file lacks (a write killed half-way), is redone by the ne
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,19 @@ from .data import write_table
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}"
+
+
+def shard_count(items: int, shard_size: int) -> int:
+    return math.ceil(items / shard_size)
+
+
+def missing_shards(directory: Path, items: int, shard_size: int, process_index: int = 0,
+                   num_processes: int = 1) -> list[tuple[str, slice]]:
+    """The shards still to compute, as (name, rows of the item list), of this process's share:
+    shards are dealt round-robin to processes, each computed whole by one of them."""
+    return [(shard_name(s), slice(s * shard_size, min((s + 1) * shard_size, items)))
+            for s in range(process_index, shard_count(items, shard_size), num_processes)
+            if not shard_is_complete(directory, shard_name(s))]
 
 
 def shard_is_complete(directory: Path, name: str) -> bool:
@@ -51,6 +65,14 @@ def write_shard(directory: Path, name: str, arrays: dict[str, np.ndarray], rows:
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         tmp.replace(directory / f"{name}.safetensors")
     write_table(pa.Table.from_pylist(rows, schema=schema), directory / f"{name}.parquet")
+
+
+def read_index(directory: Path) -> pd.DataFrame | None:
+    """Every complete shard's index rows, with a ``shard`` column naming their shard (None: no shard)."""
+    shards = sorted(directory.glob("shard-*.parquet"))
+    if not shards:
+        return None
+    return pd.concat([pd.read_parquet(s).assign(shard=s.stem) for s in shards], ignore_index=True)
 
 
 def read_array(directory: Path, shard: str, key: str) -> np.ndarray:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .data import BadImage, image_batches, to_model_input
 from .models import Backend
-from .shards import reset_if_settings_changed, shard_is_complete, shard_name, write_shard
+from .shards import missing_shards, reset_if_settings_changed, write_shard
 from .typicality import autocast, draw_noise
 
 METHODS = ("pnp", "sdedit")
@@ -331,16 +331,14 @@ def run_translate(run, backend: Backend, config: TranslateConfig, model_identity
     reset_if_settings_changed(directory, {**asdict(config), "model": model_identity})
     images = source_images(run, config.images)
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
-    n_shards = math.ceil(len(images) / config.shard_size)
-    todo = [s for s in range(n_shards) if not shard_is_complete(directory, shard_name(s))]
+    todo = missing_shards(directory, len(images), config.shard_size)
     backend.denoiser.eval()
-    bar = tqdm(total=sum(len(images.iloc[s * config.shard_size:(s + 1) * config.shard_size]) for s in todo),
-               desc=f"translate ({config.method})", unit="img", disable=not progress)
-    for s in todo:
-        chunk = images.iloc[s * config.shard_size:(s + 1) * config.shard_size]
-        arrays, rows = compute_shard(backend, chunk, targets, prompt_of, run.prompt(None), config,
+    bar = tqdm(total=sum(rows.stop - rows.start for _, rows in todo), desc=f"translate ({config.method})", unit="img",
+               disable=not progress)
+    for name, chunk in todo:
+        arrays, rows = compute_shard(backend, images.iloc[chunk], targets, prompt_of, run.prompt(None), config,
                                      dataset["resolution"], dataset["resize"], bar)
-        write_shard(directory, shard_name(s), arrays, rows, SHARD_SCHEMA)
+        write_shard(directory, name, arrays, rows, SHARD_SCHEMA)
     bar.close()
     run.set_step_config("translate", {**asdict(config), "model": model_identity})
     return len(todo)

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -33,7 +31,7 @@ from tqdm import tqdm
 
 from .data import BadImage, image_batches, to_model_input
 from .models import Backend
-from .shards import reset_if_settings_changed, shard_is_complete, shard_name, write_shard
+from .shards import missing_shards, reset_if_settings_changed, shard_count, write_shard
 
 ESTIMATORS = ("paper", "stratified", "stratified-antithetic")
 
@@ -52,6 +50,13 @@ class TypicalityConfig:
     map_dtype: str = "float16"  # storage precision of the latent maps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast) for the UNet forward
     workers: int = 0  # image-decoding processes prefetching ahead of the model
+
+    @classmethod
+    def from_settings(cls, settings: dict, **overrides) -> "TypicalityConfig":
+        """The config a run recorded (``run.config["typicality"]``, extra keys ignored), with
+        ``overrides``: later steps reuse its draws and precision."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in settings.items() if k in names}, **overrides})
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -234,11 +239,11 @@ def run_typicality(run, backend: Backend, config: TypicalityConfig, model_identi
     images = run.images()
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
     null_prompt = run.prompt(None)
-    n_shards = math.ceil(len(images) / config.shard_size)
-    mine = [s for s in range(process_index, n_shards, num_processes) if not shard_is_complete(directory, shard_name(s))]
-    todo = sum(min(config.shard_size, len(images) - s * config.shard_size) for s in mine)
+    n_shards = shard_count(len(images), config.shard_size)
+    mine = missing_shards(directory, len(images), config.shard_size, process_index, num_processes)
     backend.denoiser.eval()
-    bar = tqdm(total=todo, desc=f"typicality [{process_index}]" if num_processes > 1 else "typicality",
+    bar = tqdm(total=sum(rows.stop - rows.start for _, rows in mine),
+               desc=f"typicality [{process_index}]" if num_processes > 1 else "typicality",
                unit="img", position=process_index, disable=not progress)
 
     def show_overall():
@@ -248,11 +253,10 @@ def run_typicality(run, backend: Backend, config: TypicalityConfig, model_identi
             bar.set_postfix_str(f"all processes: {len(list(directory.glob('shard-*.parquet')))}/{n_shards} shards")
 
     show_overall()
-    for s in mine:
-        chunk = images.iloc[s * config.shard_size:(s + 1) * config.shard_size]
-        maps, rows = compute_shard(backend, chunk, prompt_of, null_prompt, config,
+    for name, chunk in mine:
+        maps, rows = compute_shard(backend, images.iloc[chunk], prompt_of, null_prompt, config,
                                    dataset["resolution"], dataset["resize"], bar)
-        write_shard(directory, shard_name(s), maps, rows, SHARD_SCHEMA)
+        write_shard(directory, name, maps, rows, SHARD_SCHEMA)
         show_overall()
     bar.close()
     _barrier(num_processes)
