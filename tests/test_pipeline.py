@@ -141,6 +141,17 @@ def test_typicality_is_deterministic_and_resumes_after_a_kill(trained_run, tmp_p
         np.testing.assert_array_equal(copy.typicality_map(image_id), trained_run.typicality_map(image_id))
 
 
+def test_resume_with_another_batch_size_keeps_the_shards(trained_run, tmp_path):
+    """How the work is executed (pass size, decoding workers) is not part of the result."""
+    copy = Run(tmp_path / "copy")
+    shutil.copytree(trained_run.path, copy.path)
+    shards = sorted(copy.typicality_dir.glob("shard-*.parquet"))
+    shards[0].unlink()
+    faster = TypicalityConfig(**{**TYPICALITY.__dict__, "batch_size": 24, "workers": 1})
+    assert pipeline.typicality_step(copy, faster, progress=False) == 1
+    assert sorted(copy.typicality_dir.glob("shard-*.parquet")) == shards
+
+
 def test_another_seed_gives_other_draws_and_settings_change_recomputes(trained_run, tmp_path):
     copy = Run(tmp_path / "copy")
     shutil.copytree(trained_run.path, copy.path)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffmine.models.tiny import TinyBackend, TinyConfig
-from diffmine.typicality import condition_errors, draw_noise, typicality_from_errors
+from diffmine.typicality import compiled, condition_errors, draw_noise, typicality_from_errors
 
 SMALL = TinyConfig(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2)
 
@@ -43,6 +43,27 @@ def test_batched_equals_naive_reference(backend):
     for batch_size in (2, 7, 64):  # split across passes in different ways
         got = typicality_from_errors(condition_errors(backend, latents, states, timesteps, noise, batch_size))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_path_equals_the_reference():
+    """torch.compile (frozen weights) with padded fixed-shape passes gives the naive maps."""
+    # no attention levels: a smaller graph compiles in well under a minute; the mechanism (frozen
+    # weights, padding of the short last pass, the eager UNet back afterwards) is the same
+    backend = TinyBackend(["A", "B", "null"], TinyConfig(block_out_channels=(16, 32, 32), attention_levels=(False, False, False),
+                                                         cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2))
+    backend.denoiser.eval()
+    eager = backend.unet
+    torch.manual_seed(0)
+    latents = torch.randn(3, 48, 8, 8)
+    timesteps, noise = draw_noise(0, 5, (48, 8, 8), 1000)
+    states = torch.stack([backend.encode_prompts(["A", "B", "A"]), backend.encode_prompts(["null"] * 3)], 1).detach()
+    expected = naive_typicality(backend, latents, ["A", "B", "A"], "null", timesteps, noise)
+    with compiled(backend):
+        assert backend.unet is not eager
+        # 15 (image, draw) pairs in passes of 4 pairs: the last pass is padded from 3 to 4
+        got = typicality_from_errors(condition_errors(backend, latents, states, timesteps, noise, 8, fixed_shape=True))
+    assert backend.unet is eager
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_draws_depend_on_seed_and_shape_only():

@@ -4,7 +4,7 @@ Each image is scored under every label with the shared draws of typicality (one 
 holds all labels and the null prompt of a draw); its image-level typicality under label c is the
 mean over pixels of L(null) - L(c), and the prediction is the label that explains it best. With
 shared noise, argmax_c T(x|c) = argmin_c L(x, c): the rule of Diffusion Classifier (Li et al.,
-ICCV 2023), here with the run's stratified t draws instead of an evenly spaced grid.
+ICCV 2023), here with typicality's stratified, antithetic draws instead of an evenly spaced grid.
 
     diffmine classify --run RUN [--per-label N] [--samples K] [--json]
 
@@ -25,23 +25,14 @@ from tqdm import tqdm
 
 from .data import BadImage, image_batches, to_model_input, write_table
 from .models import Backend
-from .typicality import TypicalityConfig, prompt_errors
+from .typicality import TypicalityConfig, compiled, prompt_errors
 
 
 @dataclass
-class ClassifyConfig:
-    per_label: int = 50  # images scored per label (0: all), drawn at random with the seed
-    samples: int = 16
-    t_min: float = 0.1
-    t_max: float = 0.7
-    estimator: str = "stratified"
-    batch_size: int = 256
-    precision: str = "fp32"
-    seed: int = 0
+class ClassifyConfig(TypicalityConfig):
+    """The draws of typicality (its fields) plus the choice of images to score."""
 
-    def draws(self) -> TypicalityConfig:
-        return TypicalityConfig(samples=self.samples, t_min=self.t_min, t_max=self.t_max, estimator=self.estimator,
-                                seed=self.seed, batch_size=self.batch_size, precision=self.precision)
+    per_label: int = 50  # images scored per label (0: all), drawn at random with the seed
 
 
 def label_scores(backend: Backend, pixels: torch.Tensor, label_prompts: list[str], null_prompt: str,
@@ -94,20 +85,21 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
     prompts = [run.prompt(label) for label in labels]
     images = sample_images(run.images(), config.per_label, config.seed)
     records = images.to_dict("records")
-    draws = config.draws()
     backend.denoiser.eval()
     rows = []
     # every image costs (M + 1) * K UNet inputs; batch images so a pass holds about batch_size
-    per_batch = max(1, config.batch_size // ((len(labels) + 1) * config.samples))
+    per_batch = max(1, (config.batch_size or backend.inputs_per_pass) // ((len(labels) + 1) * config.samples))
     bar = tqdm(total=len(records), desc="classify", unit="img", disable=not progress)
-    for positions, batch in image_batches([r["path"] for r in records], dataset["resolution"], dataset["resize"],
-                                          backend.latent_factor, per_batch):
-        if not isinstance(batch, BadImage):  # bad images are listed by the typicality step
-            scores = label_scores(backend, to_model_input(batch), prompts, run.prompt(None), draws)
-            for i, row in zip(positions, scores):
-                rows.extend(dict(image_id=records[i]["image_id"], label=records[i]["label"], candidate=c,
-                                 typicality=float(s)) for c, s in zip(labels, row))
-        bar.update(len(positions))
+    batches = image_batches([r["path"] for r in records], dataset["resolution"], dataset["resize"],
+                            backend.latent_factor, per_batch, config.workers)
+    with compiled(backend, config.compile):
+        for positions, batch in batches:
+            if not isinstance(batch, BadImage):  # bad images are listed by the typicality step
+                scores = label_scores(backend, to_model_input(batch), prompts, run.prompt(None), config)
+                for i, row in zip(positions, scores):
+                    rows.extend(dict(image_id=records[i]["image_id"], label=records[i]["label"], candidate=c,
+                                     typicality=float(s)) for c, s in zip(labels, row))
+            bar.update(len(positions))
     bar.close()
     if not rows:
         raise ValueError(f"{run.path}: no readable images to classify")

@@ -12,7 +12,9 @@ lists a key its arrays file lacks (a write killed half-way), is redone by the ne
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -82,10 +84,14 @@ def read_array(directory: Path, shard: str, key: str) -> np.ndarray:
         return f.get_tensor(key)
 
 
+def result_settings(config, execution: tuple[str, ...] = ("batch_size", "workers", "compile")) -> dict:
+    """A step's settings (a dataclass) less those that only say how the work is executed: a resume
+    may change the batch size, the decoding workers or compilation and keep the shards already written."""
+    return {k: v for k, v in asdict(config).items() if k not in execution}
+
+
 def reset_if_settings_changed(directory: Path, settings: dict) -> None:
     """Remove the shards of earlier settings (another model, other draws): they belong to another result."""
-    import json
-
     stamp = directory / "settings.json"
     wanted = json.loads(json.dumps(settings, default=str))
     if stamp.is_file() and json.loads(stamp.read_text()) != wanted:

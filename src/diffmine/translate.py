@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .data import BadImage, image_batches, to_model_input
 from .models import Backend
-from .shards import missing_shards, reset_if_settings_changed, write_shard
+from .shards import missing_shards, reset_if_settings_changed, result_settings, write_shard
 from .typicality import autocast, draw_noise
 
 METHODS = ("pnp", "sdedit")
@@ -328,7 +328,7 @@ def run_translate(run, backend: Backend, config: TranslateConfig, model_identity
     dataset = run.step_config("dataset")
     targets = target_labels(dataset["labels"], config.to)
     directory = run.translations_dir
-    reset_if_settings_changed(directory, {**asdict(config), "model": model_identity})
+    reset_if_settings_changed(directory, {**result_settings(config), "model": model_identity})
     images = source_images(run, config.images)
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
     todo = missing_shards(directory, len(images), config.shard_size)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from .data import BadImage, image_batches, to_model_input
 from .models import Backend
-from .shards import missing_shards, reset_if_settings_changed, shard_count, write_shard
+from .shards import missing_shards, reset_if_settings_changed, result_settings, shard_count, write_shard
 
 ESTIMATORS = ("paper", "stratified", "stratified-antithetic")
 
@@ -41,15 +42,19 @@ class TypicalityConfig:
     samples: int = 16
     t_min: float = 0.1
     t_max: float = 0.7
-    # paper: t i.i.d. uniform, eps i.i.d.; stratified: one t per equal-width stratum (lower
-    # variance for the same K); stratified-antithetic: also eps, -eps in pairs
-    estimator: str = "stratified"
+    # paper: t i.i.d. uniform, eps i.i.d.; stratified: one t per equal-width stratum;
+    # stratified-antithetic: also eps, -eps in pairs. The default needs about half the draws of
+    # the paper's for the same patch ranking (benchmarks/estimator.py, benchmarks/README.md)
+    estimator: str = "stratified-antithetic"
     seed: int = 0
-    batch_size: int = 256  # UNet inputs per forward pass, all conditions counted
+    batch_size: int = 0  # UNet inputs per forward pass, all conditions counted; 0: the backend's choice
     shard_size: int = 512  # images per stored shard (the unit of work and of resume)
     map_dtype: str = "float16"  # storage precision of the latent maps
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast) for the UNet forward
     workers: int = 0  # image-decoding processes prefetching ahead of the model
+    # torch.compile the UNet (inductor, weights frozen): ~1.25x per pass on a 2-core CPU after
+    # ~1.5 min of compiling, so worth it from a few thousand images (benchmarks/README.md)
+    compile: bool = False
 
     @classmethod
     def from_settings(cls, settings: dict, **overrides) -> "TypicalityConfig":
@@ -72,7 +77,7 @@ class TypicalityConfig:
 
 
 def draw_noise(seed: int, samples: int, latent_shape: tuple[int, int, int], num_train_timesteps: int,
-               t_min: float = 0.1, t_max: float = 0.7, estimator: str = "stratified") -> tuple[torch.Tensor, torch.Tensor]:
+               t_min: float = 0.1, t_max: float = 0.7, estimator: str = "stratified-antithetic") -> tuple[torch.Tensor, torch.Tensor]:
     """The K (t, eps) draws shared by every image of one latent shape.
 
     Returns:
@@ -92,6 +97,24 @@ def draw_noise(seed: int, samples: int, latent_shape: tuple[int, int, int], num_
     return timesteps, noise
 
 
+@contextmanager
+def compiled(backend: Backend, enabled: bool = True):
+    """Within the block, ``backend``'s UNet is ``torch.compile``d for inference (inductor with the
+    weights frozen as constants); the eager UNet is back afterwards, for training or hooks."""
+    if not enabled:
+        yield backend
+        return
+    import torch._inductor.config as inductor
+
+    eager, freezing = backend.denoiser.unet, inductor.freezing
+    inductor.freezing = True
+    backend.denoiser.unet = torch.compile(eager, dynamic=False)
+    try:
+        yield backend
+    finally:
+        backend.denoiser.unet, inductor.freezing = eager, freezing
+
+
 def autocast(device: torch.device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -99,14 +122,17 @@ def autocast(device: torch.device, precision: str):
 
 @torch.inference_mode()
 def condition_errors(backend: Backend, latents: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor,
-                     noise: torch.Tensor, batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
+                     noise: torch.Tensor, batch_size: int = 0, precision: str = "fp32",
+                     fixed_shape: bool = False) -> torch.Tensor:
     """Per-pixel denoising error under M conditions, averaged over K shared draws.
 
     Args:
         latents: (B, C, h, w) clean latents
         states: (B, M, L, D) prompt states, M conditions per image
         timesteps: (K,) int64; noise: (K, C, h, w): the draws, shared by the M conditions
-        batch_size: UNet inputs per forward pass
+        batch_size: UNet inputs per forward pass (0: ``backend.inputs_per_pass``)
+        fixed_shape: pad a short last pass to the full pass size, so that a compiled UNet sees
+            one input shape and never recompiles
     Returns:
         (B, M, h, w) float32: mean over draws of || eps_theta - eps ||^2 averaged over channels
     """
@@ -118,20 +144,22 @@ def condition_errors(backend: Backend, latents: torch.Tensor, states: torch.Tens
     totals = torch.zeros(B * M, *latents.shape[2:], device=device)
     # every (image, draw) pair, all M conditions of a pair in the same forward pass
     pairs = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij"), -1).reshape(-1, 2)
-    per_pass = max(1, batch_size // M)
+    per_pass = max(1, (batch_size or backend.inputs_per_pass) // M)
     latents, states = latents.to(device), states.to(device)
     timesteps, noise = timesteps.to(device), noise.to(device)
     for chunk in pairs.split(per_pass):
+        n = len(chunk)
+        if fixed_shape and n < per_pass:
+            chunk = torch.cat([chunk, chunk[-1:].expand(per_pass - n, 2)])  # the padding is discarded
         b, k = chunk[:, 0].to(device), chunk[:, 1].to(device)
         a = alphas[timesteps[k]].view(-1, 1, 1, 1)
         eps = noise[k]
         noisy = a.sqrt() * latents[b] + (1 - a).sqrt() * eps  # q(x_t | x_0), the DDPM forward
-        n = len(chunk)
         with autocast(device, precision):
             pred = backend.denoiser(noisy.repeat_interleave(M, 0), timesteps[k].repeat_interleave(M, 0),
                                     states[b].flatten(0, 1))
-        err = (pred.float() - eps.repeat_interleave(M, 0)).pow(2).mean(1)  # (n * M, h, w)
-        rows = (b.view(-1, 1) * M + torch.arange(M, device=device)).flatten()
+        err = (pred.float() - eps.repeat_interleave(M, 0)).pow(2).mean(1)[: n * M]  # (n * M, h, w)
+        rows = (b[:n].view(-1, 1) * M + torch.arange(M, device=device)).flatten()
         totals.index_add_(0, rows, err)
     return (totals / K).view(B, M, *latents.shape[2:])
 
@@ -166,7 +194,8 @@ def prompt_errors(backend: Backend, pixels: torch.Tensor, prompts: list[list[str
         states = states.view(len(prompts), M, *states.shape[1:])
     timesteps, noise = draw_noise(config.seed, config.samples, tuple(latents.shape[1:]),
                                   backend.scheduler.config.num_train_timesteps, config.t_min, config.t_max, config.estimator)
-    return condition_errors(backend, latents, states, timesteps, noise, config.batch_size, config.precision)
+    return condition_errors(backend, latents, states, timesteps, noise, config.batch_size, config.precision,
+                            fixed_shape=config.compile)
 
 
 def typicality_latent_maps(backend: Backend, pixels: torch.Tensor, label_prompts: list[str], null_prompt: str,
@@ -199,7 +228,7 @@ def compute_shard(backend: Backend, images: pd.DataFrame, prompt_of: dict[str, s
     """Typicality maps of one shard's images. Returns (maps by key, index rows)."""
     maps, rows = {}, []
     records = images.to_dict("records")
-    per_batch = max(1, config.batch_size // (2 * config.samples))
+    per_batch = max(1, (config.batch_size or backend.inputs_per_pass) // (2 * config.samples))
     for positions, batch in image_batches([r["path"] for r in records], resolution, resize, backend.latent_factor,
                                           per_batch, config.workers):
         if isinstance(batch, BadImage):
@@ -232,7 +261,7 @@ def run_typicality(run, backend: Backend, config: TypicalityConfig, model_identi
     """
     directory = run.typicality_dir
     if process_index == 0:
-        reset_if_settings_changed(directory, {**asdict(config), "model": model_identity})
+        reset_if_settings_changed(directory, {**result_settings(config), "model": model_identity})
     _barrier(num_processes)
 
     dataset = run.step_config("dataset")
@@ -253,11 +282,12 @@ def run_typicality(run, backend: Backend, config: TypicalityConfig, model_identi
             bar.set_postfix_str(f"all processes: {len(list(directory.glob('shard-*.parquet')))}/{n_shards} shards")
 
     show_overall()
-    for name, chunk in mine:
-        maps, rows = compute_shard(backend, images.iloc[chunk], prompt_of, null_prompt, config,
-                                   dataset["resolution"], dataset["resize"], bar)
-        write_shard(directory, name, maps, rows, SHARD_SCHEMA)
-        show_overall()
+    with compiled(backend, config.compile and bool(mine)):
+        for name, chunk in mine:
+            maps, rows = compute_shard(backend, images.iloc[chunk], prompt_of, null_prompt, config,
+                                       dataset["resolution"], dataset["resize"], bar)
+            write_shard(directory, name, maps, rows, SHARD_SCHEMA)
+            show_overall()
     bar.close()
     _barrier(num_processes)
     return len(mine)
