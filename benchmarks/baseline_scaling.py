@@ -148,7 +148,8 @@ def quality(patches_path: Path, masks: Path, image_size: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from diffmine.baselines.doersch import DoerschConfig, add_config_flags, config_from_args
+    from diffmine.baselines.doersch import HELP, DoerschConfig
+    from diffmine.cli import add_config, build_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3200], help="numbers of images (default: 200 800 3200)")
@@ -160,11 +161,11 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=300, help="tiny-model training steps (with --with-typicality)")
     p.add_argument("--samples", type=int, default=8, help="typicality samples K (with --with-typicality)")
     p.add_argument("--keep", action="store_true", help="keep the generated datasets and runs")
-    add_config_flags(p)
+    add_config(p, DoerschConfig, help=HELP)
     # a benchmark-sized Doersch config (the paper-sized defaults: --patch 64 --stride 8 --seeds 25000 ...)
     p.set_defaults(patch=24, stride=8, seeds=2000, detectors=100, negatives_min=2000, negatives_max=5000)
     args = p.parse_args(argv)
-    config = dataclasses.replace(config_from_args(args), seed=args.seed)
+    config = build_config(DoerschConfig, args)
 
     from diffmine.synthetic import SynthConfig, generate
 

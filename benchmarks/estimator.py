@@ -10,7 +10,7 @@ with the reference's, over all patches of all images; mean over ``--repeats`` se
 Estimators (``--estimator`` of ``diffmine typicality``):
   paper                  t i.i.d. uniform in [t_min, t_max], eps i.i.d. (the authors' code)
   stratified             one t per equal-width stratum, eps i.i.d.
-  stratified-antithetic  stratified t, eps and -eps in pairs
+  stratified-antithetic  stratified t, eps and -eps in pairs (the default)
 All share (t, eps) between the label and null terms (common random numbers).
 """
 
@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--reference", type=int, default=256)
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 25, 50, 100])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     run = open_run(args.run)
     backend, _ = load_model(run)
@@ -61,13 +61,14 @@ def main():
     t0 = time.time()
     reference = patch_ranking(maps(TypicalityConfig(samples=args.reference, estimator="paper", seed=10_000)), size, k)
     print(f"{len(rows)} images, patch {k}px, reference: {args.reference} i.i.d. draws ({time.time() - t0:.0f} s)\n")
-    print(f"{'K':>5} " + " ".join(f"{e:>22}" for e in ESTIMATORS))
+    default = TypicalityConfig().estimator
+    print(f"{'K':>5} " + " ".join(f"{e + (' *' if e == default else ''):>24}" for e in ESTIMATORS) + "   (* default)")
     for K in args.ks:
         cells = []
         for estimator in ESTIMATORS:
             rhos = [spearmanr(patch_ranking(maps(TypicalityConfig(samples=K, estimator=estimator, seed=s)), size, k),
                               reference).statistic for s in range(args.repeats)]
-            cells.append(f"{np.mean(rhos):>22.3f}")
+            cells.append(f"{np.mean(rhos):>24.3f}")
         print(f"{K:>5} " + " ".join(cells), flush=True)
 
 

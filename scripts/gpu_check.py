@@ -10,7 +10,8 @@
 
 Prints training images/s (forward + backward + AdamW step, the same computation as
 ``diffmine train``), typicality images/s at K draws (``typicality_latent_maps``, as
-``diffmine typicality``), and the peak GPU memory of each (``torch.cuda.max_memory_allocated``).
+``diffmine typicality``), the peak GPU memory of each (``torch.cuda.max_memory_allocated``), and
+the UNet's achieved FLOP/s in typicality against the device's matmul peak in the same precision.
 With ``--pipeline`` it also runs the real steps (train, typicality, mine) on a temporary run.
 Images: ``--data DIR`` (``<label>/<image>`` folders) or the built-in synthetic dataset.
 """
@@ -173,6 +174,35 @@ def time_typicality(backend, pixels, labels, args, device) -> dict:
             "typicality_map_shape": list(maps.shape[1:]), "typicality_finite": bool(torch.isfinite(maps).all())}
 
 
+def unet_share_of_peak(backend, args, device, images_per_s: float) -> dict:
+    """Achieved FLOP/s of the UNet forward during typicality (FLOPs counted by
+    torch.utils.flop_counter) against a large square matmul in the same precision, on this device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffmine.typicality import autocast
+
+    latent = backend.encode_images(torch.zeros(1, 3, args.resolution, args.resolution, device=device))
+    states = backend.encode_prompts(["An image."])
+    with torch.inference_mode(), autocast(device, args.precision), FlopCounterMode(display=False) as counter:
+        backend.denoiser(latent, torch.full((1,), 500, device=device), states)
+    per_input = counter.get_total_flops()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32)
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    peak = 2 * n ** 3 / best
+    achieved = per_input * 2 * args.samples * images_per_s
+    return {"unet_gflop_per_input": per_input / 1e9, "matmul_peak_tflops": peak / 1e12,
+            "typicality_unet_tflops": achieved / 1e12, "typicality_share_of_peak": achieved / peak}
+
+
 def run_pipeline(model: str, folder: Path, args, workdir: Path) -> dict:
     from diffmine.mining import MineConfig
     from diffmine.pipeline import mine_step, prepare, train_step, typicality_step
@@ -238,6 +268,7 @@ def main(argv=None) -> int:
                       mixed_precision=args.mixed_precision, precision=args.precision, lora_rank=args.lora_rank)
         result.update(time_training(backend, pixels, labels, args, device))
         result.update(time_typicality(backend, pixels, labels, args, device))
+        result.update(unet_share_of_peak(backend, args, device, result["typicality_images_per_s"]))
         del backend
         if args.pipeline:
             result.update(run_pipeline(model, data, args, workdir))
@@ -248,6 +279,9 @@ def main(argv=None) -> int:
           f"peak GPU memory {mem(result['train_peak_gib'])}")
     print(f"typicality: {result['typicality_images_per_s']:.2f} images/s at K={args.samples} ({args.precision}), "
           f"peak GPU memory {mem(result['typicality_peak_gib'])}")
+    print(f"UNet:       {result['unet_gflop_per_input']:.1f} GFLOP per input; typicality runs it at "
+          f"{result['typicality_unet_tflops']:.3f} TFLOP/s = {100 * result['typicality_share_of_peak']:.0f}% of this "
+          f"device's {args.precision} matmul peak ({result['matmul_peak_tflops']:.3f} TFLOP/s)")
     print(json.dumps(result, default=str))
     return 0
 

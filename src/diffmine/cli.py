@@ -66,7 +66,7 @@ HELP = {
 
 
 def _flag(name: str, prefix: str = "") -> str:
-    return "--" + (prefix + name).replace("_", "-")
+    return "--" + (prefix + name).replace("_", "-").lower()
 
 
 def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple[str, ...] = ("seed",),
@@ -83,6 +83,9 @@ def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tup
         if kind is bool:
             parser.add_argument(_flag(field.name, prefix), dest=dest, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
+        elif isinstance(default, tuple):  # e.g. scales: (1.0, 0.75) <- --scales 1.0 0.75
+            parser.add_argument(_flag(field.name, prefix), dest=dest, type=type(default[0]), nargs="+",
+                                default=list(default), help=f"{help_text} (default: {' '.join(map(str, default))})")
         else:
             parser.add_argument(_flag(field.name, prefix), dest=dest, type=kind or str, default=default,
                                 help=f"{help_text} (default: {default})".strip())

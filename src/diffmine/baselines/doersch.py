@@ -44,7 +44,6 @@ detectors x folds SVMs of at most ``negatives_max + top_positives`` samples each
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 import warnings
@@ -574,22 +573,6 @@ HELP = {
 }
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(DoerschConfig):
-        if f.name == "seed":
-            continue
-        flag = "--" + f.name.replace("_", "-").lower()
-        if f.name == "scales":
-            parser.add_argument(flag, dest=f.name, type=float, nargs="+", default=list(f.default), help=f"{HELP[f.name]} (default: {' '.join(map(str, f.default))})")
-        else:
-            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=f"{HELP[f.name]} (default: {f.default})")
-
-
-def config_from_args(args: argparse.Namespace) -> DoerschConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DoerschConfig) if hasattr(args, f.name)}
-    return DoerschConfig(**values)
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``baseline`` (with its ``doersch`` sub-command) to the CLI's sub-parsers."""
     baseline = subparsers.add_parser("baseline", help="baseline miners to compare typicality with",
@@ -606,7 +589,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resize", default="square", choices=["square", "keep-aspect"], help="resize mode when listing a new run")
     p.add_argument("--prompt", default="An image of {label}.", help=argparse.SUPPRESS)
     p.add_argument("--null-prompt", default="An image.", help=argparse.SUPPRESS)
-    add_config_flags(p)
+    from ..cli import add_config  # the CLI calls this function, so it is loaded by now
+
+    add_config(p, DoerschConfig, help=HELP)
     p.set_defaults(func=cmd_baseline)
     return baseline
 
@@ -614,7 +599,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_baseline(args: argparse.Namespace) -> pd.DataFrame:
     if getattr(args, "baseline", "doersch") != "doersch":
         raise ValueError(f"unknown baseline {args.baseline!r}")
-    config = dataclasses.replace(config_from_args(args), seed=args.seed)
+    from ..cli import build_config
+
+    config = build_config(DoerschConfig, args)
     table = prepare_and_run(args.data, args.run, config, args.positive, args.prompt, args.null_prompt,
                             args.resolution, args.resize)
     n = table.groupby("label")["cluster"].nunique().sum() if len(table) else 0
