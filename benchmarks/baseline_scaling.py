@@ -83,9 +83,13 @@ def growth_exponent(sizes, seconds) -> float:
 
 
 def doersch_job(data_dir: str, run_dir: str, resolution: int, config: dict) -> dict:
-    from diffmine.baselines.doersch import DoerschConfig, prepare_and_run
+    from diffmine import pipeline
+    from diffmine.baselines.doersch import DoerschConfig
+    from diffmine.rundir import Run
 
-    prepare_and_run(data_dir, run_dir, DoerschConfig(**config), resolution=resolution, progress=False)
+    run = Run(run_dir)
+    pipeline.prepare(run, data_dir, "An image of {label}.", "An image.", resolution)
+    pipeline.baseline_step(run, DoerschConfig(**config), progress=False)
     return json.loads((Path(run_dir) / "baselines" / "doersch" / "settings.json").read_text())["seconds"]
 
 

@@ -146,8 +146,7 @@ def child_size(job: dict) -> dict:
 
     def prepare():
         pipeline.prepare(run, job["manifest"], "A scene from {label}.", "A scene.", job["image_size"])
-        shutil.copytree(trained.model_dir, run.model_dir, ignore=shutil.ignore_patterns("checkpoints"))
-        run.set_step_config("train", trained.step_config("train"))
+        pipeline.adopt_model(run, trained)
 
     seed = job["seed"]
     timed("prepare", prepare)

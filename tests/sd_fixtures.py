@@ -50,7 +50,7 @@ ARCHS = {
                   max_position_embeddings=77, vocab_size=1000, projection_dim=32,
                   bos_token_id=0, eos_token_id=1, pad_token_id=1),
     ),
-    # the real Stable Diffusion 1.5 configuration (runwayml/stable-diffusion-v1-5)
+    # the real Stable Diffusion 1.5 configuration (stable-diffusion-v1-5/stable-diffusion-v1-5)
     "sd15": dict(
         unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                   block_out_channels=(320, 640, 1280, 1280),

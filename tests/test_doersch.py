@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffmine.baselines.doersch import (COLUMNS, DoerschConfig, add_parser, cmd_baseline, patch_features,
+from diffmine.cli import cmd_baseline
+from diffmine.baselines.doersch import (COLUMNS, DoerschConfig, add_parser, patch_features,
                                         run_doersch)
 from diffmine.evaluate import find_mask, load_mask, patch_hits
 from diffmine.pipeline import prepare
@@ -141,7 +142,7 @@ def test_cli_standalone_lists_the_dataset(data, tmp_path):
                             "--positive", "norland", "--resolution", str(SIZE), *flags,
                             "--scales", "1.0", "0.75"])
     assert args.scales == [1.0, 0.75] and args.patch == 16
-    table = args.func(args)
+    table = cmd_baseline(args)
     assert (tmp_path / "run" / "images.parquet").is_file()
     assert set(table["label"]) == {"norland"} and table["cluster"].max() <= 2
     assert len(pd.read_parquet(tmp_path / "run" / "baselines" / "doersch" / "patches.parquet")) == len(table)

@@ -170,7 +170,7 @@ def _assert_shape(result, labels):
 
 def test_boxes_from_masks_localize_well_above_random(run, boxes_csv, capsys):
     result, err = _json(["localize", "--run", str(run.path), "--boxes", str(boxes_csv)], capsys)
-    assert set(result) == {"overall", "per_label"}
+    assert set(result) == {"split", "overall", "per_label", "splits"} and result["split"] == "train"
     _assert_shape(result, run.labels)
     overall = result["overall"]
     print("boxes:", overall)
@@ -181,7 +181,7 @@ def test_boxes_from_masks_localize_well_above_random(run, boxes_csv, capsys):
     assert json.loads((run.path / "localize" / "summary.json").read_text()) == result
     results = pd.read_parquet(run.path / "localize" / "results.parquet")
     assert len(results) == len(run.images()) and (results["map"] == "stored").all()
-    assert run.config["localize"]["unmatched"] == 1
+    assert run.lineage.get("localize")["unmatched"] == 1
 
 
 def test_masks_give_the_evaluate_numbers(run, synthetic_data, capsys):

@@ -200,7 +200,7 @@ def test_typicality_with_the_pretrained_model(pretrained):
     index = pretrained.typicality_index()
     assert len(index) == 8 and (index["status"] == "ok").all()
     assert pretrained.typicality_map(index["image_id"][3]).shape == (RES, RES)
-    assert pretrained.config["typicality"]["model"]["model"].startswith("sd:")
+    assert pretrained.config["typicality"]["model"].startswith("sd:")
 
 
 def test_lora_trains_only_adapters_and_round_trips(tmp_path, data, sd_folder):

@@ -8,13 +8,15 @@ ICCV 2023), here with typicality's stratified, antithetic draws instead of an ev
 
     diffmine classify --run RUN [--per-label N] [--samples K] [--json]
 
-Writes RUN/classify/scores.parquet (image_id, label, candidate, typicality: one row per image
-and candidate label) and RUN/classify/summary.json (accuracy, per-label recall, confusion matrix).
+With a held-out split (``--holdout`` at listing), the held-out images are scored and reported
+first, the training images beside them: a model can know its training images without knowing
+the labels. Writes RUN/classify/scores.parquet (image_id, label, split, candidate, typicality: one
+row per image and candidate label) and RUN/classify/summary.json (accuracy, per-label recall,
+confusion matrix, the split they are of, and ``splits``: the same per split).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,7 +25,8 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from .data import BadImage, image_batches, to_model_input, write_table
+from .atomic import write_json, write_table
+from .data import BadImage, image_batches, to_model_input
 from .models import Backend
 from .typicality import TypicalityConfig, compiled, prompt_errors
 
@@ -78,12 +81,20 @@ def summarize(scores: pd.DataFrame, labels: list[str]) -> dict:
     }
 
 
+def report_splits(images: pd.DataFrame) -> list[str]:
+    """The splits an evaluation reports, the one it leads with first: held-out when there is one."""
+    return ["holdout", "train"] if (images["split"] == "holdout").any() else ["train"]
+
+
 def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool = True) -> dict:
     """Score the chosen images under every label; write the tables; return the summary."""
     dataset = run.step_config("dataset")
     labels = dataset["labels"]
     prompts = [run.prompt(label) for label in labels]
-    images = sample_images(run.images(), config.per_label, config.seed)
+    listing = run.images()
+    splits = report_splits(listing)
+    images = pd.concat([sample_images(listing[listing["split"] == s], config.per_label, config.seed) for s in splits])
+    images = images.sort_index()
     records = images.to_dict("records")
     backend.denoiser.eval()
     rows = []
@@ -97,8 +108,9 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
             if not isinstance(batch, BadImage):  # bad images are listed by the typicality step
                 scores = label_scores(backend, to_model_input(batch), prompts, run.prompt(None), config)
                 for i, row in zip(positions, scores):
-                    rows.extend(dict(image_id=records[i]["image_id"], label=records[i]["label"], candidate=c,
-                                     typicality=float(s)) for c, s in zip(labels, row))
+                    rows.extend(dict(image_id=records[i]["image_id"], label=records[i]["label"],
+                                     split=records[i]["split"], candidate=c, typicality=float(s))
+                                for c, s in zip(labels, row))
             bar.update(len(positions))
     bar.close()
     if not rows:
@@ -106,15 +118,19 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
     scores = pd.DataFrame(rows)
     out = run.path / "classify"
     write_table(pa.Table.from_pandas(scores, preserve_index=False), out / "scores.parquet")
-    summary = summarize(scores, labels)
-    (out / "summary.json").write_text(json.dumps({**summary, "settings": asdict(config)}, indent=2))
+    per_split = {s: summarize(scores[scores["split"] == s], labels) for s in splits if (scores["split"] == s).any()}
+    lead = next(iter(per_split))
+    summary = {"split": lead, **per_split[lead], "splits": per_split}
+    write_json(out / "summary.json", {**summary, "settings": asdict(config)})
     return summary
 
 
 def format_summary(summary: dict) -> str:
     labels = summary["labels"]
     width = max(8, *(len(label) for label in labels))
-    lines = [f"accuracy {summary['accuracy']:.3f} over {summary['images']} images (chance {summary['chance']:.3f})", "",
+    lines = [f"{split} split: accuracy {s['accuracy']:.3f} over {s['images']} images (chance {s['chance']:.3f})"
+             for split, s in summary.get("splits", {summary.get("split", "train"): summary}).items()]
+    lines += ["", f"{summary.get('split', 'train')} split,",
              "confusion (rows: true label, columns: predicted)",
              " " * (width + 1) + " ".join(f"{label[:width]:>{width}}" for label in labels)]
     for label, counts in zip(labels, summary["confusion"]):

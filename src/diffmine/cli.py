@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from .baselines.doersch import add_parser as add_baseline
-from .baselines.doersch import cmd_baseline
 from .classify import ClassifyConfig
 from .clustering import ClusterConfig
 from .cotypicality import CotypicalityConfig
@@ -31,82 +31,14 @@ from .rundir import Run, RunError
 from .synthetic import SynthConfig
 from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
-from .typicality import ESTIMATORS, TypicalityConfig
-
-HELP = {
-    "steps": "optimizer steps (training resumes from the last checkpoint up to this many)",
-    "batch_size": "images per step (training) / UNet inputs per forward pass (typicality; 0: 64 on CPU, 256 on GPU) / images per pass (features)",
-    "learning_rate": "AdamW learning rate (default: the backend's)",
-    "p_uncond": "probability of replacing the label prompt with the null prompt in training",
-    "mixed_precision": "no | bf16 | fp16 (accelerate)",
-    "ema_decay": "keep an EMA of the weights (e.g. 0.999; 0 = off)",
-    "checkpoint_every": "save a resumable checkpoint every N steps",
-    "keep_checkpoints": "how many checkpoints to keep",
-    "samples": "K, the number of (t, eps) draws per image",
-    "t_min": "lower end of the diffusion time range (fraction of T)",
-    "t_max": "upper end of the diffusion time range (fraction of T)",
-    "estimator": f"{' | '.join(ESTIMATORS)}: 'paper' draws t and eps i.i.d.; 'stratified' one t per stratum; "
-                 "'stratified-antithetic' also pairs eps with -eps",
-    "shard_size": "images per stored shard (unit of work and resume)",
-    "map_dtype": "storage precision of typicality maps (float16 | float32)",
-    "precision": "fp32 | bf16 | fp16 autocast of the UNet forward",
-    "workers": "image-decoding processes prefetching ahead of the model",
-    "compile": "torch.compile the UNet (~1.25x per pass on CPU after ~1.5 min of compiling)",
-    "patch": "patch side in pixels (default: about 1/5 of the image side)",
-    "per_image": "non-overlapping patches kept per image",
-    "top": "most typical patches kept per label",
-    "least": "least typical patches kept per label (comparison)",
-    "random": "random patches kept per label (comparison)",
-    "k": "k-means clusters per label",
-    "t": "diffusion time of the DIFT features (fraction of T)",
-    "block": "UNet up-block whose output gives the features (default: the backend's)",
-    "ensemble": "noise draws averaged per DIFT feature",
-    "per_label": "images per label (0: all), a seeded random choice",
-}
-
-
-def _flag(name: str, prefix: str = "") -> str:
-    return "--" + (prefix + name).replace("_", "-").lower()
-
-
-def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple[str, ...] = ("seed",),
-               help: dict[str, str] | None = None) -> None:
-    """One option per dataclass field, e.g. ``TypicalityConfig.t_min`` -> ``--t-min``; ``help``
-    overrides the shared help text of a field for this parser."""
-    for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
-        default = field.default
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(field.type).split(" ")[0].split("|")[0].strip())
-        help_text = (help or {}).get(field.name, HELP.get(field.name, ""))
-        dest = prefix.replace("-", "_") + field.name
-        if kind is bool:
-            parser.add_argument(_flag(field.name, prefix), dest=dest, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
-        elif isinstance(default, tuple):  # e.g. scales: (1.0, 0.75) <- --scales 1.0 0.75
-            parser.add_argument(_flag(field.name, prefix), dest=dest, type=type(default[0]), nargs="+",
-                                default=list(default), help=f"{help_text} (default: {' '.join(map(str, default))})")
-        else:
-            parser.add_argument(_flag(field.name, prefix), dest=dest, type=kind or str, default=default,
-                                help=f"{help_text} (default: {default})".strip())
-
-
-def build_config(cls, args: argparse.Namespace, prefix: str = ""):
-    values = {}
-    for field in dataclasses.fields(cls):
-        dest = prefix.replace("-", "_") + field.name
-        if field.name == "seed":
-            values["seed"] = args.seed
-        elif hasattr(args, dest):
-            values[field.name] = getattr(args, dest)
-        elif prefix and field.name in HELP and hasattr(args, field.name):
-            values[field.name] = getattr(args, field.name)  # shared flag, e.g. --samples in `run`
-    return cls(**values)
-
+from .typicality import TypicalityConfig
+from .flags import HELP, _flag, add_config, build_config
 
 def _run_arg(p):
     p.add_argument("--run", required=True, type=Path, help="the run directory")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice of this step (default: 0)")
+    p.add_argument("--force", action="store_true",
+                   help="replace stored results made with other settings or inputs (a trained model too)")
 
 
 def _data_args(p):
@@ -116,6 +48,13 @@ def _data_args(p):
     p.add_argument("--null-prompt", default="An image.", help="the null prompt (default: %(default)r)")
     p.add_argument("--resolution", type=int, default=64, help="image side (square) or height (keep-aspect) (default: 64)")
     p.add_argument("--resize", default="square", choices=["square", "keep-aspect"], help="how images are resized")
+    _holdout_arg(p)
+
+
+def _holdout_arg(p):
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction of each label's images held out of training (seeded by --seed); classify, "
+                        "localize and evaluate report them first (default: 0)")
 
 
 def _model_options(args) -> dict:
@@ -135,6 +74,8 @@ def _sd_args(p):
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="diffmine", description="Visual data mining with diffusion models: "
                                    "finetune on labeled images, compute typicality, mine and cluster typical patches.")
+    root.add_argument("--debug", action="store_true", default=os.environ.get("DIFFMINE_DEBUG", "") == "1",
+                      help="let errors propagate with their traceback (also DIFFMINE_DEBUG=1)")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the built-in synthetic dataset (planted element per label, masks)",
@@ -189,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
             _data_args(p)
         else:
             p.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
+            _holdout_arg(p)
             add_config(p, SynthConfig, prefix="synth-", skip=("seed",))
         _run_arg(p); _sd_args(p)
         add_config(p, TrainConfig)
@@ -260,18 +202,24 @@ def cmd_synth(args):
     print(f"images: {images}\nmasks:  {args.out / 'masks'}")
 
 
+def _prepare(args, run):
+    from . import pipeline
+
+    pipeline.prepare(run, args.data, args.prompt, args.null_prompt, args.resolution, args.resize, args.model,
+                     args.holdout, args.seed, args.force)
+
+
 def _train(args, run):
     from . import pipeline
 
-    pipeline.prepare(run, args.data, args.prompt, args.null_prompt, args.resolution, args.resize, args.model)
-    pipeline.train_step(run, build_config(TrainConfig, args), _model_options(args))
+    _prepare(args, run)
+    pipeline.train_step(run, build_config(TrainConfig, args), _model_options(args), force=args.force)
 
 
 def cmd_prepare(args):
-    from . import pipeline
-
-    pipeline.prepare(Run(args.run), args.data, args.prompt, args.null_prompt, args.resolution, args.resize, args.model)
-    print(f"listed {len(Run(args.run).images())} images into {args.run}")
+    run = Run(args.run)
+    _prepare(args, run)
+    print(f"listed {len(run.images())} images into {args.run}")
 
 
 def cmd_train(args):
@@ -284,33 +232,31 @@ def cmd_typicality(args, prefix=""):
 
     config = build_config(TypicalityConfig, args, prefix)
     model = getattr(args, "model", None) if not prefix else None
-    pipeline.typicality_step(Run(args.run), config, model, _model_options(args) if model else None)
+    pipeline.typicality_step(Run(args.run), config, model, _model_options(args) if model else None, force=args.force)
 
 
 def cmd_mine(args):
     from . import pipeline
 
-    patches = pipeline.mine_step(Run(args.run), build_config(MineConfig, args))
+    patches = pipeline.mine_step(Run(args.run), build_config(MineConfig, args), force=args.force)
     print(f"mined {int((patches['kind'] == 'top').sum())} top patches -> {args.run / 'mining' / 'patches.parquet'}")
 
 
 def cmd_cluster(args):
     from . import pipeline
 
-    clustered = pipeline.cluster_step(Run(args.run), build_config(ClusterConfig, args), build_config(FeatureConfig, args, "feature-"))
+    clustered = pipeline.cluster_step(Run(args.run), build_config(ClusterConfig, args),
+                                      build_config(FeatureConfig, args, "feature-"), force=args.force)
     if clustered is None:  # another process of a data-parallel run: process 0 clusters
         return
     print(f"{clustered.groupby('label')['cluster'].nunique().sum()} clusters -> {args.run / 'clusters' / 'patches.parquet'}")
 
 
-def cmd_report(args, evaluation=None):
-    from .evaluate import evaluate_run
-    from .report import write_report
+def cmd_report(args):
+    from . import pipeline
 
-    run = Run(args.run)
-    if evaluation is None and getattr(args, "masks", None):
-        evaluation = evaluate_run(run, args.masks)
-    path = write_report(run, build_config(ReportConfig, args) if hasattr(args, "examples") else ReportConfig(), evaluation)
+    config = build_config(ReportConfig, args) if hasattr(args, "examples") else ReportConfig()
+    path = pipeline.report_step(Run(args.run), config, getattr(args, "masks", None), force=args.force)
     print(f"report: {path.resolve()}")
     return path
 
@@ -334,16 +280,16 @@ def _all_steps(args, run, masks=None):
     cmd_typicality(args, prefix="typicality-")
     timings["typicality"] = time.time() - t0
     t0 = time.time()
-    pipeline.mine_step(run, build_config(MineConfig, args))
-    pipeline.cluster_step(run, build_config(ClusterConfig, args), build_config(FeatureConfig, args, "feature-"))
+    pipeline.mine_step(run, build_config(MineConfig, args), force=args.force)
+    pipeline.cluster_step(run, build_config(ClusterConfig, args), build_config(FeatureConfig, args, "feature-"),
+                          force=args.force)
     timings["mine+cluster"] = time.time() - t0
-    evaluation = None
     if masks is not None:
         from .evaluate import evaluate_run, format_result
 
-        evaluation = evaluate_run(run, masks)
-        print(format_result(evaluation))
-    cmd_report(args, evaluation)
+        print(format_result(evaluate_run(run, masks)))
+    args.masks = masks
+    cmd_report(args)
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
 
 
@@ -364,17 +310,16 @@ def cmd_demo(args):
 
 def cmd_classify(args):
     from . import pipeline
-    from .classify import format_summary, run_classify
+    from .classify import format_summary
 
-    run = Run(args.run)
-    summary = run_classify(run, pipeline.scoring_model(run), build_config(ClassifyConfig, args))
+    summary = pipeline.classify_step(Run(args.run), build_config(ClassifyConfig, args), force=args.force)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
 def cmd_translate(args):
     from . import pipeline
 
-    written = pipeline.translate_step(Run(args.run), build_config(TranslateConfig, args))
+    written = pipeline.translate_step(Run(args.run), build_config(TranslateConfig, args), force=args.force)
     print(f"{written} shards written -> {args.run / 'translations'}")
 
 
@@ -382,9 +327,24 @@ def cmd_cotypicality(args):
     from . import pipeline
 
     sequences = pipeline.cotypicality_step(Run(args.run), build_config(CotypicalityConfig, args),
-                                           build_config(FeatureConfig, args, "feature-"))
+                                           build_config(FeatureConfig, args, "feature-"), force=args.force)
     print(f"{len(sequences)} sequences in {sequences['cluster'].nunique()} clusters -> "
           f"{args.run / 'cotypicality' / 'sequences.parquet'}")
+
+
+def cmd_baseline(args):
+    from . import pipeline
+    from .baselines.doersch import OUTPUT, DoerschConfig
+
+    run = Run(args.run)
+    if run.lineage.get("listing") is None:
+        if args.data is None:
+            raise RunError(f"{run.path}: no dataset listed here; pass --data DIR")
+        pipeline.prepare(run, args.data, args.prompt, args.null_prompt, args.resolution, args.resize, force=args.force)
+    table = pipeline.baseline_step(run, build_config(DoerschConfig, args), args.positive, force=args.force)
+    n = table.groupby("label")["cluster"].nunique().sum() if len(table) else 0
+    print(f"{n} detectors, {len(table)} detections -> {args.run / OUTPUT / 'patches.parquet'}")
+    return table
 
 
 def cmd_status(args):
@@ -405,13 +365,34 @@ COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "com
             "translate": cmd_translate, "cotypicality": cmd_cotypicality}
 
 
+def _error_message(exc: BaseException) -> str | None:
+    """The one line an expected failure is reported as; None for a bug (traceback then)."""
+    if isinstance(exc, KeyError):
+        return str(exc.args[0]) if exc.args else "KeyError"
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # disk full, read-only, permissions
+        names = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        return f"{names}: {exc.strerror}"
+    duckdb = sys.modules.get("duckdb")  # loaded by `query` only; its errors are the SQL's fault
+    if isinstance(exc, (DatasetError, RunError, ModelError, ValueError, OSError)) or (
+            duckdb is not None and isinstance(exc, duckdb.Error)):
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.debug:
+        COMMANDS[args.command](args)
+        return 0
     try:
         COMMANDS[args.command](args)
-    except (DatasetError, RunError, ModelError, FileNotFoundError, KeyError, ValueError) as exc:
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"diffmine {args.command}: error: {message}", file=sys.stderr)
+    except Exception as exc:
+        message = _error_message(exc)
+        if message is None:
+            raise
+        # one line, whatever the message holds (DuckDB adds the query and a caret below)
+        first = next((line.strip() for line in message.splitlines() if line.strip()), type(exc).__name__)
+        print(f"diffmine {args.command}: error: {first}", file=sys.stderr)
         return 2
     return 0
 

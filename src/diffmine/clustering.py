@@ -7,14 +7,14 @@ typicality of their members (most typical first), members by distance to their c
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .data import write_table
+from .atomic import write_table
 
 
 @dataclass
@@ -23,6 +23,10 @@ class ClusterConfig:
     seed: int = 0
     # above this many points per label, mini-batch k-means bounds time and memory
     minibatch_above: int = 50_000
+
+    def __post_init__(self):
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
 
 
 def kmeans(features: np.ndarray, k: int, seed: int, minibatch_above: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
@@ -70,5 +74,4 @@ def run_clustering(run, config: ClusterConfig) -> pd.DataFrame:
         raise ValueError(f"{run.path}: {len(features)} features for {len(patches)} patches; re-run `diffmine cluster`")
     clustered = cluster_patches(patches, features, config)
     write_table(pa.Table.from_pandas(clustered, preserve_index=False), run.clusters_path)
-    run.set_step_config("cluster", asdict(config))
     return clustered

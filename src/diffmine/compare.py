@@ -21,7 +21,8 @@ import pandas as pd
 from jinja2 import Environment
 from PIL import Image
 
-from .report import RunImages, overlay, png_data_uri
+from .atomic import write_text
+from .images import RunImages, overlay, png_data_uri
 from .rundir import Run, RunError, open_run
 
 TEMPLATE = """<!doctype html>
@@ -169,12 +170,7 @@ def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Pa
     run_a = run_a if isinstance(run_a, Run) else open_run(run_a)
     run_b = run_b if isinstance(run_b, Run) else open_run(run_b)
     html = render(build_context(run_a, run_b, **options))
-    path = Path(out) if out is not None else default_output(run_a, run_b)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(Path(out) if out is not None else default_output(run_a, run_b), html)
 
 
 # -- command line (wired into cli.py by the lead) ------------------------------------------------

@@ -23,7 +23,7 @@ clusters ranked by median co-typicality and their members by distance to the cen
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -31,11 +31,12 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from .clustering import kmeans, rank_clusters
-from .data import load_image, to_model_input, write_table
+from .atomic import write_table, write_with
+from .data import load_image, to_model_input
 from .features import FeatureConfig, dift_feature_maps, pool_boxes
 from .mining import default_patch_size, greedy_boxes, patch_scores
 from .models import Backend
-from .shards import missing_shards, read_array, reset_if_settings_changed, write_shard
+from .shards import missing_shards, read_array, write_shard
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
 
 
@@ -121,16 +122,25 @@ def tuple_pixels(run, image_id: str, source_path: str, source_label: str, labels
     return np.stack(members)
 
 
+def missing_cotypicality(run, config: CotypicalityConfig) -> list[tuple[str, slice]]:
+    """The shards of RUN/cotypicality still to compute, or [("sequences", ...)] when only the
+    sequences table is missing."""
+    directory = run.path / "cotypicality"
+    todo = missing_shards(directory, len(tuples(run)[0]), config.shard_size)
+    if not todo and not (directory / "sequences.parquet").is_file():
+        return [("sequences", slice(0, 0))]
+    return todo
+
+
 def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features: FeatureConfig,
-                     model_identity: dict, progress: bool = True) -> pd.DataFrame:
+                     progress: bool = True) -> pd.DataFrame:
     """Score every tuple, keep the top sequences, describe and cluster them; returns the sequences."""
     dataset = run.step_config("dataset")
     scenes, labels = tuples(run)
     if len(labels) < 2 or scenes.empty:
         raise ValueError(f"{run.path}: co-typicality needs images translated to at least one other label")
     draws = TypicalityConfig.from_settings(run.config.get("typicality", {}), samples=config.samples, seed=config.seed)
-    directory = run.path / "cotypicality"
-    reset_if_settings_changed(directory, {**asdict(draws), "labels": labels, "model": model_identity})
+    directory = run.path / "cotypicality"  # cleared by the pipeline when its lineage changes
     prompts = [run.prompt(label) for label in labels]
     null = run.prompt(None)
     todo = missing_shards(directory, len(scenes), config.shard_size)
@@ -159,16 +169,14 @@ def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features
     order = sequences.sort_values(["cluster_rank", "rank_in_cluster"], kind="mergesort").index.to_numpy()
     sequences = sequences.loc[order].reset_index(drop=True)
     write_table(pa.Table.from_pandas(sequences, preserve_index=False), directory / "sequences.parquet")
-    np.save(directory / "features.npy", reduced[order])  # rows aligned with sequences.parquet
-    run.set_step_config("cotypicality", {**asdict(config), "labels": labels, "features": asdict(features),
-                                         "model": model_identity})
+    write_with(directory / "features.npy", lambda f: np.save(f, reduced[order]))  # rows aligned with sequences.parquet
     return sequences
 
 
 def top_sequences(run, directory, labels: list[str], config: CotypicalityConfig) -> pd.DataFrame:
     """The ``top`` best boxes over all tuples, streaming over shards (memory bounded by ``top``)."""
     best = pd.DataFrame()
-    k = config.patch or run.config.get("mine", {}).get("patch")
+    k = config.patch or (run.lineage.get("mine") or {}).get("patch")
     for shard in sorted(directory.glob("shard-*.parquet")):
         rows = []
         for r in pd.read_parquet(shard).itertuples():

@@ -35,12 +35,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Larger images are refused rather than decoded (a 40k x 40k PNG would take GBs of RAM).
 MAX_PIXELS = 64_000_000
+# Files (and tar members) larger than this are refused unread: no image of MAX_PIXELS needs more,
+# and a member's bytes are read whole into memory.
+MAX_FILE_BYTES = 512 << 20
+# A label member (.cls/.txt/.json) is read whole while listing: a bigger one is a problem, unread.
+MAX_LABEL_BYTES = 64 << 10
 
 
 class DatasetError(ValueError):
@@ -93,14 +97,37 @@ class Dataset:
         })
 
 
+def _size_text(n: int) -> str:
+    """512 MiB, 64 KiB, 100 bytes."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
+def _inside(real_path: str, real_root: str) -> bool:
+    return real_path == real_root or real_path.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
 def _scan_folder(root: Path) -> tuple[list[Row], list[Problem]]:
     rows, problems = [], []
+    real_root = os.path.realpath(root)
+    outside = f"symlink points outside the dataset root {root} (not read)"
     label_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for label_dir in label_dirs:
+        if label_dir.is_symlink() and not _inside(os.path.realpath(label_dir), real_root):
+            problems.append(Problem(label_dir.name, str(label_dir), outside))
+            continue
+        # rglob does not walk into symlinked sub-folders; a symlink is checked where it is listed
         for path in sorted(label_dir.rglob("*")):
-            if path.is_dir() or path.name.startswith("."):
+            if path.name.startswith("."):
                 continue
             image_id = path.relative_to(root).as_posix()
+            if path.is_symlink() and not _inside(os.path.realpath(path), real_root):
+                problems.append(Problem(image_id, str(path), outside))
+                continue
+            if path.is_dir():
+                continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 problems.append(Problem(image_id, str(path), f"not an image file extension ({path.suffix or 'none'})"))
                 continue
@@ -178,6 +205,7 @@ def _scan_manifest(manifest: Path) -> tuple[list[Row], list[Problem]]:
     root = str(manifest.parent.resolve())
     inside = root.rstrip(os.sep) + os.sep
     rows, problems, seen = [], [], set()
+    real_dirs: dict[str, bool] = {}  # folder -> resolves inside the root (one realpath per folder)
     for n, (raw, label) in enumerate(zip(*_read_manifest(manifest)), 1):
         where = f"{manifest.name} row {n}"
         if not raw:
@@ -189,6 +217,13 @@ def _scan_manifest(manifest: Path) -> tuple[list[Row], list[Problem]]:
             problems.append(Problem(raw, path, f"{where}: path points outside the dataset root {root}"))
             continue
         image_id = path[len(inside):].replace(os.sep, "/")
+        # a symlink, or a symlinked folder on the way, may still lead out of the root
+        folder = os.path.dirname(path)
+        if folder not in real_dirs:
+            real_dirs[folder] = _inside(os.path.realpath(folder), root)
+        if not real_dirs[folder] or (os.path.islink(path) and not _inside(os.path.realpath(path), root)):
+            problems.append(Problem(image_id, path, f"{where}: symlink points outside the dataset root {root} (not read)"))
+            continue
         if not label:
             problems.append(Problem(image_id, path, f"{where}: empty label"))
         elif not os.path.isfile(path):
@@ -257,12 +292,19 @@ def _member_bytes(container: str, member: str) -> bytes:
         tar, members = _open_tar(container, os.getpid())
         if member not in members:
             raise KeyError(f"no member {member!r}")
-        return tar.extractfile(members[member]).read()
+        info = members[member]
+        if info.size > MAX_FILE_BYTES:  # refused from the header, before any byte is read
+            raise ValueError(f"member is {info.size} bytes, over the {_size_text(MAX_FILE_BYTES)} cap")
+        return tar.extractfile(info).read()
     column, _, row = member.rpartition("/")
-    cell = _open_arrow(container, os.getpid()).column(column)[int(row)].as_py()
-    if not cell or cell.get("bytes") is None:
+    cell = _open_arrow(container, os.getpid()).column(column)[int(row)]
+    stored = cell["bytes"] if cell.is_valid else None
+    if stored is None or not stored.is_valid:
         raise KeyError("no image bytes stored in this row")
-    return cell["bytes"]
+    size = stored.as_buffer().size  # a view into the memory map: nothing copied yet
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"stored image is {size} bytes, over the {_size_text(MAX_FILE_BYTES)} cap")
+    return stored.as_py()
 
 
 def _label_text(extension: str, data: bytes) -> str:
@@ -286,6 +328,12 @@ def _scan_tar(tar_path: Path, root: Path) -> tuple[list[Row], list[Problem]]:
     try:
         with tarfile.open(tar_path) as tar:
             for info in tar:  # one pass over the headers; only label members are read
+                if info.name.startswith("/") or ".." in info.name.split("/"):
+                    # an image id becomes a path elsewhere (MASKS/<image_id>): no escaping it
+                    problems.append(Problem(f"{shard}/{info.name}", f"{tar_path}#{info.name}",
+                                            f"tar member {info.name!r} of {shard} has an absolute path or a '..' "
+                                            "component (refused)"))
+                    continue
                 directory, _, base = info.name.rpartition("/")
                 stem, dot, extension = base.partition(".")
                 if not info.isfile() or not dot or not stem:
@@ -294,6 +342,11 @@ def _scan_tar(tar_path: Path, root: Path) -> tuple[list[Row], list[Problem]]:
                 extension = extension.lower()
                 samples.setdefault(key, {})[extension] = info.name
                 if extension in TAR_LABEL_EXTENSIONS and key not in labels:
+                    if info.size > MAX_LABEL_BYTES:  # a label is a word, not a stream to hold in memory
+                        labels[key] = ""
+                        unreadable[key] = (f"label member {info.name} is {info.size} bytes, over the "
+                                           f"{_size_text(MAX_LABEL_BYTES)} cap (not read)")
+                        continue
                     try:
                         labels[key] = _label_text(extension, tar.extractfile(info).read())
                     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -516,6 +569,8 @@ def load_image(path: str | Path, resolution: int, resize: str = "square", multip
             size = path.stat().st_size
         except OSError as exc:
             raise BadImage(path, f"cannot read file ({exc.strerror or exc})") from None
+        if size > MAX_FILE_BYTES:
+            raise BadImage(path, f"file is {size} bytes, over the {_size_text(MAX_FILE_BYTES)} cap")
         source = path
     else:
         try:
@@ -552,15 +607,6 @@ def to_model_input(images: np.ndarray) -> "torch.Tensor":
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def write_table(table: pa.Table, path: str | Path) -> None:
-    """Write a Parquet file atomically (temp file + rename): a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
 
 
 class _Decoder:
@@ -613,3 +659,63 @@ def image_batches(paths: list[str], resolution: int, resize: str = "square", mul
         pending.append((i, item))
     if pending:
         yield [j for j, _ in pending], np.stack([a for _, a in pending])
+
+
+# --------------------------------------------------------------------------------------------
+# identity of an image: its content, so that a copied or moved dataset keeps its results
+
+
+def _stat_key(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or of the container holding a member; None if unreadable."""
+    member = split_member(path)
+    try:
+        st = os.stat(member[0] if member else path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def content_fingerprint(path: str) -> str:
+    """A hash of an image's stored bytes (a file, or a tar/Arrow member); "" if unreadable."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=10)
+    member = split_member(path)
+    try:
+        if member:
+            h.update(_member_bytes(*member))
+        else:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+    except Exception:  # noqa: BLE001 - any unreadable image gets no fingerprint and is re-read next time
+        return ""
+    return h.hexdigest()
+
+
+def fingerprint_images(paths: list[str], known: dict[str, tuple[int, int, str]] | None = None,
+                       workers: int = 8) -> tuple[list[int], list[int], list[str]]:
+    """(sizes, mtimes, fingerprints) of the images at ``paths``.
+
+    An image whose file (or container) has the size and mtime recorded in ``known`` (path ->
+    (size, mtime_ns, fingerprint), the previous listing) keeps its fingerprint without being read,
+    as git's index does; the others are hashed, in threads (hashing releases the GIL).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    known = known or {}
+    keys = [_stat_key(p) for p in paths]
+    fingerprints: list[str | None] = [None] * len(paths)
+    todo = []
+    for n, (path, key) in enumerate(zip(paths, keys)):
+        old = known.get(path)
+        if key is not None and old is not None and (old[0], old[1]) == key and old[2]:
+            fingerprints[n] = old[2]
+        else:
+            todo.append(n)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for n, fp in zip(todo, pool.map(content_fingerprint, [paths[n] for n in todo])):
+            fingerprints[n] = fp
+    sizes = [k[0] if k else -1 for k in keys]
+    mtimes = [k[1] if k else -1 for k in keys]
+    return sizes, mtimes, fingerprints

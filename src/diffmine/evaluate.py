@@ -115,7 +115,12 @@ def evaluate_run(run, masks: str | Path) -> dict:
     per_image, loaded = evaluate_maps(maps, dict(zip(ok["image_id"], ok["label"])), masks)
     if per_image.empty:
         raise FileNotFoundError(f"{masks}: no mask matches any image of {run.path} (expected MASKS/<image_id>)")
-    result = summarize(per_image)
+    # localization is reported on the held-out split first (the model never saw those images)
+    per_image["split"] = per_image["image_id"].map(dict(zip(ok["image_id"], ok["split"])))
+    splits = {s: summarize(per_image[per_image["split"] == s]) for s in ("holdout", "train")
+              if (per_image["split"] == s).any()}
+    lead = next(iter(splits))
+    result = {"split": lead, **splits[lead], "splits": splits}
     result["masks_found"] = len(per_image)
     if run.patches_path.is_file():
         result["hit_rate"] = {}
@@ -139,7 +144,9 @@ def evaluate_run(run, masks: str | Path) -> dict:
 
 
 def format_result(result: dict) -> str:
-    lines = [f"{'label':<16} {'AUC-PR':>8} {'random':>8} {'hit(top)':>9} {'hit(rnd)':>9} {'purity':>7}"]
+    lines = [f"{split} split: AUC-PR {s['overall']['auc_pr']:.3f} over {s['overall']['images']} images "
+             f"(random {s['overall']['random']:.3f})" for split, s in result.get("splits", {}).items()]
+    lines += [f"{result.get('split', 'train')} split (hit rates and purity: all mined patches)",f"{'label':<16} {'AUC-PR':>8} {'random':>8} {'hit(top)':>9} {'hit(rnd)':>9} {'purity':>7}"]
     hits = result.get("hit_rate", {})
     for label, s in list(result["per_label"].items()) + [("overall", result["overall"])]:
         top = hits.get("top", {}).get("per_label", {}).get(label) if label != "overall" else hits.get("top", {}).get("overall")

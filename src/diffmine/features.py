@@ -8,7 +8,7 @@ draws. Each patch's feature is the mean over its box mapped to the feature grid,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from .atomic import write_with
 from .data import BadImage, image_batches, to_model_input
 from .models import Backend
 from .typicality import _barrier, autocast, draw_noise
@@ -133,15 +134,6 @@ def patch_features(backend: Backend, patches: pd.DataFrame, paths: dict[str, str
     return features
 
 
-def _save_atomically(path: Path, save) -> None:
-    """``save(file)`` into a temporary file renamed to ``path``: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        save(f)
-    tmp.replace(path)
-
-
 def _part_path(directory: Path, process_index: int, num_processes: int) -> Path:
     return directory / f"part-{process_index:05d}-of-{num_processes:05d}.npz"
 
@@ -185,12 +177,11 @@ def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = 
         features = part
     else:
         directory = run.features_path.parent
-        _save_atomically(_part_path(directory, process_index, num_processes),
+        write_with(_part_path(directory, process_index, num_processes),
                          lambda f: np.savez(f, rows=rows, features=part))
         _barrier(num_processes)
         if process_index != 0:
             return None
         features = _gather_parts(directory, num_processes, len(patches))
-    _save_atomically(run.features_path, lambda f: np.save(f, features))
-    run.set_step_config("features", asdict(config))
+    write_with(run.features_path, lambda f: np.save(f, features))
     return features

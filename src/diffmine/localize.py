@@ -41,9 +41,10 @@ import pyarrow as pa
 from PIL import Image, ImageDraw
 from scipy.ndimage import binary_erosion, gaussian_filter
 
+from .atomic import write_json
 from .data import load_image, to_model_input
 from .evaluate import load_mask, region_scores, summarize
-from .report import overlay, png_data_uri
+from .images import overlay, png_data_uri
 from .rundir import Run, open_run
 from .shards import read_array, write_shard
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
@@ -59,6 +60,7 @@ RESULTS_SCHEMA = pa.schema([
     ("boxes", pa.list_(pa.list_(pa.int32()))),  # x0, y0, x1, y1 at the map's size, x1/y1 exclusive
     ("masks", pa.list_(pa.string())),
     ("auc_pr", pa.float64()), ("random", pa.float64()), ("inside", pa.float64()), ("outside", pa.float64()),
+    ("split", pa.string()),  # the image's split: train | holdout
 ])
 
 
@@ -281,7 +283,7 @@ def score_run(run: Run, regions: list[dict], blur: float = 0.0) -> tuple[pd.Data
             rows.append({"image_id": image_id, "label": region["label"], "image_label": info["label"],
                          "map": "computed" if key else "stored", "key": key, "status": "ok",
                          "height": size[0], "width": size[1], "blur": blur, "boxes": boxes.tolist(),
-                         "masks": list(region["masks"]), **region_scores(values, mask)})
+                         "masks": list(region["masks"]), **region_scores(values, mask), "split": info["split"]})
     return pd.DataFrame(rows, columns=RESULTS_SCHEMA.names), computed
 
 
@@ -304,21 +306,23 @@ def localize(run: Run, boxes: str | Path | None = None, masks: str | Path | None
 
 
 def summary(per_region: pd.DataFrame) -> dict:
-    """{"overall": {auc_pr, random, inside, outside, images}, "per_label": {label: {...}}}, means
-    over (image, label) pairs; NaN written as null so the JSON stays valid."""
+    """{"split", "overall": {auc_pr, random, inside, outside, images}, "per_label": {label: {...}},
+    "splits": {split: {overall, per_label}}}: means over (image, label) pairs, of the held-out
+    split first when there is one; NaN written as null so the JSON stays valid."""
     def finite(d):
         return {k: (finite(v) if isinstance(v, dict) else None if isinstance(v, float) and not np.isfinite(v) else v)
                 for k, v in d.items()}
-    return finite(summarize(per_region))
+    splits = {s: finite(summarize(per_region[per_region["split"] == s])) for s in ("holdout", "train")
+              if (per_region["split"] == s).any()}
+    lead = next(iter(splits))
+    return {"split": lead, **splits[lead], "splits": splits}
 
 
 def write_results(run: Run, per_region: pd.DataFrame, computed: dict[str, np.ndarray], result: dict) -> Path:
     """RUN/localize/results.{safetensors,parquet} (maps first, index last) and summary.json."""
     directory = run.path / "localize"
     write_shard(directory, "results", computed, per_region.to_dict("records"), RESULTS_SCHEMA)
-    tmp = directory / "summary.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(directory / "summary.json")
+    write_json(directory / "summary.json", result)
     return directory
 
 
@@ -409,6 +413,7 @@ def add_parser(subparsers):
                                           "pixel coordinates) or masks (DIR/<label>/<file>), with the random baseline. "
                                           "Writes RUN/localize/.")
     p.add_argument("--run", required=True, type=Path, help="the run directory")
+    p.add_argument("--force", action="store_true", help="replace a stored result made with other settings")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--boxes", type=Path, help="box list (CSV)")
     source.add_argument("--masks", type=Path, help="folder of <label>/<image file name> masks, nonzero = element")
@@ -426,21 +431,25 @@ def _note_unmatched(run: Run, unmatched: list[str]) -> None:
               f"{', '.join(unmatched[:SHOW_UNMATCHED])}", file=sys.stderr)
 
 
-def cmd_localize(args) -> dict:
-    run = open_run(args.run)
-    per_region, computed, unmatched = localize(run, args.boxes, args.masks, args.blur)
+def localize_run(run: Run, boxes=None, masks=None, blur: float = 0.0, before=None) -> tuple[dict, dict]:
+    """Score, summarise and write RUN/localize/; returns the summary and what the lineage record notes."""
+    per_region, computed, unmatched = localize(run, boxes, masks, blur)
     _note_unmatched(run, unmatched)
     result = summary(per_region)
-    if args.before is not None:
-        before = open_run(args.before)
-        before_regions, _, before_unmatched = localize(before, args.boxes, args.masks, args.blur)
-        _note_unmatched(before, before_unmatched)
+    if before is not None:
+        before_run = open_run(before)
+        before_regions, _, before_unmatched = localize(before_run, boxes, masks, blur)
+        _note_unmatched(before_run, before_unmatched)
         result["before"] = summary(before_regions)
     write_results(run, per_region, computed, result)
-    run.set_step_config("localize", {"boxes": str(args.boxes) if args.boxes else None,
-                                     "masks": str(args.masks) if args.masks else None, "blur": args.blur,
-                                     "before": str(args.before) if args.before else None,
-                                     "regions": len(per_region), "computed_maps": len(computed), "unmatched": len(unmatched)})
+    return result, {"regions": len(per_region), "computed_maps": len(computed), "unmatched": len(unmatched)}
+
+
+def cmd_localize(args) -> dict:
+    from .pipeline import localize_step
+
+    result = localize_step(open_run(args.run), args.boxes, args.masks, args.blur, args.before,
+                           force=getattr(args, "force", False))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return result
 

@@ -12,14 +12,14 @@ lists, so memory does not grow with the number of images.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
-from .data import write_table
+from .atomic import write_table
 from .typicality import upsample
 
 
@@ -31,6 +31,12 @@ class MineConfig:
     least: int = 50
     random: int = 50
     seed: int = 0
+
+    def __post_init__(self):
+        if self.patch is not None and self.patch < 1:
+            raise ValueError(f"patch must be >= 1, got {self.patch}")
+        if self.per_image < 1 or self.top < 1 or self.least < 0 or self.random < 0:
+            raise ValueError("per_image and top must be >= 1, least and random >= 0")
 
 
 def default_patch_size(height: int, width: int) -> int:
@@ -111,14 +117,15 @@ def mine_image(pixel_map: np.ndarray, k: int, per_image: int) -> tuple[list, lis
     return greedy_boxes(scores, k, per_image), greedy_boxes(-scores, k, per_image)
 
 
-def run_mining(run, config: MineConfig, progress: bool = True) -> pd.DataFrame:
-    """Mine the run's typicality shards into ``mining/patches.parquet``; returns the table."""
+def run_mining(run, config: MineConfig, progress: bool = True) -> tuple[pd.DataFrame, int]:
+    """Mine the maps of the run's listed images into ``mining/patches.parquet``; returns the table
+    and the patch side used."""
     from safetensors import safe_open
 
     top, least = TopN(config.top), TopN(config.least, largest=False)
     randoms = []
     rng = np.random.default_rng(config.seed)
-    shards = run.typicality_shards()
+    run._check_maps()
     index = run.typicality_index()
     ok = index[index["status"] == "ok"]
     if ok.empty:
@@ -129,13 +136,9 @@ def run_mining(run, config: MineConfig, progress: bool = True) -> pd.DataFrame:
                         for label in ok["label"].unique()}
     chosen_random = {ok.iloc[i]["image_id"] for ids in random_per_label.values() for i in ids}
     bar = tqdm(total=len(ok), desc="mining", unit="img", disable=not progress)
-    for shard in shards:
-        table = pd.read_parquet(shard)
-        table = table[table["status"] == "ok"]
-        if table.empty:
-            continue
+    for shard, table in ok.groupby("shard", sort=True):  # one shard's maps open at a time
         best_rows, worst_rows = [], []
-        with safe_open(str(shard.with_suffix(".safetensors")), "np") as f:
+        with safe_open(str(run.typicality_dir / f"{shard}.safetensors"), "np") as f:
             for r in table.itertuples():
                 pixel_map = upsample(f.get_tensor(r.key), (r.height, r.width))
                 if k > min(r.height, r.width):
@@ -159,5 +162,4 @@ def run_mining(run, config: MineConfig, progress: bool = True) -> pd.DataFrame:
     patches = patches[["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "kind"]]
     patches = patches.astype({"x0": "int32", "y0": "int32", "x1": "int32", "y1": "int32", "typicality": "float32"})
     write_table(pa.Table.from_pandas(patches, preserve_index=False), run.patches_path)
-    run.set_step_config("mine", {**asdict(config), "patch": k})
-    return patches
+    return patches, k

@@ -1,27 +1,44 @@
-"""The steps of a run, each reading and writing the run directory; the CLI is a thin layer on this.
+"""The map of a run: every step, reading and writing the run directory; the CLI is a thin layer on this.
 
-    prepare -> train -> typicality -> mine -> cluster (features + k-means) -> report
+    prepare (listing) -> train (model) -> typicality -> mine -> cluster (features + k-means) -> report
+                                     \\-> classify      \\-> localize, translate -> cotypicality
+    prepare (listing) -> baseline (Doersch et al.)
 
-None of them asks which backend it has.
+Every step follows the lineage rules (``lineage.py``): it records its settings and the identities
+of its inputs; it does nothing when they match its record, recomputes what an input change made
+stale, and refuses to discard a trained model or other expensive result without ``force``. Each
+step holds a lock on its result, so a second process on the same step exits with a clear message.
+
+None of the steps asks which backend it has.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import string
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
+from .atomic import write_table
 from .clustering import ClusterConfig, run_clustering
-from .data import DatasetError, scan_dataset
-from .cotypicality import CotypicalityConfig, run_cotypicality
+from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
+from .data import DatasetError, fingerprint_images, scan_dataset
 from .features import FeatureConfig, run_features
+from .lineage import LineageError, digest, file_digest, plan, step_lock
 from .mining import MineConfig, run_mining
 from .models import Backend, create_backend, load_backend
+from .models.base import BACKEND_FILE, WEIGHTS_FILE
 from .rundir import Run, RunError
+from .shards import result_settings
 from .train import TrainConfig, train
-from .translate import TranslateConfig, run_translate
+from .translate import TranslateConfig, missing_translations, run_translate
 from .typicality import TypicalityConfig, run_typicality
 
 
@@ -29,25 +46,140 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, **rules) -> str:
+    try:
+        return plan(run.lineage, name, settings, inputs, force, **rules)
+    except LineageError as exc:
+        raise RunError(str(exc)) from None
+
+
+def _locked(run: Run, name: str, rank: int = 0):
+    """The step's lock on process 0; data-parallel workers share their step."""
+    return step_lock(run.path, name) if rank == 0 else nullcontext()
+
+
+def _clear(*paths: Path) -> None:
+    """Remove a stale result's files before its new record is written (never the other way round:
+    a killed replacement must not leave old files under a new record)."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------------------------
+# listing
+
+
+# settings of the listing that a trained model depends on: changing them needs a new model
+MODEL_SETTINGS = ("labels", "prompt", "null_prompt", "resolution", "resize", "model")
+
+
+def check_prompt(prompt: str) -> None:
+    """The label prompt must contain ``{label}`` and no other replacement field."""
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
+    except ValueError as exc:
+        raise DatasetError(f"invalid --prompt {prompt!r}: {exc}") from None
+    if fields != {"label"}:
+        raise DatasetError(f"the prompt must contain '{{label}}' and no other {{...}} field, got {prompt!r}")
+
+
+def holdout_split(image_ids: list[str], labels: list[str], fraction: float, seed: int) -> list[str]:
+    """"train" or "holdout" per image: per label, the ``round(fraction * n)`` images that come first
+    in a seeded hash order are held out. Seeded, stratified, and stable: an image keeps its split
+    when others are added or removed, unless the count of its label changes the cut."""
+    split = ["train"] * len(image_ids)
+    if fraction <= 0:
+        return split
+    order: dict[str, list[tuple[str, int]]] = {}
+    for n, (image_id, label) in enumerate(zip(image_ids, labels)):
+        order.setdefault(label, []).append((digest([seed, image_id]), n))
+    for members in order.values():
+        members.sort()
+        for _, n in members[:round(fraction * len(members))]:
+            split[n] = "holdout"
+    return split
+
+
 def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolution: int, resize: str = "square",
-            model: str = "tiny") -> None:
-    """List the dataset into the run and record the prompts and image size every step will use."""
-    if "{label}" not in prompt:
-        raise DatasetError(f"the prompt must contain '{{label}}', got {prompt!r}")
+            model: str = "tiny", holdout: float = 0.0, seed: int = 0, force: bool = False) -> dict:
+    """List the dataset into the run; returns the listing's record.
+
+    Each image is identified by its id (path under the dataset root), label and content
+    fingerprint. Re-listing a changed dataset changes the listing; later steps keep the results of
+    unchanged images. A changed prompt, label set, image size or model kind would need a new
+    model: refused without ``force`` once the run has results.
+    """
+    check_prompt(prompt)
+    if resolution <= 0:
+        raise DatasetError(f"--resolution must be > 0, got {resolution}")
+    if not 0.0 <= holdout < 1.0:
+        raise DatasetError(f"--holdout must be in [0, 1), got {holdout}")
     dataset = scan_dataset(data)
-    if null_prompt in {prompt.format(label=l) for l in dataset.label_names}:
+    if null_prompt in {prompt.format(label=label) for label in dataset.label_names}:
         raise DatasetError(f"the null prompt {null_prompt!r} equals a label prompt")
     run.path.mkdir(parents=True, exist_ok=True)
-    run.save_dataset(dataset)
-    run.set_step_config("dataset", {
-        "data": str(data) if str(data).startswith("hf:") else str(Path(data).resolve()), "root": str(dataset.root), "images": len(dataset),
-        "labels": dataset.label_names, "prompt": prompt, "null_prompt": null_prompt,
-        "resolution": resolution, "resize": resize, "model": model,
+    with step_lock(run.path, "listing"):
+        return _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, model, holdout, seed, force)
+
+
+def _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, model, holdout, seed, force) -> dict:
+    old_record = run.lineage.get("listing")
+    known = {}
+    if old_record is not None and run.images_path.is_file():
+        old = run.images()
+        known = {p: (s, m, f) for p, s, m, f in zip(old["path"], old["size"], old["mtime_ns"], old["fingerprint"])}
+    sizes, mtimes, fingerprints = fingerprint_images(dataset.paths, known)
+    root = Path(dataset.root).resolve()
+    run_dir = run.path.resolve()
+    stored_root = os.path.relpath(root, run_dir) if root.is_relative_to(run_dir) else str(root)
+    relative = [os.path.relpath(p, root) if os.path.isabs(p) and Path(p).is_relative_to(root) else p
+                for p in dataset.paths]
+    split = holdout_split(dataset.image_ids, dataset.labels, holdout, seed)
+    table = pa.table({
+        "index": pa.array(range(len(dataset)), pa.int64()), "image_id": dataset.image_ids, "path": relative,
+        "label": dataset.labels, "split": split, "size": pa.array(sizes, pa.int64()),
+        "mtime_ns": pa.array(mtimes, pa.int64()), "fingerprint": fingerprints,
     })
+    settings = {"labels": dataset.label_names, "prompt": prompt, "null_prompt": null_prompt, "resolution": resolution,
+                "resize": resize, "model": model, "holdout": holdout, "holdout_seed": seed}
+    # where the data lies is no part of the identity: a moved dataset is the same listing
+    identity = digest([settings, [dataset.image_ids, dataset.labels, split, fingerprints]])
+    where = {"data": str(data) if str(data).startswith("hf:") else str(Path(data).resolve()), "root": stored_root,
+             "images": len(dataset)}
+    if old_record is not None and not force:
+        changed = [f"{k}: {old_record['settings'].get(k)} -> {settings[k]}" for k in MODEL_SETTINGS
+                   if old_record["settings"].get(k) != settings[k]]
+        later = [n for n in run.lineage.records() if n != "listing"]
+        if changed and later:
+            raise RunError(f"{run.path}: the dataset's {'; '.join(changed)} would need a new model for this run "
+                           f"(it has {', '.join(later)}); pass --force to list it anyway, or use another --run")
+    unchanged = old_record is not None and old_record["identity"] == identity
+    same_file = unchanged and run.images_path.is_file() and pq.read_table(run.images_path).equals(table)
+    if not same_file:
+        write_table(table, run.images_path)
+    if not (unchanged and all(old_record["settings"].get(k) == v for k, v in where.items())):
+        run.record_problems("listing", dataset.problems)
+        record = run.lineage.put("listing", {**settings, **where}, {}, "prepare", identity=identity)
+    else:
+        record = old_record
     for p in dataset.problems[:10]:
         print(f"skipped {p.path or p.image_id}: {p.problem}")
     if len(dataset.problems) > 10:
         print(f"... and {len(dataset.problems) - 10} more (see {run.path}/problems.parquet)")
+    return record
+
+
+def listing_identity(run: Run) -> dict:
+    return run.fresh("listing")
+
+
+def prompts_digest(run: Run) -> str:
+    """What a model's use depends on in the listing: prompts and image size."""
+    settings = run.step_config("listing")
+    return digest({k: settings[k] for k in MODEL_SETTINGS})
 
 
 def all_prompts(run: Run) -> list[str]:
@@ -58,44 +190,88 @@ def new_backend(run: Run, model: str, seed: int, **options) -> Backend:
     return create_backend(model, all_prompts(run), seed=seed, **options)
 
 
-def train_step(run: Run, config: TrainConfig, model_options: dict | None = None, progress: bool = True) -> Path:
-    """Train the run's model from scratch (embedded) or from pretrained weights (SD); resumable."""
-    dataset = run.step_config("dataset")
-    settings = {**asdict(config), "model": dataset["model"], "model_options": model_options or {}}
-    previous = run.config.get("train")
-    if previous is not None and _comparable(previous) != _comparable(settings) and run.model_dir.exists():
-        # other settings: the old checkpoints belong to another model
-        import shutil
-
-        shutil.rmtree(run.model_dir)
-    run.set_step_config("train", settings)
-    backend = new_backend(run, dataset["model"], config.seed, **(model_options or {}))
-    return train(run, backend, config, progress=progress)
+# ----------------------------------------------------------------------------------------------
+# model
 
 
-def _comparable(settings: dict) -> dict:
-    # the number of steps may grow: training on resumes from the last checkpoint
-    return {k: v for k, v in settings.items() if k not in ("steps", "checkpoint_every", "keep_checkpoints")}
+# how often to checkpoint, and how many to keep, say nothing about the model; the number of
+# steps may grow (training goes on from the last checkpoint)
+TRAIN_EXECUTION = ("steps", "checkpoint_every", "keep_checkpoints")
 
 
-def model_identity(run: Run) -> dict:
-    """The identity of the run's trained model (changes whenever its weights do)."""
-    stat = (run.model_dir / "trainable.safetensors").stat()
-    return {"model": "run", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def model_digest(model_dir: Path) -> str:
+    """The content identity of a saved model: its weights and how to rebuild it."""
+    return file_digest(model_dir / BACKEND_FILE, model_dir / WEIGHTS_FILE)
 
 
-def load_model(run: Run, model: str | None = None, device: torch.device | None = None, **options) -> tuple[Backend, dict]:
+def train_step(run: Run, config: TrainConfig, model_options: dict | None = None, progress: bool = True,
+               force: bool = False) -> Path:
+    """Train the run's model from scratch (embedded) or from pretrained weights (SD) on the
+    training split; resumable, and continued when ``steps`` grows. Another listing, prompts or
+    settings than the stored model's are refused without ``force`` (a new model)."""
+    listing = run.fresh("listing")
+    settings = {**{k: v for k, v in asdict(config).items() if k not in TRAIN_EXECUTION},
+                "model": listing["settings"]["model"], "model_options": model_options or {}}
+    inputs = {"listing": listing["identity"]}
+    rank = int(os.environ.get("RANK", "0"))
+    with _locked(run, "model", rank):
+        record = run.lineage.get("model")
+        if record is None and run.model_dir.exists() and any(run.model_dir.iterdir()) and not force:
+            raise RunError(f"{run.model_dir}: holds a model that this run's lineage record does not describe; "
+                           "pass --force to replace it")
+        action = _planned(run, "model", settings, inputs, force, expensive=True, guard_inputs=True)
+        trained = (record or {}).get("steps", 0) if action in ("done", "resume") else 0
+        if action == "done" and config.steps == trained:
+            print(f"train: up to date ({trained} steps; model {record['identity']})")
+            return run.model_dir
+        if action == "done" and config.steps < trained and not force:
+            raise RunError(f"{run.path}: the stored model has trained {trained} steps, --steps asks {config.steps}; "
+                           "pass --force to train a new one")
+        if action in ("new", "replace") or config.steps < trained:
+            if rank == 0:
+                _clear(run.model_dir)  # results made with the old model become stale by its identity
+        if rank == 0:
+            run.lineage.put("model", settings, inputs, "train", identity="(training)", complete=False, steps=config.steps)
+        backend = new_backend(run, listing["settings"]["model"], config.seed, **(model_options or {}))
+        model_dir = train(run, backend, config, progress=progress)
+        if rank == 0:
+            run.lineage.put("model", settings, inputs, "train", identity=model_digest(model_dir), steps=config.steps)
+        return model_dir
+
+
+def adopt_model(run: Run, source: Run) -> None:
+    """Use ``source``'s trained model in ``run`` (to score another collection with the same labels
+    and prompts): its files (less checkpoints) and its lineage record are copied."""
+    record = source.fresh("model")
+    if prompts_digest(run) != prompts_digest(source):
+        raise RunError(f"{run.path}: its labels, prompts or image size differ from {source.path}'s model")
+    _clear(run.model_dir)
+    shutil.copytree(source.model_dir, run.model_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    run.lineage.put("model", record["settings"], record["inputs"], "train", identity=record["identity"],
+                    steps=record.get("steps"), adopted_from=str(source.path))
+
+
+def load_model(run: Run, model: str | None = None, device: torch.device | None = None,
+               **options) -> tuple[Backend, dict]:
     """The run's trained model, or ``model`` (e.g. ``sd:PATH`` to score with pretrained weights).
 
-    Returns the backend and an identity that changes whenever the weights do.
+    Returns the backend and the lineage inputs that name it: ``{"model": weights hash}`` for the
+    run's own (checked against its record), ``{"external_model": hash of the id and options}``.
     """
     if model is None:
+        record = run.lineage.get("model")
+        if record is None or not record.get("complete"):
+            raise RunError(f"{run.path}: no trained model yet; run `diffmine train --run {run.path}` first")
         backend = load_backend(run.model_dir)
-        identity = model_identity(run)
+        actual = model_digest(run.model_dir)
+        if actual != record["identity"]:
+            raise RunError(f"{run.model_dir}: the weights differ from the ones training recorded "
+                           f"({actual} != {record['identity']}); retrain with `diffmine train --force`")
+        inputs = {"model": actual}
     else:
         backend = create_backend(model, all_prompts(run), seed=0, **options)
-        identity = {"model": model, "options": options}
-    return backend.to(device or default_device()), identity
+        inputs = {"external_model": digest({"model": model, "options": options})}
+    return backend.to(device or default_device()), inputs
 
 
 def distributed_context() -> tuple[int, int, torch.device]:
@@ -114,53 +290,261 @@ def distributed_context() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# typicality, mining, clustering
+
+
 def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None, model_options: dict | None = None,
-                    progress: bool = True) -> int:
-    """Typicality with the run's trained model, or with ``model`` (e.g. pretrained ``sd:PATH``)."""
+                    progress: bool = True, force: bool = False) -> int:
+    """Typicality with the run's trained model, or with ``model`` (e.g. pretrained ``sd:PATH``).
+
+    Incremental over the listing: maps of listed images with unchanged content are kept, new
+    images are computed, images that could not be read are retried. Returns the shards written.
+    """
     rank, world, device = distributed_context()
-    backend, identity = load_model(run, model, device, **(model_options or {}))
-    written = run_typicality(run, backend, config, identity, rank, world, progress)
-    if rank == 0:
-        run.set_step_config("typicality", {**asdict(config), "model": identity})
-    return written
+    backend, model_inputs = load_model(run, model, device, **(model_options or {}))
+    listing = run.fresh("listing")
+    _check_labels(run, model)
+    # shards are a unit of work, not of the result: new images may come in shards of another size
+    settings = {**result_settings(config, ("batch_size", "workers", "compile", "shard_size")), "model": model or "run",
+                "model_options": model_options or {}}
+    inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
+    with _locked(run, "typicality", rank):
+        action = _planned(run, "typicality", settings, inputs, force, expensive=True, incremental=("listing",))
+        if action == "done" and not _typicality_covers_listing(run):
+            action = "resume"  # shards lost since (deleted, or a copy that missed some)
+        _barrier(world)  # every process has planned from the same state
+        if action == "done":
+            if rank == 0:
+                print("typicality: up to date")
+            return 0
+        if rank == 0:
+            if action == "replace":
+                _clear(run.typicality_dir)
+            run.lineage.put("typicality", settings, inputs, "typicality", complete=False)
+        _barrier(world)
+        written = run_typicality(run, backend, config, rank, world, progress)
+        if rank == 0:
+            complete = _typicality_covers_listing(run)
+            run.lineage.put("typicality", settings, inputs, "typicality", complete=complete)
+            if not complete:
+                index = run.typicality_index(missing_ok=True)
+                done = 0 if index is None else int(index["status"].isin(["ok", "bad"]).sum())
+                left = len(run.images()) - done
+                print(f"typicality: {left} images could not be read; run `diffmine typicality --run {run.path}` "
+                      "again once they can (they are retried)")
+        return written
 
 
-def mine_step(run: Run, config: MineConfig, progress: bool = True):
-    return run_mining(run, config, progress)
+def _typicality_covers_listing(run: Run) -> bool:
+    """Every listed image has a map, or a problem that retrying cannot cure."""
+    index = run.typicality_index(missing_ok=True)
+    return index is not None and len(index) == len(run.images()) and not (index["status"] == "unreachable").any()
+
+
+def _check_labels(run: Run, model: str | None) -> None:
+    """Every listed label must be one the model was trained with (a new label needs a new model)."""
+    if model is not None:
+        return
+    trained = run.lineage.get("model")
+    listing = run.lineage.get("listing")
+    known = set(_trained_labels(run))
+    new = [label for label in listing["settings"]["labels"] if label not in known]
+    if new and trained is not None:
+        raise RunError(f"{run.path}: labels {new} are new to the trained model (it knows {sorted(known)}); "
+                       "train a new one with `diffmine train --force`")
+
+
+def _trained_labels(run: Run) -> list[str]:
+    import json
+
+    spec = json.loads((run.model_dir / BACKEND_FILE).read_text())
+    prompts = set(spec.get("prompts", [])) or None
+    if prompts is None:  # SD: any label can be prompted
+        return run.labels
+    return [label for label in run.labels if run.prompt(label) in prompts]
+
+
+def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool = False) -> pd.DataFrame:
+    """The most typical patches per label (with the least typical and random ones); returns the table."""
+    typicality = run.fresh("typicality")
+    settings, inputs = asdict(config), {"typicality": typicality["identity"]}
+    with step_lock(run.path, "mine"):
+        if _planned(run, "mine", settings, inputs, force) == "done":
+            print("mine: up to date")
+            return pd.read_parquet(run.patches_path)
+        run.lineage.drop("mine")
+        patches, k = run_mining(run, config, progress)
+        run.lineage.put("mine", settings, inputs, "mine", patch=k)
+        return patches
+
+
+def scoring_inputs(run: Run) -> dict:
+    """The lineage inputs naming the model that computed the run's typicality."""
+    inputs = run.fresh("typicality")["inputs"]
+    return {k: v for k, v in inputs.items() if k in ("model", "external_model")}
 
 
 def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
     """The model that computed the run's typicality: features come from the same one."""
-    used = run.config.get("typicality", {}).get("model", {"model": "run"})
-    if used.get("model") == "run":
+    used = run.step_config("typicality")
+    if used.get("model", "run") == "run":
         return load_model(run, device=device)[0]
-    return load_model(run, used["model"], device, **used.get("options", {}))[0]
+    return load_model(run, used["model"], device, **used.get("model_options", {}))[0]
 
 
-def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progress: bool = True):
+def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progress: bool = True,
+                 force: bool = False) -> pd.DataFrame | None:
     """DIFT features of the top patches, then k-means per label; returns the clustered patches.
 
     Data-parallel under accelerate/torchrun: every process computes the features of its share
     of the images, process 0 gathers them and clusters; the other processes return None.
     """
     rank, world, device = distributed_context()
-    backend = scoring_model(run, device)
-    run_features(run, backend, features, progress, rank, world)
-    if rank != 0:
-        return None
-    return run_clustering(run, config)
+    mine = run.fresh("mine")
+    feature_settings, feature_inputs = asdict(features), {"mine": mine["identity"], **scoring_inputs(run)}
+    with _locked(run, "cluster", rank):
+        action = _planned(run, "features", feature_settings, feature_inputs, force)
+        _barrier(world)
+        if action != "done":
+            backend = scoring_model(run, device)
+            if rank == 0:
+                run.lineage.drop("features", "cluster")
+            run_features(run, backend, features, progress, rank, world)
+            if rank == 0:
+                run.lineage.put("features", feature_settings, feature_inputs, "cluster")
+        if rank != 0:
+            return None
+        settings, inputs = asdict(config), {"features": run.lineage.get("features")["identity"]}
+        if _planned(run, "cluster", settings, inputs, force) == "done":
+            print("cluster: up to date")
+            return pd.read_parquet(run.clusters_path)
+        clustered = run_clustering(run, config)
+        run.lineage.put("cluster", settings, inputs, "cluster")
+        return clustered
 
 
-def translate_step(run: Run, config: TranslateConfig, progress: bool = True) -> int:
-    """Translate the run's images to other labels with the run's trained model."""
-    backend, identity = load_model(run)
-    return run_translate(run, backend, config, identity, progress)
+def report_step(run: Run, config, masks: str | Path | None = None, force: bool = False) -> Path:
+    """The HTML summary of every fresh result; rewritten only when one of them changed."""
+    from .evaluate import evaluate_run
+    from .report import write_report
+
+    shown = ("mine", "cluster", "classify", "localize", "translate", "cotypicality", "baseline-doersch")
+    records = run.lineage.records()
+    inputs = {name: records[name]["identity"] for name in shown if name in records and not run.stale(name)}
+    if "mine" not in inputs:
+        run.fresh("mine")  # names the step to re-run
+    settings = {**asdict(config), "masks": str(Path(masks).resolve()) if masks else None}
+    with step_lock(run.path, "report"):
+        if _planned(run, "report", settings, inputs, force) == "done" and run.report_path.is_file():
+            return run.report_path
+        evaluation = evaluate_run(run, masks) if masks else None
+        path = write_report(run, config, evaluation, fresh=set(inputs))
+        run.lineage.put("report", settings, inputs, "report")
+        return path
 
 
-def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureConfig, progress: bool = True):
+# ----------------------------------------------------------------------------------------------
+# applications and baselines
+
+
+def classify_step(run: Run, config, progress: bool = True, force: bool = False) -> dict:
+    """Image-level classification by typicality (held-out split first); returns the summary."""
+    import json
+
+    from .classify import run_classify
+
+    listing = run.fresh("listing")
+    backend_inputs = scoring_inputs(run) if run.lineage.get("typicality") else {"model": run.fresh("model")["identity"]}
+    settings, inputs = result_settings(config), {**backend_inputs, "listing": listing["identity"]}
+    with step_lock(run.path, "classify"):
+        if _planned(run, "classify", settings, inputs, force) == "done":
+            return json.loads((run.path / "classify" / "summary.json").read_text())
+        backend = scoring_model(run) if run.lineage.get("typicality") else load_model(run)[0]
+        summary = run_classify(run, backend, config, progress)
+        run.lineage.put("classify", settings, inputs, "classify")
+        return summary
+
+
+def localize_step(run: Run, boxes=None, masks=None, blur: float = 0.0, before=None, force: bool = False) -> dict:
+    """Typicality against boxes or masks (held-out split first); returns the summary."""
+    from .localize import localize_run
+
+    typicality = run.fresh("typicality")
+    settings = {"boxes": str(boxes) if boxes else None, "masks": str(masks) if masks else None, "blur": blur,
+                "before": str(before) if before else None}
+    with step_lock(run.path, "localize"):
+        result, extra = localize_run(run, boxes, masks, blur, before)
+        run.lineage.put("localize", settings, {"typicality": typicality["identity"]}, "localize", **extra)
+        return result
+
+
+def _sharded_step(run: Run, name: str, settings: dict, inputs: dict, force: bool, missing, clear: tuple[Path, ...],
+                  compute, stored):
+    """An expensive, sharded, resumable step: up to date (and every shard there) -> ``stored()``;
+    else clear a stale result, mark it incomplete, ``compute()``, mark it complete."""
+    with step_lock(run.path, name):
+        action = _planned(run, name, settings, inputs, force, expensive=True)
+        if action == "done" and missing():
+            action = "resume"  # shards lost since
+        if action == "done":
+            print(f"{name}: up to date")
+            return stored()
+        if action == "replace":
+            _clear(*clear)
+        run.lineage.put(name, settings, inputs, name, complete=False)
+        result = compute()
+        run.lineage.put(name, settings, inputs, name)
+        return result
+
+
+def translate_step(run: Run, config: TranslateConfig, progress: bool = True, force: bool = False) -> int:
+    """Translate the run's mined images to other labels with the run's trained model; returns the
+    number of shards written."""
+    backend, model_inputs = load_model(run)
+    settings, inputs = result_settings(config), {**model_inputs, "mine": run.fresh("mine")["identity"]}
+    return _sharded_step(run, "translate", settings, inputs, force, lambda: missing_translations(run, config),
+                         (run.translations_dir, run.path / "cotypicality"),
+                         lambda: run_translate(run, backend, config, progress), lambda: 0)
+
+
+def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureConfig, progress: bool = True,
+                      force: bool = False) -> pd.DataFrame:
     """Co-typicality of the translated scenes, scored and described by the run's trained model."""
-    backend, identity = load_model(run)
-    return run_cotypicality(run, backend, config, features, identity, progress)
+    backend, model_inputs = load_model(run)
+    settings = {**result_settings(config), "features": asdict(features),
+                "draws": result_settings(TypicalityConfig.from_settings(run.step_config("typicality")))}
+    inputs = {**model_inputs, "translate": run.fresh("translate")["identity"]}
+    directory = run.path / "cotypicality"
+    return _sharded_step(run, "cotypicality", settings, inputs, force, lambda: missing_cotypicality(run, config),
+                         (directory,), lambda: run_cotypicality(run, backend, config, features, progress),
+                         lambda: pd.read_parquet(directory / "sequences.parquet"))
 
 
-__all__ = ["prepare", "train_step", "typicality_step", "mine_step", "cluster_step", "load_model", "RunError"]
+def baseline_step(run: Run, config, positive: str | None = None, progress: bool = True,
+                  force: bool = False) -> pd.DataFrame:
+    """The Doersch et al. (2013) baseline on the run's listing (RUN/baselines/doersch/)."""
+    from .baselines.doersch import output_dir, run_doersch
+
+    listing = run.fresh("listing")
+    settings, inputs = {**asdict(config), "positive": positive}, {"listing": listing["identity"]}
+    with step_lock(run.path, "baseline-doersch"):
+        action = _planned(run, "baseline-doersch", settings, inputs, force, expensive=True)
+        if action == "done":
+            print("baseline doersch: up to date")
+            return pd.read_parquet(output_dir(run) / "patches.parquet")
+        run.lineage.drop("baseline-doersch")
+        table = run_doersch(run, config, positive, progress)
+        run.lineage.put("baseline-doersch", settings, inputs, "baseline doersch")
+        return table
+
+
+__all__ = ["prepare", "train_step", "typicality_step", "mine_step", "cluster_step", "report_step", "classify_step",
+           "localize_step", "translate_step", "cotypicality_step", "baseline_step", "load_model", "RunError"]

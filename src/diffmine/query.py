@@ -1,29 +1,67 @@
-"""SQL over a run's Parquet tables with DuckDB."""
+"""SQL over a run's Parquet tables with DuckDB.
+
+The SQL runs in a sandbox: the run's tables are handed to DuckDB as Arrow datasets (read by
+pyarrow, lazily), then DuckDB's file system access is switched off (``enable_external_access =
+false``: no ``read_csv('/etc/passwd')``, ``COPY ... TO``, ``ATTACH``, ``INSTALL`` or ``LOAD``) and
+the configuration is locked (``lock_configuration = true``), so the SQL cannot switch it back on.
+``allowed_paths`` would not do: it lets ``COPY ... TO`` overwrite the very files it allows.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
 
 
-def tables(run) -> dict[str, str]:
-    """View name -> Parquet file (or glob) of the tables this run has so far."""
-    candidates = {
-        "images": run.path / "images.parquet",
-        "problems": run.path / "problems.parquet",
-        "mined": run.patches_path,
-        "patches": run.clusters_path if run.clusters_path.is_file() else run.patches_path,
-    }
-    found = {name: str(path) for name, path in candidates.items() if path.is_file()}
-    if run.typicality_shards():
-        found["typicality"] = str(run.typicality_dir / "shard-*.parquet")
+class QueryError(ValueError):
+    """The SQL failed (syntax, unknown table or column, or refused by the sandbox)."""
+
+
+def tables(run) -> dict[str, list[str] | pd.DataFrame]:
+    """Table name -> its Parquet files (or, for typicality, the index of the listed images) for
+    the results of this run that are up to date: a stale result is not served (``status`` says
+    which step to re-run)."""
+    found: dict[str, list[str] | pd.DataFrame] = {}
+    for name, path in (("images", run.images_path), ("problems", run.path / "problems.parquet")):
+        if path.is_file():
+            found[name] = [str(path)]
+    if run.lineage.get("typicality") is not None and not [r for r, _ in run.stale("typicality")
+                                                          if "listing" not in r and "incomplete" not in r]:
+        index = run.typicality_index(missing_ok=True)
+        if index is not None:
+            found["typicality"] = index
+    mined_fresh = run.lineage.get("mine") is not None and not run.stale("mine")
+    if mined_fresh:
+        found["mined"] = [str(run.patches_path)]
+    if run.lineage.get("cluster") is not None:
+        if not run.stale("cluster"):
+            found["patches"] = [str(run.clusters_path)]
+    elif mined_fresh:
+        found["patches"] = [str(run.patches_path)]
     return found
 
 
 def query(run, sql: str) -> pd.DataFrame:
-    """Run ``sql`` with the run's tables as views (images, problems, mined, patches, typicality)."""
+    """Run ``sql`` with the run's tables as views (images, problems, mined, patches, typicality).
+
+    Raises:
+        QueryError: the SQL failed; the message is DuckDB's first line.
+    """
     import duckdb
+    import pyarrow.dataset as ds
 
     con = duckdb.connect()
-    for name, path in tables(run).items():
-        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{path}')")
-    return con.execute(sql).df()
+    try:
+        for name, source in tables(run).items():
+            # files as listed, never a glob: a run path may hold glob characters ("run[2]")
+            con.register(name, source if isinstance(source, pd.DataFrame) else ds.dataset(source, format="parquet"))
+        # no lookups of Python variables by name either: the views above are all the SQL sees
+        con.execute("SET python_enable_replacements = false")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        try:
+            return con.execute(sql).df()
+        except duckdb.Error as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise QueryError(f"query: {first}") from None
+    finally:
+        con.close()

@@ -7,8 +7,6 @@ side (the paper's Fig. 2); then the settings of every step. Label names are esca
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,9 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
-from .data import BadImage, load_image
+from .atomic import write_text
+from .images import RunImages, overlay, png_data_uri
+from .localize import report_section
 
 
 @dataclass
@@ -29,58 +29,6 @@ class ReportConfig:
     examples: int = 4  # heat-map overlays per label
     compare: int = 12  # crops per row of the top / least / random comparison
     crop_px: int = 72  # display size of a crop
-
-
-def png_data_uri(array: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def heat_colours(values: np.ndarray) -> np.ndarray:
-    """(H, W) typicality -> (H, W, 3) uint8: red where positive, blue where negative, by the
-    image's largest absolute value (robust: 99th percentile)."""
-    scale = max(float(np.percentile(np.abs(values), 99)), 1e-12)
-    v = np.clip(values / scale, -1, 1)
-    pos, neg = np.clip(v, 0, 1), np.clip(-v, 0, 1)
-    rgb = np.stack([255 * pos + 40 * (1 - pos - neg), 60 * pos * (1 - pos) + 40 * (1 - pos - neg), 255 * neg + 40 * (1 - pos - neg)], -1)
-    return np.clip(rgb, 0, 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, values: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    heat = heat_colours(values).astype(np.float32)
-    return np.clip((1 - alpha) * image.astype(np.float32) + alpha * heat, 0, 255).astype(np.uint8)
-
-
-class RunImages:
-    """A run's images at its own size (the run's resolution and resize), each decoded once."""
-
-    def __init__(self, run):
-        dataset = run.step_config("dataset")
-        images = run.images()
-        self.paths = dict(zip(images["image_id"], images["path"]))
-        self.resolution, self.resize = dataset["resolution"], dataset["resize"]
-        self.cache: dict[str, np.ndarray | None] = {}
-
-    def get(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray | None:
-        """(H, W, 3) uint8, resized to ``size`` = (H, W) if given; None for a bad or unknown image."""
-        key = f"{image_id}@{size}"
-        if key not in self.cache:
-            try:
-                image = load_image(self.paths[image_id], self.resolution, self.resize, 1)
-            except (BadImage, KeyError):
-                image = None
-            if image is not None and size is not None and image.shape[:2] != tuple(size):
-                image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC))
-            self.cache[key] = image
-        return self.cache[key]
-
-    def crop(self, row, size: int) -> str | None:
-        image = self.get(row.image_id)
-        if image is None:
-            return None
-        crop = image[row.y0:row.y1, row.x0:row.x1]
-        return png_data_uri(np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.NEAREST)))
 
 
 def _crops(images: RunImages, frame: pd.DataFrame, size: int) -> list[dict]:
@@ -119,7 +67,7 @@ def _member(images: RunImages, run, image_id: str, source_label: str, label: str
     return images.cache[key]
 
 
-def cotypicality_section(run, images: RunImages, config: ReportConfig) -> dict | None:
+def cotypicality_section(run, images: RunImages, config: ReportConfig, with_clusters: bool = True) -> dict | None:
     """Translations (each source beside its versions under every label) and co-typical clusters
     (rows of sequences: the same box in every member, the source's crop outlined)."""
     if not run.translations_dir.is_dir() or not any(run.translations_dir.glob("shard-*.parquet")):
@@ -138,7 +86,7 @@ def cotypicality_section(run, images: RunImages, config: ReportConfig) -> dict |
             translations.append({"image_id": image_id, "source_label": source_label, "cells": cells})
     clusters = []
     path = run.path / "cotypicality" / "sequences.parquet"
-    sequences = pd.read_parquet(path) if path.is_file() else None
+    sequences = pd.read_parquet(path) if path.is_file() and with_clusters else None
     if sequences is not None:
         for rank, group in sequences.groupby("cluster_rank", sort=True):
             if len(group) < config.min_cluster_size:
@@ -163,12 +111,15 @@ def cotypicality_section(run, images: RunImages, config: ReportConfig) -> dict |
             "method": run.config.get("translate", {}).get("method", "")}
 
 
-def build_context(run, config: ReportConfig, evaluation: dict | None = None) -> dict:
+def build_context(run, config: ReportConfig, evaluation: dict | None = None, fresh: set[str] = frozenset()) -> dict:
+    """What the template shows; only results named in ``fresh`` (up to date) are read."""
     images = RunImages(run)
+    run.fresh("mine")
     mined = pd.read_parquet(run.patches_path)
-    clustered = pd.read_parquet(run.clusters_path) if run.clusters_path.is_file() else None
+    clustered = pd.read_parquet(run.clusters_path) if "cluster" in fresh else None
     index = run.typicality_index()
-    baselines = {path.parent.name: pd.read_parquet(path) for path in sorted(run.path.glob("baselines/*/patches.parquet"))}
+    baselines = {path.parent.name: pd.read_parquet(path) for path in sorted(run.path.glob("baselines/*/patches.parquet"))
+                 if f"baseline-{path.parent.name}" in fresh}
     labels = []
     for label in run.labels:
         entry = {"name": label, "prompt": run.prompt(label), "clusters": [], "examples": [], "compare": []}
@@ -192,17 +143,16 @@ def build_context(run, config: ReportConfig, evaluation: dict | None = None) -> 
         entry["mean_typicality"] = float(rows["mean"].mean()) if len(rows) else float("nan")
         labels.append(entry)
     problems = run.problems()
-    from .localize import report_section  # here, not at the top: localize imports this module's helpers
 
     return {
         "title": f"diffmine report: {run.path.name}",
         "labels": labels,
-        "settings": json.dumps(run.config, indent=2, default=str),
+        "settings": json.dumps(run.lineage.records(), indent=2, default=str),
         "problems": problems.head(200).to_dict("records"),
         "problem_count": len(problems),
         "evaluation": json.dumps(evaluation, indent=2) if evaluation else None,
-        "localization": report_section(run, images, config.examples),
-        "cotypicality": cotypicality_section(run, images, config),
+        "localization": report_section(run, images, config.examples) if "localize" in fresh else None,
+        "cotypicality": cotypicality_section(run, images, config, "cotypicality" in fresh) if "translate" in fresh else None,
         "crop_px": config.crop_px,
     }
 
@@ -212,11 +162,9 @@ def render(context: dict) -> str:
     return env.get_template("report.html.j2").render(**context)
 
 
-def write_report(run, config: ReportConfig = ReportConfig(), evaluation: dict | None = None) -> Path:
-    html = render(build_context(run, config, evaluation))
-    path = run.report_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("index.html.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(path)
-    return path
+def write_report(run, config: ReportConfig = ReportConfig(), evaluation: dict | None = None,
+                 fresh: set[str] | None = None) -> Path:
+    """Render the report of the results named in ``fresh`` (default: every result that is up to date)."""
+    if fresh is None:
+        fresh = {name for name in run.lineage.records() if not run.stale(name)}
+    return write_text(run.report_path, render(build_context(run, config, evaluation, fresh)))

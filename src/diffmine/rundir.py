@@ -1,28 +1,30 @@
 """The run directory: one folder holds every step's settings and results.
 
     RUN/
-      config.json              settings and seed of every step run so far (see README)
-      images.parquet           the dataset listing: index, image_id, path, label
+      lineage.json             every result's settings, inputs and identity (see lineage.py)
+      images.parquet           the dataset listing: index, image_id, path (relative to the dataset
+                               root), label, split (train | holdout), size, fingerprint
       problems.parquet         images skipped and why: image_id, path, step, problem
       model/                   backend.json + trainable.safetensors (the trained model)
-        checkpoints/step-N/    resumable training state
+        checkpoints/step-N/    resumable training state (safetensors + JSON, no pickle)
       typicality/              maps at latent resolution, sharded
         shard-00000.safetensors    one (h, w) tensor per image, key = row in shard
-        shard-00000.parquet        index: image_id, label, height, width, key, mean, status, problem
+        shard-00000.parquet        index: image_id, label, fingerprint, height, width, key, mean, status, problem
       mining/patches.parquet   top / least / random patches per label
       features/features.npy    DIFT feature per top patch (rows of mining/patches.parquet, kind=top)
       clusters/patches.parquet top patches with cluster, cluster_rank, rank_in_cluster
-      localize/                typicality vs boxes / masks (`diffmine localize`): results.parquet (per image
-                               and label), results.safetensors (maps computed under another label), summary.json
+      classify/, translations/, cotypicality/, localize/, baselines/NAME/   applications and baselines
       report/index.html        the visual summary
 
-Every Parquet file can be queried with DuckDB, e.g.
+Nothing in it names an absolute path that a copy would break: image paths are relative to the
+dataset root, itself relative to the run when it lies inside it (the demo's data), and every
+identity is a content hash. Every Parquet file can be queried with DuckDB, e.g.
 ``SELECT label, avg(typicality) FROM 'RUN/clusters/patches.parquet' GROUP BY label``.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -30,7 +32,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .data import Dataset, Problem, write_table
+from .atomic import write_table
+from .data import Problem
+from .lineage import Lineage, LineageError, require_fresh, stale_reasons
 
 
 class RunError(ValueError):
@@ -45,8 +49,8 @@ class Run:
 
     # -- layout ---------------------------------------------------------------------------
     @property
-    def config_path(self) -> Path:
-        return self.path / "config.json"
+    def images_path(self) -> Path:
+        return self.path / "images.parquet"
 
     @property
     def model_dir(self) -> Path:
@@ -76,34 +80,65 @@ class Run:
     def report_path(self) -> Path:
         return self.path / "report" / "index.html"
 
-    # -- config ---------------------------------------------------------------------------
+    # -- lineage ----------------------------------------------------------------------------
+    @property
+    def lineage(self) -> Lineage:
+        return Lineage(self.path)
+
     @property
     def config(self) -> dict:
-        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else {}
+        """The settings of every result made so far, by name (from the lineage record)."""
+        return {name: record["settings"] for name, record in self.lineage.records().items()}
 
     def step_config(self, step: str) -> dict:
-        if step not in self.config:
-            raise RunError(f"{self.path}: step {step!r} has not been run yet")
-        return self.config[step]
+        """The settings of result ``step`` ("dataset" is the listing's); RunError if not made yet."""
+        name = "listing" if step == "dataset" else step
+        record = self.lineage.get(name)
+        if record is None:
+            if name == "listing" and (self.path / "config.json").is_file():
+                raise RunError(f"{self.path}: written by diffmine 0.1, which kept no lineage record; "
+                               "run its steps again into a new run directory")
+            hint = f"run `diffmine train --data DIR --run {self.path}` first" if name == "listing" else \
+                f"run `diffmine {self.lineage_command(name)} --run {self.path}` first"
+            raise RunError(f"{self.path}: no {name} result yet; {hint}")
+        return record["settings"]
 
-    def set_step_config(self, step: str, settings: dict) -> None:
-        config = self.config
-        config[step] = settings
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_name("config.json.tmp")
-        tmp.write_text(json.dumps(config, indent=2, default=str))
-        tmp.replace(self.config_path)
+    def lineage_command(self, name: str) -> str:
+        from .lineage import COMMANDS
+
+        return COMMANDS.get(name, name)
+
+    def stale(self, name: str) -> list[tuple[str, str]]:
+        """Why result ``name`` is out of date, [(reason, command to re-run)]; empty when fresh."""
+        return stale_reasons(self.lineage, name)
+
+    def fresh(self, name: str) -> dict:
+        """The record of ``name``, or RunError naming the step to re-run when it is out of date."""
+        try:
+            return require_fresh(self.lineage, name)
+        except LineageError as exc:
+            raise RunError(str(exc)) from None
 
     # -- dataset --------------------------------------------------------------------------
-    def save_dataset(self, dataset: Dataset) -> None:
-        write_table(dataset.table(), self.path / "images.parquet")
-        self.record_problems("listing", dataset.problems)
+    @property
+    def dataset_root(self) -> Path:
+        """Where the listed images are: the recorded root, relative to the run when inside it."""
+        root = Path(self.step_config("dataset")["root"])
+        return root if root.is_absolute() else self.path / root
 
     def images(self) -> pd.DataFrame:
-        path = self.path / "images.parquet"
-        if not path.is_file():
+        """The listing: index, image_id, path (absolute), label, split, size, fingerprint."""
+        if not self.images_path.is_file():
             raise RunError(f"{self.path}: no dataset listed here; run `diffmine train --data DIR --run {self.path}` first")
-        return pd.read_parquet(path)
+        images = pd.read_parquet(self.images_path)
+        root = str(self.dataset_root)
+        images["path"] = [p if os.path.isabs(p) else os.path.join(root, p) for p in images["path"]]
+        return images
+
+    def training_images(self) -> pd.DataFrame:
+        """The listing less the held-out images: what training may see."""
+        images = self.images()
+        return images[images["split"] == "train"].reset_index(drop=True)
 
     @property
     def labels(self) -> list[str]:
@@ -141,15 +176,28 @@ class Run:
         return sorted(self.typicality_dir.glob("shard-*.parquet"))
 
     def typicality_index(self, missing_ok: bool = False) -> pd.DataFrame | None:
+        """One row per listed image that has a typicality result (status ok, bad or unreachable),
+        with its shard; maps of images no longer listed, or listed with other content, are left out."""
         from .shards import read_index
 
-        index = read_index(self.typicality_dir)
-        if index is None and not missing_ok:
+        record = self.lineage.get("typicality")
+        index = read_index(self.typicality_dir) if record is not None else None
+        if index is None:
+            if missing_ok:
+                return None
             raise RunError(f"{self.path}: no typicality yet; run `diffmine typicality --run {self.path}`")
-        return index
+        return current_rows(index, self.images())
+
+    def _check_maps(self) -> None:
+        """Maps are served per image whatever the listing, but never those of another model or prompts."""
+        for reason, command in self.stale("typicality"):
+            if "listing" not in reason and "incomplete" not in reason:
+                raise RunError(f"{self.path}: the typicality maps are out of date ({reason}); "
+                               f"re-run `diffmine {command} --run {self.path}`")
 
     @cached_property
     def _typicality_lookup(self) -> dict[str, tuple[str, str, int, int]]:
+        self._check_maps()
         index = self.typicality_index()
         ok = index[index["status"] == "ok"]
         return {r.image_id: (r.shard, r.key, r.height, r.width) for r in ok.itertuples()}
@@ -178,31 +226,35 @@ class Run:
     def patches(self, kind: str = "top") -> pd.DataFrame:
         """Mined patches: image_id, label, x0, y0, x1, y1 (pixels, x1/y1 exclusive), typicality,
         and, once clustered, cluster, cluster_rank (0 = most typical cluster of its label) and
-        rank_in_cluster (0 = nearest to the centroid). ``kind``: top, least or random."""
-        if kind == "top" and self.clusters_path.is_file():
+        rank_in_cluster (0 = nearest to the centroid). ``kind``: top, least or random.
+
+        RunError when the result asked for is out of date (e.g. re-mined after clustering)."""
+        if kind == "top" and self.lineage.get("cluster") is not None:
+            self.fresh("cluster")
             return pd.read_parquet(self.clusters_path)
         return self.mined_patches(kind)
 
     def mined_patches(self, kind: str = "top") -> pd.DataFrame:
         """The mining step's table of one kind, most typical first (least: least typical first)."""
-        if not self.patches_path.is_file():
+        if self.lineage.get("mine") is None or not self.patches_path.is_file():
             raise RunError(f"{self.path}: no mined patches yet; run `diffmine mine --run {self.path}`")
+        self.fresh("mine")
         table = pd.read_parquet(self.patches_path)
         return table[table["kind"] == kind].reset_index(drop=True)
-
 
     # -- translations ---------------------------------------------------------------------
     def translations_index(self) -> pd.DataFrame:
         """Every translation made so far: image_id, source_label, target_label, key, status, shard."""
         from .shards import read_index
 
-        index = read_index(self.translations_dir)
+        index = read_index(self.translations_dir) if self.lineage.get("translate") is not None else None
         if index is None:
             raise RunError(f"{self.path}: no translations yet; run `diffmine translate --run {self.path}`")
         return index
 
     @cached_property
     def _translation_lookup(self) -> dict[tuple[str, str], tuple[str, str]]:
+        self.fresh("translate")
         index = self.translations_index()
         ok = index[index["status"] == "ok"]
         return {(r.image_id, r.target_label): (r.shard, r.key) for r in ok.itertuples()}
@@ -219,6 +271,18 @@ class Run:
         except KeyError:
             raise KeyError(f"no translation of {image_id!r} to {label!r} in {self.path}") from None
         return read_array(self.translations_dir, shard, key)
+
+
+def current_rows(index: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a per-image result index that belong to the current listing: same image id,
+    label and content fingerprint; one row per image (an ok row over a failed one, else the
+    latest shard's), with the listing's index and path."""
+    key = ["image_id", "label", "fingerprint"]
+    listing = images[key + ["index", "path", "split"]]
+    rows = index.drop(columns=[c for c in ("index", "path", "split") if c in index.columns]).merge(listing, on=key, how="inner")
+    rows = rows.assign(_ok=rows["status"] == "ok").sort_values(["image_id", "_ok", "shard"], kind="mergesort")
+    rows = rows.drop_duplicates("image_id", keep="last").drop(columns="_ok")
+    return rows.sort_values("index", kind="mergesort").reset_index(drop=True)
 
 
 def open_run(path: str | Path) -> Run:

@@ -4,7 +4,7 @@ A shard is a pair of files written atomically, arrays first, index last:
 
     NAME.safetensors   one array per key (any shape and dtype)
     NAME.parquet       one row per item, with the ``key`` of its array ("" for a skipped item)
-                       and a ``status`` ("ok" or "bad")
+                       and a ``status`` ("ok", "bad", or "unreachable": retried by the next run)
 
 The index's presence marks the shard complete; a shard whose index is missing or unreadable, or
 lists a key its arrays file lacks (a write killed half-way), is redone by the next run.
@@ -12,7 +12,6 @@ lists a key its arrays file lacks (a write killed half-way), is redone by the ne
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .data import write_table
+from .atomic import atomic_write, write_table
 
 
 def shard_name(i: int) -> str:
@@ -39,6 +38,16 @@ def missing_shards(directory: Path, items: int, shard_size: int, process_index: 
     return [(shard_name(s), slice(s * shard_size, min((s + 1) * shard_size, items)))
             for s in range(process_index, shard_count(items, shard_size), num_processes)
             if not shard_is_complete(directory, shard_name(s))]
+
+
+def plan_new_shards(directory: Path, items: int, shard_size: int) -> list[tuple[str, slice]]:
+    """Shards for ``items`` new items, as (name, rows of the item list), under the lowest numbers
+    no complete shard holds (the complete ones stay: they hold the results of other items), so a
+    killed run's missing shards get their names back."""
+    taken = {int(p.stem.split("-")[1]) for p in directory.glob("shard-*.parquet") if shard_is_complete(directory, p.stem)}
+    free = (n for n in range(len(taken) + shard_count(items, shard_size) + 1) if n not in taken)
+    return [(shard_name(next(free)), slice(s * shard_size, min((s + 1) * shard_size, items)))
+            for s in range(shard_count(items, shard_size))]
 
 
 def shard_is_complete(directory: Path, name: str) -> bool:
@@ -61,17 +70,17 @@ def write_shard(directory: Path, name: str, arrays: dict[str, np.ndarray], rows:
     """Write one shard: the arrays, then the index that marks it complete."""
     from safetensors.numpy import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     if arrays:
-        tmp = directory / f"{name}.safetensors.tmp"
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        tmp.replace(directory / f"{name}.safetensors")
+        atomic_write(directory / f"{name}.safetensors",
+                     lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp)))
     write_table(pa.Table.from_pylist(rows, schema=schema), directory / f"{name}.parquet")
 
 
 def read_index(directory: Path) -> pd.DataFrame | None:
-    """Every complete shard's index rows, with a ``shard`` column naming their shard (None: no shard)."""
-    shards = sorted(directory.glob("shard-*.parquet"))
+    """Every complete shard's index rows, with a ``shard`` column naming their shard (None: no
+    shard). A shard whose arrays file lacks a key its index lists (a write killed half-way) is left
+    out, as if it were missing: the next run redoes it."""
+    shards = [s for s in sorted(directory.glob("shard-*.parquet")) if shard_is_complete(directory, s.stem)]
     if not shards:
         return None
     return pd.concat([pd.read_parquet(s).assign(shard=s.stem) for s in shards], ignore_index=True)
@@ -89,13 +98,3 @@ def result_settings(config, execution: tuple[str, ...] = ("batch_size", "workers
     may change the batch size, the decoding workers or compilation and keep the shards already written."""
     return {k: v for k, v in asdict(config).items() if k not in execution}
 
-
-def reset_if_settings_changed(directory: Path, settings: dict) -> None:
-    """Remove the shards of earlier settings (another model, other draws): they belong to another result."""
-    stamp = directory / "settings.json"
-    wanted = json.loads(json.dumps(settings, default=str))
-    if stamp.is_file() and json.loads(stamp.read_text()) != wanted:
-        for old in directory.glob("shard-*"):
-            old.unlink()
-    directory.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(wanted, indent=2))

@@ -1,36 +1,58 @@
-"""``diffmine status``: what a run has done, what is left, which files were bad."""
+"""``diffmine status``: what a run has done, what is out of date, what is left, which files were bad."""
 
 from __future__ import annotations
 
-import math
-
 from .train import latest_checkpoint
-from .shards import shard_is_complete
+
+ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "report", "classify", "localize",
+         "translate", "cotypicality", "baseline-doersch")
+
+
+def _state(run, name: str) -> str:
+    reasons = run.stale(name)
+    if not reasons:
+        return "done"
+    reason, command = reasons[0]
+    return f"out of date ({reason}): re-run `diffmine {command} --run {run.path}`"
 
 
 def status(run) -> str:
     lines = [f"run: {run.path}"]
-    config = run.config
-    if "dataset" not in config:
+    records = run.lineage.records()
+    if "listing" not in records:
         return "\n".join(lines + ["nothing yet: start with `diffmine train --data DIR --run RUN`"])
-    dataset = config["dataset"]
-    lines.append(f"dataset: {dataset['images']} images, labels {', '.join(dataset['labels'])} ({dataset['data']})")
-    if (run.model_dir / "trainable.safetensors").is_file():
-        lines.append(f"train: done ({config.get('train', {}).get('steps', '?')} steps)")
-    else:
-        checkpoint = latest_checkpoint(run.model_dir)
-        lines.append(f"train: {'resumable at ' + checkpoint.name if checkpoint else 'not started'}")
-    settings = config.get("typicality")
-    shards = run.typicality_shards()
-    if settings or shards:
-        shard_size = (settings or {}).get("shard_size", 512)
-        total = math.ceil(dataset["images"] / shard_size)
-        done = sum(shard_is_complete(run.typicality_dir, s.stem) for s in shards)
-        lines.append(f"typicality: {done}/{total} shards complete ({total - done} left)")
-    for step, path in (("mine", run.patches_path), ("cluster", run.clusters_path), ("report", run.report_path)):
-        lines.append(f"{step}: {'done' if path.is_file() else 'not run'}")
+    listing = records["listing"]["settings"]
+    images = run.images()
+    held_out = int((images["split"] == "holdout").sum())
+    lines.append(f"dataset: {len(images)} images ({held_out} held out), labels {', '.join(listing['labels'])} "
+                 f"({listing['data']})")
+    for name in ORDER[1:]:
+        record = records.get(name)
+        if name == "model":
+            if record is None or not record.get("complete"):
+                checkpoint = latest_checkpoint(run.model_dir)
+                lines.append(f"train: {'resumable at ' + checkpoint.name if checkpoint else 'not started'}")
+            else:
+                lines.append(f"train: {_state(run, name)} ({record.get('steps', '?')} steps, model {record['identity']})")
+            continue
+        if record is None:
+            if name in ("typicality", "mine", "cluster", "report"):
+                lines.append(f"{name}: not run")
+            continue
+        if name == "typicality":
+            index = run.typicality_index(missing_ok=True)
+            counts = index["status"].value_counts() if index is not None else {}
+            done = int(counts.get("ok", 0)) + int(counts.get("bad", 0))
+            unreachable = int(counts.get("unreachable", 0))
+            left = len(images) - done
+            state = _state(run, name) if left == 0 else f"{left} images left" + \
+                (f" ({unreachable} unreadable last time, retried)" if unreachable else "") + \
+                f": re-run `diffmine typicality --run {run.path}`"
+            lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
+            continue
+        lines.append(f"{name}: {_state(run, name)}")
     parts = sorted(run.features_path.parent.glob("part-*-of-*.npz"))
-    if parts and not run.clusters_path.is_file():  # a data-parallel cluster step running, or killed
+    if parts:  # a data-parallel cluster step running, or killed
         world = int(parts[0].stem.rsplit("-", 1)[1])
         lines.append(f"cluster features: {len(parts)}/{world} processes' parts written, not yet gathered")
     problems = run.problems()

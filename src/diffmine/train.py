@@ -19,11 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+from .atomic import write_json
 from .data import BadImage, Problem, load_image, to_model_input
 from .models import Backend
 from .models.base import WEIGHTS_FILE, read_weights, save_weights
+from .rundir import RunError
 
 
 @dataclass
@@ -45,6 +48,14 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accumulation < 1:
+            raise ValueError("steps, batch_size and grad_accumulation must be >= 1")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every and keep_checkpoints must be >= 1")
+        if not 0.0 <= self.p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -125,7 +136,7 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     """Train ``backend`` on the run's images; writes ``RUN/model`` and returns it."""
     from accelerate import Accelerator
 
-    images = run.images()
+    images = run.training_images()  # never the held-out split
     dataset = run.step_config("dataset")
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
     null_prompt = run.prompt(None)
@@ -148,7 +159,9 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     checkpoint = latest_checkpoint(model_dir)
     if checkpoint is not None:
         backend.load_trainable_state(read_weights(checkpoint / WEIGHTS_FILE))
-        state = torch.load(checkpoint / "optimizer.pt", map_location=accelerator.device, weights_only=False)
+        # safetensors + JSON only: a checkpoint is data, never code (optimizer.pt, a pickle
+        # written by older versions, is never opened)
+        state = _read_training_state(checkpoint, accelerator.device)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and "ema" in state:
@@ -224,6 +237,10 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     return model_dir
 
 
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_STRUCTURE = "optimizer.json"
+
+
 def _save_checkpoint(model_dir: Path, backend, optimizer, scheduler, ema, step: int, keep: int) -> None:
     directory = model_dir / "checkpoints" / f"step-{step:07d}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -231,8 +248,65 @@ def _save_checkpoint(model_dir: Path, backend, optimizer, scheduler, ema, step: 
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
     if ema is not None:
         state["ema"] = ema.state_dict()
-    torch.save(state, directory / "optimizer.pt")
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode_state(state, "", tensors)
+    save_weights(tensors, directory / OPTIMIZER_TENSORS)
+    write_json(directory / OPTIMIZER_STRUCTURE, structure)
     # state.json last: a checkpoint without it was interrupted and is ignored on resume
-    (directory / "state.json").write_text(json.dumps({"step": step}))
+    write_json(directory / "state.json", {"step": step})
     for old in sorted((model_dir / "checkpoints").glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Optimizer, scheduler and EMA state without pickle: every tensor goes into one safetensors file
+# under its path in the state ("optimizer/state/3/exp_avg"), the rest into JSON, tagged so that
+# int dict keys (the optimizer's parameter ids) and tuples (AdamW's betas) come back as they were.
+
+def _encode_state(value, name: str, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, torch.Tensor):
+        key = name or "tensor"
+        while key in tensors:  # two paths that read alike ("a/b" key vs nested a, b)
+            key += "+"
+        tensors[key] = value
+        return {"tensor": key}
+    if isinstance(value, dict):
+        if not all(k is None or isinstance(k, (str, int, float, bool)) for k in value):
+            raise TypeError(f"checkpoint state {name!r}: dict keys must be str or numbers")
+        return {"dict": [[k, _encode_state(v, f"{name}/{k}" if name else str(k), tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_encode_state(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
+        return {"tuple": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"checkpoint state {name!r}: cannot store a {type(value).__name__} (tensors, numbers, "
+                    "strings, lists and dicts only)")
+
+
+def _decode_state(value, tensors: dict[str, torch.Tensor]):
+    if isinstance(value, list):
+        return [_decode_state(v, tensors) for v in value]
+    if isinstance(value, dict):
+        (tag, content), = value.items()
+        if tag == "tensor":
+            return tensors[content]
+        if tag == "tuple":
+            return tuple(_decode_state(v, tensors) for v in content)
+        if tag == "dict":
+            return {k: _decode_state(v, tensors) for k, v in content}
+        raise ValueError(f"unknown tag {tag!r}")
+    return value
+
+
+def _read_training_state(checkpoint: Path, device: torch.device) -> dict:
+    """The optimizer, scheduler (and EMA) state saved by :func:`_save_checkpoint`."""
+    structure, tensors = checkpoint / OPTIMIZER_STRUCTURE, checkpoint / OPTIMIZER_TENSORS
+    if not structure.is_file() or not tensors.is_file():
+        raise RunError(f"{checkpoint}: no {OPTIMIZER_STRUCTURE} and {OPTIMIZER_TENSORS} (a checkpoint of an older "
+                       f"diffmine, whose pickled optimizer.pt is not loaded); delete {checkpoint.parent} to train from "
+                       "scratch")
+    from safetensors import SafetensorError
+
+    try:
+        return _decode_state(json.loads(structure.read_text()), load_file(str(tensors), device=str(device)))
+    except (ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise RunError(f"{checkpoint}: damaged optimizer state ({type(exc).__name__}: {exc})") from None

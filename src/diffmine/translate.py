@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .data import BadImage, image_batches, to_model_input
 from .models import Backend
-from .shards import missing_shards, reset_if_settings_changed, result_settings, write_shard
+from .shards import missing_shards, write_shard
 from .typicality import autocast, draw_noise
 
 METHODS = ("pnp", "sdedit")
@@ -323,15 +323,22 @@ def compute_shard(backend: Backend, images: pd.DataFrame, targets: list[str], pr
     return arrays, rows
 
 
-def run_translate(run, backend: Backend, config: TranslateConfig, model_identity: dict, progress: bool = True) -> int:
-    """Translate the run's (mined) images to the target labels; returns the number of shards written."""
+def missing_translations(run, config: TranslateConfig) -> list[tuple[str, slice]]:
+    """The shards of RUN/translations still to compute for ``config``."""
+    return missing_shards(run.translations_dir, len(source_images(run, config.images)), config.shard_size)
+
+
+def run_translate(run, backend: Backend, config: TranslateConfig, progress: bool = True) -> int:
+    """Translate the run's (mined) images to the target labels; returns the number of shards written.
+
+    Resumable: the shards already in RUN/translations belong to these settings (the pipeline's
+    lineage record clears them when settings, model or mining change)."""
     dataset = run.step_config("dataset")
     targets = target_labels(dataset["labels"], config.to)
     directory = run.translations_dir
-    reset_if_settings_changed(directory, {**result_settings(config), "model": model_identity})
     images = source_images(run, config.images)
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
-    todo = missing_shards(directory, len(images), config.shard_size)
+    todo = missing_translations(run, config)
     backend.denoiser.eval()
     bar = tqdm(total=sum(rows.stop - rows.start for _, rows in todo), desc=f"translate ({config.method})", unit="img",
                disable=not progress)
@@ -340,5 +347,4 @@ def run_translate(run, backend: Backend, config: TranslateConfig, model_identity
                                      dataset["resolution"], dataset["resize"], bar)
         write_shard(directory, name, arrays, rows, SHARD_SCHEMA)
     bar.close()
-    run.set_step_config("translate", {**asdict(config), "model": model_identity})
     return len(todo)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .data import BadImage, image_batches, to_model_input
 from .models import Backend
-from .shards import missing_shards, reset_if_settings_changed, result_settings, shard_count, write_shard
+from .shards import plan_new_shards, write_shard
 
 ESTIMATORS = ("paper", "stratified", "stratified-antithetic")
 
@@ -70,6 +70,12 @@ class TypicalityConfig:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.samples < 1:
             raise ValueError("samples must be >= 1")
+        if self.map_dtype not in ("float16", "float32"):
+            raise ValueError(f"map_dtype must be float16 or float32, got {self.map_dtype!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.shard_size < 1 or self.batch_size < 0 or self.workers < 0:
+            raise ValueError("shard_size must be >= 1, batch_size and workers >= 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +224,7 @@ def typicality_latent_maps(backend: Backend, pixels: torch.Tensor, label_prompts
 
 SHARD_SCHEMA = pa.schema([
     ("index", pa.int64()), ("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()),
-    ("height", pa.int32()), ("width", pa.int32()), ("key", pa.string()),
+    ("fingerprint", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("key", pa.string()),
     ("mean", pa.float32()), ("max", pa.float32()), ("status", pa.string()), ("problem", pa.string()),
 ])
 
@@ -233,8 +239,9 @@ def compute_shard(backend: Backend, images: pd.DataFrame, prompt_of: dict[str, s
                                           per_batch, config.workers):
         if isinstance(batch, BadImage):
             r = records[positions[0]]
-            rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"], height=0,
-                             width=0, key="", mean=float("nan"), max=float("nan"), status="bad", problem=batch.problem))
+            rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
+                             fingerprint=r["fingerprint"], height=0, width=0, key="", mean=float("nan"),
+                             max=float("nan"), status=bad_status(batch), problem=batch.problem))
         else:
             prompts = [prompt_of[records[i]["label"]] for i in positions]
             out = typicality_latent_maps(backend, to_model_input(batch), prompts, null_prompt, config).cpu().numpy()
@@ -243,7 +250,7 @@ def compute_shard(backend: Backend, images: pd.DataFrame, prompt_of: dict[str, s
                 key = str(i)
                 maps[key] = latent_map.astype(config.map_dtype)
                 rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
-                                 height=batch.shape[1], width=batch.shape[2], key=key, mean=float(latent_map.mean()),
+                                 fingerprint=r["fingerprint"], height=batch.shape[1], width=batch.shape[2], key=key, mean=float(latent_map.mean()),
                                  max=float(latent_map.max()), status="ok", problem=None))
         if progress is not None:
             progress.update(len(positions))
@@ -251,40 +258,49 @@ def compute_shard(backend: Backend, images: pd.DataFrame, prompt_of: dict[str, s
     return maps, rows
 
 
-def run_typicality(run, backend: Backend, config: TypicalityConfig, model_identity: dict,
-                   process_index: int = 0, num_processes: int = 1, progress: bool = True) -> int:
-    """Compute the missing typicality shards of a run; returns how many shards this process wrote.
+def bad_status(problem: BadImage) -> str:
+    """"unreachable" for an image that could not be read (missing, unmounted, no permission): it is
+    retried by the next run; "bad" for one that was read and cannot be used (corrupt, too large)."""
+    return "unreachable" if problem.problem.startswith("cannot read") else "bad"
 
-    Shards are assigned round-robin to processes; each shard is computed whole by one process
-    and written atomically, so a killed run resumes at the first missing shard and a
-    multi-process run equals a single-process one bit for bit.
+
+def run_typicality(run, backend: Backend, config: TypicalityConfig, process_index: int = 0, num_processes: int = 1,
+                   progress: bool = True) -> int:
+    """Compute the maps the run's listing still lacks; returns how many shards this process wrote.
+
+    The images without a result (new, or unreachable last time) are cut into shards in listing
+    order, dealt round-robin to processes; each shard is computed whole by one process and written
+    atomically, so a killed run resumes with the shards it lacks (the same images in the same
+    shards) and a multi-process run equals a single-process one bit for bit.
     """
     directory = run.typicality_dir
-    if process_index == 0:
-        reset_if_settings_changed(directory, {**result_settings(config), "model": model_identity})
-    _barrier(num_processes)
-
     dataset = run.step_config("dataset")
     images = run.images()
+    index = run.typicality_index(missing_ok=True)
+    done = set() if index is None else set(index.loc[index["status"] != "unreachable", "image_id"])
+    todo = images[~images["image_id"].isin(done)].reset_index(drop=True)
+    shards = plan_new_shards(directory, len(todo), config.shard_size)
+    _barrier(num_processes)  # every process planned before any writes
+    mine = shards[process_index::num_processes]
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
     null_prompt = run.prompt(None)
-    n_shards = shard_count(len(images), config.shard_size)
-    mine = missing_shards(directory, len(images), config.shard_size, process_index, num_processes)
     backend.denoiser.eval()
     bar = tqdm(total=sum(rows.stop - rows.start for _, rows in mine),
                desc=f"typicality [{process_index}]" if num_processes > 1 else "typicality",
                unit="img", position=process_index, disable=not progress)
+    planned = [name for name, _ in shards]
 
     def show_overall():
         # process 0 shows the whole run's progress without communicating: every finished shard's
         # index is on disk (written last, by rename, so a half-written shard is not counted)
         if process_index == 0 and num_processes > 1:
-            bar.set_postfix_str(f"all processes: {len(list(directory.glob('shard-*.parquet')))}/{n_shards} shards")
+            finished = sum((directory / f"{name}.parquet").is_file() for name in planned)
+            bar.set_postfix_str(f"all processes: {finished}/{len(planned)} shards")
 
     show_overall()
     with compiled(backend, config.compile and bool(mine)):
         for name, chunk in mine:
-            maps, rows = compute_shard(backend, images.iloc[chunk], prompt_of, null_prompt, config,
+            maps, rows = compute_shard(backend, todo.iloc[chunk], prompt_of, null_prompt, config,
                                        dataset["resolution"], dataset["resize"], bar)
             write_shard(directory, name, maps, rows, SHARD_SCHEMA)
             show_overall()

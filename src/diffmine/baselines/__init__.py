@@ -4,6 +4,6 @@
   Paris look like Paris?"), as the authors of the diffusion-mining paper reimplemented it.
 """
 
-from .doersch import DoerschConfig, mine_doersch, prepare_and_run, run_doersch
+from .doersch import DoerschConfig, mine_doersch, run_doersch
 
-__all__ = ["DoerschConfig", "mine_doersch", "run_doersch", "prepare_and_run"]
+__all__ = ["DoerschConfig", "mine_doersch", "run_doersch"]

@@ -55,8 +55,10 @@ import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
-from ..data import BadImage, Dataset, Problem, iter_images, write_table
-from ..rundir import Run, RunError
+from ..atomic import write_json, write_table
+from ..data import BadImage, Dataset, Problem, iter_images
+from ..flags import add_config
+from ..rundir import Run
 
 OUTPUT = Path("baselines") / "doersch"
 COLUMNS = ["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "kind", "cluster", "cluster_rank",
@@ -532,25 +534,9 @@ def run_doersch(run: Run, config: DoerschConfig = DoerschConfig(), positive: str
                 "images": len(bank.image_ids), "patches": int(len(bank.features)), "feature_mb": n_features / 2 ** 20,
                 "skipped": len(bank.problems), "seconds": {**{k: round(v, 3) for k, v in timings.items()},
                                                           "total": round(time.time() - started, 3)}}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings, indent=2))
+    write_json(out / "settings.json", settings)  # with sizes and timings; lineage.json holds its identity
     del bank
     return table
-
-
-def prepare_and_run(data_dir: str | Path | None, run_dir: str | Path, config: DoerschConfig = DoerschConfig(),
-                    positive: str | None = None, prompt: str = "An image of {label}.", null_prompt: str = "An image.",
-                    resolution: int = 256, resize: str = "square", progress: bool = True) -> pd.DataFrame:
-    """Mine a dataset standalone: list ``data_dir`` into ``run_dir`` if that run has no dataset yet
-    (at ``resolution``; an existing run keeps its own listing and size), then :func:`run_doersch`."""
-    run = Run(run_dir)
-    if not (run.path / "images.parquet").is_file() or "dataset" not in run.config:
-        if data_dir is None:
-            raise RunError(f"{run.path}: no dataset listed here; pass --data DIR")
-        from ..pipeline import prepare
-
-        prepare(run, data_dir, prompt, null_prompt, resolution, resize)
-    return run_doersch(run, config, positive, progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,31 +569,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                        "RUN/baselines/doersch/patches.parquet (cluster-table columns) and settings.json.")
     p.add_argument("--data", type=Path, default=None, help="dataset folder or manifest (needed when the run has none listed)")
     p.add_argument("--run", required=True, type=Path, help="the run directory")
+    p.add_argument("--force", action="store_true", help="replace a stored result made with other settings")
     p.add_argument("--positive", default=None, help="mine only this label (default: every label)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument("--resolution", type=int, default=256, help="image side when listing a new run (default: 256)")
     p.add_argument("--resize", default="square", choices=["square", "keep-aspect"], help="resize mode when listing a new run")
     p.add_argument("--prompt", default="An image of {label}.", help=argparse.SUPPRESS)
     p.add_argument("--null-prompt", default="An image.", help=argparse.SUPPRESS)
-    from ..cli import add_config  # the CLI calls this function, so it is loaded by now
-
     add_config(p, DoerschConfig, help=HELP)
-    p.set_defaults(func=cmd_baseline)
     return baseline
 
 
-def cmd_baseline(args: argparse.Namespace) -> pd.DataFrame:
-    if getattr(args, "baseline", "doersch") != "doersch":
-        raise ValueError(f"unknown baseline {args.baseline!r}")
-    from ..cli import build_config
-
-    config = build_config(DoerschConfig, args)
-    table = prepare_and_run(args.data, args.run, config, args.positive, args.prompt, args.null_prompt,
-                            args.resolution, args.resize)
-    n = table.groupby("label")["cluster"].nunique().sum() if len(table) else 0
-    print(f"{n} detectors, {len(table)} detections -> {args.run / OUTPUT / 'patches.parquet'}")
-    return table
-
-
-__all__ = ["DoerschConfig", "FeatureBank", "patch_features", "build_bank", "mine_doersch", "run_doersch",
-           "prepare_and_run", "add_parser", "cmd_baseline"]
+__all__ = ["DoerschConfig", "FeatureBank", "patch_features", "build_bank", "mine_doersch", "run_doersch", "add_parser"]

@@ -9,11 +9,12 @@ once against this interface.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_write, write_json
 
 BACKEND_FILE = "backend.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -112,17 +113,12 @@ class Backend:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_weights(self.trainable_state(), directory / WEIGHTS_FILE)
-        tmp = directory / (BACKEND_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.spec, indent=2))
-        tmp.replace(directory / BACKEND_FILE)
+        write_json(directory / BACKEND_FILE, self.spec)
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
     """safetensors, written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(tmp)))
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Stable Diffusion (1.x / 2.x-base and finetunes of them) through diffusers: ``--model sd:PATH_OR_ID``.
 
 The model is read from a folder laid out like a hub Stable Diffusion repository, or from a hub id
-(``runwayml/stable-diffusion-v1-5``, the authors' ``diff-mining/cardb`` ...)::
+(``stable-diffusion-v1-5/stable-diffusion-v1-5``, the authors' ``diff-mining/cardb`` ...)::
 
     MODEL/unet/           UNet2DConditionModel   (trained: fully, or LoRA adapters only)
     MODEL/vae/            AutoencoderKL          (frozen; posterior MEAN, so encoding is deterministic)
@@ -171,7 +171,7 @@ class StableDiffusionBackend(Backend):
             raise ModelError(f"unknown option(s) for an sd: model: {', '.join(sorted(unknown))} "
                              "(known: lora_rank, text_encoder)")
         if not path_or_id:
-            raise ModelError("sd: needs a model folder or hub id, e.g. sd:runwayml/stable-diffusion-v1-5")
+            raise ModelError("sd: needs a model folder or hub id, e.g. sd:stable-diffusion-v1-5/stable-diffusion-v1-5")
         try:
             lora_rank = int(lora_rank or 0)
         except (TypeError, ValueError):

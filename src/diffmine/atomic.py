@@ -1,0 +1,61 @@
+"""Atomic file writes: a reader (or a resumed run) never sees half a file.
+
+Every file of a run directory is written through :func:`atomic_write`: into ``NAME.tmp`` beside
+the target, flushed, then renamed over it (a rename within one folder is atomic on POSIX). A
+killed process leaves at most a ``.tmp`` file, which nothing reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp_path)`` creates the content at a temporary path, which is then renamed to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, value) -> Path:
+    return write_text(path, json.dumps(value, indent=2, default=str) + "\n")
+
+
+def write_with(path: str | Path, save: Callable) -> Path:
+    """``save(binary file object)``, e.g. ``lambda f: np.save(f, array)``, written atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            save(f)
+
+    return atomic_write(path, write)
+
+
+def write_table(table, path: str | Path) -> Path:
+    """A pyarrow Table as Parquet, written atomically."""
+    import pyarrow.parquet as pq
+
+    return atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))

@@ -1,0 +1,224 @@
+"""The lineage record: what every result of a run was made from, in one file, ``RUN/lineage.json``.
+
+Each result is stored under its name together with the settings that made it and the
+identities of what it was made from (as FiftyOne Brain stores each result under a key with
+its config)::
+
+    "typicality": {
+      "settings": {"samples": 16, "t_min": 0.1, ...},          # its own settings
+      "inputs":   {"model": "3f2a...", "listing": "9c1d..."},  # identities of what it read
+      "identity": "a41b...",                                    # what later steps record as input
+      "complete": true,
+      "command":  "typicality",                                 # the command that makes it
+      "written":  "2026-12-01T22:58:00+00:00"
+    }
+
+Identities are content hashes, never paths or times, so a copied or moved run (``cp -r``,
+rsync, another machine) is valid as it is:
+
+- ``listing``: a hash of its rows (image id, label, split, each image's content fingerprint)
+  and of the prompts and image size;
+- ``model``: the SHA-256 of the weights file and ``backend.json``;
+- every other result: a hash of its settings and of its inputs' identities.
+
+The rules every step follows (:func:`plan`):
+
+- settings and inputs equal to the record, result complete: nothing to do;
+- equal, result incomplete: resume;
+- an input changed: the result is stale and is recomputed (for typicality a changed listing
+  only adds the new images' maps);
+- an expensive result (the model, typicality, translations, co-typicality, baselines: hours of
+  compute) whose own settings changed, or the model whose listing or prompts changed, is never
+  replaced silently: the step stops with one line saying what differs, unless ``--force``.
+
+Readers (``open_run``, ``query``, the report, ``status``) call :func:`stale_reasons` and never
+serve a result whose inputs changed: they name the step to re-run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .atomic import write_json
+
+LINEAGE_FILE = "lineage.json"
+LOCK_DIR = ".locks"
+# results that are identified by their content (not by what made them): a reader checks
+# freshness up to them and no further (a model is what it is, whatever it was trained on)
+ROOTS = ("listing", "model")
+
+
+class LineageError(ValueError):
+    """A step would discard a result, or a result is stale or locked; the message says what to do."""
+
+
+def canonical(value):
+    """JSON-normal form: tuples become lists, paths and other objects strings."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def digest(value) -> str:
+    """A short content hash (80 bits) of any JSON-able value, independent of key order."""
+    text = json.dumps(canonical(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def file_digest(*paths: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of the files' bytes, in order (streamed: a 3 GB UNet is never held in memory)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    return h.hexdigest()[:20]
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """``["samples: 16 -> 8", ...]`` for every key whose value differs."""
+    old, new = canonical(old), canonical(new)
+    return [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+class Lineage:
+    """The records of one run directory (read fresh on every call: other processes write too)."""
+
+    def __init__(self, run_path: str | Path):
+        self.run_path = Path(run_path)
+        self.path = self.run_path / LINEAGE_FILE
+
+    def records(self) -> dict[str, dict]:
+        if not self.path.is_file():
+            return {}
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LineageError(f"{self.path}: unreadable lineage record ({exc})") from None
+
+    def get(self, name: str) -> dict | None:
+        return self.records().get(name)
+
+    @contextmanager
+    def _editing(self):
+        """Read-modify-write under an exclusive lock: steps of parallel processes each add their record."""
+        self.run_path.mkdir(parents=True, exist_ok=True)
+        with open(self.run_path / ".lineage.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                records = self.records()
+                yield records
+                write_json(self.path, records)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def put(self, name: str, settings: dict, inputs: dict, command: str, identity: str | None = None,
+            complete: bool = True, **extra) -> dict:
+        """Record result ``name``; its identity defaults to the hash of its settings and inputs."""
+        record = {"settings": canonical(settings), "inputs": canonical(inputs),
+                  "identity": identity or digest([settings, inputs]), "complete": complete, "command": command,
+                  "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **canonical(extra)}
+        with self._editing() as records:
+            records[name] = record
+        return record
+
+    def drop(self, *names: str) -> None:
+        with self._editing() as records:
+            for name in names:
+                records.pop(name, None)
+
+
+def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool = False, expensive: bool = False,
+         guard_inputs: bool = False, incremental: tuple[str, ...] = ()) -> str:
+    """What a step must do with result ``name`` given the settings and inputs it was asked for.
+
+    Returns ``"new"`` (no result yet), ``"done"`` (up to date), ``"resume"`` (same settings and
+    inputs but incomplete; or only an ``incremental`` input changed) or ``"replace"`` (stale, or
+    ``force``). Raises LineageError where replacing would discard hours of work the user did not
+    ask to discard: an ``expensive`` result whose own settings changed, or a ``guard_inputs``
+    result (the model) whose inputs changed.
+    """
+    record = lineage.get(name)
+    if record is None:
+        return "new"
+    settings, inputs = canonical(settings), canonical(inputs)
+    if record["settings"] == settings and record["inputs"] == inputs:
+        return "done" if record.get("complete") else "resume"
+    if force:
+        return "replace"
+    changed = differences(record["settings"], settings)
+    changed_inputs = [k for k in sorted(set(record["inputs"]) | set(inputs)) if record["inputs"].get(k) != inputs.get(k)]
+    if not changed and set(changed_inputs) <= set(incremental):
+        return "resume"
+    if (changed and expensive) or (changed_inputs and guard_inputs):
+        what = "; ".join(changed + [f"its input {k} changed" for k in changed_inputs])
+        raise LineageError(f"{lineage.run_path}: the stored {name} result was made differently ({what}); "
+                           f"pass --force to replace it, or use another --run")
+    return "replace"
+
+
+def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> list[tuple[str, str]]:
+    """Why result ``name`` must not be served: ``[(reason, command to re-run), ...]``, most upstream
+    first; empty when it is fresh. Checks its inputs' records transitively, up to the ROOTS."""
+    records = lineage.records() if records is None else records
+    record = records.get(name)
+    if record is None:
+        return [(f"{name} has not been made", _command(name))]
+    reasons = []
+    for input_name, identity in record["inputs"].items():
+        if input_name not in COMMANDS:
+            continue  # a digest of settings (prompts) or of an outside model: nothing to look up
+        upstream = records.get(input_name)
+        if upstream is None:
+            reasons.append((f"its input {input_name} is gone", _command(input_name)))
+        elif upstream["identity"] != identity:
+            reasons += stale_reasons(lineage, input_name, records) if input_name not in ROOTS else []
+            reasons.append((f"{input_name} changed since {name} was made", record.get("command", _command(name))))
+        elif input_name not in ROOTS:
+            reasons += stale_reasons(lineage, input_name, records)
+    if not record.get("complete", True):
+        reasons.append((f"{name} is incomplete", record.get("command", _command(name))))
+    return reasons
+
+
+COMMANDS = {"listing": "prepare", "model": "train", "typicality": "typicality", "mine": "mine", "features": "cluster",
+            "cluster": "cluster", "report": "report", "classify": "classify", "translate": "translate",
+            "cotypicality": "cotypicality", "localize": "localize", "baseline-doersch": "baseline doersch"}
+
+
+def _command(name: str) -> str:
+    return COMMANDS.get(name, name)
+
+
+def require_fresh(lineage: Lineage, name: str) -> dict:
+    """The record of ``name``; raises LineageError naming the step to re-run when it is stale."""
+    reasons = stale_reasons(lineage, name)
+    if reasons:
+        reason, command = reasons[0]
+        raise LineageError(f"{lineage.run_path}: the {name} result is out of date ({reason}); "
+                           f"re-run `diffmine {command} --run {lineage.run_path}`")
+    return lineage.get(name)
+
+
+@contextmanager
+def step_lock(run_path: str | Path, step: str):
+    """One process per step of a run: a second one exits at once with a clear message. The lock is
+    an ``flock``, released by the kernel when the process ends, so a killed run leaves none behind.
+    Data-parallel workers take it only on process 0 (they share one step)."""
+    directory = Path(run_path) / LOCK_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{step.replace(' ', '-')}.lock"
+    with open(path, "a") as lock:  # opened, never written: a finished step changes no file
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LineageError(f"{run_path}: another diffmine process is running {step} on this run; "
+                               "wait for it to finish (or stop it)") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

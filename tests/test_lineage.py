@@ -1,0 +1,278 @@
+"""The run directory's lineage: nothing lost, nothing stale, copies valid, data changes incremental.
+
+Every test works on its own `cp -r` copy of one tiny run (a few training steps, K = 2): what is
+asserted is what the run keeps or recomputes, not the quality of its maps.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmine import cli, pipeline
+from diffmine.lineage import step_lock
+from diffmine.query import query
+from diffmine.rundir import Run, RunError, open_run
+from diffmine.synthetic import SynthConfig, generate
+
+TINY = ["--steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--samples", "2",
+        "--typicality-shard-size", "4", "--top", "10", "--least", "2", "--random", "2", "--k", "2",
+        "--feature-ensemble", "1"]
+
+
+def run_args(data: Path, run: Path, *extra: str) -> list[str]:
+    return ["run", "--data", str(data), "--run", str(run), "--resolution", "32", "--prompt", "A scene from {label}.",
+            "--null-prompt", "A scene.", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(dataset folder, masks folder, a finished run) of 2 labels x 6 images of 32 px."""
+    root = tmp_path_factory.mktemp("lineage")
+    images = generate(root / "data", SynthConfig(labels=2, per_label=6, size=32, seed=0), progress=False)
+    assert cli.main(run_args(images, root / "run")) == 0
+    return images, root / "data" / "masks", root / "run"
+
+
+def cp_r(source: Path, target: Path) -> Path:
+    """A copy as a user makes it: new inodes and new modification times."""
+    subprocess.run(["cp", "-r", str(source), str(target)], check=True)
+    return target
+
+
+def files(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` (locks aside): (inode, mtime_ns)."""
+    out = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            if ".locks" not in path.parts and name != ".lineage.lock":
+                st = path.stat()
+                out[str(path.relative_to(root))] = (st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def maps(run: Run) -> dict[str, np.ndarray]:
+    index = run.typicality_index()
+    return {i: run.latent_typicality_map(i) for i in index.loc[index["status"] == "ok", "image_id"]}
+
+
+def test_a_finished_run_run_again_rewrites_no_file(tiny, capsys):
+    images, _, run = tiny
+    before = files(run)
+    assert cli.main(run_args(images, run)) == 0
+    assert files(run) == before
+    out = capsys.readouterr().out
+    for step in ("train", "typicality", "mine", "cluster"):
+        assert f"{step}: up to date" in out
+
+
+def test_a_copied_run_is_valid_as_it_is(tiny, tmp_path):
+    images, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    before = files(copy)
+    assert cli.main(["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]) == 0
+    assert cli.main(run_args(images, copy)) == 0
+    assert files(copy) == before  # same inodes: no shard, model or table was rewritten
+    opened = open_run(copy)
+    assert len(opened.patches()) == len(open_run(run).patches())
+    assert not any(opened.stale(name) for name in ("model", "typicality", "mine", "cluster", "report"))
+
+
+def test_a_changed_training_flag_keeps_the_model(tiny, tmp_path, capsys):
+    images, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    weights = sha(copy / "model" / "trainable.safetensors")
+    argv = ["train", "--data", str(images), "--run", str(copy), "--resolution", "32", "--prompt",
+            "A scene from {label}.", "--null-prompt", "A scene.", "--steps", "4", "--batch-size", "2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "batch_size: 4 -> 2" in err[0] and "--force" in err[0]
+    assert sha(copy / "model" / "trainable.safetensors") == weights
+    # --force replaces it, and everything made with the old model is then out of date
+    assert cli.main(argv + ["--force"]) == 0
+    assert sha(copy / "model" / "trainable.safetensors") != weights
+    opened = open_run(copy)
+    with pytest.raises(RunError, match="re-run `diffmine typicality"):
+        opened.typicality_map(opened.images()["image_id"][0])
+    with pytest.raises(RunError, match="typicality"):
+        opened.patches()
+
+
+def test_more_steps_continue_training_and_fewer_are_refused(tiny, tmp_path, capsys):
+    images, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    base = ["train", "--data", str(images), "--run", str(copy), "--resolution", "32", "--prompt",
+            "A scene from {label}.", "--null-prompt", "A scene.", "--batch-size", "4", "--checkpoint-every", "2"]
+    assert cli.main(base + ["--steps", "2"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(base + ["--steps", "6"]) == 0
+    assert "(step 4)" in capsys.readouterr().out  # resumed from the last checkpoint, not from 0
+    assert Run(copy).lineage.get("model")["steps"] == 6
+
+
+def test_a_data_change_keeps_unchanged_maps_exactly(tiny, tmp_path, capsys):
+    images, _, run = tiny
+    data = cp_r(images, tmp_path / "data")
+    copy = cp_r(run, tmp_path / "copy")
+    old = maps(Run(copy))
+    removed = sorted(data.glob("norland/*.png"))[0]
+    removed.unlink()
+    added = data / "sudland" / "added.png"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(added)
+    # a new model would be needed to train on it: refused, the model kept
+    assert cli.main(run_args(data, copy)) == 2
+    assert "listing changed" in capsys.readouterr().err
+    assert cli.main(["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]) == 0
+    opened = Run(copy)
+    new = maps(opened)
+    removed_id = f"norland/{removed.name}"
+    assert removed_id in old and removed_id not in new
+    assert "sudland/added.png" in new and "sudland/added.png" not in old
+    for image_id in new.keys() - {"sudland/added.png"}:
+        assert np.array_equal(new[image_id], old[image_id]), image_id
+    assert opened.lineage.get("typicality")["complete"]
+    with pytest.raises(RunError, match="re-run `diffmine mine"):
+        opened.mined_patches()
+    assert cli.main(["mine", "--run", str(copy), "--top", "10", "--least", "2", "--random", "2"]) == 0
+    assert removed_id not in set(opened.mined_patches("top")["image_id"]) | set(opened.mined_patches("least")["image_id"])
+
+
+def test_unreachable_images_are_retried(tiny, tmp_path, capsys):
+    images, _, run = tiny
+    data = cp_r(images, tmp_path / "data")
+    copy = cp_r(run, tmp_path / "copy")
+    old = maps(Run(copy))
+    assert cli.main(["prepare", "--data", str(data), "--run", str(copy), "--resolution", "32", "--prompt",
+                     "A scene from {label}.", "--null-prompt", "A scene."]) == 0
+    # the same images at another path: the same listing, every result still valid
+    assert not Run(copy).stale("cluster")
+    assert cli.main(["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4", "--force"]) == 0
+    data.rename(tmp_path / "away")  # the disk is unmounted...
+    shutil.rmtree(copy / "typicality")
+    Run(copy).lineage.drop("typicality")
+    assert cli.main(["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]) == 0
+    status = Run(copy).typicality_index()["status"]
+    assert (status == "unreachable").all()
+    assert "12 images left" in subprocess_status(copy)
+    (tmp_path / "away").rename(data)  # ...and back
+    assert cli.main(["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]) == 0
+    again = maps(Run(copy))
+    assert again.keys() == old.keys()
+    assert all(np.array_equal(again[i], old[i]) for i in old)
+    assert Run(copy).lineage.get("typicality")["complete"]
+
+
+def subprocess_status(run: Path) -> str:
+    from diffmine.status import status
+
+    return status(Run(run))
+
+
+def test_stale_clusters_are_never_served(tiny, tmp_path):
+    _, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    assert cli.main(["mine", "--run", str(copy), "--top", "6", "--least", "2", "--random", "2"]) == 0
+    opened = Run(copy)
+    with pytest.raises(RunError, match="re-run `diffmine cluster"):
+        opened.patches()
+    assert "patches" not in query(opened, "SELECT table_name FROM duckdb_tables() UNION ALL "
+                                          "SELECT view_name FROM duckdb_views()")["table_name"].tolist()
+    with pytest.raises(ValueError, match="patches"):
+        query(opened, "SELECT count(*) FROM patches")
+    assert len(query(opened, "SELECT * FROM mined WHERE kind = 'top'")) == 12
+    assert opened.stale("report")  # made from the old mining
+    assert cli.main(["report", "--run", str(copy)]) == 0  # the report leaves the stale clusters out
+    assert opened.lineage.get("report")["inputs"].keys() == {"mine"}
+
+
+def test_a_second_process_on_the_same_step_is_refused(tiny, tmp_path, capsys):
+    _, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    with step_lock(copy, "typicality"):
+        assert cli.main(["typicality", "--run", str(copy), "--samples", "3", "--force"]) == 2
+    assert "another diffmine process is running typicality" in capsys.readouterr().err
+    assert Run(copy).lineage.get("typicality")["settings"]["samples"] == 2  # untouched
+
+
+def test_other_typicality_settings_need_force(tiny, tmp_path, capsys):
+    _, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    shard = sorted((copy / "typicality").glob("shard-*.safetensors"))[0]
+    assert cli.main(["typicality", "--run", str(copy), "--samples", "4"]) == 2
+    assert "samples: 2 -> 4" in capsys.readouterr().err and shard.is_file()
+    # execution settings are no part of the result: a resume may change them
+    assert cli.main(["typicality", "--run", str(copy), "--samples", "2", "--batch-size", "8"]) == 0
+
+
+def test_a_new_label_needs_a_new_model(tiny, tmp_path, capsys):
+    images, _, run = tiny
+    data = cp_r(images, tmp_path / "data")
+    copy = cp_r(run, tmp_path / "copy")
+    shutil.copytree(data / "norland", data / "westland")
+    assert cli.main(["prepare", "--data", str(data), "--run", str(copy), "--resolution", "32", "--prompt",
+                     "A scene from {label}.", "--null-prompt", "A scene."]) == 2
+    err = capsys.readouterr().err
+    assert "labels" in err and "--force" in err
+    assert len(Run(copy).images()) == 12
+
+
+def test_holdout_is_stratified_seeded_and_never_trained_on(tmp_path, capsys):
+    images = generate(tmp_path / "data", SynthConfig(labels=2, per_label=8, size=32, seed=1), progress=False)
+    run = Run(tmp_path / "run")
+    pipeline.prepare(run, images, "A scene from {label}.", "A scene.", 32, holdout=0.25, seed=3)
+    listing = run.images()
+    assert (listing.groupby("label")["split"].apply(lambda s: (s == "holdout").sum()) == 2).all()
+    again = Run(tmp_path / "again")
+    pipeline.prepare(again, images, "A scene from {label}.", "A scene.", 32, holdout=0.25, seed=3)
+    assert again.images()["split"].tolist() == listing["split"].tolist()
+    # held-out files made unreadable after listing: training must not even open them
+    for path in listing.loc[listing["split"] == "holdout", "path"]:
+        Path(path).write_bytes(b"not an image")
+    argv = ["train", "--data", str(images), "--run", str(run.path), "--resolution", "32", "--prompt",
+            "A scene from {label}.", "--null-prompt", "A scene.", "--holdout", "0.25", "--seed", "3",
+            "--steps", "2", "--batch-size", "8"]
+    assert cli.main(argv) == 0
+    problems = run.problems()
+    assert not (problems["step"] == "train").any()
+    assert (run.training_images()["split"] == "train").all() and len(run.training_images()) == 12
+
+
+def test_evaluations_report_the_holdout_split(tmp_path, capsys):
+    images = generate(tmp_path / "data", SynthConfig(labels=2, per_label=6, size=32, seed=0), progress=False)
+    run = tmp_path / "run"
+    assert cli.main(run_args(images, run, "--holdout", "0.34")) == 0
+    capsys.readouterr()
+    assert cli.main(["classify", "--run", str(run), "--samples", "2", "--per-label", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["split"] == "holdout" and set(summary["splits"]) == {"holdout", "train"}
+    assert summary["splits"]["holdout"]["images"] == 4
+    assert cli.main(["evaluate", "--run", str(run), "--masks", str(tmp_path / "data" / "masks"), "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["split"] == "holdout" and result["splits"]["holdout"]["overall"]["images"] == 4
+    assert result["splits"]["train"]["overall"]["images"] == 8
+
+
+def test_bad_settings_are_refused_in_one_line(tiny, tmp_path, capsys):
+    images, _, _ = tiny
+    base = ["prepare", "--data", str(images), "--run", str(tmp_path / "run")]
+    for extra, words in ((["--prompt", "A {label} in {year}"], "no other"), (["--prompt", "A scene."], "{label}"),
+                         (["--resolution", "0"], "resolution"), (["--holdout", "1.5"], "holdout")):
+        assert cli.main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert cli.main(["typicality", "--run", str(tmp_path / "run"), "--map-dtype", "int8"]) == 2
+    assert "map_dtype" in capsys.readouterr().err
+    assert cli.main(["mine", "--run", str(tmp_path / "run"), "--top", "0"]) == 2

@@ -1,0 +1,354 @@
+"""Untrusted runs and inputs: checkpoints are never unpickled, SQL stays inside the run's tables,
+datasets cannot point listing or decoding outside their root or at huge members, and the CLI
+reports failures as one line."""
+
+import dataclasses
+import errno
+import io
+import json
+import os
+import pathlib
+import pickle
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from diffmine import data, pipeline
+from diffmine.cli import main
+from diffmine.data import BadImage, load_image, scan_dataset
+from diffmine.models import create_backend
+from diffmine.models.base import read_weights
+from diffmine.query import QueryError, query
+from diffmine.rundir import Run, RunError
+from diffmine.synthetic import SynthConfig, generate
+from diffmine.train import TrainConfig, train
+
+SMALL = dict(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class _TouchOnUnpickle:
+    """A pickle that creates ``marker`` when loaded, as a hostile optimizer.pt would run code."""
+
+    def __init__(self, marker):
+        self.marker = pathlib.Path(marker)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("images"), SynthConfig(labels=2, per_label=4, size=32, seed=0), progress=False)
+
+
+def _run(path, images):
+    run = Run(path)
+    pipeline.prepare(run, images, "A scene from {label}.", "A scene.", 32)
+    return run
+
+
+def _train(run, config):
+    prompts = [run.prompt(label) for label in run.labels] + [run.prompt(None)]
+    return train(run, create_backend("tiny", prompts, seed=0, **SMALL), config, progress=False)
+
+
+def test_resume_never_unpickles_a_planted_optimizer_pt(tiny_images, tmp_path, capsys):
+    config = TrainConfig(steps=4, batch_size=4, checkpoint_every=2, seed=0, ema_decay=0.9)
+    run = _run(tmp_path / "run", tiny_images)
+    _train(run, dataclasses.replace(config, steps=2))
+    checkpoint = run.model_dir / "checkpoints" / "step-0000002"
+    assert (checkpoint / "state.json").is_file()
+    assert not (checkpoint / "optimizer.pt").exists()  # nothing pickled is written
+    structure = json.loads((checkpoint / "optimizer.json").read_text())
+    assert {k for k, _ in structure["dict"]} == {"optimizer", "scheduler", "ema"}
+    marker = tmp_path / "MARKER"
+    payload = pickle.dumps(_TouchOnUnpickle(marker))
+    (checkpoint / "optimizer.pt").write_bytes(payload)
+    capsys.readouterr()
+    _train(run, config)
+    assert not marker.exists()
+    assert f"resuming from {checkpoint} (step 2)" in capsys.readouterr().out
+    assert json.loads((run.model_dir / "checkpoints" / "step-0000004" / "state.json").read_text()) == {"step": 4}
+    # resumed, not restarted: the weights equal an uninterrupted run's, EMA included
+    straight = _run(tmp_path / "straight", tiny_images)
+    _train(straight, config)
+    a, b = read_weights(run.model_dir / "trainable.safetensors"), read_weights(straight.model_dir / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and the planted file was a live payload: loading it is what would have run it
+    pickle.loads(payload)
+    assert marker.exists()
+
+
+def test_old_pickled_checkpoint_is_refused_not_loaded(tiny_images, tmp_path):
+    run = _run(tmp_path / "run", tiny_images)
+    _train(run, TrainConfig(steps=2, batch_size=4, checkpoint_every=2, seed=0))
+    checkpoint = run.model_dir / "checkpoints" / "step-0000002"
+    (checkpoint / "optimizer.json").unlink()
+    (checkpoint / "optimizer.safetensors").unlink()
+    marker = tmp_path / "MARKER"
+    (checkpoint / "optimizer.pt").write_bytes(pickle.dumps(_TouchOnUnpickle(marker)))
+    with pytest.raises(RunError, match="optimizer.pt.*not loaded.*train from scratch"):
+        _train(run, TrainConfig(steps=4, batch_size=4, checkpoint_every=2, seed=0))
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# query
+
+
+@pytest.fixture
+def table_run(tmp_path):
+    run = Run(tmp_path / "run")
+    run.path.mkdir()
+    pq.write_table(pa.table({"image_id": ["a/0.png", "b/0.png", "b/1.png"], "label": ["a", "b", "b"]}), run.path / "images.parquet")
+    (run.path / "config.json").write_text('{"dataset": {}}')
+    return run
+
+
+def test_query_reads_the_run_tables(table_run):
+    assert query(table_run, "SELECT count(*) AS n FROM images")["n"].tolist() == [3]
+    counts = query(table_run, "SELECT label, count(*) AS n FROM images GROUP BY label ORDER BY label")
+    assert counts.to_dict("list") == {"label": ["a", "b"], "n": [1, 2]}
+
+
+def test_query_cannot_read_other_files(table_run, tmp_path):
+    secret = tmp_path / "secret.csv"
+    secret.write_text("x\n42\n")
+    for sql in (f"SELECT * FROM read_csv('{secret}')", "SELECT * FROM read_csv('/etc/passwd')",
+                f"SELECT * FROM '{secret}'", f"SELECT * FROM read_parquet('{table_run.path / 'images.parquet'}')",
+                f"ATTACH '{tmp_path / 'x.db'}'", "SELECT * FROM glob('/*')"):
+        with pytest.raises(QueryError, match="^query: "):
+            query(table_run, sql)
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_query_cannot_write_files(table_run):
+    config_path = table_run.path / "config.json"
+    config = config_path.read_bytes()
+    images = (table_run.path / "images.parquet").read_bytes()
+    for sql in (f"COPY images TO '{config_path}'",
+                f"COPY (SELECT 1 AS x) TO '{table_run.path / 'images.parquet'}' (FORMAT parquet, USE_TMP_FILE false)",
+                f"COPY images TO '{table_run.path / 'new.csv'}'", f"EXPORT DATABASE '{table_run.path / 'export'}'"):
+        with pytest.raises(QueryError, match="query: .*disabled by configuration"):
+            query(table_run, sql)
+    assert config_path.read_bytes() == config
+    assert (table_run.path / "images.parquet").read_bytes() == images
+    assert sorted(p.name for p in table_run.path.iterdir()) == ["config.json", "images.parquet"]
+
+
+def test_query_cannot_lift_the_sandbox(table_run):
+    for sql in ("SET enable_external_access = true", "RESET enable_external_access", "SET lock_configuration = false",
+                "SET allowed_directories = ['/']", "SET python_enable_replacements = true"):
+        with pytest.raises(QueryError, match="locked"):
+            query(table_run, sql)
+    with pytest.raises(QueryError):
+        query(table_run, "LOAD httpfs")
+
+
+def test_bad_sql_is_one_line_from_the_cli(table_run, capsys):
+    assert main(["query", "--run", str(table_run.path), "SELEC * FROM images"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diffmine query: error: query: Parser Error")
+    assert main(["query", "--run", str(table_run.path), "SELECT * FROM read_csv('/etc/passwd')"]) == 2
+    assert "disabled by configuration" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# datasets
+
+
+def _png_bytes(value=0):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _add(tar, name, payload):
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _shard(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            _add(tar, name, payload)
+    return path
+
+
+def _good_samples():
+    return [("a/0.png", _png_bytes(1)), ("a/0.cls", b"cat"), ("b/0.png", _png_bytes(2)), ("b/0.cls", b"dog")]
+
+
+def test_oversized_tar_label_is_a_problem_not_read(tmp_path, monkeypatch):
+    shard = _shard(tmp_path / "s.tar", _good_samples() + [("c/0.png", _png_bytes(3)), ("c/0.txt", b"x" * (100 << 10))])
+    read = []
+    monkeypatch.setattr(data, "_label_text", lambda extension, payload: read.append(len(payload)) or payload.decode().strip())
+    ds = scan_dataset(shard)
+    assert ds.image_ids == ["s.tar/a/0.png", "s.tar/b/0.png"]
+    problems = {p.image_id: p.problem for p in ds.problems}
+    assert problems["s.tar/c/0.png"] == "label member c/0.txt is 102400 bytes, over the 64 KiB cap (not read)"
+    assert max(read) == 3  # the big member never reached the decoder
+
+
+def test_label_cap_is_the_module_constant(tmp_path, monkeypatch):
+    shard = _shard(tmp_path / "s.tar", _good_samples() + [("c/0.png", _png_bytes(3)), ("c/0.cls", b"bird")])
+    monkeypatch.setattr(data, "MAX_LABEL_BYTES", 3)
+    problems = {p.image_id: p.problem for p in scan_dataset(shard).problems}
+    assert "c/0.cls is 4 bytes, over the 3 bytes cap" in problems["s.tar/c/0.png"]
+
+
+def test_oversized_tar_image_member_is_refused_unread(tmp_path, monkeypatch):
+    shard = _shard(tmp_path / "s.tar", _good_samples())
+    ds = scan_dataset(shard)
+    assert load_image(ds.paths[0], 8).shape == (8, 8, 3)
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 64)
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda *a, **k: pytest.fail("member read"))
+    with pytest.raises(BadImage, match=r"member is \d+ bytes, over the 64 bytes cap"):
+        load_image(ds.paths[0], 8)
+
+
+def test_oversized_arrow_image_is_refused_uncopied(tmp_path, monkeypatch):
+    path = tmp_path / "data-00000-of-00001.arrow"
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([{"bytes": _png_bytes(5), "path": None}, None], image)})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    assert load_image(f"{path}#image/0", 8)[0, 0].tolist() == [5, 5, 5]
+    with pytest.raises(BadImage, match="no image bytes"):
+        load_image(f"{path}#image/1", 8)
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 16)
+    with pytest.raises(BadImage, match=r"stored image is \d+ bytes, over the 16 bytes cap"):
+        load_image(f"{path}#image/0", 8)
+
+
+def test_oversized_image_file_is_refused_unread(tmp_path, monkeypatch):
+    path = tmp_path / "big.png"
+    path.write_bytes(_png_bytes() + b"\0" * 2048)
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 1024)
+    monkeypatch.setattr(data.Image, "open", lambda *a, **k: pytest.fail("file opened"))
+    with pytest.raises(BadImage, match=r"big.png: file is \d+ bytes, over the 1 KiB cap"):
+        load_image(path, 8)
+
+
+def test_declared_huge_label_member_is_skipped_from_its_header(tmp_path):
+    # the last member's header says 2 GiB; its data is a hole in a sparse file, never written
+    path = tmp_path / "s.tar"
+    with path.open("wb") as f:
+        for name, payload in _good_samples() + [("c/0.png", _png_bytes(3))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            f.write(info.tobuf() + payload + b"\0" * (-len(payload) % 512))
+        info = tarfile.TarInfo("c/0.txt")
+        info.size = 2 << 30
+        f.write(info.tobuf())
+        f.truncate(f.tell() + info.size + 1024)  # data, then the two zero blocks that end a tar
+    problems = {p.image_id: p.problem for p in scan_dataset(path).problems}
+    assert problems["s.tar/c/0.png"] == "label member c/0.txt is 2147483648 bytes, over the 64 KiB cap (not read)"
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "a/../../evil.png", "/abs/evil.png", "a/../b/1.png"])
+def test_tar_member_escaping_its_shard_is_refused(tmp_path, name):
+    shard = _shard(tmp_path / "s.tar", _good_samples() + [(name, _png_bytes(3)), (name.rsplit(".", 1)[0] + ".cls", b"cat")])
+    ds = scan_dataset(shard)
+    assert ds.image_ids == ["s.tar/a/0.png", "s.tar/b/0.png"]
+    problems = [p for p in ds.problems if p.image_id == f"s.tar/{name}"]
+    assert len(problems) == 1
+    assert problems[0].problem == f"tar member {name!r} of s.tar has an absolute path or a '..' component (refused)"
+    assert problems[0].path == f"{shard}#{name}"
+
+
+def _png(path, value=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_png_bytes(value))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """root/{a,b}/0.png and a folder outside the root with one image."""
+    root = tmp_path / "root"
+    _png(root / "a" / "0.png")
+    _png(root / "b" / "0.png")
+    _png(tmp_path / "outside" / "secret.png", 9)
+    return root
+
+
+def test_folder_symlink_inside_root_is_listed(tree):
+    os.symlink(tree / "b" / "0.png", tree / "a" / "alias.png")
+    ds = scan_dataset(tree)
+    assert "a/alias.png" in ds.image_ids and not ds.problems
+
+
+def test_folder_symlinks_out_of_the_root_are_problems(tree):
+    outside = tree.parent / "outside"
+    os.symlink(outside / "secret.png", tree / "a" / "link.png")
+    os.symlink(outside, tree / "a" / "linked_dir")
+    os.symlink(outside, tree / "c")  # a whole label folder
+    ds = scan_dataset(tree)
+    assert sorted(ds.image_ids) == ["a/0.png", "b/0.png"]
+    problems = {p.image_id: p.problem for p in ds.problems}
+    assert set(problems) == {"a/link.png", "a/linked_dir", "c"}
+    assert all(p.startswith("symlink points outside the dataset root") for p in problems.values())
+    assert not any("secret" in i for i in ds.image_ids)
+
+
+def test_manifest_symlinks_out_of_the_root_are_problems(tree):
+    outside = tree.parent / "outside"
+    os.symlink(outside / "secret.png", tree / "a" / "link.png")
+    os.symlink(outside, tree / "ext")
+    os.symlink(tree / "b" / "0.png", tree / "a" / "alias.png")
+    (tree / "m.csv").write_text("path,label\na/0.png,a\nb/0.png,b\na/link.png,a\next/secret.png,b\na/alias.png,a\n")
+    ds = scan_dataset(tree / "m.csv")
+    assert ds.image_ids == ["a/0.png", "b/0.png", "a/alias.png"]
+    problems = {p.image_id: p.problem for p in ds.problems}
+    assert set(problems) == {"a/link.png", "ext/secret.png"}
+    assert all("symlink points outside the dataset root" in p for p in problems.values())
+
+
+# --------------------------------------------------------------------------------------------
+# the command line
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "/some/run/lineage.json")
+
+
+def test_os_error_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    import diffmine.status
+
+    monkeypatch.delenv("DIFFMINE_DEBUG", raising=False)
+    monkeypatch.setattr(diffmine.status, "status", _disk_full)
+    assert main(["status", "--run", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "diffmine status: error: /some/run/lineage.json: No space left on device\n"
+
+
+def test_debug_lets_the_error_propagate(tmp_path, monkeypatch):
+    import diffmine.status
+
+    monkeypatch.setattr(diffmine.status, "status", _disk_full)
+    monkeypatch.delenv("DIFFMINE_DEBUG", raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        main(["--debug", "status", "--run", str(tmp_path)])
+    monkeypatch.setenv("DIFFMINE_DEBUG", "1")
+    with pytest.raises(OSError, match="No space left"):
+        main(["status", "--run", str(tmp_path)])
+    with pytest.raises(RunError):  # expected errors too
+        main(["mine", "--run", str(tmp_path)])
+
+
+def test_bugs_still_show_their_traceback(tmp_path, monkeypatch):
+    monkeypatch.delenv("DIFFMINE_DEBUG", raising=False)
+    import diffmine.status
+
+    monkeypatch.setattr(diffmine.status, "status", lambda run: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["status", "--run", str(tmp_path)])
