@@ -713,9 +713,14 @@ def fingerprint_images(paths: list[str], known: dict[str, tuple[int, int, str]] 
             fingerprints[n] = old[2]
         else:
             todo.append(n)
+    # plain files in threads; members one at a time (a process shares one handle per tar file,
+    # whose reads seek: not thread-safe)
+    files = [n for n in todo if split_member(paths[n]) is None]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for n, fp in zip(todo, pool.map(content_fingerprint, [paths[n] for n in todo])):
+        for n, fp in zip(files, pool.map(content_fingerprint, [paths[n] for n in files])):
             fingerprints[n] = fp
+    for n in set(todo) - set(files):
+        fingerprints[n] = content_fingerprint(paths[n])
     sizes = [k[0] if k else -1 for k in keys]
     mtimes = [k[1] if k else -1 for k in keys]
     return sizes, mtimes, fingerprints

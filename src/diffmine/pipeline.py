@@ -31,7 +31,7 @@ from .clustering import ClusterConfig, run_clustering
 from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
 from .data import DatasetError, fingerprint_images, scan_dataset
 from .features import FeatureConfig, run_features
-from .lineage import LineageError, digest, file_digest, plan, step_lock
+from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .mining import MineConfig, run_mining
 from .models import Backend, create_backend, load_backend
 from .models.base import BACKEND_FILE, WEIGHTS_FILE
@@ -219,6 +219,10 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
         if record is None and run.model_dir.exists() and any(run.model_dir.iterdir()) and not force:
             raise RunError(f"{run.model_dir}: holds a model that this run's lineage record does not describe; "
                            "pass --force to replace it")
+        if record is not None and not force and record["settings"] == canonical(settings) and record["inputs"] != inputs:
+            raise RunError(f"{run.path}: the listing changed since the model was trained (now {len(run.images())} "
+                           "images); training on it makes a new model: pass --force. To score the new images with "
+                           f"the trained model, run `diffmine typicality --run {run.path}`")
         action = _planned(run, "model", settings, inputs, force, expensive=True, guard_inputs=True)
         trained = (record or {}).get("steps", 0) if action in ("done", "resume") else 0
         if action == "done" and config.steps == trained:
