@@ -120,3 +120,19 @@ def test_chromium_follows_label_cluster_image_links_and_shows_the_image_and_its_
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(float)
     assert pixels.std() > 20  # not a blank page
     assert len(np.unique(pixels.reshape(-1, 3)[::3], axis=0)) > 200  # an image and a heat map drawn
+
+
+def test_the_overview_shows_the_loss_curve_and_warns_when_the_model_is_near_chance(run):
+    from diffmine import pipeline
+    from diffmine.classify import ClassifyConfig
+    from diffmine.report import classify_quality
+
+    summary = pipeline.classify_step(run, ClassifyConfig(per_label=6, samples=2), progress=False)
+    index = write_report(run).read_text()  # a 4-step model has not learned the labels
+    assert 'id="loss"' in index and "over 4 steps" in index
+    assert 'id="classify"' in index and f"{summary['accuracy']:.3f}" in index
+    assert ('id="near-chance"' in index) == classify_quality(summary)["near_chance"]
+    assert classify_quality({"accuracy": 0.30, "chance": 0.25, "images": 40})["near_chance"]
+    assert not classify_quality({"accuracy": 0.90, "chance": 0.25, "images": 40})["near_chance"]
+    loss = np.asarray(Image.open(run.report_path.parent / "assets" / "loss.png").convert("L"))
+    assert loss.std() > 10  # a drawn plot

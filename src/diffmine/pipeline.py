@@ -432,11 +432,12 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
 
 
 def report_step(run: Run, config, masks: str | Path | None = None, force: bool = False) -> Path:
-    """The HTML summary of every fresh result; rewritten only when one of them changed."""
+    """The site of every fresh result (RUN/report/); rendered only when one of them changed, and
+    then only the files whose bytes changed are rewritten."""
     from .evaluate import evaluate_run
     from .report import write_report
 
-    shown = ("mine", "cluster", "classify", "localize", "translate", "cotypicality", "baseline-doersch")
+    shown = ("model", "mine", "cluster", "classify", "localize", "translate", "cotypicality", "baseline-doersch")
     records = run.lineage.records()
     inputs = {name: records[name]["identity"] for name in shown if name in records and not run.stale(name)}
     if "mine" not in inputs:
