@@ -1,7 +1,6 @@
 """The report is a static site: a real headless Chromium follows its links from the overview to a
 label, a cluster and an image; pages are escaped, bounded and rewritten only when they change."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -11,27 +10,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from diffmine import cli
 from diffmine.report import ReportConfig, image_key, render, write_report
-from diffmine.rundir import Run
-from diffmine.synthetic import SynthConfig, generate
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TINY = ["--steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--samples", "2",
-        "--typicality-shard-size", "4", "--top", "10", "--least", "2", "--random", "2", "--k", "2",
-        "--feature-ensemble", "1"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished tiny run (2 labels x 6 images of 32 px, 4 training steps) with its report."""
-    root = tmp_path_factory.mktemp("report")
-    images = generate(root / "data", SynthConfig(labels=2, per_label=6, size=32, seed=0), progress=False)
-    assert cli.main(["run", "--data", str(images), "--run", str(root / "run"), "--resolution", "32",
-                     "--prompt", "A scene from {label}.", "--null-prompt", "A scene.", *TINY]) == 0
-    return Run(root / "run")
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def links(html: str, prefix: str) -> list[str]:
