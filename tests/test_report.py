@@ -1,6 +1,7 @@
 """The report is a static site: a real headless Chromium follows its links from the overview to a
 label, a cluster and an image; pages are escaped, bounded and rewritten only when they change."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -124,3 +125,39 @@ def test_the_overview_shows_the_loss_curve_and_warns_when_the_model_is_near_chan
     assert not classify_quality({"accuracy": 0.90, "chance": 0.25, "images": 40})["near_chance"]
     loss = np.asarray(Image.open(run.report_path.parent / "assets" / "loss.png").convert("L"))
     assert loss.std() > 10  # a drawn plot
+
+
+def test_notebook_helpers_show_a_cluster_an_image_and_the_run(run):
+    clusters = pd.read_parquet(run.clusters_path)
+    label = run.labels[0]
+    members = clusters[(clusters["label"] == label) & (clusters["cluster_rank"] == 0)]
+    grid = run.show_cluster(label, 0, size=40)
+    assert grid.size == (min(len(members), 8) * 42, -(-len(members) // 8) * 42)  # one cell per member
+    image_id = members.sort_values("rank_in_cluster")["image_id"].iloc[0]
+    view = np.asarray(run.show_image(image_id, side=64))
+    assert view.shape == (64, 2 * 64 + 4, 3)  # the image, a gap, the overlay
+    boxes = clusters[clusters["image_id"] == image_id]
+    x0, y0 = int(boxes["x0"].iloc[0]) * 2, int(boxes["y0"].iloc[0]) * 2  # 32 px drawn at 64
+    assert tuple(view[y0, 64 + 4 + x0]) == (255, 200, 0)  # its mined box outlined on the overlay
+    text = repr(run)
+    assert f"{len(run.images())} images, 2 labels" in text and "model trained 4 steps" in text
+    assert f"{len(clusters)} clustered patches in 4 clusters" in text and "cluster" in text.split("done:")[1]
+    with pytest.raises(KeyError, match="no cluster 9"):
+        run.show_cluster(label, 9)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o077, 0o600)])
+def test_run_files_follow_the_umask(tmp_path, umask, mode):
+    import torch
+
+    from diffmine.atomic import write_text
+    from diffmine.models.base import save_weights
+
+    old = os.umask(umask)
+    try:
+        save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")  # safetensors alone would make it 0600
+        write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
