@@ -18,7 +18,7 @@ COLORMAP = "RdBu_r"
 
 def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -20,6 +20,7 @@ not write are removed. Labels, paths and prompts are escaped (Jinja2 autoescape)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -258,7 +259,9 @@ def model_section(run, site: Site, fresh: set[str]) -> dict:
 # the pages
 
 
+@functools.lru_cache(maxsize=1)
 def _environment() -> Environment:
+    """One environment: each template is compiled once, however many pages use it."""
     return Environment(loader=PackageLoader("diffmine", "templates"), autoescape=select_autoescape(["html", "j2"]))
 
 
@@ -279,10 +282,11 @@ def _image_pages(run, pages: Pages, clustered: pd.DataFrame | None, mined: pd.Da
     by_image = {i: g for i, g in boxes.groupby("image_id", sort=False)} if len(boxes) else {}
     views = []
     side = pages.config.view_px
+    root, label_index = run.dataset_root, {label: i for i, label in enumerate(run.labels)}
     for image_id, label in pages.viewed.items():
         image = pages.images.get(image_id)
         entry = {"image_id": image_id, "label": label, "label_href": label_pages.get(label), "key": image_key(image_id),
-                 "path": os.path.relpath(pages.images.paths.get(image_id, image_id), run.dataset_root), "patches": []}
+                 "path": os.path.relpath(pages.images.paths.get(image_id, image_id), root), "patches": []}
         if image is not None:
             entry["image"] = pages.site.png(_fit(image, side))
             group = by_image.get(image_id)
@@ -299,7 +303,7 @@ def _image_pages(run, pages: Pages, clustered: pd.DataFrame | None, mined: pd.Da
                     entry["patches"].append({
                         "box": f"({r.x0},{r.y0})-({r.x1},{r.y1})", "typicality": float(r.typicality),
                         "cluster": None if rank is None else int(rank),
-                        "href": None if rank is None else f"cluster-{run.labels.index(r.label)}-{int(rank)}.html"})
+                        "href": None if rank is None else f"cluster-{label_index[r.label]}-{int(rank)}.html"})
         views.append(entry)
     return views, scale
 

@@ -7,6 +7,7 @@
       problems.parquet         images skipped and why: image_id, path, step, problem
       model/                   backend.json + trainable.safetensors (the trained model)
         checkpoints/step-N/    resumable training state (safetensors + JSON, no pickle)
+        metrics.csv            step, loss, learning rate, images/s of every training step
       typicality/              maps at latent resolution, sharded
         shard-00000.safetensors    one (h, w) tensor per image, key = row in shard
         shard-00000.parquet        index: image_id, label, fingerprint, height, width, key, mean, status, problem
@@ -14,7 +15,7 @@
       features/features.npy    DIFT feature per top patch (rows of mining/patches.parquet, kind=top)
       clusters/patches.parquet top patches with cluster, cluster_rank, rank_in_cluster
       classify/, translations/, cotypicality/, localize/, baselines/NAME/   applications and baselines
-      report/index.html        the visual summary
+      report/                  the visual summary, a static site (index.html; report.py)
 
 Nothing in it names an absolute path that a copy would break: image paths are relative to the
 dataset root, itself relative to the run when it lies inside it (the demo's data), and every
