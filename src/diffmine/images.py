@@ -54,7 +54,7 @@ def overlay(image: np.ndarray, values: np.ndarray, scale: float | None = None, a
     return np.clip((1 - weight) * image.astype(np.float32) + weight * heat, 0, 255).astype(np.uint8)
 
 
-def colorbar(scale: float, label: str = "typicality T(x|c)", width: float = 4.0) -> bytes:
+def colorbar(scale: float, label: str = "typicality T(x|c)", width: float = 5.5) -> bytes:
     """PNG of the colour legend of maps drawn with ``heat_colours(..., scale)`` (matplotlib)."""
     import matplotlib
 
@@ -62,11 +62,18 @@ def colorbar(scale: float, label: str = "typicality T(x|c)", width: float = 4.0)
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
 
-    figure, axis = plt.subplots(figsize=(width, 0.75), dpi=100, layout="constrained")
+    figure, axis = plt.subplots(figsize=(width, 0.8), dpi=100, layout="constrained")
     figure.colorbar(matplotlib.cm.ScalarMappable(Normalize(-scale, scale), COLORMAP), cax=axis,
-                    orientation="horizontal", label=f"{label}  (blue: atypical, white: neutral, red: typical)")
+                    orientation="horizontal", label=f"{label}: blue atypical, white 0, red typical")
+    return figure_png(figure)
+
+
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes, closed; no version stamp, so the same plot is the same file."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: same bytes each time
+    figure.savefig(buffer, format="png", metadata={"Software": None})
     plt.close(figure)
     return buffer.getvalue()
 

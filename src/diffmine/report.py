@@ -33,7 +33,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
 from .atomic import write_bytes
-from .images import RunImages, colorbar, draw_boxes, heat_colours, map_scale, overlay, png_bytes
+from .images import RunImages, colorbar, draw_boxes, figure_png, heat_colours, map_scale, overlay, png_bytes
 from .localize import report_section
 
 HELP = {
@@ -225,12 +225,10 @@ def loss_curve(metrics: pd.DataFrame) -> bytes:
               label=f"running mean ({window} steps)")
     axis.set_xlabel("step")
     axis.set_ylabel("denoising loss (MSE)")
-    axis.set_yscale("log")
+    if metrics["loss"].max() > 10 * max(metrics["loss"].min(), 1e-12):
+        axis.set_yscale("log")  # a long run: the early steps would flatten the rest
     axis.legend(fontsize=8)
-    buffer = __import__("io").BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def classify_quality(summary: dict) -> dict:
