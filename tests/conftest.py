@@ -41,3 +41,21 @@ def trained_run(synthetic_data, tmp_path_factory):
     pipeline.mine_step(run, MineConfig(top=60, least=20, random=20), progress=False)
     pipeline.cluster_step(run, ClusterConfig(k=6), FeatureConfig(ensemble=2), progress=False)
     return run
+
+
+TINY_ARGS = ["--steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--samples", "2",
+             "--typicality-shard-size", "4", "--top", "10", "--least", "2", "--random", "2", "--k", "2",
+             "--feature-ensemble", "1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny run with its report (2 labels x 6 images of 32 px, 4 training steps, K = 2;
+    seconds): for what the report and the exports show, not for the quality of the maps."""
+    from diffmine import cli
+
+    root = tmp_path_factory.mktemp("tiny")
+    images = generate(root / "data", SynthConfig(labels=2, per_label=6, size=32, seed=0), progress=False)
+    assert cli.main(["run", "--data", str(images), "--run", str(root / "run"), "--resolution", "32",
+                     "--prompt", "A scene from {label}.", "--null-prompt", "A scene.", *TINY_ARGS]) == 0
+    return Run(root / "run")

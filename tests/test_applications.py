@@ -137,7 +137,7 @@ def test_cotypicality_clusters_sequences_and_the_report_shows_them(translated, c
     assert medians.is_monotonic_decreasing
     stored = pd.read_parquet(translated.path / "cotypicality" / "sequences.parquet")
     assert len(stored) == 30 and np.load(translated.path / "cotypicality" / "features.npy").shape == (30, 4 * len(labels))
-    html = write_report(translated).read_text()
+    html = (write_report(translated).parent / "cotypicality.html").read_text()
     assert 'id="cotypicality"' in html and 'class="row sequence"' in html
     assert html.count('class="member source"') >= 12 + 8  # one outlined source per translated row and per sequence
 

@@ -7,7 +7,8 @@ import pytest
 
 from diffmine.cli import main, parser
 
-COMMANDS = ["synth", "prepare", "train", "typicality", "mine", "cluster", "report", "evaluate", "run", "demo", "status", "query"]
+COMMANDS = ["synth", "prepare", "train", "typicality", "mine", "cluster", "report", "evaluate", "run", "demo", "status", "query",
+            "export"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -17,6 +18,28 @@ def test_every_command_has_help(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--run" in out or "--out" in out
+
+
+def test_every_flag_of_every_command_has_help_text():
+    import argparse
+
+    def missing(p, name="diffmine"):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    yield from missing(subparser, f"{name} {sub}")
+            elif not (action.help or "").strip() or action.help.startswith("(default"):
+                yield f"{name} {'/'.join(action.option_strings) or action.dest}"
+
+    assert list(missing(parser())) == []
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"diffmine {version('diffmine')}"
 
 
 def test_run_accepts_the_options_of_the_steps_it_chains():

@@ -193,7 +193,7 @@ def test_stale_clusters_are_never_served(tiny, tmp_path):
     assert len(query(opened, "SELECT * FROM mined WHERE kind = 'top'")) == 12
     assert opened.stale("report")  # made from the old mining
     assert cli.main(["report", "--run", str(copy)]) == 0  # the report leaves the stale clusters out
-    assert opened.lineage.get("report")["inputs"].keys() == {"mine"}
+    assert opened.lineage.get("report")["inputs"].keys() == {"model", "mine"}
 
 
 def test_a_second_process_on_the_same_step_is_refused(tiny, tmp_path, capsys):

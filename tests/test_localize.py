@@ -260,7 +260,7 @@ def test_report_shows_the_localization_section(run, boxes_csv, tmp_path, capsys)
     path.write_text(boxes_csv.read_text() + f"{image['image_id']},{other},0,0,20,20\n")
     assert main(["localize", "--run", str(run.path), "--boxes", str(path), "--blur", "1"]) == 0
     capsys.readouterr()
-    html = write_report(run, ReportConfig(clusters=2)).read_text()
+    html = (write_report(run, ReportConfig(clusters=2)).parent / "localization.html").read_text()
     assert 'id="localization"' in html and "AUC-PR" in html
     section = html[html.index('id="localization"'):]
     assert section.count('class="example localization"') >= len(run.labels)

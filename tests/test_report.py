@@ -1,52 +1,163 @@
-"""The report renders its clusters in a real headless browser; labels are escaped."""
+"""The report is a static site: a real headless Chromium follows its links from the overview to a
+label, a cluster and an image; pages are escaped, bounded and rewritten only when they change."""
 
-import html as html_module
+import os
+import re
 import shutil
 import subprocess
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
-from diffmine.report import ReportConfig, render, write_report
+from diffmine.report import ReportConfig, image_key, render, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def test_report_has_every_label_its_clusters_and_the_comparison(trained_run):
-    path = write_report(trained_run, ReportConfig(clusters=4))
-    html = path.read_text()
-    for label in trained_run.labels:
-        assert f"<h2>{label}</h2>" in html
-    assert html.count('class="row cluster"') >= len(trained_run.labels) * 2
-    for kind in ("top", "least", "random"):
-        assert f'data-kind="{kind}"' in html
-    assert "data:image/png;base64," in html and "src=\"http" not in html  # self-contained
-    assert '"resolution": 64' in html_module.unescape(html)  # the settings used
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
-def test_label_names_are_escaped():
-    context = {"title": "t", "labels": [{"name": "<script>alert(1)</script>", "prompt": "A <b>", "clusters": [],
-                                         "examples": [], "compare": [], "images": 0, "mean_typicality": 0.0}],
-               "settings": "{}", "problems": [], "problem_count": 0, "evaluation": None, "crop_px": 64}
-    html = render(context)
-    assert "<script>alert(1)</script>" not in html
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+def links(html: str, prefix: str) -> list[str]:
+    return re.findall(rf'href="({prefix}[^"]*\.html)"', html)
+
+
+def test_every_label_cluster_and_shown_image_has_its_page(run):
+    report = run.report_path.parent
+    index = run.report_path.read_text()
+    clusters = pd.read_parquet(run.clusters_path)
+    for i, label in enumerate(run.labels):
+        assert f'href="label-{i}.html">{label}</a>' in index
+        page = (report / f"label-{i}.html").read_text()
+        for rank, group in clusters[clusters["label"] == label].groupby("cluster_rank"):
+            # size and coverage (distinct images) of each ranked cluster, and its page of all members
+            assert f'data-value="{len(group)}">{len(group)}</td><td data-value="{group["image_id"].nunique()}">' in page
+            members = (report / f"cluster-{i}-{rank}.html").read_text()
+            assert members.count('<tr class="member">') == len(group)
+            for image_id in group["image_id"]:
+                assert f'href="image-{image_key(image_id)}.html"' in members
+        for kind in ("top", "least", "random"):
+            assert f'data-kind="{kind}"' in page
+    for page in report.glob("*.html"):  # every crop links to an image view that exists
+        for href in links(page.read_text(), "image-"):
+            assert (report / href).is_file(), (page.name, href)
+    assert "data:image/png;base64," not in "".join(p.read_text() for p in report.glob("*.html"))  # files, not inlined
+    assert (report / "settings.html").read_text().count("&#34;resolution&#34;: 32") >= 1  # the lineage records
+
+
+def test_a_report_rendered_again_rewrites_no_file_and_drops_what_is_no_longer_shown(run, tmp_path):
+    report = run.report_path.parent
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in report.rglob("*") if p.is_file()}
+    write_report(run)  # forced re-render, same results
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in report.rglob("*") if p.is_file()} == before
+    (report / "assets" / "left-over.png").write_bytes(b"x")
+    write_report(run, ReportConfig(members=1))
+    assert not (report / "assets" / "left-over.png").exists()
+    assert (report / "cluster-0-0.html").read_text().count('<tr class="member">') == 1  # capped
+    write_report(run)
+
+
+def test_one_colour_scale_for_every_map_of_the_run(run):
+    from diffmine.images import map_scale
+
+    report = run.report_path.parent
+    shown = [i for i in run.typicality_index()["image_id"] if (report / f"image-{image_key(i)}.html").is_file()]
+    scale = map_scale(run.latent_typicality_map(i) for i in shown)
+    for image_id in shown[:3]:
+        assert f"(±{scale:.3g})" in (report / f"image-{image_key(image_id)}.html").read_text()
+    legend = np.asarray(Image.open(report / "assets" / "legend.png").convert("RGB"))
+    assert legend.shape[1] > 200  # the colour bar
+
+
+def test_labels_paths_and_prompts_are_escaped():
+    common = {"run_name": "<i>r</i>", "crop_px": 64, "view_px": 128, "labels_nav": [{"name": "<script>x</script>", "href": "label-0.html"}]}
+    view = {"image_id": "<img src=x onerror=alert(1)>", "label": "<b>", "label_href": "label-0.html", "key": "k",
+            "path": "a/<b>.png", "patches": [], "image": "assets/a.png", "map": "assets/b.png", "overlay": "assets/c.png"}
+    html = render("image.html.j2", {**common, "view": view, "legend": "assets/legend.png", "scale": 1.0})
+    assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
+    assert "<img src=x" not in html and "a/&lt;b&gt;.png" in html
+
+
+def chromium(url: str, profile, *extra: str) -> str:
+    """The DOM after load (scripts run), or what ``extra`` asks for (a screenshot)."""
+    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+                           *(extra or ["--dump-dom"]), url], capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (`make browser` installs it)")
-def test_report_renders_in_headless_chromium(trained_run, tmp_path):
-    path = write_report(trained_run, ReportConfig(clusters=4))
-    url = path.resolve().as_uri()
-    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
-    dom = subprocess.run([CHROMIUM, *FLAGS, *profile, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert dom.count('class="row cluster"') >= len(trained_run.labels) * 2
+def test_chromium_follows_label_cluster_image_links_and_shows_the_image_and_its_map(run, tmp_path):
+    report = run.report_path.parent
+    dom = chromium(run.report_path.resolve().as_uri(), tmp_path / "p")
+    label_page = links(dom, "label-")[0]
+    dom = chromium((report / label_page).resolve().as_uri(), tmp_path / "p")
+    assert dom.count('<tr class="cluster"') == 2  # k = 2
+    cluster_page = links(dom, "cluster-")[0]
+    dom = chromium((report / cluster_page).resolve().as_uri(), tmp_path / "p")
+    image_page = links(dom, "image-")[0]
+    url = (report / image_page).resolve().as_uri()
+    dom = chromium(url, tmp_path / "p")
+    assert 'class="source"' in dom and 'class="map"' in dom and 'class="legend"' in dom
+    loaded, total = map(int, re.search(r'data-images-loaded="(\d+)/(\d+)"', dom).groups())
+    assert loaded == total >= 4  # source, map, overlay, legend: every file found from file://
     shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, *FLAGS, *profile, f"--screenshot={shot}", "--window-size=1200,900", url],
-                   capture_output=True, timeout=120)
+    chromium(url, tmp_path / "p", f"--screenshot={shot}", "--window-size=1000,700")
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(float)
-    # crops and heat maps drawn: far from a blank page, with many distinct colours
-    assert pixels.std() > 20
-    assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 200
+    assert pixels.std() > 20  # not a blank page
+    assert len(np.unique(pixels.reshape(-1, 3)[::3], axis=0)) > 200  # an image and a heat map drawn
+
+
+def test_the_overview_shows_the_loss_curve_and_warns_when_the_model_is_near_chance(run):
+    from diffmine import pipeline
+    from diffmine.classify import ClassifyConfig
+    from diffmine.report import classify_quality
+
+    summary = pipeline.classify_step(run, ClassifyConfig(per_label=6, samples=2), progress=False)
+    index = write_report(run).read_text()  # a 4-step model has not learned the labels
+    assert 'id="loss"' in index and "over 4 steps" in index
+    assert 'id="classify"' in index and f"{summary['accuracy']:.3f}" in index
+    assert ('id="near-chance"' in index) == classify_quality(summary)["near_chance"]
+    assert classify_quality({"accuracy": 0.30, "chance": 0.25, "images": 40})["near_chance"]
+    assert not classify_quality({"accuracy": 0.90, "chance": 0.25, "images": 40})["near_chance"]
+    loss = np.asarray(Image.open(run.report_path.parent / "assets" / "loss.png").convert("L"))
+    assert loss.std() > 10  # a drawn plot
+
+
+def test_notebook_helpers_show_a_cluster_an_image_and_the_run(run):
+    clusters = pd.read_parquet(run.clusters_path)
+    label = run.labels[0]
+    members = clusters[(clusters["label"] == label) & (clusters["cluster_rank"] == 0)]
+    grid = run.show_cluster(label, 0, size=40)
+    assert grid.size == (min(len(members), 8) * 42, -(-len(members) // 8) * 42)  # one cell per member
+    image_id = members.sort_values("rank_in_cluster")["image_id"].iloc[0]
+    view = np.asarray(run.show_image(image_id, side=64))
+    assert view.shape == (64, 2 * 64 + 4, 3)  # the image, a gap, the overlay
+    boxes = clusters[clusters["image_id"] == image_id]
+    x0, y0 = int(boxes["x0"].iloc[0]) * 2, int(boxes["y0"].iloc[0]) * 2  # 32 px drawn at 64
+    assert tuple(view[y0, 64 + 4 + x0]) == (255, 200, 0)  # its mined box outlined on the overlay
+    text = repr(run)
+    assert f"{len(run.images())} images, 2 labels" in text and "model trained 4 steps" in text
+    assert f"{len(clusters)} clustered patches in 4 clusters" in text and "cluster" in text.split("done:")[1]
+    with pytest.raises(KeyError, match="no cluster 9"):
+        run.show_cluster(label, 9)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o077, 0o600)])
+def test_run_files_follow_the_umask(tmp_path, umask, mode):
+    import torch
+
+    from diffmine.atomic import write_text
+    from diffmine.models.base import save_weights
+
+    old = os.umask(umask)
+    try:
+        save_weights({"w": torch.zeros(2)}, tmp_path / "w.safetensors")  # safetensors alone would make it 0600
+        write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode

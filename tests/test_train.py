@@ -1,5 +1,7 @@
 """Training checkpoints, resumes exactly, and skips bad images."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,25 @@ def test_cached_latents_train_like_encoding_every_step(small_data, tmp_path):
     with pytest.raises(ValueError, match="cannot be combined"):
         pipeline.train_step(_tiny_run(tmp_path / "x", small_data), TrainConfig(steps=1, cache_latents=True, hflip=True),
                             SMALL, progress=False)
+
+
+def test_metrics_csv_has_one_row_per_step_and_a_resume_keeps_them_once(small_data, tmp_path):
+    import pandas as pd
+
+    straight = _tiny_run(tmp_path / "a", small_data)
+    pipeline.train_step(straight, TrainConfig(steps=6, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    full = pd.read_csv(straight.model_dir / "metrics.csv")
+    assert list(full.columns) == ["step", "loss", "learning_rate", "images_per_s"]
+    assert full["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert (full["loss"] > 0).all() and (full["images_per_s"] > 0).all()
+    assert full["learning_rate"].is_monotonic_increasing  # the warm-up
+    resumed = _tiny_run(tmp_path / "b", small_data)
+    pipeline.train_step(resumed, TrainConfig(steps=3, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    with open(resumed.model_dir / "metrics.csv", "a") as f:  # rows an interrupted run logged after its checkpoint
+        f.write("4,9.0,0.1,1.0\n5,9.0,0.1,1.0\n")
+    pipeline.train_step(resumed, TrainConfig(steps=6, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    again = pd.read_csv(resumed.model_dir / "metrics.csv")
+    assert again["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(again["loss"], full["loss"], rtol=1e-6)  # the resumed steps are the same steps
+    if importlib.util.find_spec("tensorboard") is not None:  # the optional extra: events through accelerate
+        assert list((straight.model_dir / "logs").rglob("events.out.tfevents.*"))

@@ -20,11 +20,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
+        # some writers (safetensors) create their file 0600; a run is shared as the umask says
+        os.chmod(tmp, 0o666 & ~_umask())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

@@ -26,6 +26,8 @@ from .data import DatasetError
 from .features import FeatureConfig
 from .mining import MineConfig
 from .models import ModelError
+from .export import FORMATS
+from .report import HELP as REPORT_HELP
 from .report import ReportConfig
 from .rundir import Run, RunError
 from .synthetic import SynthConfig
@@ -33,6 +35,9 @@ from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
 from .typicality import TypicalityConfig
 from .flags import HELP, _flag, add_config, build_config
+
+SYNTH_HELP = {"per_label": "images generated per label"}
+
 
 def _run_arg(p):
     p.add_argument("--run", required=True, type=Path, help="the run directory")
@@ -71,17 +76,30 @@ def _sd_args(p):
     p.add_argument("--text-encoder", default=None, help="SD only: another CLIP text encoder (folder or hub id)")
 
 
+def _version() -> str:
+    """The installed distribution's version; the package's own when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffmine")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="diffmine", description="Visual data mining with diffusion models: "
                                    "finetune on labeled images, compute typicality, mine and cluster typical patches.")
+    root.add_argument("--version", action="version", version=f"diffmine {_version()}", help="print the version and exit")
     root.add_argument("--debug", action="store_true", default=os.environ.get("DIFFMINE_DEBUG", "") == "1",
                       help="let errors propagate with their traceback (also DIFFMINE_DEBUG=1)")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the built-in synthetic dataset (planted element per label, masks)",
                        description="Write OUT/images/<label>/*.png and OUT/masks/<label>/*.png (nonzero = planted element).")
-    p.add_argument("--out", required=True, type=Path)
-    add_config(p, SynthConfig, skip=())
+    p.add_argument("--out", required=True, type=Path, help="the folder to write (images/ and masks/ inside it)")
+    add_config(p, SynthConfig, skip=(), help=SYNTH_HELP)
 
     p = sub.add_parser("prepare", help="list a dataset into a run without training (to score with a given model)",
                        description="List the dataset and record prompts and image size; then e.g. "
@@ -112,15 +130,28 @@ def parser() -> argparse.ArgumentParser:
     add_config(p, ClusterConfig)
     add_config(p, FeatureConfig, prefix="feature-")
 
-    p = sub.add_parser("report", help="write RUN/report/index.html", description="The visual summary of a run, one self-contained HTML page.")
+    p = sub.add_parser("report", help="write the report site RUN/report/ (open RUN/report/index.html)",
+                       description="The visual summary of a run: a static site (overview, one page per label, "
+                                   "cluster and shown image; PNG files beside the pages), opens from file://.")
     _run_arg(p)
     p.add_argument("--masks", type=Path, default=None, help="also evaluate against these masks and show the numbers")
-    add_config(p, ReportConfig)
+    add_config(p, ReportConfig, help=REPORT_HELP)
+
+    p = sub.add_parser("export", help="the clustered patches as COCO, a Hugging Face datasets folder or CSV",
+                       description="COCO detection JSON (one image per source image, one annotation per clustered "
+                                   "patch, category LABEL/cluster-RANK, score = typicality; FiftyOne and pycocotools "
+                                   "read it), a datasets folder of the crops (datasets.load_from_disk), or a CSV. "
+                                   "Boxes are in pixels of the image at the run's size. Written outside the run.")
+    p.add_argument("--run", required=True, type=Path, help="the run directory (clustered)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="coco | hf | csv")
+    p.add_argument("--out", required=True, type=Path, help="the folder to write (outside the run)")
+    p.add_argument("--copy-images", action="store_true",
+                   help="coco: write the images at the run's size to OUT/images/ (the boxes' pixels) and point to them")
 
     p = sub.add_parser("evaluate", help="localization AP, hit rate and purity against ground-truth masks",
                        description="AUC-PR of typicality vs MASKS/<image_id> (nonzero = element), with the random baseline.")
     _run_arg(p)
-    p.add_argument("--masks", required=True, type=Path)
+    p.add_argument("--masks", required=True, type=Path, help="folder of <label>/<image file name> masks, nonzero = element")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     for name, text in (("run", "all steps in one go: train, typicality, mine, cluster, report"),
@@ -131,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
             _holdout_arg(p)
-            add_config(p, SynthConfig, prefix="synth-", skip=("seed",))
+            add_config(p, SynthConfig, prefix="synth-", skip=("seed",), help=SYNTH_HELP)
         _run_arg(p); _sd_args(p)
         add_config(p, TrainConfig)
         add_config(p, TypicalityConfig, prefix="typicality-", skip=("seed", "samples", "t_min", "t_max", "estimator"))
@@ -183,12 +214,12 @@ def parser() -> argparse.ArgumentParser:
     add_config(p, FeatureConfig, prefix="feature-")
 
     p = sub.add_parser("status", help="what is done, what is left, which files were bad", description="Progress of a run.")
-    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--run", required=True, type=Path, help="the run directory")
 
     p = sub.add_parser("query", help="SQL (DuckDB) over the run's Parquet tables",
                        description="Tables: images, patches (clustered when available), mined, typicality, problems.")
-    p.add_argument("--run", required=True, type=Path)
-    p.add_argument("sql")
+    p.add_argument("--run", required=True, type=Path, help="the run directory")
+    p.add_argument("sql", help="one SQL query (read-only), e.g. \"SELECT label, count(*) FROM patches GROUP BY label\"")
     return root
 
 
@@ -258,6 +289,14 @@ def cmd_report(args):
     config = build_config(ReportConfig, args) if hasattr(args, "examples") else ReportConfig()
     path = pipeline.report_step(Run(args.run), config, getattr(args, "masks", None), force=args.force)
     print(f"report: {path.resolve()}")
+    return path
+
+
+def cmd_export(args):
+    from . import pipeline
+
+    path = pipeline.export_step(Run(args.run), args.format, args.out, args.copy_images)
+    print(f"export ({args.format}): {path.resolve()}")
     return path
 
 
@@ -361,7 +400,7 @@ def cmd_query(args):
 
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "localize": cmd_localize, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
             "report": cmd_report, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status,
-            "query": cmd_query, "classify": cmd_classify,
+            "query": cmd_query, "classify": cmd_classify, "export": cmd_export,
             "translate": cmd_translate, "cotypicality": cmd_cotypicality}
 
 

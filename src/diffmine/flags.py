@@ -37,6 +37,23 @@ HELP = {
     "block": "UNet up-block whose output gives the features (default: the backend's)",
     "ensemble": "noise draws averaged per DIFT feature",
     "per_label": "images per label (0: all), a seeded random choice",
+    "labels": "number of labels (each with its planted element)",
+    "size": "image side in pixels",
+    "distractors": "shapes shared by every label, drawn in each image",
+    "element_scale": "size of the planted element relative to the default (about 1/5 of the side)",
+    "seed": "seed of every random choice",
+    "weight_decay": "AdamW weight decay",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "grad_clip": "clip the gradient norm to this",
+    "grad_accumulation": "micro-batches accumulated per optimizer step",
+    "gradient_checkpointing": "recompute activations in the backward pass (SD: less memory, slower)",
+    "hflip": "random horizontal flips (seeded per step)",
+    "random_crop": "crop up to this fraction of each side away, resized back (seeded per step; 0: off)",
+    "cache_latents": "encode each image once (SD's VAE is costly); no augmentation then",
+    "minibatch_above": "use mini-batch k-means above this many patches",
+    "feature_block": "Plug-and-Play: up-block whose residual features are injected",
+    "feature_resnet": "Plug-and-Play: resnet of that up-block",
+    "attention_blocks": "Plug-and-Play: up-blocks whose self-attention q/k are injected (comma-separated)",
 }
 
 

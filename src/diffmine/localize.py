@@ -374,9 +374,10 @@ def _outlined(image: np.ndarray, values: np.ndarray, row) -> np.ndarray:
     return drawn
 
 
-def report_section(run: Run, images, examples: int = 4) -> dict | None:
+def report_section(run: Run, images, examples: int = 4, save=png_data_uri) -> dict | None:
     """The report's Localization section (None until ``diffmine localize`` ran): the summary
-    table and, per label, the first ``examples`` overlays with their region drawn."""
+    table and, per label, the first ``examples`` overlays with their region drawn (``save(array)``
+    gives an image's ``src``)."""
     directory = run.path / "localize"
     if not (directory / "results.parquet").is_file():
         return None
@@ -395,7 +396,7 @@ def report_section(run: Run, images, examples: int = 4) -> dict | None:
             if image is None:
                 continue
             note = f" (computed under {label}; scored as {row.image_label})" if row.map == "computed" else ""
-            shown.append({"image_id": row.image_id, "overlay": png_data_uri(_outlined(image, values, row)),
+            shown.append({"image_id": row.image_id, "overlay": save(_outlined(image, values, row)),
                           "caption": f"{row.image_id}: AUC-PR {row.auc_pr:.3f} vs random {row.random:.3f}{note}"})
         labels.append({"name": label, "examples": shown})
     return {"header": header, "rows": rows, "labels": labels}

@@ -3,6 +3,7 @@
     prepare (listing) -> train (model) -> typicality -> mine -> cluster (features + k-means) -> report
                                      \\-> classify      \\-> localize, translate -> cotypicality
     prepare (listing) -> baseline (Doersch et al.)
+    cluster -> export (COCO, Hugging Face datasets, CSV; outside the run, not in its lineage)
 
 Every step follows the lineage rules (``lineage.py``): it records its settings and the identities
 of its inputs; it does nothing when they match its record, recomputes what an input change made
@@ -436,11 +437,12 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
 
 
 def report_step(run: Run, config, masks: str | Path | None = None, force: bool = False) -> Path:
-    """The HTML summary of every fresh result; rewritten only when one of them changed."""
+    """The site of every fresh result (RUN/report/); rendered only when one of them changed, and
+    then only the files whose bytes changed are rewritten."""
     from .evaluate import evaluate_run
     from .report import write_report
 
-    shown = ("mine", "cluster", "classify", "localize", "translate", "cotypicality", "baseline-doersch")
+    shown = ("model", "mine", "cluster", "classify", "localize", "translate", "cotypicality", "baseline-doersch")
     records = run.lineage.records()
     inputs = {name: records[name]["identity"] for name in shown if name in records and not run.stale(name)}
     if "mine" not in inputs:
@@ -550,5 +552,13 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
         return table
 
 
+def export_step(run: Run, fmt: str, out: str | Path, copy_images: bool = False) -> Path:
+    """The clustered patches as COCO, a Hugging Face datasets folder or CSV (``export.py``). An
+    export lies outside the run: not recorded in its lineage; stale clusters are refused."""
+    from .export import export
+
+    return export(run, fmt, out, copy_images)
+
+
 __all__ = ["prepare", "train_step", "typicality_step", "mine_step", "cluster_step", "report_step", "classify_step",
-           "localize_step", "translate_step", "cotypicality_step", "baseline_step", "load_model", "RunError"]
+           "localize_step", "translate_step", "cotypicality_step", "baseline_step", "export_step", "load_model", "RunError"]

@@ -7,6 +7,7 @@
       problems.parquet         images skipped and why: image_id, path, step, problem
       model/                   backend.json + trainable.safetensors (the trained model)
         checkpoints/step-N/    resumable training state (safetensors + JSON, no pickle)
+        metrics.csv            step, loss, learning rate, images/s of every training step
       typicality/              maps at latent resolution, sharded
         shard-00000.safetensors    one (h, w) tensor per image, key = row in shard
         shard-00000.parquet        index: image_id, label, fingerprint, height, width, key, mean, status, problem
@@ -14,7 +15,7 @@
       features/features.npy    DIFT feature per top patch (rows of mining/patches.parquet, kind=top)
       clusters/patches.parquet top patches with cluster, cluster_rank, rank_in_cluster
       classify/, translations/, cotypicality/, localize/, baselines/NAME/   applications and baselines
-      report/index.html        the visual summary
+      report/                  the visual summary, a static site (index.html; report.py)
 
 Nothing in it names an absolute path that a copy would break: image paths are relative to the
 dataset root, itself relative to the run when it lies inside it (the demo's data), and every
@@ -46,6 +47,35 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def __repr__(self) -> str:
+        """What a notebook shows: the steps done (stale ones marked) and the counts."""
+        records = self.lineage.records() if (self.path / "lineage.json").is_file() else {}
+        steps = [f"{name}{' (stale)' if self.stale(name) else ''}" for name in records]
+        parts = [f"Run({str(self.path)!r})"]
+        if "listing" in records:
+            images = pd.read_parquet(self.images_path, columns=["label"])
+            parts.append(f"{len(images)} images, {images['label'].nunique()} labels")
+        if "model" in records and records["model"].get("steps"):
+            parts.append(f"model trained {records['model']['steps']} steps")
+        if "cluster" in records and self.clusters_path.is_file():
+            clusters = pd.read_parquet(self.clusters_path, columns=["label", "cluster"])
+            parts.append(f"{len(clusters)} clustered patches in {len(clusters.drop_duplicates())} clusters")
+        parts.append("done: " + (", ".join(steps) if steps else "nothing yet"))
+        return "; ".join(parts)
+
+    def show_cluster(self, label: str, rank: int = 0, n: int = 16, size: int = 96):
+        """A PIL image: the ``n`` members of cluster ``rank`` (0 = most typical) of ``label``
+        nearest its centre, each with some context, the patch outlined."""
+        from .images import cluster_grid
+
+        return cluster_grid(self, label, rank, n, size)
+
+    def show_image(self, image_id: str, side: int = 256):
+        """A PIL image: the image beside its typicality overlay, the mined boxes drawn."""
+        from .images import image_view
+
+        return image_view(self, image_id, side)
 
     # -- layout ---------------------------------------------------------------------------
     @property

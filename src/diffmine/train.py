@@ -12,9 +12,11 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .atomic import write_json
+from .atomic import write_json, write_text
 from .data import BadImage, Problem, load_image, to_model_input
 from .models import Backend
 from .models.base import WEIGHTS_FILE, read_weights, save_weights
@@ -140,7 +142,10 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     dataset = run.step_config("dataset")
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
     null_prompt = run.prompt(None)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accumulation)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # the optional extra
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accumulation,
+                              log_with="tensorboard" if tensorboard else None,
+                              project_dir=str(run.model_dir / "logs") if tensorboard else None)
     backend.to(accelerator.device)
     if config.gradient_checkpointing:
         backend.unet.enable_gradient_checkpointing()
@@ -184,6 +189,10 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     alphas = backend.scheduler.alphas_cumprod.to(accelerator.device)
     denoiser.train()
     rank, world = accelerator.process_index, accelerator.num_processes
+    metrics = Metrics(model_dir / METRICS_FILE, start) if rank == 0 else None
+    if tensorboard:
+        accelerator.init_trackers("train", config={k: v for k, v in asdict(config).items()
+                                                   if isinstance(v, (int, float, str, bool))})
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train", disable=not progress or rank != 0)
     for step in bar:
         chosen = batch_indices(len(images), config.batch_size * world, step, config.seed)[rank::world]
@@ -192,6 +201,8 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         if not arrays:
             continue
         g = _step_generator(config.seed, step)
+        started = time.perf_counter()
+        learning_rate = optimizer.param_groups[0]["lr"]  # the rate this step uses
         if config.cache_latents:
             missing = [(i, a) for i, a in arrays if int(i) not in latent_cache]
             if missing:
@@ -224,6 +235,11 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
             ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
+        row = {"step": done, "loss": loss.item(), "learning_rate": learning_rate,
+               "images_per_s": len(arrays) * world / max(time.perf_counter() - started, 1e-9)}
+        if metrics is not None:
+            metrics.append(row)
+        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=done)
         if rank == 0 and (done % config.checkpoint_every == 0 or done == config.steps):
             _save_checkpoint(model_dir, backend, optimizer, scheduler, ema, done, config.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -233,8 +249,35 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         backend.save(model_dir)
         run.record_problems("train", [Problem(images["image_id"][i], images["path"][i], p) for i, p in sorted(cache.bad.items())])
     accelerator.wait_for_everyone()
+    if metrics is not None:
+        metrics.close()
     accelerator.end_training()
     return model_dir
+
+
+METRICS_FILE = "metrics.csv"
+METRICS_COLUMNS = ("step", "loss", "learning_rate", "images_per_s")
+
+
+class Metrics:
+    """RUN/model/metrics.csv: one row per optimizer step (step = steps done), appended and flushed
+    as training goes. A resumed run keeps the rows up to its checkpoint's step and drops the later
+    ones (logged after that checkpoint by the interrupted run, and trained again now)."""
+
+    def __init__(self, path: Path, start: int):
+        kept = ""
+        if start > 0 and path.is_file():
+            lines = path.read_text().splitlines()
+            kept = "".join(line + "\n" for line in lines[1:] if line and int(line.split(",")[0]) <= start)
+        write_text(path, ",".join(METRICS_COLUMNS) + "\n" + kept)
+        self.file = open(path, "a", encoding="utf-8")
+
+    def append(self, row: dict) -> None:
+        self.file.write(",".join(repr(row[c]) if isinstance(row[c], float) else str(row[c]) for c in METRICS_COLUMNS) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"

@@ -1,0 +1,143 @@
+"""Exports of a run's clustered patches for the tools researchers use elsewhere.
+
+    diffmine export --run RUN --format coco --out DIR [--copy-images]
+    diffmine export --run RUN --format hf   --out DIR
+    diffmine export --run RUN --format csv  --out DIR
+
+coco: DIR/annotations.json, COCO detection format: one image entry per source image with
+      clustered patches, one annotation per clustered patch (bbox = [x, y, width, height], score
+      = typicality), one category per cluster named "LABEL/cluster-RANK" (RANK 0 = the label's
+      most typical cluster; supercategory = the label). Boxes are in pixels of the image at the
+      run's size (its resolution and resize), which width/height give; with --copy-images those
+      images are written to DIR/images/ and file_name points there, else file_name is the path
+      relative to the dataset root (then the boxes match the originals only when they are of the
+      run's size). FiftyOne (COCODetectionDataset) and pycocotools read it.
+hf:   a Hugging Face ``datasets`` folder (``datasets.load_from_disk(DIR)``): one row per patch with
+      image (the crop), image_id, label, cluster, cluster_rank, rank_in_cluster, typicality, box.
+csv:  DIR/patches.csv, one row per patch, the same columns less the crop, plus the image's path.
+
+The patches come from ``run.patches()``, which refuses stale clusters. An export lies outside
+the run and is not part of its lineage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from .atomic import atomic_write, write_json, write_text
+from .images import RunImages
+from .rundir import Run, RunError
+
+FORMATS = ("coco", "hf", "csv")
+COLUMNS = ["image_id", "label", "cluster", "cluster_rank", "rank_in_cluster", "typicality", "x0", "y0", "x1", "y1"]
+
+
+def clustered_patches(run: Run) -> pd.DataFrame:
+    """Every clustered patch, by label, cluster rank and rank in cluster; RunError when stale or missing."""
+    patches = run.patches()
+    if "cluster_rank" not in patches.columns:
+        raise RunError(f"{run.path}: no clusters yet; run `diffmine cluster --run {run.path}` first")
+    return patches.sort_values(["label", "cluster_rank", "rank_in_cluster"], kind="mergesort").reset_index(drop=True)
+
+
+def category_name(label: str, rank: int) -> str:
+    return f"{label}/cluster-{int(rank)}"
+
+
+def _relative(path: str, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def coco(run: Run, out: Path, copy_images: bool = False) -> Path:
+    """Write DIR/annotations.json (and DIR/images/ with ``copy_images``); returns the JSON's path."""
+    patches = clustered_patches(run)
+    images = RunImages(run)
+    keys = patches[["label", "cluster_rank"]].drop_duplicates().sort_values(["label", "cluster_rank"])
+    categories = [{"id": i + 1, "name": category_name(r.label, r.cluster_rank), "supercategory": r.label}
+                  for i, r in enumerate(keys.itertuples())]
+    category_id = {c["name"]: c["id"] for c in categories}
+    entries, image_id = [], {}
+    for number, name in enumerate(patches["image_id"].drop_duplicates(), start=1):
+        array = images.get(name)
+        if array is None:
+            raise RunError(f"{images.paths.get(name, name)}: cannot be read; the export needs every clustered image")
+        if copy_images:
+            file_name = f"images/{number:07d}.png"
+            atomic_write(out / file_name, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+        else:
+            file_name = _relative(images.paths[name], run.dataset_root)
+        image_id[name] = number
+        entries.append({"id": number, "file_name": file_name, "width": int(array.shape[1]), "height": int(array.shape[0]),
+                        "diffmine_image_id": name})
+    annotations = []
+    for number, r in enumerate(patches.itertuples(), start=1):
+        w, h = int(r.x1 - r.x0), int(r.y1 - r.y0)
+        annotations.append({"id": number, "image_id": image_id[r.image_id],
+                            "category_id": category_id[category_name(r.label, r.cluster_rank)],
+                            "bbox": [int(r.x0), int(r.y0), w, h], "area": w * h, "iscrowd": 0,
+                            "score": float(r.typicality), "rank_in_cluster": int(r.rank_in_cluster)})
+    dataset = run.step_config("dataset")
+    info = {"description": f"diffmine clusters of {run.path.name}", "resolution": dataset["resolution"],
+            "resize": dataset["resize"], "boxes": "pixels of the image at the run's size (width, height)"}
+    return write_json(out / "annotations.json", {"info": info, "images": entries, "annotations": annotations,
+                                                 "categories": categories})
+
+
+def csv(run: Run, out: Path) -> Path:
+    patches = clustered_patches(run)
+    paths = RunImages(run).paths
+    table = patches[COLUMNS].assign(path=[_relative(paths[i], run.dataset_root) for i in patches["image_id"]])
+    return write_text(out / "patches.csv", table.to_csv(index=False))
+
+
+def hf(run: Run, out: Path) -> Path:
+    """A ``datasets.Dataset`` saved to ``out`` (its own atomic layout: written beside, then renamed)."""
+    try:
+        import datasets
+    except ImportError:
+        raise RunError("--format hf needs the `datasets` package: pip install 'diffmine[hf]'") from None
+    patches = clustered_patches(run)
+    images = RunImages(run)
+    crops = [Image.fromarray(np.ascontiguousarray(images.get(r.image_id)[r.y0:r.y1, r.x0:r.x1]))
+             for r in patches.itertuples()]
+    features = datasets.Features({
+        "image": datasets.Image(), "image_id": datasets.Value("string"), "label": datasets.Value("string"),
+        "cluster": datasets.Value("int32"), "cluster_rank": datasets.Value("int32"),
+        "rank_in_cluster": datasets.Value("int32"), "typicality": datasets.Value("float32"),
+        "box": datasets.Sequence(datasets.Value("int32"), length=4)})
+    table = datasets.Dataset.from_dict({
+        "image": crops, "image_id": patches["image_id"].tolist(), "label": patches["label"].tolist(),
+        "cluster": patches["cluster"].astype(int).tolist(), "cluster_rank": patches["cluster_rank"].astype(int).tolist(),
+        "rank_in_cluster": patches["rank_in_cluster"].astype(int).tolist(),
+        "typicality": patches["typicality"].astype(float).tolist(),
+        "box": patches[["x0", "y0", "x1", "y1"]].astype(int).to_numpy().tolist()}, features=features)
+    if out.exists() and any(out.iterdir()) and not (out / "dataset_info.json").is_file():
+        raise RunError(f"{out}: not empty and not a datasets folder; choose another --out")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    table.save_to_disk(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)  # an earlier export (or an empty folder)
+    tmp.replace(out)
+    return out
+
+
+def export(run: Run, fmt: str, out: str | Path, copy_images: bool = False) -> Path:
+    """Write the run's clustered patches to ``out`` in format ``fmt`` (coco | hf | csv)."""
+    out = Path(out)
+    if out.resolve().is_relative_to(run.path.resolve()):
+        raise RunError(f"{out}: an export goes outside the run directory {run.path}")
+    if fmt == "coco":
+        return coco(run, out, copy_images)
+    if copy_images:
+        raise RunError("--copy-images is for --format coco (hf holds the crops, csv the paths)")
+    if fmt == "hf":
+        return hf(run, out)
+    if fmt == "csv":
+        return csv(run, out)
+    raise RunError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
