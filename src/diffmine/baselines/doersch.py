@@ -144,7 +144,7 @@ class DoerschConfig:
         if self.folds < 1:
             raise ValueError("folds must be >= 1")
         if self.negatives_min < 0 or self.negatives_min > self.negatives_max:
-            raise ValueError(f"negatives_min ({self.negatives_min}) > negatives_max ({self.negatives_max})")
+            raise ValueError(f"need 0 <= negatives_min <= negatives_max, got {self.negatives_min}, {self.negatives_max}")
         for name in ("neighbors", "redundancy_neighbors", "overfetch", "top_positives",
                      "top_detections", "examples", "batch_size", "orientations"):
             if getattr(self, name) < 1:
@@ -441,7 +441,7 @@ def train_detectors(bank: FeatureBank, init: np.ndarray, positives: np.ndarray, 
                 merged = np.r_[nrow[above], hard[j]]
                 _, first = np.unique(merged, return_index=True)
                 hard[j] = merged[np.sort(first)][: config.negatives_max]
-            del pscores, nscores
+            del nscores  # pscores: rebound by the next fold
     pool.shutdown()
     bar.close()
     return W, b
@@ -672,8 +672,8 @@ HELP = {
     "redundancy_iou": "IoU above which a neighbour overlaps a kept detector's",
     "redundancy_overlaps": "drop a seed overlapping a kept detector on more images than this",
     "detectors": "detectors kept and trained, at most (0: the preset's)", "folds": "cross-validation folds of SVM training",
-    "top_positives": "positives per fold (the detector's best detections)", "negatives_min": "random negatives per SVM, at least",
-    "negatives_max": "negatives per SVM (random + hard), at most", "hard_negative_margin": "negatives scoring above this are hard",
+    "top_positives": "positives per fold (the detector's best detections)", "negatives_min": "random negatives per SVM, at least (0: the preset's: 2,000; paper 10,000)",
+    "negatives_max": "negatives per SVM (random + hard), at most (0: the preset's: 5,000; paper 25,000)", "hard_negative_margin": "negatives scoring above this are hard",
     "C": "LinearSVC C", "svm_max_iter": "LinearSVC max_iter", "top_detections": "discriminativeness = positives among this many detections",
     "examples": "detections written per detector", "batch_size": "detectors searched at once", "workers": "image-decoding processes",
 }
