@@ -8,6 +8,7 @@ the slope of log(seconds) against log(N).
 
     python benchmarks/baseline_scaling.py                       # 200, 800, 3200 images
     python benchmarks/baseline_scaling.py --sizes 50 100 200 --with-typicality
+    python benchmarks/baseline_scaling.py --sizes 120 --resolution 256 --defaults   # `diffmine baseline doersch` as shipped
 
 Typicality: a tiny model is trained once on the smallest size (the one-off cost is printed apart);
 for every size a new run directory gets a copy of that model/ folder and runs typicality
@@ -89,8 +90,10 @@ def doersch_job(data_dir: str, run_dir: str, resolution: int, config: dict) -> d
 
     run = Run(run_dir)
     pipeline.prepare(run, data_dir, "An image of {label}.", "An image.", resolution)
-    pipeline.baseline_step(run, DoerschConfig(**config), progress=False)
-    return json.loads((Path(run_dir) / "baselines" / "doersch" / "settings.json").read_text())["seconds"]
+    config = DoerschConfig(**config)
+    table = pipeline.baseline_step(run, config, progress=False)
+    seconds = json.loads((Path(run_dir) / "baselines" / "doersch" / "settings.json").read_text())["seconds"]
+    return {**seconds, "svms": int(table.groupby("label")["cluster"].nunique().sum()) * config.folds}
 
 
 def train_job(data_dir: str, run_dir: str, resolution: int, steps: int, seed: int) -> str:
@@ -165,10 +168,16 @@ def main(argv=None) -> int:
     p.add_argument("--train-steps", type=int, default=300, help="tiny-model training steps (with --with-typicality)")
     p.add_argument("--samples", type=int, default=8, help="typicality samples K (with --with-typicality)")
     p.add_argument("--keep", action="store_true", help="keep the generated datasets and runs")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="side the images are listed at (default: --image-size; `diffmine baseline doersch` lists at 256)")
+    p.add_argument("--defaults", action="store_true", help="DoerschConfig's own defaults (preset data) instead of the "
+                                                           "benchmark-sized config below")
     add_config(p, DoerschConfig, help=HELP)
     # a benchmark-sized Doersch config (the paper-sized defaults: --patch 64 --stride 8 --seeds 25000 ...)
-    p.set_defaults(patch=24, stride=8, seeds=2000, detectors=100, negatives_min=2000, negatives_max=5000)
+    if "--defaults" not in (argv if argv is not None else sys.argv[1:]):
+        p.set_defaults(patch=24, stride=8, seeds=2000, detectors=100, negatives_min=2000, negatives_max=5000)
     args = p.parse_args(argv)
+    resolution = args.resolution or args.image_size
     config = build_config(DoerschConfig, args)
 
     from diffmine.synthetic import SynthConfig, generate
@@ -185,24 +194,24 @@ def main(argv=None) -> int:
         images = per_label * args.labels
         run = out / f"doersch-{n}"
         shutil.rmtree(run, ignore_errors=True)
-        seconds, peak, phases = measure(doersch_job, str(data), str(run), args.image_size, dataclasses.asdict(config), extra=True)
+        seconds, peak, phases = measure(doersch_job, str(data), str(run), resolution, dataclasses.asdict(config), extra=True)
         rows.append({"method": "doersch", "images": images, "seconds": seconds, "peak_rss_mb": peak, "phases": phases,
-                     **quality(run / "baselines" / "doersch" / "patches.parquet", out / f"data-{n}" / "masks", args.image_size)})
+                     **quality(run / "baselines" / "doersch" / "patches.parquet", out / f"data-{n}" / "masks", resolution)})
         print(f"doersch     {images:>6} images {seconds:9.1f} s {peak:9.0f} MB  {phases}", flush=True)
         if args.with_typicality:
             if model_dir is None:
                 train_run = out / f"train-{n}"
                 shutil.rmtree(train_run, ignore_errors=True)
-                t, m, model_dir = measure(train_job, str(data), str(train_run), args.image_size, args.train_steps, args.seed, extra=True)
+                t, m, model_dir = measure(train_job, str(data), str(train_run), resolution, args.train_steps, args.seed, extra=True)
                 rows.append({"method": "train (once)", "images": images, "seconds": t, "peak_rss_mb": m,
                              "phases": {"steps": args.train_steps}})
                 print(f"train once  {images:>6} images {t:9.1f} s {m:9.0f} MB  ({args.train_steps} steps)", flush=True)
             run = out / f"typicality-{n}"
             shutil.rmtree(run, ignore_errors=True)
-            seconds, peak, phases = measure(typicality_job, str(data), str(run), args.image_size, model_dir, args.samples,
+            seconds, peak, phases = measure(typicality_job, str(data), str(run), resolution, model_dir, args.samples,
                                             args.seed, extra=True)
             rows.append({"method": "typicality", "images": images, "seconds": seconds, "peak_rss_mb": peak, "phases": phases,
-                         **quality(run / "clusters" / "patches.parquet", out / f"data-{n}" / "masks", args.image_size)})
+                         **quality(run / "clusters" / "patches.parquet", out / f"data-{n}" / "masks", resolution)})
             print(f"typicality  {images:>6} images {seconds:9.1f} s {peak:9.0f} MB  {phases}", flush=True)
         if not args.keep:
             shutil.rmtree(out / f"data-{n}", ignore_errors=True)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -57,7 +56,9 @@ STEPS = ("prepare", "typicality", "mining", "features+cluster")
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from diffmine.machine import usable_cpus
+
+    return usable_cpus()
 
 
 def peak_rss_mb() -> float:

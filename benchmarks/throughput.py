@@ -6,10 +6,12 @@ Prints one table:
 - typicality, naive reference: one image, one draw, one condition per UNet pass;
 - typicality, diffmine: draws x conditions x images batched (``condition_errors``) at several
   UNet inputs per pass (the default, ``backend.inputs_per_pass``, is marked), and channels-last;
-- optionally bf16 autocast (emulated on CPUs without AVX-512 BF16: slow) and ``torch.compile``;
+- optionally bf16 autocast (native with AMX / AVX-512 BF16, emulated and slow elsewhere: then
+  timed on 1/8 of the images) and ``torch.compile``;
 - training steps (batch 32);
 each with images/s, the speed-up over the naive reference, and the achieved FLOP/s of the UNet
-(counted with torch.utils.flop_counter) as a share of this machine's fp32 matmul peak.
+(counted with torch.utils.flop_counter) as a share of this machine's matmul peak in the path's
+own precision (a bf16 matmul peak for the bf16 rows).
 
 Shared machines drift (a VM's neighbours, clock changes): every timing is taken right after a
 fresh measurement of the matmul peak, each round goes through every path in turn, and the table
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffmine.machine import native_bf16
 from diffmine.models.tiny import TinyBackend
 from diffmine.typicality import condition_errors, draw_noise
 
@@ -40,7 +43,7 @@ def best_seconds(fn, repeat: int) -> float:
 
 
 def matmul_peak(a: torch.Tensor, b: torch.Tensor, repeat: int = 5) -> float:
-    """Best fp32 FLOP/s of a square matmul on this machine, now."""
+    """Best FLOP/s of a square matmul in ``a``'s dtype on this machine, now."""
     return 2 * a.shape[0] ** 3 / best_seconds(lambda: a @ b, repeat)
 
 
@@ -80,6 +83,7 @@ def main():
     per_input = unet_flops(backend, 64, latent_shape) / 64
     default_pass = backend.inputs_per_pass
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a16, b16 = a.bfloat16(), b.bfloat16()
 
     def typicality(images: int, inputs_per_pass: int, precision: str = "fp32", model=None):
         def fn():
@@ -110,7 +114,7 @@ def main():
     paths.append((f"typicality channels-last, {default_pass} inputs/pass", typicality(args.images, default_pass, model=channels_last),
                   args.images, typicality_flops * args.images, 2))
     if args.bf16:
-        few = max(1, args.images // 8)
+        few = args.images if native_bf16("cpu") else max(1, args.images // 8)
         paths.append((f"typicality bf16 autocast, {default_pass} inputs/pass", typicality(few, default_pass, "bf16"),
                       few, typicality_flops * few, 1))
     if args.compile:
@@ -148,18 +152,22 @@ def main():
 
     seconds = {name: [] for name, *_ in paths}
     shares = {name: [] for name, *_ in paths}
-    peaks = []
+    peaks = {"fp32": [], "bf16": []}
     for _ in range(args.rounds):
         for name, fn, images, flops, repeat in paths:
-            peak = matmul_peak(a, b)
-            peaks.append(peak)
+            dtype = "bf16" if "bf16" in name else "fp32"
+            peak = matmul_peak(a16, b16) if dtype == "bf16" else matmul_peak(a, b)
+            peaks[dtype].append(peak)
             s = best_seconds(fn, repeat)
             seconds[name].append(s / images)
             shares[name].append(flops / s / peak)
 
     naive_s = np.median(seconds[paths[0][0]])
-    print(f"fp32 matmul peak (2048^2) over the run: median {np.median(peaks) / 1e9:.1f}, range {min(peaks) / 1e9:.1f}-"
-          f"{max(peaks) / 1e9:.1f} GFLOP/s; UNet forward {per_input / 1e6:.1f} MFLOP per input; K = {args.samples}, "
+    for dtype, measured in peaks.items():
+        if measured:
+            print(f"{dtype} matmul peak (2048^2) over the run: median {np.median(measured) / 1e9:.1f}, range "
+                  f"{min(measured) / 1e9:.1f}-{max(measured) / 1e9:.1f} GFLOP/s")
+    print(f"native bf16 on this CPU: {native_bf16('cpu')}; UNet forward {per_input / 1e6:.1f} MFLOP per input; K = {args.samples}, "
           f"{args.images} images of {args.resolution}px, {torch.get_num_threads()} threads, median of {args.rounds} rounds\n")
     print(f"| {'path':<52} | {'img/s':>7} | {'ms/img':>7} | {'speed-up':>8} | {'GFLOP/s':>7} | {'% of peak':>9} |")
     print(f"|{'-' * 54}|{'-' * 9}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 11}|")

@@ -152,3 +152,34 @@ def test_too_small_images_are_refused_with_advice(data, tmp_path):
     run = _new_run(tmp_path / "run", data[0])
     with pytest.raises(ValueError, match="--patch"):
         run_doersch(run, DoerschConfig(), progress=False)
+
+
+def test_default_sizing_follows_the_positive_patches_and_the_paper_preset_restores_its_numbers():
+    config = DoerschConfig()
+    # 30 positives of 625 patches (120 images of 64 px listed at 256 px, 4 labels)
+    assert config.sized(18_750) == (375, 15)
+    assert config.sized(10_000_000) == (25_000, 1_000)  # capped at the paper's numbers
+    assert config.sized(40) == (1, 1)  # never more detectors than seeds
+    assert config.sized(400) == (8, 5)  # at least 5 detectors where there are seeds for them
+    assert (config.negatives_min, config.negatives_max) == (2_000, 5_000)
+    paper = DoerschConfig(preset="paper")
+    assert (paper.seeds, paper.detectors, paper.negatives_min, paper.negatives_max) == (25_000, 1_000, 10_000, 25_000)
+    assert paper.sized(18_750) == (25_000, 1_000)
+    assert DoerschConfig(seeds=100).sized(18_750) == (100, 5)  # an explicit number wins over the preset
+    assert DoerschConfig(preset="paper", detectors=50).detectors == 50
+    with pytest.raises(ValueError, match="preset"):
+        DoerschConfig(preset="huge")
+
+
+def test_the_plan_is_printed_before_mining_and_recorded(mined, capsys, data, tmp_path):
+    run = _new_run(tmp_path / "run", data[0])
+    run_doersch(run, DoerschConfig(**{**SMALL, "seeds": 0, "detectors": 0}), positive="norland", progress=False)
+    out = capsys.readouterr().out
+    settings = json.loads((run.path / "baselines" / "doersch" / "settings.json").read_text())
+    plan = settings["plan"]["norland"]
+    # 24 positives of 9 x 9 patches (48 px, 16 px patches, stride 4)
+    assert plan == {"positive_patches": 24 * 81, "seeds": 39, "detectors": 5, "svms": 15}
+    assert "norland: 1944 positive patches -> 39 seeds, <= 5 detectors, <= 15 SVMs" in out
+    assert "ETA ~" in out and settings["eta_seconds"] >= 0
+    table = pd.read_parquet(run.path / "baselines" / "doersch" / "patches.parquet")
+    assert table["cluster"].nunique() <= 5

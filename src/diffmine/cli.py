@@ -35,6 +35,7 @@ from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
 from .typicality import TypicalityConfig
 from .flags import HELP, _flag, add_config, build_config
+from .machine import set_threads
 
 SYNTH_HELP = {"per_label": "images generated per label"}
 
@@ -94,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"diffmine {_version()}", help="print the version and exit")
     root.add_argument("--debug", action="store_true", default=os.environ.get("DIFFMINE_DEBUG", "") == "1",
                       help="let errors propagate with their traceback (also DIFFMINE_DEBUG=1)")
+    root.add_argument("--threads", type=int, default=None,
+                      help="torch threads on this machine, split between data-parallel processes (default: the CPUs "
+                           "this process may use, from its affinity and cgroup quota; or OMP_NUM_THREADS if set)")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write the built-in synthetic dataset (planted element per label, masks)",
@@ -420,6 +424,7 @@ def _error_message(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    set_threads(args.threads)  # before any work: torch's default oversubscribes shared or quota-limited CPUs
     if args.debug:
         COMMANDS[args.command](args)
         return 0

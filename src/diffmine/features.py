@@ -28,7 +28,7 @@ class FeatureConfig:
     block: int | None = None  # index into unet.up_blocks; None: the backend's default (1)
     ensemble: int = 4
     batch_size: int = 32  # images per forward pass (times the ensemble)
-    precision: str = "fp32"
+    precision: str = "auto"  # as TypicalityConfig.precision: bf16 where native, else fp32
     seed: int = 0
 
 

@@ -24,7 +24,7 @@ HELP = {
                  "'stratified-antithetic' also pairs eps with -eps",
     "shard_size": "images per stored shard (unit of work and resume)",
     "map_dtype": "storage precision of typicality maps (float16 | float32)",
-    "precision": "fp32 | bf16 | fp16 autocast of the UNet forward",
+    "precision": "auto | fp32 | bf16 | fp16 autocast of the UNet forward (auto: bf16 where the CPU/GPU computes it natively, else fp32)",
     "workers": "image-decoding processes prefetching ahead of the model",
     "compile": "torch.compile the UNet (~1.25x per pass on CPU after ~1.5 min of compiling)",
     "patch": "patch side in pixels (default: about 1/5 of the image side)",

@@ -19,7 +19,7 @@ import os
 import shutil
 import string
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +33,7 @@ from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypica
 from .data import DatasetError, fingerprint_images, scan_dataset
 from .features import FeatureConfig, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
+from .machine import resolve_precision
 from .mining import MineConfig, run_mining
 from .models import Backend, create_backend, load_backend
 from .models.base import BACKEND_FILE, WEIGHTS_FILE
@@ -57,6 +58,23 @@ def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, **r
 def _locked(run: Run, name: str, rank: int = 0):
     """The step's lock on process 0; data-parallel workers share their step."""
     return step_lock(run.path, name) if rank == 0 else nullcontext()
+
+
+def _resolved(run: Run, name: str, config, device: torch.device, stored: str | None = None):
+    """``config`` with ``precision="auto"`` made concrete, so that result ``name``'s record says how
+    it was computed: the precision of its stored result if it has one (a resume or an incremental
+    run on another machine must not mix bf16 and fp32 maps), else bf16 where ``device`` computes
+    it natively, else fp32. An explicit precision is left to the plan (changed -> recompute/refuse).
+    ``stored``: the stored precision where it is not the record's own ``precision`` setting."""
+    if config.precision != "auto":
+        return config
+    native = resolve_precision("auto", device)
+    stored = stored or ((run.lineage.get(name) or {}).get("settings") or {}).get("precision")
+    if stored in ("fp32", "bf16", "fp16") and stored != native:
+        print(f"{name}: keeping the stored result's precision {stored} (auto would pick {native} on this machine; "
+              f"pass --precision {native} --force to recompute)")
+        native = stored
+    return replace(config, precision=native)
 
 
 def _clear(*paths: Path) -> None:
@@ -314,6 +332,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
     images are computed, images that could not be read are retried. Returns the shards written.
     """
     rank, world, device = distributed_context()
+    config = _resolved(run, "typicality", config, device)
     backend, model_inputs = load_model(run, model, device, **(model_options or {}))
     listing = run.fresh("listing")
     _check_labels(run, model)
@@ -414,6 +433,7 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
     """
     rank, world, device = distributed_context()
     mine = run.fresh("mine")
+    features = _resolved(run, "features", features, device)
     feature_settings, feature_inputs = asdict(features), {"mine": mine["identity"], **scoring_inputs(run)}
     with _locked(run, "cluster", rank):
         action = _planned(run, "features", feature_settings, feature_inputs, force)
@@ -468,6 +488,7 @@ def classify_step(run: Run, config, progress: bool = True, force: bool = False) 
     from .classify import run_classify
 
     listing = run.fresh("listing")
+    config = _resolved(run, "classify", config, default_device())
     backend_inputs = scoring_inputs(run) if run.lineage.get("typicality") else {"model": run.fresh("model")["identity"]}
     settings, inputs = result_settings(config), {**backend_inputs, "listing": listing["identity"]}
     with step_lock(run.path, "classify"):
@@ -525,6 +546,8 @@ def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureCon
                       force: bool = False) -> pd.DataFrame:
     """Co-typicality of the translated scenes, scored and described by the run's trained model."""
     backend, model_inputs = load_model(run)
+    stored = ((run.lineage.get("cotypicality") or {}).get("settings") or {}).get("features") or {}
+    features = _resolved(run, "cotypicality", features, default_device(), stored.get("precision"))
     settings = {**result_settings(config), "features": asdict(features),
                 "draws": result_settings(TypicalityConfig.from_settings(run.step_config("typicality")))}
     inputs = {**model_inputs, "translate": run.fresh("translate")["identity"]}

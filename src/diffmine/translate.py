@@ -60,6 +60,8 @@ class TranslateConfig:
     strength: float | None = None
     batch_size: int = 8  # translations per forward pass (times 3 branches for pnp)
     shard_size: int = 64  # source images per stored shard
+    # fp32 by default: DDIM inversion compounds its rounding over every step (not measured in
+    # bf16 yet); auto / bf16 / fp16 are accepted
     precision: str = "fp32"
     seed: int = 0
 

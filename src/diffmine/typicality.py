@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import BadImage, image_batches, to_model_input
+from .machine import resolve_precision
 from .models import Backend
 from .shards import plan_new_shards, write_shard
 
@@ -50,7 +51,9 @@ class TypicalityConfig:
     batch_size: int = 0  # UNet inputs per forward pass, all conditions counted; 0: the backend's choice
     shard_size: int = 512  # images per stored shard (the unit of work and of resume)
     map_dtype: str = "float16"  # storage precision of the latent maps
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast) for the UNet forward
+    # autocast of the UNet forward: fp32 | bf16 | fp16, or auto = bf16 where the device computes it
+    # natively, else fp32 (machine.py); the pipeline records the resolved value
+    precision: str = "auto"
     workers: int = 0  # image-decoding processes prefetching ahead of the model
     # torch.compile the UNet (inductor, weights frozen): ~1.25x per pass on a 2-core CPU after
     # ~1.5 min of compiling, so worth it from a few thousand images (benchmarks/README.md)
@@ -72,8 +75,7 @@ class TypicalityConfig:
             raise ValueError("samples must be >= 1")
         if self.map_dtype not in ("float16", "float32"):
             raise ValueError(f"map_dtype must be float16 or float32, got {self.map_dtype!r}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        resolve_precision(self.precision)  # validates
         if self.shard_size < 1 or self.batch_size < 0 or self.workers < 0:
             raise ValueError("shard_size must be >= 1, batch_size and workers >= 0")
 
@@ -122,6 +124,8 @@ def compiled(backend: Backend, enabled: bool = True):
 
 
 def autocast(device: torch.device, precision: str):
+    """Autocast for ``precision`` on ``device`` (``auto`` resolved there)."""
+    precision = resolve_precision(precision, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 

@@ -35,6 +35,26 @@ table (``RUN/clusters/patches.parquet``) so the report and evaluation treat both
 "cluster" per detector (``cluster`` = ``cluster_rank``, 0 = most discriminative),
 ``typicality`` = the SVM score of the detection, plus ``discriminativeness``.
 
+Sizing (``preset``): the paper's 25,000 seeds and 1,000 detectors were set for thousands of
+positive images at several scales (millions of patches; 25,000 seeds are well under 1% of them).
+On a small collection they cost far more than they tell: 120 images of 64 px listed at 256 px
+(30 positives of 625 patches per label) took > 25 minutes on 2 cores, ~14,000 seeds per label
+searched against 75,000 patches and 1,212 SVMs of ~19,000 samples. The default preset ``data``
+sizes both to each label's positive patches P:
+
+    seeds     = min(25,000, ceil(seed_share * P))                (seed_share = 0.02)
+    detectors = min(1,000, max(min(seeds, 5), seeds // seeds_per_detector))   (25: the paper's ratio)
+
+and each SVM gets 2,000-5,000 random negatives (plus the hard ones, at most 5,000) instead of
+the paper's 10,000-25,000: an SVM's cost grows with its samples (liblinear copies them; 14 s at
+18,750, 2.6 s at 5,000 on a busy 2-core machine). So seeding grows as P x all patches x 0.02 and
+training as detectors x folds SVMs of at most 5,005 samples (benchmarks/README.md has the time and
+the quality of both presets). ``--preset paper`` restores 25,000 seeds, 1,000 detectors and
+10,000-25,000 negatives; an explicit ``--seeds`` / ``--detectors`` / ``--negatives-*`` wins over
+either preset. Before mining
+the plan is printed (seeds, detectors, SVMs per label) with an ETA from one SVM timed on this
+machine's data.
+
 Memory: the patch features of every image are held in memory, float32:
 images x positions per image x dims x 4 bytes (e.g. 3,200 images of 256 px at the defaults,
 25 positions x 2,112 dims: 680 MB). Time: the seeding search is seeds x all patches; training is
@@ -45,9 +65,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +83,10 @@ from ..flags import add_config
 from ..rundir import Run
 
 OUTPUT = Path("baselines") / "doersch"
+PRESETS = ("data", "paper")
+PAPER_SEEDS, PAPER_DETECTORS = 25_000, 1_000
+PRESET_NEGATIVES = {"data": (2_000, 5_000), "paper": (10_000, 25_000)}  # random negatives per SVM, at least / at most
+MIN_DETECTORS = 5  # preset data: never fewer (unless there are fewer seeds)
 COLUMNS = ["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "kind", "cluster", "cluster_rank",
            "rank_in_cluster", "distance", "cluster_median", "discriminativeness"]
 
@@ -71,18 +97,21 @@ class DoerschConfig:
     stride: int = 8  # grid step in pixels = HOG cell side; patch must be a multiple of it
     scales: tuple[float, ...] = (1.0,)  # image pyramid, e.g. (1.0, 0.75, 0.5)
     orientations: int = 31  # HOG orientation bins
-    seeds: int = 25_000  # random seed patches from the positive images
+    preset: str = "data"  # data: seeds and detectors sized to each label's positive patches; paper: 25,000 / 1,000
+    seeds: int = 0  # random seed patches from the positive images; 0: the preset's
+    seed_share: float = 0.02  # preset data: seeds = this share of the label's positive patches
+    seeds_per_detector: int = 25  # preset data: detectors = seeds / this (the paper's 25,000 / 1,000)
     contrast_quantile: float = 0.25  # seeds in this lowest quantile of gradient energy are dropped
     neighbors: int = 20  # seeds are ranked by positives among their top-k neighbours
     redundancy_neighbors: int = 50  # neighbours compared to find redundant detectors
     overfetch: int = 3  # neighbours fetched per kept one (several may fall on one image)
     redundancy_iou: float = 0.3  # a neighbour overlaps a kept detector's above this IoU ...
     redundancy_overlaps: int = 5  # ... and a seed overlapping one on more images than this is dropped
-    detectors: int = 1000  # detectors kept and trained
+    detectors: int = 0  # detectors kept and trained (at most); 0: the preset's
     folds: int = 3  # cross-validation folds of iterative SVM training
     top_positives: int = 5  # positives per fold: the detector's best detections in the positive fold
-    negatives_min: int = 10_000  # random negatives per SVM, at least ...
-    negatives_max: int = 25_000  # ... and at most (hard negatives included)
+    negatives_min: int = 0  # random negatives per SVM, at least ... (0: the preset's, 2,000 / paper 10,000)
+    negatives_max: int = 0  # ... and at most, hard negatives included (0: the preset's, 5,000 / paper 25,000)
     hard_negative_margin: float = -1.0  # negative patches scoring above this become hard negatives
     C: float = 0.1  # LinearSVC regularisation
     svm_max_iter: int = 2000
@@ -93,6 +122,18 @@ class DoerschConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        # concrete negatives (and, for the paper, seeds and detectors): the run's record says what was mined
+        low, high = PRESET_NEGATIVES[self.preset]
+        self.negatives_min, self.negatives_max = self.negatives_min or low, self.negatives_max or high
+        if self.preset == "paper":
+            self.seeds, self.detectors = self.seeds or PAPER_SEEDS, self.detectors or PAPER_DETECTORS
+        if self.seeds < 0 or self.detectors < 0:
+            raise ValueError("seeds and detectors must be >= 0 (0: sized by the preset)")
+        if not 0 < self.seed_share <= 1 or self.seeds_per_detector < 1:
+            raise ValueError(f"seed_share must be in (0, 1] and seeds_per_detector >= 1, got {self.seed_share}, "
+                             f"{self.seeds_per_detector}")
         self.scales = tuple(float(s) for s in (self.scales if isinstance(self.scales, (list, tuple)) else [self.scales]))
         if self.stride < 1 or self.patch < self.stride or self.patch % self.stride:
             raise ValueError(f"patch ({self.patch}) must be a positive multiple of stride ({self.stride}), the HOG cell side")
@@ -102,12 +143,18 @@ class DoerschConfig:
             raise ValueError(f"contrast_quantile must be in [0, 1), got {self.contrast_quantile}")
         if self.folds < 1:
             raise ValueError("folds must be >= 1")
-        if self.negatives_min > self.negatives_max:
-            raise ValueError(f"negatives_min ({self.negatives_min}) > negatives_max ({self.negatives_max})")
-        for name in ("seeds", "neighbors", "redundancy_neighbors", "overfetch", "detectors", "top_positives",
+        if self.negatives_min < 0 or self.negatives_min > self.negatives_max:
+            raise ValueError(f"need 0 <= negatives_min <= negatives_max, got {self.negatives_min}, {self.negatives_max}")
+        for name in ("neighbors", "redundancy_neighbors", "overfetch", "top_positives",
                      "top_detections", "examples", "batch_size", "orientations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+
+    def sized(self, positive_patches: int) -> tuple[int, int]:
+        """(seeds, detectors) for a label with this many positive patches (module doc, Sizing)."""
+        seeds = self.seeds or min(PAPER_SEEDS, max(1, math.ceil(self.seed_share * positive_patches)))
+        detectors = self.detectors or min(PAPER_DETECTORS, max(min(seeds, MIN_DETECTORS), seeds // self.seeds_per_detector))
+        return seeds, detectors
 
     @property
     def cells(self) -> int:
@@ -339,6 +386,13 @@ def _fit_svm(X: np.ndarray, y: np.ndarray, config: DoerschConfig, seed: int) -> 
     return svm.coef_[0].astype(np.float32), float(svm.intercept_[0])
 
 
+def svm_jobs() -> int:
+    """SVMs fitted at once: torch's thread count (``--threads``, or the usable CPUs)."""
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
 def _split(items: np.ndarray, folds: int, rng: np.random.Generator) -> list[np.ndarray]:
     perm = rng.permutation(items)
     return [np.sort(part) for part in np.array_split(perm, folds)]
@@ -352,6 +406,7 @@ def train_detectors(bank: FeatureBank, init: np.ndarray, positives: np.ndarray, 
     K = len(init)
     W, b = init.astype(np.float32).copy(), np.zeros(K, np.float32)
     bar = tqdm(total=K * config.folds, desc="doersch svm", unit="svm", disable=not progress)
+    pool = ThreadPoolExecutor(svm_jobs())
     for start in range(0, K, config.batch_size):
         batch = slice(start, min(K, start + config.batch_size))
         hard: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(batch.stop - batch.start)]
@@ -362,14 +417,20 @@ def train_detectors(bank: FeatureBank, init: np.ndarray, positives: np.ndarray, 
             pscores = bank.features[prow] @ W[batch].T + b[batch]
             pbest = _image_max(pscores, pstart)
             perm = rng.permutation(nrow)
-            for j in range(batch.stop - batch.start):
+
+            def fit(j: int):  # reads this fold's arrays: every call ends within the iteration
                 top = np.argsort(-pbest[:, j], kind="stable")[: config.top_positives]
                 pos_rows = _best_rows(pscores, prow, pstart, j, top)
                 n_random = min(len(perm), max(config.negatives_max - len(hard[j]), config.negatives_min))
                 neg_rows = np.union1d(perm[:n_random], hard[j])
                 X = bank.features[np.r_[pos_rows, neg_rows]]
                 y = np.r_[np.ones(len(pos_rows)), -np.ones(len(neg_rows))]
-                W[batch.start + j], b[batch.start + j] = _fit_svm(X, y, config, config.seed + fold)
+                return _fit_svm(X, y, config, config.seed + fold)
+
+            # liblinear releases the GIL: the batch's SVMs (independent, each with its own seed) fit
+            # on threads; the result does not depend on their number
+            for j, (w, c) in enumerate(pool.map(fit, range(batch.stop - batch.start))):
+                W[batch.start + j], b[batch.start + j] = w, c
                 bar.update()
             # hard negatives: patches of this negative fold the new detectors score within the margin
             nscores = bank.features[nrow] @ W[batch].T + b[batch]
@@ -380,7 +441,8 @@ def train_detectors(bank: FeatureBank, init: np.ndarray, positives: np.ndarray, 
                 merged = np.r_[nrow[above], hard[j]]
                 _, first = np.unique(merged, return_index=True)
                 hard[j] = merged[np.sort(first)][: config.negatives_max]
-            del pscores, nscores
+            del nscores  # pscores: rebound by the next fold
+    pool.shutdown()
     bar.close()
     return W, b
 
@@ -402,6 +464,53 @@ def rank_detectors(bank: FeatureBank, W: np.ndarray, b: np.ndarray, is_positive:
             out.append((disc, shown, det_rows, best[shown, j]))
         del scores
     return out
+
+
+def label_plan(bank: FeatureBank, label: str, config: DoerschConfig) -> dict:
+    """What mining ``label`` will do: its positive patches, seeds, detectors (at most) and SVMs (at most)."""
+    positives = np.flatnonzero(bank.labels == label)
+    patches = int((bank.offsets[positives + 1] - bank.offsets[positives]).sum())
+    seeds, detectors = config.sized(patches)
+    return {"positive_patches": patches, "seeds": seeds, "detectors": detectors, "svms": detectors * config.folds}
+
+
+def estimate_seconds(bank: FeatureBank, plans: dict[str, dict], config: DoerschConfig) -> dict:
+    """ETA of seeding and SVM training from one seed search and one SVM timed on this bank, now.
+
+    An SVM sees the detector's positives and at most ``negatives_max`` patches of one negative
+    fold; the hard-negative search and the final ranking add little (matrix products)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(config.seed)
+    k = int(min(len(bank.features), max(config.neighbors, config.redundancy_neighbors) * config.overfetch))
+    probe = bank.features[rng.choice(len(bank.features), min(16, len(bank.features)), replace=False)]
+    t0 = time.perf_counter()
+    _, near = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(bank.features).kneighbors(probe)
+    per_seed = (time.perf_counter() - t0) / len(probe)
+    # an SVM like a detector's: a probe's nearest patches against random negatives of one fold
+    negatives = min(config.negatives_max, len(bank.features) // max(1, config.folds))
+    positives = near[0][: config.top_positives]
+    others = np.setdiff1d(np.arange(len(bank.features)), positives)
+    rows = np.r_[positives, rng.choice(others, min(len(others), negatives), replace=False)]
+    y = np.r_[np.ones(len(positives)), -np.ones(len(rows) - len(positives))]
+    t0 = time.perf_counter()
+    _fit_svm(bank.features[rows], y, config, config.seed)
+    per_svm = time.perf_counter() - t0
+    seeding = per_seed * sum(p["seeds"] for p in plans.values())
+    # not divided by the SVMs fitted at once: on a busy machine they barely overlap (120 images:
+    # 0.68 s for one SVM alone, 0.80 s per SVM in wall time with 2 at once, plus hard negatives)
+    svm = per_svm * sum(p["svms"] for p in plans.values())
+    return {"seeding": seeding, "svm": svm, "total": seeding + svm, "per_svm": per_svm, "svm_samples": len(rows)}
+
+
+def print_plan(plans: dict[str, dict], eta: dict, config: DoerschConfig) -> None:
+    for label, p in plans.items():
+        print(f"doersch plan: {label}: {p['positive_patches']} positive patches -> {p['seeds']} seeds, "
+              f"<= {p['detectors']} detectors, <= {p['svms']} SVMs ({p['detectors']} x {config.folds} folds)")
+    svms = sum(p["svms"] for p in plans.values())
+    print(f"doersch plan: <= {svms} SVMs in all (preset {config.preset}); ETA ~{eta['total'] / 60:.1f} min "
+          f"(seeding {eta['seeding']:.0f} s, SVMs {eta['svm']:.0f} s: one SVM of {eta['svm_samples']} samples "
+          f"took {eta['per_svm']:.2f} s here, {svm_jobs()} at once)", flush=True)
 
 
 def mine_doersch(source, positive_label: str, config: DoerschConfig = DoerschConfig(), *, resolution: int | None = None,
@@ -426,6 +535,8 @@ def mine_doersch(source, positive_label: str, config: DoerschConfig = DoerschCon
                          f"({len(positives)} positive, {len(negatives)} negative)")
     labels = sorted(set(bank.labels))
     rng = np.random.default_rng([config.seed, labels.index(positive_label)])
+    plan = label_plan(bank, positive_label, config)
+    config = replace(config, seeds=plan["seeds"], detectors=plan["detectors"])
 
     t0 = time.time()
     seeds = sample_seeds(bank, positives, config, rng)
@@ -521,18 +632,25 @@ def run_doersch(run: Run, config: DoerschConfig = DoerschConfig(), positive: str
     n_features = bank.features.nbytes
     if bank.problems:
         run.record_problems("baseline-doersch", bank.problems)
-    frames = []
+    mined = []
     for label in ([positive] if positive is not None else labels):
         if label not in set(bank.labels):
             print(f"doersch: no usable image of {label!r}; skipped")
             continue
+        mined.append(label)
+    plans = {label: label_plan(bank, label, config) for label in mined}
+    eta = estimate_seconds(bank, plans, config) if plans else {"total": 0.0}
+    if plans:
+        print_plan(plans, eta, config)
+    frames = []
+    for label in mined:
         frames.append(mine_doersch(bank, label, config, progress=progress, timings=timings))
     table = pd.concat(frames, ignore_index=True) if frames else _frame([])
     out = output_dir(run)
     write_table(pa.Table.from_pandas(table, preserve_index=False), out / "patches.parquet")
     settings = {"config": asdict(config), "dims": config.dims, "labels": [positive] if positive else labels,
                 "images": len(bank.image_ids), "patches": int(len(bank.features)), "feature_mb": n_features / 2 ** 20,
-                "skipped": len(bank.problems), "seconds": {**{k: round(v, 3) for k, v in timings.items()},
+                "skipped": len(bank.problems), "plan": plans, "eta_seconds": round(eta["total"], 1), "seconds": {**{k: round(v, 3) for k, v in timings.items()},
                                                           "total": round(time.time() - started, 3)}}
     write_json(out / "settings.json", settings)  # with sizes and timings; lineage.json holds its identity
     del bank
@@ -545,15 +663,19 @@ def run_doersch(run: Run, config: DoerschConfig = DoerschConfig(), positive: str
 HELP = {
     "patch": "patch side in pixels", "stride": "grid step in pixels (= HOG cell side; patch must be a multiple)",
     "scales": "image pyramid scales, e.g. 1.0 0.75 0.5", "orientations": "HOG orientation bins",
-    "seeds": "random seed patches from the positive images", "contrast_quantile": "drop seeds in this lowest quantile of gradient energy",
+    "preset": "data: seeds and detectors sized to each label's positive patches (seed share, seeds per detector); "
+              "paper: the paper's 25,000 seeds and 1,000 detectors",
+    "seeds": "random seed patches from the positive images (0: the preset's)",
+    "seed_share": "preset data: seeds = this share of the label's positive patches",
+    "seeds_per_detector": "preset data: detectors = seeds / this", "contrast_quantile": "drop seeds in this lowest quantile of gradient energy",
     "neighbors": "rank seeds by positives among their top-k nearest neighbours",
     "redundancy_neighbors": "neighbours compared to drop redundant detectors",
     "overfetch": "neighbours fetched per kept one (several may fall on one image)",
     "redundancy_iou": "IoU above which a neighbour overlaps a kept detector's",
     "redundancy_overlaps": "drop a seed overlapping a kept detector on more images than this",
-    "detectors": "detectors kept and trained", "folds": "cross-validation folds of SVM training",
-    "top_positives": "positives per fold (the detector's best detections)", "negatives_min": "random negatives per SVM, at least",
-    "negatives_max": "negatives per SVM (random + hard), at most", "hard_negative_margin": "negatives scoring above this are hard",
+    "detectors": "detectors kept and trained, at most (0: the preset's)", "folds": "cross-validation folds of SVM training",
+    "top_positives": "positives per fold (the detector's best detections)", "negatives_min": "random negatives per SVM, at least (0: the preset's: 2,000; paper 10,000)",
+    "negatives_max": "negatives per SVM (random + hard), at most (0: the preset's: 5,000; paper 25,000)", "hard_negative_margin": "negatives scoring above this are hard",
     "C": "LinearSVC C", "svm_max_iter": "LinearSVC max_iter", "top_detections": "discriminativeness = positives among this many detections",
     "examples": "detections written per detector", "batch_size": "detectors searched at once", "workers": "image-decoding processes",
 }
