@@ -2,6 +2,7 @@
 
     prepare (listing) -> train (model) -> typicality -> mine -> cluster (features + k-means) -> report
                                      \\-> classify      \\-> localize, translate -> cotypicality
+                                     \\-> contrast A B (maps -> mine -> cluster, its page)  cluster -> trends
     prepare (listing) -> baseline (Doersch et al.)
 
 Every step follows the lineage rules (``lineage.py``): it records its settings and the identities
@@ -15,6 +16,7 @@ None of the steps asks which backend it has.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import string
 from contextlib import nullcontext
@@ -431,6 +433,79 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
         return clustered
 
 
+def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, cluster: ClusterConfig,
+                  features: FeatureConfig, progress: bool = True, force: bool = False) -> Path:
+    """Contrast maps of ``a`` vs ``b`` (None: vs every other label) with the run's trained model,
+    then mined and clustered like typicality, and its report page; returns the page.
+
+    Two results: ``contrast-<digest>`` (the maps; expensive, resumable, incremental over the
+    listing) and ``contrast-<digest>-elements`` (patches, features, clusters). The labels are kept
+    inside the records, never in a file or record name.
+    """
+    from .contrast import missing_contrast, other_labels, run_contrast
+    from .lineage import contrast_name
+    from .pages import contrast_page_path, write_contrast_page
+
+    other_labels(run.labels, a, b)  # unknown labels: one line, before any model is loaded
+    backend, model_inputs = load_model(run)
+    listing = run.fresh("listing")
+    name = contrast_name(a, b)
+    directory = run.contrast_dir(a, b)
+    settings = {"a": a, "b": b, **result_settings(config, ("batch_size", "workers", "compile", "shard_size"))}
+    inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
+    command = "contrast " + " ".join(shlex.quote(x) for x in ([a, b] if b is not None else [a, "--vs", "all"]))
+    with step_lock(run.path, name):
+        action = _planned(run, name, settings, inputs, force, expensive=True, incremental=("listing",))
+        if action == "done" and missing_contrast(run, a, b, config.images):
+            action = "resume"
+        if action == "done":
+            print(f"contrast: maps up to date ({directory})")
+        else:
+            if action == "replace":
+                _clear(directory)
+            run.lineage.put(name, settings, inputs, command, complete=False)
+            run_contrast(run, backend, config, a, b, progress)
+            run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images))
+        elements = name + "-elements"
+        element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
+        element_inputs = {name: run.fresh(name)["identity"]}
+        page = contrast_page_path(run, a, b)
+        if _planned(run, elements, element_settings, element_inputs, force) != "done" or not page.is_file():
+            run.lineage.drop(elements)
+            store = run.contrast_store(a, b)
+            patches, k = run_mining(run, mine, progress, store, directory / "patches.parquet")
+            top = patches[patches["kind"] == "top"].reset_index(drop=True)
+            run_features(run, backend, features, progress, patches=top, out=directory / "features.npy")
+            run_clustering(run, cluster, top, directory / "features.npy", directory / "clusters.parquet")
+            run.lineage.put(elements, element_settings, element_inputs, command, patch=k)
+            write_contrast_page(run, a, b)
+        else:
+            print("contrast: elements up to date")
+        return page
+
+
+def trends_step(run: Run, order: list[str], config, progress: bool = True, force: bool = False) -> dict:
+    """Prevalence and typicality of every element cluster of the run in each label of ``order``
+    (RUN/trends/trends.json) and its report page; returns the JSON document."""
+    import json
+
+    from .pages import write_trends_page
+    from .trends import run_trends
+
+    clusters = run.fresh("cluster")
+    settings = {"order": list(order), **asdict(config)}
+    inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
+    path = run.path / "trends" / "trends.json"
+    with step_lock(run.path, "trends"):
+        if _planned(run, "trends", settings, inputs, force) == "done" and path.is_file():
+            return json.loads(path.read_text())
+        run.lineage.drop("trends")
+        result = run_trends(run, scoring_model(run), list(order), config, progress)
+        run.lineage.put("trends", settings, inputs, "trends")
+        write_trends_page(run, result)
+        return result
+
+
 def report_step(run: Run, config, masks: str | Path | None = None, force: bool = False) -> Path:
     """The HTML summary of every fresh result; rewritten only when one of them changed."""
     from .evaluate import evaluate_run
@@ -546,5 +621,6 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
         return table
 
 
-__all__ = ["prepare", "train_step", "typicality_step", "mine_step", "cluster_step", "report_step", "classify_step",
+__all__ = ["prepare", "train_step", "typicality_step", "mine_step", "cluster_step", "contrast_step", "trends_step",
+           "report_step", "classify_step",
            "localize_step", "translate_step", "cotypicality_step", "baseline_step", "load_model", "RunError"]
