@@ -27,10 +27,12 @@ from diffmine.rundir import Run, RunError
 from diffmine.synthetic import SynthConfig, generate
 from diffmine.train import TrainConfig
 
-# 4 labels x 24 images of 32 px, the ring (eastland) as guest in half of the other labels' images
-SYNTH = SynthConfig(labels=4, per_label=24, size=32, guest=2, guest_share=0.5, seed=0)
+# 4 labels x 24 images of 32 px, westland's checker as guest in a quarter of the other labels' images.
+# Measured with this exact config (training is deterministic): A vs B AUC-PR 0.43 (random 0.025;
+# typicality 0.59); A vs B on the guest 0.11 of its value on A's element, A vs C there -0.34 of it
+SYNTH = SynthConfig(labels=4, per_label=24, size=32, guest=3, guest_share=0.25, seed=0)
 TRAIN = TrainConfig(steps=600, batch_size=32, checkpoint_every=1000, seed=0)
-A, B, C = "westland", "norland", "eastland"
+A, B, C = "norland", "eastland", "westland"
 DRAWS = dict(samples=8, shard_size=50, seed=0)
 ELEMENTS = dict(mine=MineConfig(top=60, least=5, random=5), cluster=ClusterConfig(k=4), features=FeatureConfig(ensemble=1))
 
@@ -76,11 +78,13 @@ def test_a_shared_element_is_no_contrast_but_the_label_that_owns_it_is(trained):
         own_ab.append(ab[own].mean())
         guest_ab.append(ab[guest].mean())
         guest_ac.append(ac[guest].mean())
+    assert len(guest_ac) == round(SYNTH.guest_share * SYNTH.per_label)
+    negative = np.mean(np.array(guest_ac) < 0)
     own_ab, guest_ab, guest_ac = map(np.mean, (own_ab, guest_ab, guest_ac))
     print(f"A vs B on A's element {own_ab:.4f}, on the guest {guest_ab:.4f}; A vs C on the guest {guest_ac:.4f}")
     assert own_ab > 0
     assert abs(guest_ab) <= 0.25 * own_ab
-    assert guest_ac <= -0.25 * own_ab
+    assert guest_ac <= -0.15 * own_ab and negative >= 0.7
 
 
 @pytest.mark.slow

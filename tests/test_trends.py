@@ -22,7 +22,7 @@ from diffmine.train import TrainConfig
 from diffmine.trends import TrendsConfig, candidate_boxes, trend_strength
 from diffmine.typicality import TypicalityConfig
 
-ORDERED = OrderedConfig(eras=5, per_label=16, size=32, distractors=1, element_scale=1.3, seed=0)
+ORDERED = OrderedConfig(eras=5, per_label=16, size=32, seed=0)
 TRAIN = TrainConfig(steps=400, batch_size=32, checkpoint_every=1000, seed=0)
 ORDER = [f"era{i + 1}" for i in range(ORDERED.eras)]
 
