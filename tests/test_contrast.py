@@ -95,9 +95,10 @@ def test_vs_all_is_the_smallest_pairwise_margin(trained):
         if b not in (A, B, C):
             contrast(run, A, b)
     others = [b for b in run.labels if b != A]
+    # on the latent grid, as stored (float16): the minimum of upsampled maps is not the upsampled minimum
     for image_id in [f"{A}/img_{i:04d}.png" for i in (0, 5, 13)]:
-        pairwise = np.min([run.contrast_map(image_id, A, b) for b in others], axis=0)
-        np.testing.assert_allclose(run.contrast_map(image_id, A, None), pairwise, atol=2e-3)
+        pairwise = np.min([run.contrast_store(A, b).latent(image_id) for b in others], axis=0)
+        np.testing.assert_allclose(run.contrast_store(A, None).latent(image_id), pairwise, rtol=2e-3, atol=2e-5)
 
 
 # ----------------------------------------------------------------------------------------------

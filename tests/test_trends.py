@@ -23,7 +23,7 @@ from diffmine.trends import TrendsConfig, candidate_boxes, trend_strength
 from diffmine.typicality import TypicalityConfig
 
 ORDERED = OrderedConfig(eras=5, per_label=16, size=32, seed=0)
-TRAIN = TrainConfig(steps=400, batch_size=32, checkpoint_every=1000, seed=0)
+TRAIN = TrainConfig(steps=800, batch_size=32, checkpoint_every=1000, seed=0)
 ORDER = [f"era{i + 1}" for i in range(ORDERED.eras)]
 
 
@@ -32,8 +32,8 @@ def ordered(tmp_path_factory):
     root = tmp_path_factory.mktemp("trends")
     run = trained_synthetic_run(root / "run", generate_ordered(root / "data", ORDERED, progress=False), ORDERED.size,
                                 TRAIN, TypicalityConfig(samples=8, shard_size=50, seed=0))
-    pipeline.mine_step(run, MineConfig(top=200, least=5, random=5), progress=False)
-    pipeline.cluster_step(run, ClusterConfig(k=6), FeatureConfig(ensemble=2), progress=False)
+    pipeline.mine_step(run, MineConfig(per_image=3, top=200, least=5, random=5), progress=False)
+    pipeline.cluster_step(run, ClusterConfig(k=8), FeatureConfig(ensemble=2), progress=False)
     result = pipeline.trends_step(run, ORDER, TrendsConfig(), progress=False)
     return root / "data" / "masks", run, result
 

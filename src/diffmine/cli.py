@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     add_config(p, TrendsConfig, help={
         "min_size": "clusters with fewer members are not elements",
         "percentile": "match threshold: this percentile of the members' cosine similarity to their centroid",
-        "stride": "grid step of the candidate boxes in pixels (0: half the patch side)",
+        "stride": "grid step of the candidate boxes in pixels (0: an eighth of the patch side)",
         "chunk": "images whose candidate boxes are held in memory at once"})
 
     p = sub.add_parser("status", help="what is done, what is left, which files were bad", description="Progress of a run.")
