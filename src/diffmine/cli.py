@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("trends", help="prevalence of every element across ordered labels (eras, decades)",
                        description="For each element cluster of the run: the share of each label's images that contain "
-                                   "it (their best-matching patch at least as close to the cluster's DIFT centroid as the "
+                                   "it (their best-matching patch, among their most typical ones, at least as close to the cluster's DIFT centroid as the "
                                    "cluster's own 10th-percentile member) and the median typicality of those patches. "
                                    "Output: RUN/trends/trends.json {order, elements: [{id, label, size, prevalence, "
                                    "typicality, members, trend}]}, strongest trend first, and RUN/report/trends.html. "
@@ -215,7 +215,9 @@ def parser() -> argparse.ArgumentParser:
         "min_size": "clusters with fewer members are not elements",
         "percentile": "match threshold: this percentile of the members' cosine similarity to their centroid",
         "stride": "grid step of the candidate boxes in pixels (0: an eighth of the patch side)",
-        "chunk": "images whose candidate boxes are held in memory at once"})
+        "chunk": "images whose candidate boxes are held in memory at once",
+        "candidates": "typical: each image's most typical boxes (as mined); grid: a grid of boxes",
+        "per_image": "with --candidates typical: boxes per image"})
 
     p = sub.add_parser("status", help="what is done, what is left, which files were bad", description="Progress of a run.")
     p.add_argument("--run", required=True, type=Path)

@@ -3,12 +3,14 @@
 For every element cluster of the run (all labels; clusters of at least ``min_size`` members):
 
 - its centroid: the mean of its members' DIFT features, L2-normalised; its threshold: the
-  ``percentile``-th percentile of its own members' cosine similarity to the centroid (default the
-  10th: nine in ten of the patches that define the element pass it);
+  ``percentile``-th percentile of its own members' cosine similarity to the centroid of the other
+  members (leave-one-out; default the 10th: nine in ten of the patches that define the element
+  would pass it as new images);
 - every image of the ordered labels is described once: its DIFT feature map (one UNet pass, its
-  own label's prompt, the run's feature settings) pooled over a grid of candidate boxes of the
-  mined patch side (stride an eighth of a side). Its best patch for an element is the box nearest to the
-  centroid; the image contains the element when that similarity reaches the threshold;
+  own label's prompt, the run's feature settings) pooled over candidate boxes of the mined patch
+  side: its ``per_image`` most typical boxes (greedy, as mined; default), or a grid (stride an
+  eighth of a side). Its best patch for an element is the candidate nearest to the centroid; the
+  image contains the element when that similarity reaches the threshold;
 - prevalence in a label: the share of its images that contain the element; typicality: the
   median typicality (under the image's own label, from the run's maps) of the best patches of the
   images that contain it (None where none does).
@@ -32,23 +34,30 @@ from scipy.stats import spearmanr
 
 from .atomic import write_json
 from .features import FeatureConfig, patch_features
-from .mining import patch_scores
+from .mining import greedy_boxes, patch_scores
 from .models import Backend
 
 
 @dataclass
 class TrendsConfig:
-    min_size: int = 3  # clusters with fewer members are not elements
+    min_size: int = 3  # clusters with fewer members are not elements (at least 2: see element_centroids)
     percentile: float = 10.0  # threshold: this percentile of the members' similarity to their centroid
     # step of the grid of candidate boxes in pixels (0: an eighth of the patch side). Fine enough
     # that some box lines up with the feature grid as the mined members did: at half a side, the
     # misalignment alone cost most matches on the ordered test set
     stride: int = 0
     chunk: int = 256  # images whose candidate boxes are held in memory at once
+    # typical: the image's most typical boxes only (greedy, as mined, ``per_image`` of them), where
+    # its elements are if typicality found them; grid: every box of a grid (finds elements that
+    # typicality missed, and more false matches). On the ordered test set neither is clearly better
+    candidates: str = "typical"
+    per_image: int = 5
 
     def __post_init__(self):
-        if self.min_size < 1 or not 0.0 <= self.percentile <= 100.0 or self.stride < 0 or self.chunk < 1:
-            raise ValueError("need min_size >= 1, 0 <= percentile <= 100, stride >= 0, chunk >= 1")
+        if self.min_size < 2 or not 0.0 <= self.percentile <= 100.0 or self.stride < 0 or self.chunk < 1:
+            raise ValueError("need min_size >= 2, 0 <= percentile <= 100, stride >= 0, chunk >= 1")
+        if self.candidates not in ("typical", "grid") or self.per_image < 1:
+            raise ValueError(f"candidates must be typical or grid (got {self.candidates!r}), per_image >= 1")
 
 
 def element_centroids(clustered: pd.DataFrame, features: np.ndarray, min_size: int, percentile: float):
@@ -65,11 +74,15 @@ def element_centroids(clustered: pd.DataFrame, features: np.ndarray, min_size: i
         if len(members) < min_size:
             continue
         f = features[members["row"].to_numpy()]
-        centroid = f.mean(0)
-        centroid /= max(float(np.linalg.norm(centroid)), 1e-12)
+        total = f.sum(0)
+        centroid = total / max(float(np.linalg.norm(total)), 1e-12)
+        # each member against the centroid of the others: a member counted in its own centroid
+        # looks closer than any new image can be (in a cluster of 3, by a third of itself)
+        others = total[None] - f
+        others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-12)
         groups.append((label, int(cluster), members.sort_values("rank_in_cluster")))
         centroids.append(centroid)
-        thresholds.append(float(np.percentile(f @ centroid, percentile)))
+        thresholds.append(float(np.percentile((f * others).sum(1), percentile)))
     if not groups:
         raise ValueError(f"no cluster has {min_size} or more members; lower --min-size")
     return groups, np.stack(centroids), np.array(thresholds)
@@ -81,6 +94,11 @@ def candidate_boxes(height: int, width: int, k: int, stride: int) -> np.ndarray:
     ys = sorted(set(range(0, height - k + 1, stride)) | {height - k})
     xs = sorted(set(range(0, width - k + 1, stride)) | {width - k})
     return np.array([(x, y, x + k, y + k) for y in ys for x in xs], np.int64)
+
+
+def typical_boxes(pixel_map: np.ndarray, k: int, n: int) -> np.ndarray:
+    """(n', 4) the image's ``n`` most typical k x k boxes, greedy and non-overlapping as mined."""
+    return np.array([(x, y, x + k, y + k) for y, x, _ in greedy_boxes(patch_scores(pixel_map, k), k, n)], np.int64)
 
 
 def trend_strength(prevalence: np.ndarray) -> float:
@@ -115,7 +133,8 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
     best_typicality = np.full((len(images), E), np.nan)
     for start in range(0, len(images), config.chunk):
         chunk = images.iloc[start:start + config.chunk]
-        boxes = [candidate_boxes(int(r.height), int(r.width), k, stride) for r in chunk.itertuples()]
+        boxes = [candidate_boxes(int(r.height), int(r.width), k, stride) if config.candidates == "grid"
+                 else typical_boxes(store.pixel(r.image_id), k, config.per_image) for r in chunk.itertuples()]
         candidates = pd.DataFrame(np.concatenate(boxes), columns=["x0", "y0", "x1", "y1"])
         candidates["image_id"] = np.repeat(chunk["image_id"].to_numpy(), [len(b) for b in boxes])
         candidates["label"] = np.repeat(chunk["label"].to_numpy(), [len(b) for b in boxes])
