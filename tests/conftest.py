@@ -24,6 +24,17 @@ TRAIN = TrainConfig(steps=400, batch_size=32, checkpoint_every=200, seed=0)
 TYPICALITY = TypicalityConfig(samples=12, shard_size=50, seed=0)
 
 
+def trained_synthetic_run(path, images, size: int, train: TrainConfig, typicality: TypicalityConfig | None = None) -> Run:
+    """A run at ``path`` of a synthetic dataset, listed with the scene prompts and trained (and
+    its typicality computed when ``typicality`` is given)."""
+    run = Run(path)
+    pipeline.prepare(run, images, "A scene from {label}.", "A scene.", size)
+    pipeline.train_step(run, train, progress=False)
+    if typicality is not None:
+        pipeline.typicality_step(run, typicality, progress=False)
+    return run
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
@@ -34,10 +45,7 @@ def synthetic_data(tmp_path_factory):
 def trained_run(synthetic_data, tmp_path_factory):
     """A run through every step: train, typicality, mine, cluster."""
     images, _ = synthetic_data
-    run = Run(tmp_path_factory.mktemp("run") / "run")
-    pipeline.prepare(run, images, "A scene from {label}.", "A scene.", SYNTH.size)
-    pipeline.train_step(run, TRAIN, progress=False)
-    pipeline.typicality_step(run, TYPICALITY, progress=False)
+    run = trained_synthetic_run(tmp_path_factory.mktemp("run") / "run", images, SYNTH.size, TRAIN, TYPICALITY)
     pipeline.mine_step(run, MineConfig(top=60, least=20, random=20), progress=False)
     pipeline.cluster_step(run, ClusterConfig(k=6), FeatureConfig(ensemble=2), progress=False)
     return run

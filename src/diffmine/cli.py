@@ -20,6 +20,7 @@ from .clustering import ClusterConfig
 from .cotypicality import CotypicalityConfig
 from .compare import add_parser as add_compare
 from .compare import cmd_compare
+from .contrast import ContrastConfig
 from .localize import add_parser as add_localize
 from .localize import cmd_localize
 from .data import DatasetError
@@ -33,6 +34,7 @@ from .rundir import Run, RunError
 from .synthetic import SynthConfig
 from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
+from .trends import TrendsConfig
 from .typicality import TypicalityConfig
 from .flags import HELP, _flag, add_config, build_config
 from .machine import set_threads
@@ -217,6 +219,41 @@ def parser() -> argparse.ArgumentParser:
         "shard_size": "scenes per stored shard"})
     add_config(p, FeatureConfig, prefix="feature-")
 
+    p = sub.add_parser("contrast", help="what makes label A look unlike label B: contrast maps, mined and clustered",
+                       description="C(x | A, B) = E[L(x, eps, B) - L(x, eps, A)] per pixel with the same draws for both "
+                                   "prompts: positive where A's prompt explains the pixel better than B's (with --vs all: "
+                                   "the smallest margin over every other label). Output: maps sharded and resumable under "
+                                   "RUN/contrast/<digest>/ (read with open_run(RUN).contrast_map(image_id, A, B)), their "
+                                   "top patches (patches.parquet) clustered into elements (clusters.parquet), and the page "
+                                   "RUN/report/contrast-<digest>.html. Cost per image: samples x 2 UNet inputs, as "
+                                   "typicality (samples x number of labels with --vs all).")
+    _run_arg(p)
+    p.add_argument("a", metavar="A", help="the label whose look is explained")
+    p.add_argument("b", metavar="B", nargs="?", default=None, help="the label it is contrasted with")
+    p.add_argument("--vs", choices=["all"], default=None, help="contrast A with every other label at once (no B)")
+    add_config(p, ContrastConfig, help={"images": "A: A's images (default); all: every listed image"})
+    add_config(p, MineConfig)
+    add_config(p, ClusterConfig)
+    add_config(p, FeatureConfig, prefix="feature-")
+
+    p = sub.add_parser("trends", help="prevalence of every element across ordered labels (eras, decades)",
+                       description="For each element cluster of the run: the share of each label's images that contain "
+                                   "it (their best-matching patch, among their most typical ones, at least as close to the cluster's DIFT centroid as the "
+                                   "cluster's own 10th-percentile member) and the median typicality of those patches. "
+                                   "Output: RUN/trends/trends.json {order, elements: [{id, label, size, prevalence, "
+                                   "typicality, members, trend}]}, strongest trend first, and RUN/report/trends.html. "
+                                   "One feature pass per image (linear in the number of images).")
+    _run_arg(p)
+    p.add_argument("--order", required=True, help="the labels in order, comma-separated: L1,L2,...")
+    p.add_argument("--json", action="store_true", help="print the JSON document")
+    add_config(p, TrendsConfig, help={
+        "min_size": "clusters with fewer members are not elements",
+        "percentile": "match threshold: this percentile of the members' cosine similarity to their centroid",
+        "stride": "grid step of the candidate boxes in pixels (0: an eighth of the patch side)",
+        "chunk": "images whose candidate boxes are held in memory at once",
+        "candidates": "typical: each image's most typical boxes (as mined); grid: a grid of boxes",
+        "per_image": "with --candidates typical: boxes per image"})
+
     p = sub.add_parser("status", help="what is done, what is left, which files were bad", description="Progress of a run.")
     p.add_argument("--run", required=True, type=Path, help="the run directory")
 
@@ -390,6 +427,31 @@ def cmd_baseline(args):
     return table
 
 
+def cmd_contrast(args):
+    from . import pipeline
+
+    if (args.vs is None) == (args.b is None):
+        raise ValueError("give either a label B or --vs all")
+    page = pipeline.contrast_step(Run(args.run), args.a, args.b, build_config(ContrastConfig, args),
+                                  build_config(MineConfig, args), build_config(ClusterConfig, args),
+                                  build_config(FeatureConfig, args, "feature-"), force=args.force)
+    print(f"contrast -> {page.parent.parent / 'contrast'}; page: {page.resolve()}")
+
+
+def cmd_trends(args):
+    from . import pipeline
+
+    order = [label.strip() for label in args.order.split(",") if label.strip()]
+    result = pipeline.trends_step(Run(args.run), order, build_config(TrendsConfig, args), force=args.force)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for el in result["elements"][:10]:
+        print(f"#{el['id']:<3} {el['direction']:<7} trend {el['trend']:+.3f}  {el['label']}/{el['cluster']} "
+              f"({el['size']}): " + " ".join(f"{p:.2f}" for p in el["prevalence"]))
+    print(f"{len(result['elements'])} elements -> {args.run / 'trends' / 'trends.json'}")
+
+
 def cmd_status(args):
     from .status import status
 
@@ -405,7 +467,7 @@ def cmd_query(args):
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "localize": cmd_localize, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
             "report": cmd_report, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status,
             "query": cmd_query, "classify": cmd_classify, "export": cmd_export,
-            "translate": cmd_translate, "cotypicality": cmd_cotypicality}
+            "translate": cmd_translate, "cotypicality": cmd_cotypicality, "contrast": cmd_contrast, "trends": cmd_trends}
 
 
 def _error_message(exc: BaseException) -> str | None:

@@ -8,6 +8,7 @@ typicality of their members (most typical first), members by distance to their c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -67,11 +68,14 @@ def cluster_patches(patches: pd.DataFrame, features: np.ndarray, config: Cluster
     return out.sort_values(["label", "cluster_rank", "rank_in_cluster"], kind="mergesort").reset_index(drop=True)
 
 
-def run_clustering(run, config: ClusterConfig) -> pd.DataFrame:
-    patches = run.mined_patches("top")
-    features = np.load(run.features_path)
+def run_clustering(run, config: ClusterConfig, patches: pd.DataFrame | None = None, features: Path | None = None,
+                   out: Path | None = None) -> pd.DataFrame:
+    """Cluster the run's top patches (or ``patches``, with ``features`` from that file) into
+    ``clusters/patches.parquet`` (or ``out``)."""
+    patches = run.mined_patches("top") if patches is None else patches
+    features = np.load(run.features_path if features is None else features)
     if len(features) != len(patches):
         raise ValueError(f"{run.path}: {len(features)} features for {len(patches)} patches; re-run `diffmine cluster`")
     clustered = cluster_patches(patches, features, config)
-    write_table(pa.Table.from_pandas(clustered, preserve_index=False), run.clusters_path)
+    write_table(pa.Table.from_pandas(clustered, preserve_index=False), run.clusters_path if out is None else out)
     return clustered

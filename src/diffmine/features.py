@@ -155,15 +155,18 @@ def _gather_parts(directory: Path, num_processes: int, n_rows: int) -> np.ndarra
 
 
 def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = True,
-                 process_index: int = 0, num_processes: int = 1) -> np.ndarray | None:
+                 process_index: int = 0, num_processes: int = 1, patches: pd.DataFrame | None = None,
+                 out: Path | None = None) -> np.ndarray | None:
     """DIFT features of the run's top patches -> ``features/features.npy`` (rows of the top patches).
 
     Data-parallel over ``num_processes`` (torch.distributed): each process computes the images
     of :func:`feature_blocks` and writes ``features/part-RANK-of-WORLD.npz`` (its row indices and
     features); after a barrier process 0 gathers them. Returns the (N, C) features on process 0,
-    None on the others.
+    None on the others. ``patches`` and ``out``: other patches (a contrast's) and where their
+    features go.
     """
-    patches = run.mined_patches("top")
+    patches = run.mined_patches("top") if patches is None else patches
+    out = run.features_path if out is None else out
     dataset = run.step_config("dataset")
     images = run.images()
     paths = dict(zip(images["image_id"], images["path"]))
@@ -176,12 +179,12 @@ def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = 
     if num_processes == 1:
         features = part
     else:
-        directory = run.features_path.parent
+        directory = out.parent
         write_with(_part_path(directory, process_index, num_processes),
                          lambda f: np.savez(f, rows=rows, features=part))
         _barrier(num_processes)
         if process_index != 0:
             return None
         features = _gather_parts(directory, num_processes, len(patches))
-    write_with(run.features_path, lambda f: np.save(f, features))
+    write_with(out, lambda f: np.save(f, features))
     return features

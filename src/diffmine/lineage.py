@@ -170,7 +170,7 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
         return [(f"{name} has not been made", _command(name))]
     reasons = []
     for input_name, identity in record["inputs"].items():
-        if input_name not in COMMANDS:
+        if _command(input_name, None) is None:
             continue  # a digest of settings (prompts) or of an outside model: nothing to look up
         upstream = records.get(input_name)
         if upstream is None:
@@ -187,11 +187,32 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
 
 COMMANDS = {"listing": "prepare", "model": "train", "typicality": "typicality", "mine": "mine", "features": "cluster",
             "cluster": "cluster", "report": "report", "classify": "classify", "translate": "translate",
-            "cotypicality": "cotypicality", "localize": "localize", "baseline-doersch": "baseline doersch"}
+            "cotypicality": "cotypicality", "localize": "localize", "baseline-doersch": "baseline doersch",
+            "trends": "trends"}
 
 
-def _command(name: str) -> str:
-    return COMMANDS.get(name, name)
+# results named per item (a digest of untrusted labels inside the name) -> the command that makes them
+COMMAND_PREFIXES = {"contrast-": "contrast"}
+
+
+def _command(name: str, default: str | None = "") -> str | None:
+    if name in COMMANDS:
+        return COMMANDS[name]
+    prefix = next((p for p in COMMAND_PREFIXES if name.startswith(p)), None)
+    if prefix is not None:
+        return COMMAND_PREFIXES[prefix]
+    return name if default == "" else default
+
+
+def contrast_key(a: str, b: str | None) -> str:
+    """A file- and record-safe name for the pair (labels are untrusted text); b None: vs all."""
+    return digest(["contrast", a, b])
+
+
+def contrast_name(a: str, b: str | None) -> str:
+    """The lineage name of contrast maps ``a`` vs ``b``; its mined and clustered elements are
+    ``contrast_name(a, b) + "-elements"``."""
+    return f"contrast-{contrast_key(a, b)}"
 
 
 def require_fresh(lineage: Lineage, name: str) -> dict:

@@ -117,19 +117,20 @@ def mine_image(pixel_map: np.ndarray, k: int, per_image: int) -> tuple[list, lis
     return greedy_boxes(scores, k, per_image), greedy_boxes(-scores, k, per_image)
 
 
-def run_mining(run, config: MineConfig, progress: bool = True) -> tuple[pd.DataFrame, int]:
+def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=None) -> tuple[pd.DataFrame, int]:
     """Mine the maps of the run's listed images into ``mining/patches.parquet``; returns the table
-    and the patch side used."""
+    and the patch side used. ``store`` (a ``rundir.MapStore``, default the typicality maps) and
+    ``out`` mine another per-pixel score the same way, e.g. a contrast into its own folder (the
+    ``typicality`` column then holds that score)."""
     from safetensors import safe_open
 
     top, least = TopN(config.top), TopN(config.least, largest=False)
     randoms = []
     rng = np.random.default_rng(config.seed)
-    run._check_maps()
-    index = run.typicality_index()
-    ok = index[index["status"] == "ok"]
+    store = run.typicality_store if store is None else store
+    ok = store.ok()
     if ok.empty:
-        raise ValueError(f"{run.path}: no usable typicality maps to mine")
+        raise ValueError(f"{run.path}: no usable {store.what} maps to mine")
     k = config.patch or default_patch_size(int(ok["height"].median()), int(ok["width"].median()))
     random_per_label = {label: set(rng.choice(np.flatnonzero(ok["label"].to_numpy() == label),
                                               size=min(config.random, int((ok["label"] == label).sum())), replace=False))
@@ -138,7 +139,7 @@ def run_mining(run, config: MineConfig, progress: bool = True) -> tuple[pd.DataF
     bar = tqdm(total=len(ok), desc="mining", unit="img", disable=not progress)
     for shard, table in ok.groupby("shard", sort=True):  # one shard's maps open at a time
         best_rows, worst_rows = [], []
-        with safe_open(str(run.typicality_dir / f"{shard}.safetensors"), "np") as f:
+        with safe_open(str(store.directory / f"{shard}.safetensors"), "np") as f:
             for r in table.itertuples():
                 pixel_map = upsample(f.get_tensor(r.key), (r.height, r.width))
                 if k > min(r.height, r.width):
@@ -161,5 +162,5 @@ def run_mining(run, config: MineConfig, progress: bool = True) -> tuple[pd.DataF
     patches["x1"], patches["y1"] = patches["x0"] + k, patches["y0"] + k
     patches = patches[["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "kind"]]
     patches = patches.astype({"x0": "int32", "y0": "int32", "x1": "int32", "y1": "int32", "typicality": "float32"})
-    write_table(pa.Table.from_pandas(patches, preserve_index=False), run.patches_path)
+    write_table(pa.Table.from_pandas(patches, preserve_index=False), run.patches_path if out is None else out)
     return patches, k

@@ -2,6 +2,7 @@
 
     prepare (listing) -> train (model) -> typicality -> mine -> cluster (features + k-means) -> report
                                      \\-> classify      \\-> localize, translate -> cotypicality
+                                     \\-> contrast A B (maps -> mine -> cluster, its page)  cluster -> trends
     prepare (listing) -> baseline (Doersch et al.)
     cluster -> export (COCO, Hugging Face datasets, CSV; outside the run, not in its lineage)
 
@@ -16,6 +17,7 @@ None of the steps asks which backend it has.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import string
 from contextlib import nullcontext
@@ -456,6 +458,79 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
         return clustered
 
 
+def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, cluster: ClusterConfig,
+                  features: FeatureConfig, progress: bool = True, force: bool = False) -> Path:
+    """Contrast maps of ``a`` vs ``b`` (None: vs every other label) with the run's trained model,
+    then mined and clustered like typicality, and its report page; returns the page.
+
+    Two results: ``contrast-<digest>`` (the maps; expensive, resumable, incremental over the
+    listing) and ``contrast-<digest>-elements`` (patches, features, clusters). The labels are kept
+    inside the records, never in a file or record name.
+    """
+    from .contrast import missing_contrast, other_labels, run_contrast
+    from .lineage import contrast_name
+    from .pages import contrast_page_path, write_contrast_page
+
+    other_labels(run.labels, a, b)  # unknown labels: one line, before any model is loaded
+    backend, model_inputs = load_model(run)
+    listing = run.fresh("listing")
+    name = contrast_name(a, b)
+    directory = run.contrast_dir(a, b)
+    settings = {"a": a, "b": b, **result_settings(config, ("batch_size", "workers", "compile", "shard_size"))}
+    inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
+    command = "contrast " + " ".join(shlex.quote(x) for x in ([a, b] if b is not None else [a, "--vs", "all"]))
+    with step_lock(run.path, name):
+        action = _planned(run, name, settings, inputs, force, expensive=True, incremental=("listing",))
+        if action == "done" and missing_contrast(run, a, b, config.images):
+            action = "resume"
+        if action == "done":
+            print(f"contrast: maps up to date ({directory})")
+        else:
+            if action == "replace":
+                _clear(directory)
+            run.lineage.put(name, settings, inputs, command, complete=False)
+            run_contrast(run, backend, config, a, b, progress)
+            run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images))
+        elements = name + "-elements"
+        element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
+        element_inputs = {name: run.fresh(name)["identity"]}
+        page = contrast_page_path(run, a, b)
+        if _planned(run, elements, element_settings, element_inputs, force) != "done" or not page.is_file():
+            run.lineage.drop(elements)
+            store = run.contrast_store(a, b)
+            patches, k = run_mining(run, mine, progress, store, directory / "patches.parquet")
+            top = patches[patches["kind"] == "top"].reset_index(drop=True)
+            run_features(run, backend, features, progress, patches=top, out=directory / "features.npy")
+            run_clustering(run, cluster, top, directory / "features.npy", directory / "clusters.parquet")
+            run.lineage.put(elements, element_settings, element_inputs, command, patch=k)
+            write_contrast_page(run, a, b)
+        else:
+            print("contrast: elements up to date")
+        return page
+
+
+def trends_step(run: Run, order: list[str], config, progress: bool = True, force: bool = False) -> dict:
+    """Prevalence and typicality of every element cluster of the run in each label of ``order``
+    (RUN/trends/trends.json) and its report page; returns the JSON document."""
+    import json
+
+    from .pages import write_trends_page
+    from .trends import run_trends
+
+    clusters = run.fresh("cluster")
+    settings = {"order": list(order), **asdict(config)}
+    inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
+    path = run.path / "trends" / "trends.json"
+    with step_lock(run.path, "trends"):
+        if _planned(run, "trends", settings, inputs, force) == "done" and path.is_file():
+            return json.loads(path.read_text())
+        run.lineage.drop("trends")
+        result = run_trends(run, scoring_model(run), list(order), config, progress)
+        run.lineage.put("trends", settings, inputs, "trends")
+        write_trends_page(run, result)
+        return result
+
+
 def report_step(run: Run, config, masks: str | Path | None = None, force: bool = False) -> Path:
     """The site of every fresh result (RUN/report/); rendered only when one of them changed, and
     then only the files whose bytes changed are rewritten."""
@@ -464,7 +539,9 @@ def report_step(run: Run, config, masks: str | Path | None = None, force: bool =
 
     shown = ("model", "mine", "cluster", "classify", "localize", "translate", "cotypicality", "baseline-doersch")
     records = run.lineage.records()
-    inputs = {name: records[name]["identity"] for name in shown if name in records and not run.stale(name)}
+    linked = [name for name in records if name.endswith("-elements") or name == "trends"]  # pages the index links
+    inputs = {name: records[name]["identity"] for name in (*shown, *linked)
+              if name in records and not run.stale(name)}
     if "mine" not in inputs:
         run.fresh("mine")  # names the step to re-run
     settings = {**asdict(config), "masks": str(Path(masks).resolve()) if masks else None}
@@ -583,5 +660,6 @@ def export_step(run: Run, fmt: str, out: str | Path, copy_images: bool = False) 
     return export(run, fmt, out, copy_images)
 
 
-__all__ = ["prepare", "train_step", "typicality_step", "mine_step", "cluster_step", "report_step", "classify_step",
-           "localize_step", "translate_step", "cotypicality_step", "baseline_step", "export_step", "load_model", "RunError"]
+__all__ = ["prepare", "train_step", "typicality_step", "mine_step", "cluster_step", "contrast_step", "trends_step",
+           "report_step", "classify_step", "localize_step", "translate_step", "cotypicality_step", "baseline_step",
+           "export_step", "load_model", "RunError"]

@@ -35,6 +35,7 @@ from PIL import Image
 from .atomic import write_bytes
 from .images import RunImages, colorbar, draw_boxes, figure_png, heat_colours, map_scale, overlay, png_bytes
 from .localize import report_section
+from .pages import report_links
 
 HELP = {
     "clusters": "clusters shown per label (0: all)", "per_cluster": "crops per cluster row on a label page",
@@ -81,6 +82,16 @@ class Site:
         """An asset named by its content: the same crop is one file, an unchanged one is not rewritten."""
         data = png_bytes(np.ascontiguousarray(array))
         return self.put(f"assets/{hashlib.sha1(data).hexdigest()[:20]}.png", data)
+
+    def keep_pages(self, links: list[dict]) -> list[dict]:
+        """Pages that other steps write into the site (contrast, trends: ``pages.py``), with the
+        folder of images beside each, are not this render's left-overs; returns ``links``."""
+        for link in links:
+            page = self.root / link["href"]
+            kept = [page] + (sorted(p for p in page.with_suffix("").rglob("*") if p.is_file())
+                             if page.with_suffix("").is_dir() else [])
+            self.written.update(str(p.relative_to(self.root)) for p in kept)
+        return links
 
     def finish(self) -> None:
         """Remove the files an earlier render wrote that this one did not (and emptied folders)."""
@@ -382,6 +393,7 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         **common, "title": f"diffmine report: {run.path.name}", "labels": labels, "model": model_section(run, site, fresh),
         "evaluation": json.dumps(evaluation, indent=2) if evaluation else None, "problem_count": len(problems),
         "sections": {name: section is not None for name, section in extra.items()}, "images_shown": len(views),
+        "links": site.keep_pages(report_links(run)),
         "scale": scale, "legend": legend}).encode())
 
 

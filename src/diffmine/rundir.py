@@ -134,9 +134,9 @@ class Run:
         return record["settings"]
 
     def lineage_command(self, name: str) -> str:
-        from .lineage import COMMANDS
+        from .lineage import _command
 
-        return COMMANDS.get(name, name)
+        return _command(name)
 
     def stale(self, name: str) -> list[tuple[str, str]]:
         """Why result ``name`` is out of date, [(reason, command to re-run)]; empty when fresh."""
@@ -218,39 +218,63 @@ class Run:
             raise RunError(f"{self.path}: no typicality yet; run `diffmine typicality --run {self.path}`")
         return current_rows(index, self.images())
 
-    def _check_maps(self) -> None:
+    def _check_maps(self, name: str = "typicality") -> None:
         """Maps are served per image whatever the listing, but never those of another model or prompts."""
-        for reason, command in self.stale("typicality"):
+        for reason, command in self.stale(name):
             if "listing" not in reason and "incomplete" not in reason:
-                raise RunError(f"{self.path}: the typicality maps are out of date ({reason}); "
+                raise RunError(f"{self.path}: the {name} maps are out of date ({reason}); "
                                f"re-run `diffmine {command} --run {self.path}`")
 
     @cached_property
-    def _typicality_lookup(self) -> dict[str, tuple[str, str, int, int]]:
+    def typicality_store(self) -> "MapStore":
+        """The typicality maps, per image (checked not to be stale)."""
         self._check_maps()
-        index = self.typicality_index()
-        ok = index[index["status"] == "ok"]
-        return {r.image_id: (r.shard, r.key, r.height, r.width) for r in ok.itertuples()}
+        return MapStore(self.typicality_dir, self.typicality_index(), "typicality")
 
     def latent_typicality_map(self, image_id: str) -> np.ndarray:
         """(h, w) float32 typicality on the latent grid, as stored."""
-        from .shards import read_array
-
-        try:
-            shard, key, _, _ = self._typicality_lookup[image_id]
-        except KeyError:
-            raise KeyError(f"no typicality map for {image_id!r} in {self.path} (unknown image, or skipped as bad)") from None
-        return read_array(self.typicality_dir, shard, key).astype(np.float32)
+        return self.typicality_store.latent(image_id)
 
     def typicality_map(self, image_id: str) -> np.ndarray:
         """(H, W) float32 typicality at the image's resolution after the run's resize.
 
         Positive where the label explains the pixel better than the null prompt does.
         """
-        from .typicality import upsample
+        return self.typicality_store.pixel(image_id)
 
-        _, _, height, width = self._typicality_lookup.get(image_id, (None, None, 0, 0))
-        return upsample(self.latent_typicality_map(image_id), (height, width))
+    # -- contrasts ------------------------------------------------------------------------
+    def contrast_dir(self, a: str, b: str | None) -> Path:
+        """RUN/contrast/<digest of the pair>/: labels are untrusted text, never a file name."""
+        from .lineage import contrast_key
+
+        return self.path / "contrast" / contrast_key(a, b)
+
+    def contrast_store(self, a: str, b: str | None = None) -> "MapStore":
+        """The maps of contrast ``a`` vs ``b`` (None: vs every other label), per image."""
+        from .lineage import contrast_name
+        from .shards import read_index
+
+        name = contrast_name(a, b)
+        if self.lineage.get(name) is None:
+            raise RunError(f"{self.path}: no contrast of {a!r} vs {b if b is not None else 'all'!r} yet; "
+                           f"run `diffmine contrast --run {self.path} ...` first")
+        self._check_maps(name)
+        index = read_index(self.contrast_dir(a, b))
+        rows = current_rows(index, self.images()) if index is not None else pd.DataFrame(columns=["image_id", "status"])
+        return MapStore(self.contrast_dir(a, b), rows, f"contrast {a!r} vs {b!r}")
+
+    def contrast_map(self, image_id: str, a: str, b: str | None = None) -> np.ndarray:
+        """(H, W) float32 C(x | a, b) = E[L(x, eps, b) - L(x, eps, a)] at the image's resolution:
+        positive where ``a``'s prompt explains the pixel better than ``b``'s (b None: the smallest
+        margin over every other label)."""
+        key = (a, b)
+        if key not in self._contrast_stores:
+            self._contrast_stores[key] = self.contrast_store(a, b)
+        return self._contrast_stores[key].pixel(image_id)
+
+    @cached_property
+    def _contrast_stores(self) -> dict:
+        return {}
 
     # -- mining and clusters --------------------------------------------------------------
     def patches(self, kind: str = "top") -> pd.DataFrame:
@@ -313,6 +337,36 @@ def current_rows(index: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
     rows = rows.assign(_ok=rows["status"] == "ok").sort_values(["image_id", "_ok", "shard"], kind="mergesort")
     rows = rows.drop_duplicates("image_id", keep="last").drop(columns="_ok")
     return rows.sort_values("index", kind="mergesort").reset_index(drop=True)
+
+
+class MapStore:
+    """Per-image maps on the latent grid, sharded (typicality, a contrast): ``index`` holds the
+    current rows (image_id, shard, key, height, width, status) of ``directory``."""
+
+    def __init__(self, directory: Path, index: pd.DataFrame, what: str):
+        self.directory, self.index, self.what = directory, index, what
+        ok = index[index["status"] == "ok"]
+        self._lookup = {r.image_id: (r.shard, r.key, r.height, r.width) for r in ok.itertuples()}
+
+    def ok(self) -> pd.DataFrame:
+        return self.index[self.index["status"] == "ok"]
+
+    def latent(self, image_id: str) -> np.ndarray:
+        """(h, w) float32, as stored."""
+        from .shards import read_array
+
+        try:
+            shard, key, _, _ = self._lookup[image_id]
+        except KeyError:
+            raise KeyError(f"no {self.what} map for {image_id!r} in {self.directory} (unknown image, or skipped as bad)") from None
+        return read_array(self.directory, shard, key).astype(np.float32)
+
+    def pixel(self, image_id: str) -> np.ndarray:
+        """(H, W) float32, bilinear at the image's resolution after the run's resize."""
+        from .typicality import upsample
+
+        _, _, height, width = self._lookup.get(image_id, (None, None, 0, 0))
+        return upsample(self.latent(image_id), (height, width))
 
 
 def open_run(path: str | Path) -> Run:

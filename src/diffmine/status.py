@@ -51,6 +51,10 @@ def status(run) -> str:
             lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
             continue
         lines.append(f"{name}: {_state(run, name)}")
+    for name in sorted(set(records) - set(ORDER)):  # contrasts (by a digest of their labels), trends
+        settings = records[name]["settings"]
+        what = f" ({settings['a']} vs {settings.get('b') or 'all'})" if "a" in settings else ""
+        lines.append(f"{name}{what}: {_state(run, name)}")
     parts = sorted(run.features_path.parent.glob("part-*-of-*.npz"))
     if parts:  # a data-parallel cluster step running, or killed
         world = int(parts[0].stem.rsplit("-", 1)[1])

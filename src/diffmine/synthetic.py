@@ -10,6 +10,15 @@ checked against ground truth:
 
 Since the labels differ only by their element, a model that learned the labels should find its
 typicality there and nowhere else.
+
+Two variants serve the contrast and trend features (``contrast.py``, ``trends.py``):
+
+- ``SynthConfig(guest=c)``: label c's element is also planted into ``guest_share`` of every other
+  label's images (its masks under ``OUT/guest_masks/<label>/``), so that a contrast between two
+  labels that both carry it must ignore it, and a contrast with c must not;
+- :func:`generate_ordered`: labels ``era1``..``eraN`` in order, with one element whose share of
+  the images grows over the eras, one that fades and one that stays constant (exact shares, masks
+  per element under ``OUT/masks/<element>/<label>/``).
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ class SynthConfig:
     size: int = 64
     distractors: int = 3
     element_scale: float = 1.0  # planted element size relative to the default (about 1/5 of the side)
+    guest: int = -1  # index of a label whose element is also planted into other labels' images (-1: none)
+    guest_share: float = 0.5  # share of every other label's images that carry the guest element
     seed: int = 0
 
 
@@ -95,18 +106,11 @@ def element_colour_pixels(image: np.ndarray, label: str, tolerance: float = 45.0
     return np.abs(image.astype(np.float32) - colour).max(-1) <= tolerance
 
 
-def render_scene(label_index: int, rng: np.random.Generator, size: int = 64, distractors: int = 3,
-                 element_scale: float = 1.0):
-    """One scene of label ``label_index``.
-
-    Returns:
-        image: (size, size, 3) uint8
-        mask: (size, size) bool, True on the planted element
-    """
-    kind = list(ELEMENTS.values())[label_index]
+def _background(rng: np.random.Generator, size: int, distractors: int, grey: bool = False):
+    """A smooth two-colour background with grain and ``distractors`` discs or squares of random
+    colours (``grey``: two greys). Returns the (size, size, 3) float image and the pixel grid (yy, xx)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    # background: a linear blend between two muted colours along a random direction, plus grain
-    c0, c1 = rng.uniform(60, 190, size=(2, 3))
+    c0, c1 = np.repeat(rng.uniform(90, 170, size=(2, 1)), 3, 1) if grey else rng.uniform(60, 190, size=(2, 3))
     angle = rng.uniform(0, 2 * np.pi)
     ramp = ((np.cos(angle) * xx + np.sin(angle) * yy) / size + 1) / 2
     image = c0 * (1 - ramp[..., None]) + c1 * ramp[..., None]
@@ -118,21 +122,53 @@ def render_scene(label_index: int, rng: np.random.Generator, size: int = 64, dis
         r = rng.uniform(3, 6) * scale
         shape = (np.hypot(yy - cy, xx - cx) <= r) if rng.random() < 0.5 else ((np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r))
         image[shape] = rng.uniform(20, 235, size=3)
+    return image, yy, xx
 
-    r = rng.uniform(5.5, 7.5) * scale * element_scale
-    cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
-    mask = _element_mask(kind, yy, xx, cy, cx, r)
+
+def _plant(image: np.ndarray, yy: np.ndarray, xx: np.ndarray, kind: str, rng: np.random.Generator,
+           element_scale: float, avoid: np.ndarray | None = None) -> np.ndarray:
+    """Draw one element of ``kind`` into ``image`` (in place) at a random place; returns its mask.
+    With ``avoid`` (a mask), up to 20 places are tried for one that keeps clear of it."""
+    size = image.shape[0]
+    r = rng.uniform(5.5, 7.5) * size / 64 * element_scale
+    for _ in range(20 if avoid is not None else 1):
+        cy, cx = rng.uniform(r + 1, size - r - 1, size=2)
+        mask = _element_mask(kind, yy, xx, cy, cx, r)
+        if avoid is None or not (mask & avoid).any():
+            break
     image[mask] = _element_colour(kind, yy, xx, cy, cx, r)[mask]
+    return mask
+
+
+def render_scene(label_index: int, rng: np.random.Generator, size: int = 64, distractors: int = 3,
+                 element_scale: float = 1.0):
+    """One scene of label ``label_index``.
+
+    Returns:
+        image: (size, size, 3) uint8
+        mask: (size, size) bool, True on the planted element
+    """
+    image, yy, xx = _background(rng, size, distractors)
+    mask = _plant(image, yy, xx, list(ELEMENTS.values())[label_index], rng, element_scale)
     return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
+def _save(out: Path, sub: str, label: str, i: int, array: np.ndarray) -> None:
+    path = out / sub / label / f"img_{i:04d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
 def generate(out: str | Path, config: SynthConfig = SynthConfig(), progress: bool = True) -> Path:
-    """Write the dataset under ``out`` (images/ and masks/); returns the images folder.
+    """Write the dataset under ``out`` (images/ and masks/, guest_masks/ with a guest); returns the
+    images folder.
 
     Deterministic: the same config gives byte-identical files.
     """
     if not 1 <= config.labels <= len(ELEMENTS):
         raise ValueError(f"labels must be in 1..{len(ELEMENTS)}, got {config.labels}")
+    if not -1 <= config.guest < config.labels or not 0.0 <= config.guest_share <= 1.0:
+        raise ValueError(f"guest must be -1 or a label index below {config.labels}, guest_share in [0, 1]")
     out = Path(out)
     names = list(ELEMENTS)[: config.labels]
     jobs = [(li, i) for li in range(config.labels) for i in range(config.per_label)]
@@ -140,8 +176,64 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig(), progress: boo
         # one generator per image, so any image can be regenerated alone
         rng = np.random.default_rng([config.seed, li, i])
         image, mask = render_scene(li, rng, config.size, config.distractors, config.element_scale)
-        for sub, array in (("images", image), ("masks", mask.astype(np.uint8) * 255)):
-            path = out / sub / names[li] / f"img_{i:04d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(array).save(path)
+        if config.guest >= 0 and li != config.guest and i < round(config.guest_share * config.per_label):
+            canvas = image.astype(np.float32)
+            yy, xx = np.mgrid[0:config.size, 0:config.size].astype(np.float32)
+            guest = _plant(canvas, yy, xx, ELEMENTS[names[config.guest]], rng, config.element_scale, avoid=mask)
+            image = canvas.astype(np.uint8)
+            _save(out, "guest_masks", names[li], i, guest.astype(np.uint8) * 255)
+        _save(out, "images", names[li], i, image)
+        _save(out, "masks", names[li], i, mask.astype(np.uint8) * 255)
+    return out / "images"
+
+
+# element of the ordered set -> how it is drawn (solid, saturated shapes that a small model at 32 px
+# tells apart; on grey backgrounds, so that a patch's features are its element's, not its background's)
+ORDERED_ELEMENTS = {"growing": "green_checker", "fading": "cyan_diamond", "constant": "yellow_ring"}
+
+
+@dataclass
+class OrderedConfig:
+    eras: int = 5
+    per_label: int = 20
+    size: int = 32
+    distractors: int = 1
+    low: float = 0.1  # share of the images with the growing element in the first era (the fading one's in the last)
+    high: float = 0.9  # ... in the last era (the fading one's in the first)
+    constant: float = 0.5  # share with the constant element in every era
+    element_scale: float = 1.3
+    seed: int = 0
+
+
+def ordered_shares(config: OrderedConfig) -> dict[str, np.ndarray]:
+    """Element -> (eras,) share of each era's images that carry it."""
+    growing = np.linspace(config.low, config.high, config.eras)
+    return {"growing": growing, "fading": growing[::-1].copy(), "constant": np.full(config.eras, config.constant)}
+
+
+def generate_ordered(out: str | Path, config: OrderedConfig = OrderedConfig(), progress: bool = True) -> Path:
+    """Labels ``era1``..``eraN``; each element is in exactly ``round(share * per_label)`` images of
+    an era (a seeded choice), so the true prevalence is known. Writes OUT/images/<era>/,
+    OUT/masks/<element>/<era>/ (for the images that carry it); returns the images folder."""
+    if config.eras < 2 or config.per_label < 1:
+        raise ValueError("need eras >= 2 and per_label >= 1")
+    out = Path(out)
+    shares = ordered_shares(config)
+    jobs = [(e, i) for e in range(config.eras) for i in range(config.per_label)]
+    carriers = {}
+    for e in range(config.eras):
+        for n, name in enumerate(ORDERED_ELEMENTS):
+            chosen = np.random.default_rng([config.seed, e, n, 1]).permutation(config.per_label)
+            carriers[e, name] = set(chosen[: round(shares[name][e] * config.per_label)].tolist())
+    for e, i in tqdm(jobs, desc="ordered scenes", disable=not progress):
+        rng = np.random.default_rng([config.seed, e, i])
+        image, yy, xx = _background(rng, config.size, config.distractors, grey=True)
+        taken = np.zeros(image.shape[:2], bool)
+        label = f"era{e + 1}"
+        for name, kind in ORDERED_ELEMENTS.items():
+            if i in carriers[e, name]:
+                mask = _plant(image, yy, xx, kind, rng, config.element_scale, avoid=taken)
+                taken |= mask
+                _save(out, f"masks/{name}", label, i, mask.astype(np.uint8) * 255)
+        _save(out, "images", label, i, np.clip(image, 0, 255).astype(np.uint8))
     return out / "images"

@@ -22,6 +22,7 @@ import hashlib
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,8 @@ from .models import Backend
 from .shards import plan_new_shards, write_shard
 
 ESTIMATORS = ("paper", "stratified", "stratified-antithetic")
+# (backend, pixels (B, 3, H, W), labels of the B images) -> (B, h, w) latent maps
+MapsOf = Callable[[Backend, torch.Tensor, list[str]], torch.Tensor]
 
 
 @dataclass
@@ -233,12 +236,17 @@ SHARD_SCHEMA = pa.schema([
 ])
 
 
-def compute_shard(backend: Backend, images: pd.DataFrame, prompt_of: dict[str, str], null_prompt: str,
+def compute_shard(backend: Backend, images: pd.DataFrame, maps_of: MapsOf, conditions: int,
                   config: TypicalityConfig, resolution: int, resize: str, progress=None) -> tuple[dict, list[dict]]:
-    """Typicality maps of one shard's images. Returns (maps by key, index rows)."""
+    """Per-pixel maps of one shard's images. Returns (maps by key, index rows).
+
+    ``maps_of(backend, pixels, labels)`` -> (B, h, w): the maps of a batch of same-size images
+    of the given labels (typicality, or a contrast); ``conditions``: the prompts it scores per
+    image, so that a batch holds about ``batch_size`` UNet inputs.
+    """
     maps, rows = {}, []
     records = images.to_dict("records")
-    per_batch = max(1, (config.batch_size or backend.inputs_per_pass) // (2 * config.samples))
+    per_batch = max(1, (config.batch_size or backend.inputs_per_pass) // (conditions * config.samples))
     for positions, batch in image_batches([r["path"] for r in records], resolution, resize, backend.latent_factor,
                                           per_batch, config.workers):
         if isinstance(batch, BadImage):
@@ -247,8 +255,7 @@ def compute_shard(backend: Backend, images: pd.DataFrame, prompt_of: dict[str, s
                              fingerprint=r["fingerprint"], height=0, width=0, key="", mean=float("nan"),
                              max=float("nan"), status=bad_status(batch), problem=batch.problem))
         else:
-            prompts = [prompt_of[records[i]["label"]] for i in positions]
-            out = typicality_latent_maps(backend, to_model_input(batch), prompts, null_prompt, config).cpu().numpy()
+            out = maps_of(backend, to_model_input(batch), [records[i]["label"] for i in positions]).cpu().numpy()
             for i, latent_map in zip(positions, out):
                 r = records[i]
                 key = str(i)
@@ -270,27 +277,38 @@ def bad_status(problem: BadImage) -> str:
 
 def run_typicality(run, backend: Backend, config: TypicalityConfig, process_index: int = 0, num_processes: int = 1,
                    progress: bool = True) -> int:
-    """Compute the maps the run's listing still lacks; returns how many shards this process wrote.
+    """Compute the typicality maps the run's listing still lacks; returns how many shards this
+    process wrote (see :func:`run_maps`)."""
+    prompt_of = {label: run.prompt(label) for label in run.labels}
+    null_prompt = run.prompt(None)
+
+    def maps_of(backend, pixels, labels):
+        return typicality_latent_maps(backend, pixels, [prompt_of[label] for label in labels], null_prompt, config)
+
+    return run_maps(run, backend, config, run.typicality_dir, run.typicality_index(missing_ok=True), run.images(),
+                    maps_of, 2, "typicality", process_index, num_processes, progress)
+
+
+def run_maps(run, backend: Backend, config: TypicalityConfig, directory, index: pd.DataFrame | None,
+             images: pd.DataFrame, maps_of: MapsOf, conditions: int, desc: str, process_index: int = 0,
+             num_processes: int = 1, progress: bool = True) -> int:
+    """Compute the maps of ``images`` that ``directory``'s ``index`` still lacks (typicality, a
+    contrast); returns how many shards this process wrote.
 
     The images without a result (new, or unreachable last time) are cut into shards in listing
     order, dealt round-robin to processes; each shard is computed whole by one process and written
     atomically, so a killed run resumes with the shards it lacks (the same images in the same
     shards) and a multi-process run equals a single-process one bit for bit.
     """
-    directory = run.typicality_dir
     dataset = run.step_config("dataset")
-    images = run.images()
-    index = run.typicality_index(missing_ok=True)
     done = set() if index is None else set(index.loc[index["status"] != "unreachable", "image_id"])
     todo = images[~images["image_id"].isin(done)].reset_index(drop=True)
     shards = plan_new_shards(directory, len(todo), config.shard_size)
     _barrier(num_processes)  # every process planned before any writes
     mine = shards[process_index::num_processes]
-    prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
-    null_prompt = run.prompt(None)
     backend.denoiser.eval()
     bar = tqdm(total=sum(rows.stop - rows.start for _, rows in mine),
-               desc=f"typicality [{process_index}]" if num_processes > 1 else "typicality",
+               desc=f"{desc} [{process_index}]" if num_processes > 1 else desc,
                unit="img", position=process_index, disable=not progress)
     planned = [name for name, _ in shards]
 
@@ -304,7 +322,7 @@ def run_typicality(run, backend: Backend, config: TypicalityConfig, process_inde
     show_overall()
     with compiled(backend, config.compile and bool(mine)):
         for name, chunk in mine:
-            maps, rows = compute_shard(backend, todo.iloc[chunk], prompt_of, null_prompt, config,
+            maps, rows = compute_shard(backend, todo.iloc[chunk], maps_of, conditions, config,
                                        dataset["resolution"], dataset["resize"], bar)
             write_shard(directory, name, maps, rows, SHARD_SCHEMA)
             show_overall()

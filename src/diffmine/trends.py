@@ -1,0 +1,174 @@
+"""Trends: when did an element appear, and when did it fade, over ordered labels (eras, decades).
+
+For every element cluster of the run (all labels; clusters of at least ``min_size`` members):
+
+- its centroid: the mean of its members' DIFT features, L2-normalised; its threshold: the
+  ``percentile``-th percentile of its own members' cosine similarity to the centroid of the other
+  members (leave-one-out; default the 10th: nine in ten of the patches that define the element
+  would pass it as new images);
+- every image of the ordered labels is described once: its DIFT feature map (one UNet pass, its
+  own label's prompt, the run's feature settings) pooled over candidate boxes of the mined patch
+  side: its ``per_image`` most typical boxes (greedy, as mined; default), or a grid (stride an
+  eighth of a side). Its best patch for an element is the candidate nearest to the centroid; the
+  image contains the element when that similarity reaches the threshold;
+- prevalence in a label: the share of its images that contain the element; typicality: the
+  median typicality (under the image's own label, from the run's maps) of the best patches of the
+  images that contain it (None where none does).
+
+Elements are sorted by the strength of their trend: Spearman's rho of prevalence against the
+order, times the range of prevalence (rising first when positive). Cost: one feature pass per
+image and E dot products per candidate box, linear in the number of images; no comparison
+between patches of different images.
+
+    RUN/trends/trends.json   {"order": [...], "elements": [{"id", "label", "size", "prevalence",
+                              "typicality", "members", ...}]}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from .atomic import write_json
+from .features import FeatureConfig, patch_features
+from .mining import greedy_boxes, patch_scores
+from .models import Backend
+
+
+@dataclass
+class TrendsConfig:
+    min_size: int = 3  # clusters with fewer members are not elements (at least 2: see element_centroids)
+    percentile: float = 10.0  # threshold: this percentile of the members' similarity to their centroid
+    # step of the grid of candidate boxes in pixels (0: an eighth of the patch side). Fine enough
+    # that some box lines up with the feature grid as the mined members did: at half a side, the
+    # misalignment alone cost most matches on the ordered test set
+    stride: int = 0
+    chunk: int = 256  # images whose candidate boxes are held in memory at once
+    # typical: the image's most typical boxes only (greedy, as mined, ``per_image`` of them), where
+    # its elements are if typicality found them; grid: every box of a grid (finds elements that
+    # typicality missed, and more false matches). On the ordered test set neither is clearly better
+    candidates: str = "typical"
+    per_image: int = 5
+
+    def __post_init__(self):
+        if self.min_size < 2 or not 0.0 <= self.percentile <= 100.0 or self.stride < 0 or self.chunk < 1:
+            raise ValueError("need min_size >= 2, 0 <= percentile <= 100, stride >= 0, chunk >= 1")
+        if self.candidates not in ("typical", "grid") or self.per_image < 1:
+            raise ValueError(f"candidates must be typical or grid (got {self.candidates!r}), per_image >= 1")
+
+
+def element_centroids(clustered: pd.DataFrame, features: np.ndarray, min_size: int, percentile: float):
+    """Per element cluster: unit centroid and threshold.
+
+    Args:
+        clustered: the run's clustered top patches, with a ``row`` column into ``features``
+        features: (N, C) unit DIFT features of the mined top patches
+    Returns:
+        groups: [(label, cluster, members frame)]; centroids (E, C); thresholds (E,)
+    """
+    groups, centroids, thresholds = [], [], []
+    for (label, cluster), members in clustered.groupby(["label", "cluster"], sort=True):
+        if len(members) < min_size:
+            continue
+        f = features[members["row"].to_numpy()]
+        total = f.sum(0)
+        centroid = total / max(float(np.linalg.norm(total)), 1e-12)
+        # each member against the centroid of the others: a member counted in its own centroid
+        # looks closer than any new image can be (in a cluster of 3, by a third of itself)
+        others = total[None] - f
+        others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-12)
+        groups.append((label, int(cluster), members.sort_values("rank_in_cluster")))
+        centroids.append(centroid)
+        thresholds.append(float(np.percentile((f * others).sum(1), percentile)))
+    if not groups:
+        raise ValueError(f"no cluster has {min_size} or more members; lower --min-size")
+    return groups, np.stack(centroids), np.array(thresholds)
+
+
+def candidate_boxes(height: int, width: int, k: int, stride: int) -> np.ndarray:
+    """(N, 4) x0, y0, x1, y1 of k x k boxes on a grid of ``stride``, the last row and column
+    flush with the image's edge."""
+    ys = sorted(set(range(0, height - k + 1, stride)) | {height - k})
+    xs = sorted(set(range(0, width - k + 1, stride)) | {width - k})
+    return np.array([(x, y, x + k, y + k) for y in ys for x in xs], np.int64)
+
+
+def typical_boxes(pixel_map: np.ndarray, k: int, n: int) -> np.ndarray:
+    """(n', 4) the image's ``n`` most typical k x k boxes, greedy and non-overlapping as mined."""
+    return np.array([(x, y, x + k, y + k) for y, x, _ in greedy_boxes(patch_scores(pixel_map, k), k, n)], np.int64)
+
+
+def trend_strength(prevalence: np.ndarray) -> float:
+    """Spearman's rho of prevalence against the order, times its range (0 when flat)."""
+    if np.ptp(prevalence) == 0:
+        return 0.0
+    rho = spearmanr(np.arange(len(prevalence)), prevalence).statistic
+    return float(np.nan_to_num(rho) * np.ptp(prevalence))
+
+
+def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, progress: bool = True) -> dict:
+    """Measure every element in every label of ``order``; writes RUN/trends/trends.json."""
+    unknown = [label for label in order if label not in run.labels]
+    if len(order) < 2 or unknown or len(set(order)) != len(order):
+        raise ValueError(f"--order needs two or more distinct labels of the run ({', '.join(run.labels)}); "
+                         f"got {', '.join(map(repr, order))}")
+    mined = run.mined_patches("top").reset_index(drop=True).assign(row=lambda f: np.arange(len(f)))
+    clustered = run.patches("top").merge(mined[["image_id", "label", "x0", "y0", "row"]], on=["image_id", "label", "x0", "y0"])
+    groups, centroids, thresholds = element_centroids(clustered, np.load(run.features_path), config.min_size,
+                                                      config.percentile)
+    k = int(run.lineage.get("mine")["patch"])
+    stride = config.stride or max(1, k // 8)
+    feature_config = FeatureConfig(**run.step_config("features"))
+    dataset = run.step_config("dataset")
+    prompt_of = {label: run.prompt(label) for label in run.labels}
+    store = run.typicality_store
+    ok = store.ok()
+    images = ok[ok["label"].isin(order)].reset_index(drop=True)
+    paths = dict(zip(images["image_id"], images["path"]))
+    E = len(groups)
+    present = np.zeros((len(images), E), bool)
+    best_typicality = np.full((len(images), E), np.nan)
+    for start in range(0, len(images), config.chunk):
+        chunk = images.iloc[start:start + config.chunk]
+        boxes = [candidate_boxes(int(r.height), int(r.width), k, stride) if config.candidates == "grid"
+                 else typical_boxes(store.pixel(r.image_id), k, config.per_image) for r in chunk.itertuples()]
+        candidates = pd.DataFrame(np.concatenate(boxes), columns=["x0", "y0", "x1", "y1"])
+        candidates["image_id"] = np.repeat(chunk["image_id"].to_numpy(), [len(b) for b in boxes])
+        candidates["label"] = np.repeat(chunk["label"].to_numpy(), [len(b) for b in boxes])
+        features = patch_features(backend, candidates, paths, prompt_of, dataset["resolution"], dataset["resize"],
+                                  feature_config, progress)
+        if not features.shape[1]:
+            continue  # no readable image in this chunk
+        similarity = features @ centroids.T  # (candidates, E)
+        offsets = np.cumsum([0] + [len(b) for b in boxes])
+        for n, r in enumerate(chunk.itertuples()):
+            sim = similarity[offsets[n]:offsets[n + 1]]
+            best = sim.argmax(0)  # (E,) the box nearest to each centroid
+            present[start + n] = sim[best, np.arange(E)] >= thresholds
+            scores = patch_scores(store.pixel(r.image_id), k)
+            x0, y0 = boxes[n][best, 0], boxes[n][best, 1]
+            best_typicality[start + n] = scores[y0, x0]
+    elements = []
+    labels = images["label"].to_numpy()
+    for e, (label, cluster, members) in enumerate(groups):
+        prevalence, typicality = [], []
+        for name in order:
+            mask = labels == name
+            prevalence.append(float(present[mask, e].mean()) if mask.any() else 0.0)
+            hits = best_typicality[mask & present[:, e], e]
+            typicality.append(float(np.median(hits)) if len(hits) else None)
+        strength = trend_strength(np.array(prevalence))
+        elements.append({
+            "id": e, "label": label, "cluster": cluster, "size": int(len(members)), "threshold": float(thresholds[e]),
+            "prevalence": prevalence, "typicality": typicality, "trend": strength,
+            "direction": "rising" if strength > 0 else "falling" if strength < 0 else "flat",
+            "members": [[r.image_id, int(r.x0), int(r.y0), int(r.x1), int(r.y1)] for r in members.itertuples()],
+        })
+    elements.sort(key=lambda el: (-abs(el["trend"]), el["id"]))
+    result = {"order": list(order), "images": {name: int((labels == name).sum()) for name in order},
+              "patch": k, "stride": stride, "elements": elements}
+    write_json(run.path / "trends" / "trends.json", result)
+    return result

@@ -1,0 +1,121 @@
+"""Trends over ordered labels, on the ordered synthetic set (diffmine.synthetic.generate_ordered):
+an element whose share of the images grows over five eras (0.1 -> 0.9), one that fades, one that
+stays at 0.5. Each element cluster found is told apart by the ground-truth masks of its members;
+its measured prevalence must follow the planted share (not met yet: see the xfail). The fixture
+trains 200 steps (about 2.5 minutes on 2 shared cores), enough for the document, page and CLI
+tests; the quality test was measured at 400 and 800 steps too, with the same outcome."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.stats import spearmanr
+
+from conftest import trained_synthetic_run
+
+from diffmine import cli, pipeline
+from diffmine.clustering import ClusterConfig
+from diffmine.features import FeatureConfig
+from diffmine.mining import MineConfig
+from diffmine.pages import report_links
+from diffmine.synthetic import ORDERED_ELEMENTS, OrderedConfig, generate_ordered
+from diffmine.train import TrainConfig
+from diffmine.trends import TrendsConfig, candidate_boxes, trend_strength
+from diffmine.typicality import TypicalityConfig
+
+ORDERED = OrderedConfig(eras=5, per_label=16, size=32, seed=0)
+TRAIN = TrainConfig(steps=200, batch_size=32, checkpoint_every=1000, seed=0)
+ORDER = [f"era{i + 1}" for i in range(ORDERED.eras)]
+
+
+@pytest.fixture(scope="module")
+def ordered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trends")
+    run = trained_synthetic_run(root / "run", generate_ordered(root / "data", ORDERED, progress=False), ORDERED.size,
+                                TRAIN, TypicalityConfig(samples=8, shard_size=50, seed=0))
+    pipeline.mine_step(run, MineConfig(per_image=2, top=200, least=5, random=5), progress=False)
+    pipeline.cluster_step(run, ClusterConfig(k=12), FeatureConfig(ensemble=2), progress=False)
+    result = pipeline.trends_step(run, ORDER, TrendsConfig(), progress=False)
+    return root / "data" / "masks", run, result
+
+
+def member_kind(masks, member) -> str | None:
+    """The planted element a member box lies on (a third of the box or more), if any."""
+    image_id, x0, y0, x1, y1 = member
+    label, name = image_id.split("/")
+    for element in ORDERED_ELEMENTS:
+        path = masks / element / label / name
+        if path.is_file() and (np.asarray(Image.open(path))[y0:y1, x0:x1] > 0).mean() >= 1 / 3:
+            return element
+    return None
+
+
+def purest(masks, result, element: str) -> dict:
+    """The element cluster whose members lie most on the planted ``element`` (at least 60%)."""
+    scored = []
+    for el in result["elements"]:
+        kinds = [member_kind(masks, m) for m in el["members"]]
+        scored.append((kinds.count(element) / len(kinds), el["size"], el))
+    purity, _, best = max(scored, key=lambda s: s[:2])
+    assert purity >= 0.6, f"no cluster of the {element} element (best purity {purity:.2f})"
+    return best
+
+
+@pytest.mark.slow
+def test_the_document_has_the_promised_shape(ordered):
+    _, run, result = ordered
+    assert result["order"] == ORDER
+    on_disk = json.loads((run.path / "trends" / "trends.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    strengths = [abs(el["trend"]) for el in result["elements"]]
+    assert strengths == sorted(strengths, reverse=True)
+    for el in result["elements"]:
+        assert {"id", "label", "size", "prevalence", "typicality", "members"} <= set(el)
+        assert len(el["prevalence"]) == len(el["typicality"]) == len(ORDER)
+        assert len(el["members"]) == el["size"] and all(len(m) == 5 for m in el["members"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason=(
+    "not met yet: the tiny model's DIFT features tell the ordered set's elements apart weakly (800 steps: mean "
+    "cosine 0.24-0.40 within an element, 0.08-0.15 across, 0.13 between random patches); pure clusters of each "
+    "element are found, but their measured prevalence undercounts (growing [0, .12, .19, .38, .19] for "
+    "[.1, .3, .5, .7, .9], Spearman 0.82; fading -0.63; constant flat at 0.44-0.56)"))
+def test_growing_rises_fading_falls_constant_stays_flat(ordered):
+    masks, _, result = ordered
+    growing, fading, constant = (purest(masks, result, e) for e in ("growing", "fading", "constant"))
+    print({e["id"]: e["prevalence"] for e in (growing, fading, constant)})
+    rho = lambda el: spearmanr(range(len(ORDER)), el["prevalence"]).statistic  # noqa: E731
+    assert rho(growing) >= 0.9 and np.ptp(growing["prevalence"]) >= 0.4
+    assert rho(fading) <= -0.9 and np.ptp(fading["prevalence"]) >= 0.4
+    assert np.ptp(constant["prevalence"]) <= 0.25
+    assert growing["direction"] == "rising" and fading["direction"] == "falling"
+
+
+@pytest.mark.slow
+def test_the_page_shows_every_element_with_its_plot(ordered):
+    _, run, result = ordered
+    page = run.path / "report" / "trends.html"
+    html = page.read_text()
+    assert "base64" not in html
+    assert html.count('alt="prevalence over the order"') == len(result["elements"])
+    for src in html.split('src="')[1:]:
+        assert (page.parent / src.split('"')[0]).is_file()
+    assert {"title": "Trends over " + ", ".join(ORDER), "href": "trends.html"} in report_links(run)
+
+
+@pytest.mark.slow
+def test_cli_prints_json_and_refuses_unknown_labels(ordered, capsys):
+    _, run, result = ordered
+    assert cli.main(["trends", "--run", str(run.path), "--order", ",".join(ORDER), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["elements"] == json.loads(json.dumps(result))["elements"]
+    assert cli.main(["trends", "--run", str(run.path), "--order", "era1,nowhere"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_candidate_boxes_cover_the_image_and_strength_signs():
+    boxes = candidate_boxes(32, 30, 6, 3)
+    assert boxes[:, 2].max() == 30 and boxes[:, 3].max() == 32 and boxes.min() == 0
+    assert trend_strength(np.array([0.1, 0.3, 0.5])) > 0 > trend_strength(np.array([0.9, 0.5, 0.2]))
+    assert trend_strength(np.array([0.5, 0.5, 0.5])) == 0.0
