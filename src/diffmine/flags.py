@@ -37,6 +37,8 @@ HELP = {
     "block": "UNet up-block whose output gives the features (default: the backend's)",
     "ensemble": "noise draws averaged per DIFT feature",
     "per_label": "images per label (0: all), a seeded random choice",
+    "guest": "index of a label whose element is also planted into the other labels' images (-1: none)",
+    "guest_share": "share of every other label's images that carry the guest element",
     "labels": "number of labels (each with its planted element)",
     "size": "image side in pixels",
     "distractors": "shapes shared by every label, drawn in each image",
