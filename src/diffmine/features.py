@@ -32,6 +32,9 @@ class FeatureConfig:
     seed: int = 0
 
 
+FEATURE_KINDS = ("top", "rejected")  # the mined patches that get a feature, in this order
+
+
 class _Stop(Exception):
     pass
 
@@ -156,14 +159,15 @@ def _gather_parts(directory: Path, num_processes: int, n_rows: int) -> np.ndarra
 
 def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = True,
                  process_index: int = 0, num_processes: int = 1) -> np.ndarray | None:
-    """DIFT features of the run's top patches -> ``features/features.npy`` (rows of the top patches).
+    """DIFT features of the run's top and rejected patches -> ``features/features.npy`` (rows of
+    ``run.mined_patches(FEATURE_KINDS)``: clustering clusters the top ones and counts coverage on all).
 
     Data-parallel over ``num_processes`` (torch.distributed): each process computes the images
     of :func:`feature_blocks` and writes ``features/part-RANK-of-WORLD.npz`` (its row indices and
     features); after a barrier process 0 gathers them. Returns the (N, C) features on process 0,
     None on the others.
     """
-    patches = run.mined_patches("top")
+    patches = run.mined_patches(FEATURE_KINDS)
     dataset = run.step_config("dataset")
     images = run.images()
     paths = dict(zip(images["image_id"], images["path"]))

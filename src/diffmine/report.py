@@ -46,7 +46,11 @@ def _cluster_rows(images: RunImages, clustered: pd.DataFrame, config: ReportConf
     for rank, group in clustered.groupby("cluster_rank", sort=True):
         if len(group) < config.min_cluster_size:
             continue
+        first = group.iloc[0]
+        coverage = (f"in {int(first['images'])} images of the label ({first['coverage']:.0%}), "
+                    f"{int(first['images_other'])} of others ({first['coverage_other']:.0%})") if "coverage" in group else ""
         rows.append({"rank": int(rank), "size": len(group), "median": float(group["typicality"].median()),
+                     "coverage": coverage,
                      "crops": _crops(images, group.sort_values("rank_in_cluster").head(config.per_cluster), config.crop_px)})
         if len(rows) >= config.clusters:
             break
