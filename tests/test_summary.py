@@ -42,8 +42,8 @@ def test_significance_keeps_the_planted_element_and_drops_the_distractor():
 
 
 def test_k_follows_the_number_of_patches():
-    assert choose_k(320) == 13 and choose_k(50) == 5 and choose_k(2000) == 32
-    assert choose_k(3) == 2 and choose_k(1) == 1 and choose_k(0) == 0
+    assert choose_k(100) == 20 and choose_k(101) == 21 and choose_k(320) == 32 and choose_k(2000) == 32
+    assert choose_k(3) == 1 and choose_k(0) == 0 and choose_k(100, members=10) == 10
     assert choose_k(320, k=7) == 7 and choose_k(5, k=7) == 5  # --k overrides, never above n
     assert choose_k(2000, k_max=10) == 10
 

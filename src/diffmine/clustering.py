@@ -2,9 +2,11 @@
 
 k-means on the DIFT features of each label's top (significant) patches, then:
 
-- k sized to the data: ``k = ceil(sqrt(n / 2))`` for n patches (the usual rule of thumb), at
-  most ``k_max``; ``--k`` overrides. A fixed k = 32 on a few hundred patches gave clusters of
-  3-10 members, the same element split over several of them;
+- k sized to the data: ``k = ceil(n / members)`` for n patches (about ``members`` = 5 per
+  cluster), at most ``k_max``; ``--k`` overrides. Deliberately more clusters than elements:
+  k-means with few clusters mixes an element with look-alike distractors, and the split halves
+  of one element are joined again by the merge (measured against ceil(sqrt(n / 2)) and fixed k
+  in benchmarks/README.md);
 - near-duplicates merged: while two centroids have a cosine similarity >= ``merge``, the pair is
   joined (its centroid the mean of all members);
 - coverage, a Doersch-like check of discriminativeness, linear in the number of patches: a
@@ -39,9 +41,10 @@ RANKINGS = ("median", "median-coverage", "discriminative")
 
 @dataclass
 class ClusterConfig:
-    k: int = 0  # clusters per label; 0: ceil(sqrt(n / 2)) for n patches, at most k_max
+    k: int = 0  # clusters per label; 0: ceil(n / members) for n patches, at most k_max
     k_max: int = 32
-    merge: float = 0.9  # join clusters whose centroids' cosine similarity is at least this (> 1: never)
+    members: int = 5  # patches per cluster of the automatic k, before merging
+    merge: float = 0.95  # join clusters whose centroids' cosine similarity is at least this (> 1: never)
     rank: str = "discriminative"  # median | median-coverage | discriminative
     min_size: int = 2  # smaller clusters rank last
     match_quantile: float = 0.1  # a patch matches a cluster above this quantile of its members' similarity
@@ -50,19 +53,19 @@ class ClusterConfig:
     minibatch_above: int = 50_000
 
     def __post_init__(self):
-        if self.k < 0 or self.k_max < 1:
-            raise ValueError(f"k must be >= 0 and k_max >= 1, got {self.k}, {self.k_max}")
+        if self.k < 0 or self.k_max < 1 or self.members < 1:
+            raise ValueError(f"k must be >= 0, k_max and members >= 1, got {self.k}, {self.k_max}, {self.members}")
         if self.rank not in RANKINGS:
             raise ValueError(f"rank must be one of {RANKINGS}, got {self.rank!r}")
         if not 0.0 <= self.match_quantile <= 1.0:
             raise ValueError(f"match_quantile must be in [0, 1], got {self.match_quantile}")
 
 
-def choose_k(n: int, k: int = 0, k_max: int = 32) -> int:
-    """Clusters for n patches: ``k`` if given, else ceil(sqrt(n / 2)) capped at k_max; never above n."""
+def choose_k(n: int, k: int = 0, k_max: int = 32, members: int = 5) -> int:
+    """Clusters for n patches: ``k`` if given, else ceil(n / members) capped at k_max; never above n."""
     if n < 1:
         return 0
-    return min(n, k if k else min(k_max, math.ceil(math.sqrt(n / 2))))
+    return min(n, k if k else min(k_max, math.ceil(n / members)))
 
 
 def kmeans(features: np.ndarray, k: int, seed: int, minibatch_above: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
@@ -175,7 +178,7 @@ def cluster_patches(patches: pd.DataFrame, features: np.ndarray, config: Cluster
     parts = []
     for label, group in patches[kind == "top"].groupby("label", sort=True):
         rows = group.index.to_numpy()
-        k = choose_k(len(rows), config.k, config.k_max)
+        k = choose_k(len(rows), config.k, config.k_max, config.members)
         assignments, _ = kmeans(features[rows], k, config.seed, config.minibatch_above)
         assignments, centroids = merge_clusters(assignments, features[rows], config.merge)
         stats = coverage(centroids, assignments, features[rows], features, patches["image_id"].to_numpy(),

@@ -46,7 +46,7 @@ class MineConfig:
     # keep a candidate only if its typicality is z_min standard errors above zero (needs the
     # typicality step's unit maps); False: keep every candidate (the paper's behaviour)
     significance: bool = True
-    z_min: float = 3.0
+    z_min: float = 2.0
 
     def __post_init__(self):
         if self.patch is not None and self.patch < 1:
