@@ -158,7 +158,7 @@ def parser() -> argparse.ArgumentParser:
                                    "model learned the labels.")
     _run_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype"))
+    add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype", "unit_maps"))
 
     p = sub.add_parser("translate", help="translate images to every other label (Plug-and-Play or SDEdit)",
                        description="The parallel dataset of paper section 5.1: each (mined) image under every other "
