@@ -133,7 +133,8 @@ def typicality_job(data_dir: str, run_dir: str, resolution: int, model_dir: str,
 
 def quality(patches_path: Path, masks: Path, image_size: int) -> dict:
     """The same metrics for either method's ranked patches: planted-element hit rate of all kept
-    patches, of each label's top-ranked cluster (mean over labels), and cluster purity."""
+    patches, of each label's top-ranked cluster and top 3 clusters (means over labels), the
+    number of labels whose top cluster is mostly element, and cluster purity."""
     import pandas as pd
 
     from diffmine.evaluate import cluster_purity, find_mask, load_mask, patch_hits
@@ -145,9 +146,14 @@ def quality(patches_path: Path, masks: Path, image_size: int) -> dict:
         if path is not None:
             loaded[image_id] = load_mask(path, (image_size, image_size))
     hits = patch_hits(table, loaded)
-    purity = cluster_purity(table, hits)
+    purity = cluster_purity(table, hits, min_size=2)
+    first = [v["first_element_rank"] for v in purity.values()]
     return {"hit_rate": float(np.nanmean(hits)),
             "top_cluster_hit_rate": float(np.mean([v["top_cluster_hit_rate"] for v in purity.values()])),
+            "top3_hit_rate": float(np.mean([v["top3_hit_rate"] for v in purity.values()])),
+            # labels whose top-ranked cluster is mostly element, and the mean rank of the first such
+            "labels_element_first": sum(f == 1 for f in first),
+            "first_element_rank": float(np.mean([f for f in first if f is not None])) if any(first) else float("nan"),
             "purity": float(np.mean([v["purity"] for v in purity.values()]))}
 
 
@@ -217,10 +223,11 @@ def main(argv=None) -> int:
             shutil.rmtree(out / f"data-{n}", ignore_errors=True)
 
     print()
-    print(f"{'method':<14} {'images':>7} {'seconds':>9} {'ms/image':>9} {'peak MB':>8} {'hit rate':>9} {'top-cluster hit':>16} {'purity':>7}")
+    print(f"{'method':<14} {'images':>7} {'seconds':>9} {'ms/image':>9} {'peak MB':>8} {'hit rate':>9} {'top-cluster hit':>16} "
+          f"{'top-3 hit':>10} {'elem first':>11} {'purity':>7}")
     for r in rows:
-        quality_cells = (f"{r['hit_rate']:>9.3f} {r['top_cluster_hit_rate']:>16.3f} {r['purity']:>7.3f}" if "hit_rate" in r
-                         else "")
+        quality_cells = (f"{r['hit_rate']:>9.3f} {r['top_cluster_hit_rate']:>16.3f} {r['top3_hit_rate']:>10.3f} "
+                         f"{r['labels_element_first']:>6}/{args.labels:<4} {r['purity']:>7.3f}" if "hit_rate" in r else "")
         print(f"{r['method']:<14} {r['images']:>7} {r['seconds']:>9.1f} {1000 * r['seconds'] / r['images']:>9.1f} "
               f"{r['peak_rss_mb']:>8.0f} {quality_cells}")
     exponents = {}

@@ -102,11 +102,24 @@ def test_public_api_typicality_map_and_patches(trained_run):
         run.typicality_map("nope/none.png")
 
 
-def test_clusters_are_ranked_by_median_typicality_and_members_by_distance(trained_run):
+def test_significance_filter_keeps_element_patches_and_drops_the_others(trained_run, synthetic_data):
+    """Kept (z >= z_min) candidates hold the planted element far more often than rejected ones."""
+    _, masks = synthetic_data
+    images = trained_run.images()
+    _, loaded = evaluate_maps({i: trained_run.typicality_map(i) for i in images["image_id"]},
+                              dict(zip(images["image_id"], images["label"])), masks)
+    kept, rejected = trained_run.mined_patches("top"), trained_run.mined_patches("rejected")
+    assert len(kept) and len(rejected) and (kept["z"] >= 2.0).all() and (rejected["z"] < 2.0).all()
+    assert np.nanmean(patch_hits(kept, loaded)) > 2 * np.nanmean(patch_hits(rejected, loaded))
+
+
+def test_clusters_are_ranked_by_score_small_ones_last_and_members_by_distance(trained_run):
     patches = trained_run.patches()
     for _, group in patches.groupby("label"):
-        medians = group.groupby("cluster_rank")["typicality"].median().sort_index()
-        assert medians.is_monotonic_decreasing
+        clusters = group.groupby("cluster_rank")[["cluster_score", "cluster_size"]].first().sort_index()
+        shown = clusters[clusters["cluster_size"] >= 2]
+        assert shown["cluster_score"].is_monotonic_decreasing
+        assert (shown.index == np.arange(len(shown))).all()  # the shown ranks have no gaps
         for _, members in group.groupby("cluster"):
             ordered = members.sort_values("rank_in_cluster")["distance"]
             assert ordered.is_monotonic_increasing

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffmine.models.tiny import TinyBackend, TinyConfig
-from diffmine.typicality import compiled, condition_errors, draw_noise, typicality_from_errors
+from diffmine.typicality import compiled, condition_errors, draw_noise, draw_units, typicality_from_errors
 
 SMALL = TinyConfig(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2)
 
@@ -43,6 +43,24 @@ def test_batched_equals_naive_reference(backend):
     for batch_size in (2, 7, 64):  # split across passes in different ways
         got = typicality_from_errors(condition_errors(backend, latents, states, timesteps, noise, batch_size))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_per_draw_errors_average_to_the_map_and_pair_up(backend):
+    """The per-draw errors (for the standard error) are the same computation: their mean is the
+    map, and the antithetic units are the pair means, whose mean is the map again (even K)."""
+    torch.manual_seed(0)
+    latents = torch.randn(2, 48, 8, 8)
+    timesteps, noise = draw_noise(0, 6, (48, 8, 8), 1000)
+    states = torch.stack([backend.encode_prompts(["A", "B"]), backend.encode_prompts(["null"] * 2)], 1).detach()
+    mean = typicality_from_errors(condition_errors(backend, latents, states, timesteps, noise, 5))
+    per_draw = typicality_from_errors(condition_errors(backend, latents, states, timesteps, noise, 5, per_draw=True))
+    assert per_draw.shape == (2, 6, 8, 8)
+    torch.testing.assert_close(per_draw.mean(1), mean, rtol=1e-5, atol=1e-6)
+    units = draw_units(per_draw, "stratified-antithetic")
+    assert units.shape == (2, 3, 8, 8)
+    torch.testing.assert_close(units[:, 1], (per_draw[:, 2] + per_draw[:, 3]) / 2)
+    torch.testing.assert_close(units.mean(1), mean, rtol=1e-5, atol=1e-6)
+    assert draw_units(per_draw, "paper").shape == (2, 6, 8, 8)  # independent draws are units
 
 
 def test_compiled_path_equals_the_reference():

@@ -126,12 +126,14 @@ def parser() -> argparse.ArgumentParser:
     add_config(p, TypicalityConfig)
 
     p = sub.add_parser("mine", help="mine the most typical patches per label",
-                       description="Top patches per image (greedy, non-overlapping), then per label; also least typical and random.")
+                       description="Top patches per image (greedy, non-overlapping), kept if significantly typical (z >= --z-min), "
+                                   "then per label; also least typical and random.")
     _run_arg(p)
     add_config(p, MineConfig)
 
     p = sub.add_parser("cluster", help="DIFT features of the mined patches and k-means per label",
-                       description="Features from an up-block of the trained UNet at t=0.161; k-means; clusters ranked by median typicality.")
+                       description="Features from an up-block of the trained UNet at t=0.161; k-means (k from the number of patches), "
+                                   "near-duplicates merged; clusters ranked by median typicality x (coverage in the label - in the others).")
     _run_arg(p)
     add_config(p, ClusterConfig)
     add_config(p, FeatureConfig, prefix="feature-")
@@ -193,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
                                    "model learned the labels.")
     _run_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype"))
+    add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype", "unit_maps"))
 
     p = sub.add_parser("translate", help="translate images to every other label (Plug-and-Play or SDEdit)",
                        description="The parallel dataset of paper section 5.1: each (mined) image under every other "

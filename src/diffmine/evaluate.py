@@ -6,7 +6,11 @@
 - hit rate: the share of mined patches that show the element (at least half of the element's
   pixels inside the patch), for the top patches and, as the baseline, the random ones;
 - cluster purity: per label, the size-weighted share of each cluster's majority (element hit or
-  not), and the hit rate of each label's top-ranked cluster.
+  not);
+- the summary as a reader meets it: per label, the hit rate of the members of the top-ranked
+  cluster (top1) and of the top 3 clusters together (top3), and the rank (1 = first) of the first
+  cluster that is mostly element (hit rate > 1/2; None: no such cluster). The same for a
+  baseline's detectors.
 
 Masks: ``MASKS/<image_id>`` with any image extension, nonzero = element (the built-in
 dataset writes them as ``OUT/masks/<label>/<file>.png``).
@@ -92,15 +96,22 @@ def summarize(per_image: pd.DataFrame) -> dict:
     return {"overall": stats(per_image), "per_label": {l: stats(g) for l, g in per_image.groupby("label")}}
 
 
-def cluster_purity(clustered: pd.DataFrame, hits: np.ndarray) -> dict:
-    """Per label: weighted majority share over clusters, and the hit rate of the top cluster."""
+def cluster_purity(clustered: pd.DataFrame, hits: np.ndarray, min_size: int = 1) -> dict:
+    """Per label: weighted majority share over clusters, and the summary metrics (module doc) over
+    the clusters of at least ``min_size`` members (those a report shows), in rank order."""
     frame = clustered.assign(hit=hits).dropna(subset=["hit"])
     out = {}
     for label, group in frame.groupby("label"):
         shares = group.groupby("cluster")["hit"].agg(lambda h: max(h.mean(), 1 - h.mean()))
         sizes = group.groupby("cluster").size()
-        top = group[group["cluster_rank"] == group["cluster_rank"].min()]
-        out[label] = {"purity": float((shares * sizes).sum() / sizes.sum()), "top_cluster_hit_rate": float(top["hit"].mean())}
+        shown = group[group["cluster"].map(sizes) >= min_size]
+        ranks = sorted(shown["cluster_rank"].unique())
+        rates = shown.groupby("cluster_rank")["hit"].mean()
+        first = next((n + 1 for n, r in enumerate(ranks) if rates[r] > 0.5), None)
+        out[label] = {"purity": float((shares * sizes).sum() / sizes.sum()),
+                      "top_cluster_hit_rate": float(rates[ranks[0]]) if ranks else float("nan"),
+                      "top3_hit_rate": float(shown.loc[shown["cluster_rank"].isin(ranks[:3]), "hit"].mean()) if ranks else float("nan"),
+                      "first_element_rank": first, "clusters": len(ranks)}
     return out
 
 
@@ -132,14 +143,14 @@ def evaluate_run(run, masks: str | Path) -> dict:
                                                       for l in mined["label"].unique()}}
     if run.clusters_path.is_file():
         clustered = pd.read_parquet(run.clusters_path)
-        result["clusters"] = cluster_purity(clustered, patch_hits(clustered, loaded))
+        result["clusters"] = cluster_purity(clustered, patch_hits(clustered, loaded), min_size=2)
     for path in sorted(run.path.glob("baselines/*/patches.parquet")):
         # the same metrics for a baseline's detectors, so the methods compare side by side
         table = pd.read_parquet(path)
         hits = patch_hits(table, loaded)
         result.setdefault("baselines", {})[path.parent.name] = {
             "hit_rate": float(np.nanmean(hits)) if np.isfinite(hits).any() else float("nan"),
-            "clusters": cluster_purity(table, hits)}
+            "clusters": cluster_purity(table, hits, min_size=2)}
     return result
 
 
@@ -156,7 +167,24 @@ def format_result(result: dict) -> str:
             purity = float(np.mean([c["purity"] for c in result["clusters"].values()]))
         fmt = lambda v: f"{v:.3f}" if v is not None and np.isfinite(v) else "-"
         lines.append(f"{label:<16} {fmt(s['auc_pr']):>8} {fmt(s['random']):>8} {fmt(top):>9} {fmt(rnd):>9} {fmt(purity):>7}")
+    lines += summary_lines("summary (clusters of >= 2 members)", result.get("clusters", {}))
+    for name, baseline in result.get("baselines", {}).items():
+        lines += summary_lines(f"baseline {name}", baseline.get("clusters", {}))
     return "\n".join(lines)
 
 
-__all__ = ["evaluate_run", "evaluate_maps", "summarize", "localization_ap", "patch_hits", "cluster_purity"]
+def summary_lines(title: str, clusters: dict) -> list[str]:
+    """The summary metrics per label: top-1 and top-3 cluster hit rates, first element cluster's rank."""
+    if not clusters:
+        return []
+    fmt = lambda v: f"{v:.3f}" if v is not None and np.isfinite(v) else "-"
+    lines = [title, f"{'label':<16} {'top1 hit':>9} {'top3 hit':>9} {'1st elem':>9} {'clusters':>9}"]
+    for label, c in clusters.items():
+        first = c.get("first_element_rank")
+        lines.append(f"{label:<16} {fmt(c.get('top_cluster_hit_rate')):>9} {fmt(c.get('top3_hit_rate')):>9} "
+                     f"{'-' if first is None else first:>9} {c.get('clusters', 0):>9}")
+    return lines
+
+
+__all__ = ["evaluate_run", "evaluate_maps", "summarize", "localization_ap", "patch_hits", "cluster_purity",
+           "summary_lines"]

@@ -32,6 +32,9 @@ class FeatureConfig:
     seed: int = 0
 
 
+FEATURE_KINDS = ("top", "rejected")  # the mined patches that get a feature, in this order
+
+
 class _Stop(Exception):
     pass
 
@@ -157,7 +160,8 @@ def _gather_parts(directory: Path, num_processes: int, n_rows: int) -> np.ndarra
 def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = True,
                  process_index: int = 0, num_processes: int = 1, patches: pd.DataFrame | None = None,
                  out: Path | None = None) -> np.ndarray | None:
-    """DIFT features of the run's top patches -> ``features/features.npy`` (rows of the top patches).
+    """DIFT features of the run's top and rejected patches -> ``features/features.npy`` (rows of
+    ``run.mined_patches(FEATURE_KINDS)``: clustering clusters the top ones and counts coverage on all).
 
     Data-parallel over ``num_processes`` (torch.distributed): each process computes the images
     of :func:`feature_blocks` and writes ``features/part-RANK-of-WORLD.npz`` (its row indices and
@@ -165,7 +169,7 @@ def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = 
     None on the others. ``patches`` and ``out``: other patches (a contrast's) and where their
     features go.
     """
-    patches = run.mined_patches("top") if patches is None else patches
+    patches = run.mined_patches(FEATURE_KINDS) if patches is None else patches
     out = run.features_path if out is None else out
     dataset = run.step_config("dataset")
     images = run.images()

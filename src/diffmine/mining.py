@@ -6,12 +6,24 @@ suppressing every box that overlaps or touches the one taken; over all images of
 ``top`` best are kept. The least typical and random patches are mined the same way, for the
 comparison of the paper's Fig. 2.
 
+Significance: a patch's typicality is a mean over K noise draws, so it has a standard error.
+The pixels of a patch are correlated, so the error of the patch mean is not a function of the
+per-pixel variances: it is computed exactly from the patch's score under each independent unit
+of the draws (an antithetic pair, see ``typicality.draw_units``), stored per image as
+``KEY/units``: se = std(unit scores, ddof=1) / sqrt(U), z = typicality / se. A candidate is kept
+(kind ``top``) only if z >= ``z_min``; the others are kind ``rejected`` (their features still
+serve clustering's coverage count: they are the images' background). With U = 8 units (K = 16)
+z is t-distributed with 7 degrees of freedom: z >= 3 is p < 0.01 one-sided per patch. Every
+image contributes at most ``per_image`` candidates whatever their noise, so without the filter
+(``--no-significance``, the paper's behaviour) most patches of a small-element dataset are noise.
+
 The step streams over typicality shards one at a time and keeps bounded per-label candidate
 lists, so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +43,10 @@ class MineConfig:
     least: int = 50
     random: int = 50
     seed: int = 0
+    # keep a candidate only if its typicality is z_min standard errors above zero (needs the
+    # typicality step's unit maps); False: keep every candidate (the paper's behaviour)
+    significance: bool = True
+    z_min: float = 2.0
 
     def __post_init__(self):
         if self.patch is not None and self.patch < 1:
@@ -48,17 +64,31 @@ def patch_scores(pixel_map: np.ndarray, k: int) -> np.ndarray:
     """Mean of ``pixel_map`` over every k x k box.
 
     Args:
-        pixel_map: (H, W)
+        pixel_map: (..., H, W), e.g. (U, H, W): one map per unit of the draws
     Returns:
-        (H - k + 1, W - k + 1): entry (y, x) is the mean over rows y..y+k-1, columns x..x+k-1
+        (..., H - k + 1, W - k + 1): entry (y, x) is the mean over rows y..y+k-1, columns x..x+k-1
     """
-    H, W = pixel_map.shape
+    H, W = pixel_map.shape[-2:]
     if k > min(H, W):
         raise ValueError(f"patch side {k} exceeds the image ({W}x{H})")
-    integral = np.zeros((H + 1, W + 1), np.float64)
-    integral[1:, 1:] = pixel_map.astype(np.float64).cumsum(0).cumsum(1)
-    sums = integral[k:, k:] - integral[:-k, k:] - integral[k:, :-k] + integral[:-k, :-k]
+    integral = np.zeros((*pixel_map.shape[:-2], H + 1, W + 1), np.float64)
+    integral[..., 1:, 1:] = pixel_map.astype(np.float64).cumsum(-2).cumsum(-1)
+    sums = (integral[..., k:, k:] - integral[..., :-k, k:] - integral[..., k:, :-k] + integral[..., :-k, :-k])
     return (sums / (k * k)).astype(np.float32)
+
+
+def patch_errors(unit_maps: np.ndarray, k: int) -> np.ndarray:
+    """Standard error of every k x k box's typicality, from the maps of U independent units.
+
+    Args:
+        unit_maps: (U, H, W)
+    Returns:
+        (H - k + 1, W - k + 1): std over units of the box mean (ddof 1) / sqrt(U); NaN for U < 2
+        (K < 4 antithetic draws: no error estimate)
+    """
+    if len(unit_maps) < 2:
+        return np.full(tuple(n - k + 1 for n in unit_maps.shape[-2:]), np.nan, np.float32)
+    return (patch_scores(unit_maps, k).std(0, ddof=1) / np.sqrt(len(unit_maps))).astype(np.float32)
 
 
 def greedy_boxes(scores: np.ndarray, k: int, n: int) -> list[tuple[int, int, float]]:
@@ -111,10 +141,29 @@ class TopN:
         return frame.groupby("label", sort=True).head(self.n).reset_index(drop=True)
 
 
-def mine_image(pixel_map: np.ndarray, k: int, per_image: int) -> tuple[list, list]:
-    """(most typical boxes, least typical boxes) of one image, greedy, non-overlapping."""
+def mine_image(pixel_map: np.ndarray, k: int, per_image: int,
+               unit_maps: np.ndarray | None = None) -> tuple[list, list, np.ndarray, np.ndarray]:
+    """Most and least typical boxes of one image, greedy, non-overlapping, with their errors.
+
+    Args:
+        pixel_map: (H, W); unit_maps: (U, H, W) or None (no errors: NaN)
+    Returns:
+        best, worst: [(y0, x0, typicality, se), ...]; scores, se: (H - k + 1, W - k + 1)
+    """
     scores = patch_scores(pixel_map, k)
-    return greedy_boxes(scores, k, per_image), greedy_boxes(-scores, k, per_image)
+    se = patch_errors(unit_maps, k) if unit_maps is not None else np.full_like(scores, np.nan)
+    best = [(y, x, s, float(se[y, x])) for y, x, s in greedy_boxes(scores, k, per_image)]
+    worst = [(y, x, -s, float(se[y, x])) for y, x, s in greedy_boxes(-scores, k, per_image)]
+    return best, worst, scores, se
+
+
+def significant(typicality: np.ndarray, se: np.ndarray, z_min: float) -> np.ndarray:
+    """Which patches are z_min standard errors above zero (an error of 0: any positive score;
+    an unknown error, NaN: kept, there is nothing to test)."""
+    typicality, se = np.asarray(typicality, np.float64), np.asarray(se, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(se > 0, typicality / se, np.where(typicality > 0, np.inf, -np.inf))
+    return (z >= z_min) | np.isnan(se)
 
 
 def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=None) -> tuple[pd.DataFrame, int]:
@@ -124,10 +173,13 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
     ``typicality`` column then holds that score)."""
     from safetensors import safe_open
 
-    top, least = TopN(config.top), TopN(config.least, largest=False)
-    randoms = []
+    from .typicality import unit_key
+
+    top, rejected, least = TopN(config.top), TopN(config.top), TopN(config.least, largest=False)
+    randoms, warned = [], False
     rng = np.random.default_rng(config.seed)
     store = run.typicality_store if store is None else store
+    significance = config.significance and store.what == "typicality"  # other scores (contrast) store no units
     ok = store.ok()
     if ok.empty:
         raise ValueError(f"{run.path}: no usable {store.what} maps to mine")
@@ -140,27 +192,47 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
     for shard, table in ok.groupby("shard", sort=True):  # one shard's maps open at a time
         best_rows, worst_rows = [], []
         with safe_open(str(store.directory / f"{shard}.safetensors"), "np") as f:
+            stored = set(f.keys())
             for r in table.itertuples():
-                pixel_map = upsample(f.get_tensor(r.key), (r.height, r.width))
                 if k > min(r.height, r.width):
                     continue
-                best, worst = mine_image(pixel_map, k, config.per_image)
+                pixel_map = upsample(f.get_tensor(r.key), (r.height, r.width))
+                units = None
+                if unit_key(r.key) in stored:
+                    units = upsample(f.get_tensor(unit_key(r.key)), (r.height, r.width))
+                elif significance:
+                    raise ValueError(f"{store.directory / shard}.safetensors: no unit maps for the significance "
+                                     "filter; re-run `diffmine typicality --unit-maps --force`, or mine with --no-significance")
+                best, worst, scores, se = mine_image(pixel_map, k, config.per_image, units)
                 base = dict(image_id=r.image_id, label=r.label)
-                best_rows += [dict(base, y0=y, x0=x, typicality=s) for y, x, s in best]
-                worst_rows += [dict(base, y0=y, x0=x, typicality=-s) for y, x, s in worst]
+                best_rows += [dict(base, y0=y, x0=x, typicality=s, se=e) for y, x, s, e in best]
+                worst_rows += [dict(base, y0=y, x0=x, typicality=s, se=e) for y, x, s, e in worst]
                 if r.image_id in chosen_random:
-                    scores = patch_scores(pixel_map, k)
                     y, x = random_boxes(r.height, r.width, k, 1, np.random.default_rng([config.seed, r.index]))[0]
-                    randoms.append(dict(base, y0=y, x0=x, typicality=float(scores[y, x])))
+                    randoms.append(dict(base, y0=y, x0=x, typicality=float(scores[y, x]), se=float(se[y, x])))
                 bar.update()
-        top.add(pd.DataFrame(best_rows))
+        if not best_rows:
+            continue
+        best = pd.DataFrame(best_rows)
+        if significance and best["se"].isna().any() and not warned:
+            print("mine: fewer than 2 independent units of draws (typicality samples < 4): no standard error, "
+                  "every candidate kept", file=sys.stderr)
+            warned = True
+        keep = (significant(best["typicality"], best["se"], config.z_min) if significance
+                else np.ones(len(best), bool))
+        top.add(best[keep])
+        rejected.add(best[~keep])
         least.add(pd.DataFrame(worst_rows))
     bar.close()
-    frames = [top.result().assign(kind="top"), least.result().assign(kind="least"),
-              pd.DataFrame(randoms, columns=["image_id", "label", "y0", "x0", "typicality"]).assign(kind="random")]
+    columns = ["image_id", "label", "y0", "x0", "typicality", "se"]
+    frames = [top.result().assign(kind="top"), rejected.result().assign(kind="rejected"),
+              least.result().assign(kind="least"), pd.DataFrame(randoms, columns=columns).assign(kind="random")]
     patches = pd.concat([f for f in frames if len(f)], ignore_index=True)
     patches["x1"], patches["y1"] = patches["x0"] + k, patches["y0"] + k
-    patches = patches[["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "kind"]]
-    patches = patches.astype({"x0": "int32", "y0": "int32", "x1": "int32", "y1": "int32", "typicality": "float32"})
+    with np.errstate(divide="ignore", invalid="ignore"):
+        patches["z"] = patches["typicality"] / patches["se"]
+    patches = patches[["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "se", "z", "kind"]]
+    patches = patches.astype({"x0": "int32", "y0": "int32", "x1": "int32", "y1": "int32", "typicality": "float32",
+                              "se": "float32", "z": "float32"})
     write_table(pa.Table.from_pandas(patches, preserve_index=False), run.patches_path if out is None else out)
     return patches, k

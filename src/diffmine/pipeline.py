@@ -33,7 +33,7 @@ from .atomic import write_table
 from .clustering import ClusterConfig, run_clustering
 from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
 from .data import DatasetError, fingerprint_images, scan_dataset
-from .features import FeatureConfig, run_features
+from .features import FEATURE_KINDS, FeatureConfig, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
 from .mining import MineConfig, run_mining
@@ -499,9 +499,9 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
             run.lineage.drop(elements)
             store = run.contrast_store(a, b)
             patches, k = run_mining(run, mine, progress, store, directory / "patches.parquet")
-            top = patches[patches["kind"] == "top"].reset_index(drop=True)
-            run_features(run, backend, features, progress, patches=top, out=directory / "features.npy")
-            run_clustering(run, cluster, top, directory / "features.npy", directory / "clusters.parquet")
+            described = patches[patches["kind"].isin(FEATURE_KINDS)].reset_index(drop=True)
+            run_features(run, backend, features, progress, patches=described, out=directory / "features.npy")
+            run_clustering(run, cluster, described, directory / "features.npy", directory / "clusters.parquet")
             run.lineage.put(elements, element_settings, element_inputs, command, patch=k)
             write_contrast_page(run, a, b)
         else:

@@ -147,8 +147,11 @@ def cluster_table(clustered: pd.DataFrame, config: ReportConfig) -> list[tuple[i
 def _cluster_rows(pages: Pages, clustered: pd.DataFrame, label_index: int | None, kind: str = "T") -> list[dict]:
     rows = []
     for rank, group in cluster_table(clustered, pages.config):
+        first = group.iloc[0]  # the cluster step's per-cluster columns (coverage in and out of the label)
+        caption = (f"in {int(first['images'])} images of the label ({first['coverage']:.0%}), "
+                   f"{int(first['images_other'])} of others ({first['coverage_other']:.0%})") if "coverage_other" in group else ""
         rows.append({"rank": rank, "size": len(group), "coverage": int(group["image_id"].nunique()),
-                     "median": float(group["typicality"].median()),
+                     "median": float(group["typicality"].median()), "caption": caption,
                      "href": f"cluster-{label_index}-{rank}.html" if label_index is not None else None,
                      "crops": [c for c in (pages.crop(r, kind) for r in group.head(pages.config.per_cluster).itertuples()) if c]})
     return rows

@@ -11,9 +11,12 @@
       typicality/              maps at latent resolution, sharded
         shard-00000.safetensors    one (h, w) tensor per image, key = row in shard
         shard-00000.parquet        index: image_id, label, fingerprint, height, width, key, mean, status, problem
-      mining/patches.parquet   top / least / random patches per label
-      features/features.npy    DIFT feature per top patch (rows of mining/patches.parquet, kind=top)
-      clusters/patches.parquet top patches with cluster, cluster_rank, rank_in_cluster
+      mining/patches.parquet   top (significant) / rejected (not) / least / random patches per
+                               label, with typicality, its standard error se and z = typicality / se
+      features/features.npy    DIFT feature per top and rejected patch (rows of mining/patches.parquet
+                               of kind top, then rejected)
+      clusters/patches.parquet top patches with cluster, cluster_rank, rank_in_cluster and the
+                               cluster's statistics (size, coverage in and out of the label, score)
       classify/, translations/, cotypicality/, localize/, baselines/NAME/   applications and baselines
       report/                  the visual summary, a static site (index.html; report.py)
 
@@ -279,8 +282,10 @@ class Run:
     # -- mining and clusters --------------------------------------------------------------
     def patches(self, kind: str = "top") -> pd.DataFrame:
         """Mined patches: image_id, label, x0, y0, x1, y1 (pixels, x1/y1 exclusive), typicality,
-        and, once clustered, cluster, cluster_rank (0 = most typical cluster of its label) and
-        rank_in_cluster (0 = nearest to the centroid). ``kind``: top, least or random.
+        se (its standard error over the draws), z = typicality / se, and, once clustered,
+        cluster, cluster_rank (0 = best-ranked cluster of its label), rank_in_cluster (0 =
+        nearest to the centroid) and the cluster's statistics (see ``clustering.py``).
+        ``kind``: top (significant), rejected (not), least or random.
 
         RunError when the result asked for is out of date (e.g. re-mined after clustering)."""
         if kind == "top" and self.lineage.get("cluster") is not None:
@@ -288,13 +293,15 @@ class Run:
             return pd.read_parquet(self.clusters_path)
         return self.mined_patches(kind)
 
-    def mined_patches(self, kind: str = "top") -> pd.DataFrame:
-        """The mining step's table of one kind, most typical first (least: least typical first)."""
+    def mined_patches(self, kind: str | tuple[str, ...] = "top") -> pd.DataFrame:
+        """The mining step's table of one kind (or several, in the table's order: top, rejected,
+        least, random), most typical first (least: least typical first)."""
         if self.lineage.get("mine") is None or not self.patches_path.is_file():
             raise RunError(f"{self.path}: no mined patches yet; run `diffmine mine --run {self.path}`")
         self.fresh("mine")
         table = pd.read_parquet(self.patches_path)
-        return table[table["kind"] == kind].reset_index(drop=True)
+        kinds = (kind,) if isinstance(kind, str) else kind
+        return table[table["kind"].isin(kinds)].reset_index(drop=True)
 
     # -- translations ---------------------------------------------------------------------
     def translations_index(self) -> pd.DataFrame:

@@ -33,7 +33,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from .atomic import write_json
-from .features import FeatureConfig, patch_features
+from .features import FEATURE_KINDS, FeatureConfig, patch_features
 from .mining import greedy_boxes, patch_scores
 from .models import Backend
 
@@ -115,7 +115,9 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
     if len(order) < 2 or unknown or len(set(order)) != len(order):
         raise ValueError(f"--order needs two or more distinct labels of the run ({', '.join(run.labels)}); "
                          f"got {', '.join(map(repr, order))}")
-    mined = run.mined_patches("top").reset_index(drop=True).assign(row=lambda f: np.arange(len(f)))
+    # rows of features.npy are those of the mined patches that got a feature (top, then rejected)
+    mined = run.mined_patches(FEATURE_KINDS).assign(row=lambda f: np.arange(len(f)))
+    mined = mined[mined["kind"] == "top"]
     clustered = run.patches("top").merge(mined[["image_id", "label", "x0", "y0", "row"]], on=["image_id", "label", "x0", "y0"])
     groups, centroids, thresholds = element_centroids(clustered, np.load(run.features_path), config.min_size,
                                                       config.percentile)

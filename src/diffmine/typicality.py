@@ -38,7 +38,7 @@ from .shards import plan_new_shards, write_shard
 
 ESTIMATORS = ("paper", "stratified", "stratified-antithetic")
 # (backend, pixels (B, 3, H, W), labels of the B images) -> (B, h, w) latent maps
-MapsOf = Callable[[Backend, torch.Tensor, list[str]], torch.Tensor]
+MapsOf = Callable[[Backend, torch.Tensor, list[str]], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
 
 @dataclass
@@ -61,6 +61,11 @@ class TypicalityConfig:
     # torch.compile the UNet (inductor, weights frozen): ~1.25x per pass on a 2-core CPU after
     # ~1.5 min of compiling, so worth it from a few thousand images (benchmarks/README.md)
     compile: bool = False
+    # also store each image's per-unit maps "KEY/units" (U, h, w) (a unit: an antithetic pair's
+    # mean, or one draw of the other estimators): the standard error of any patch's typicality,
+    # which mining's significance filter needs. (K/2) x h x w at map_dtype: 4 KB per 64 px image
+    # of the tiny model, 64 KB per 512 px SD 1.5 image at K = 16
+    unit_maps: bool = True
 
     @classmethod
     def from_settings(cls, settings: dict, **overrides) -> "TypicalityConfig":
@@ -136,7 +141,7 @@ def autocast(device: torch.device, precision: str):
 @torch.inference_mode()
 def condition_errors(backend: Backend, latents: torch.Tensor, states: torch.Tensor, timesteps: torch.Tensor,
                      noise: torch.Tensor, batch_size: int = 0, precision: str = "fp32",
-                     fixed_shape: bool = False) -> torch.Tensor:
+                     fixed_shape: bool = False, per_draw: bool = False) -> torch.Tensor:
     """Per-pixel denoising error under M conditions, averaged over K shared draws.
 
     Args:
@@ -146,15 +151,17 @@ def condition_errors(backend: Backend, latents: torch.Tensor, states: torch.Tens
         batch_size: UNet inputs per forward pass (0: ``backend.inputs_per_pass``)
         fixed_shape: pad a short last pass to the full pass size, so that a compiled UNet sees
             one input shape and never recompiles
+        per_draw: return every draw's error instead of the mean
     Returns:
-        (B, M, h, w) float32: mean over draws of || eps_theta - eps ||^2 averaged over channels
+        (B, M, h, w) float32: mean over draws of || eps_theta - eps ||^2 averaged over channels;
+        with ``per_draw``, (B, M, K, h, w): each draw's
     """
     device = backend.device
     B, M = states.shape[:2]
     K = timesteps.shape[0]
     scheduler = backend.scheduler
     alphas = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    totals = torch.zeros(B * M, *latents.shape[2:], device=device)
+    totals = torch.zeros(B * M, *((K,) if per_draw else ()), *latents.shape[2:], device=device)
     # every (image, draw) pair, all M conditions of a pair in the same forward pass
     pairs = torch.stack(torch.meshgrid(torch.arange(B), torch.arange(K), indexing="ij"), -1).reshape(-1, 2)
     per_pass = max(1, (batch_size or backend.inputs_per_pass) // M)
@@ -173,13 +180,33 @@ def condition_errors(backend: Backend, latents: torch.Tensor, states: torch.Tens
                                     states[b].flatten(0, 1))
         err = (pred.float() - eps.repeat_interleave(M, 0)).pow(2).mean(1)[: n * M]  # (n * M, h, w)
         rows = (b[:n].view(-1, 1) * M + torch.arange(M, device=device)).flatten()
-        totals.index_add_(0, rows, err)
+        if per_draw:  # each (image, condition, draw) is computed once: a plain write
+            totals[rows, k[:n].repeat_interleave(M)] = err
+        else:
+            totals.index_add_(0, rows, err)
+    if per_draw:
+        return totals.view(B, M, K, *latents.shape[2:])
     return (totals / K).view(B, M, *latents.shape[2:])
 
 
 def typicality_from_errors(errors: torch.Tensor) -> torch.Tensor:
-    """(B, 2, h, w) errors under [label, null] -> (B, h, w) typicality = null - label."""
+    """(B, 2, ...) errors under [label, null] -> (B, ...) typicality = null - label."""
     return errors[:, 1] - errors[:, 0]
+
+
+def draw_units(per_draw: torch.Tensor, estimator: str) -> torch.Tensor:
+    """(B, K, h, w) per-draw maps -> (B, U, h, w) the independent units of the standard error.
+
+    Antithetic draws (eps, -eps) are correlated, so a unit is a pair's mean (U = K // 2; an odd
+    last draw enters the mean map but not the error estimate); the other estimators' draws are
+    units themselves. Stratified t: the units are treated as i.i.d., which overstates the
+    variance of the stratified mean (strata differences count as noise), so the error is
+    conservative: a patch called significant is at least as significant as its z says.
+    """
+    if estimator == "stratified-antithetic" and per_draw.shape[1] >= 2:
+        pairs = per_draw.shape[1] // 2
+        return (per_draw[:, 0:2 * pairs:2] + per_draw[:, 1:2 * pairs:2]) / 2
+    return per_draw
 
 
 def upsample(latent_map: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
@@ -191,14 +218,15 @@ def upsample(latent_map: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np
     return (out[0] if squeeze else out).numpy()
 
 
-def prompt_errors(backend: Backend, pixels: torch.Tensor, prompts: list[list[str]], config: TypicalityConfig) -> torch.Tensor:
+def prompt_errors(backend: Backend, pixels: torch.Tensor, prompts: list[list[str]], config: TypicalityConfig,
+                  per_draw: bool = False) -> torch.Tensor:
     """Denoising error of each image under each of its M prompts, with the run's shared draws.
 
     Args:
         pixels: (B, 3, H, W) in [-1, 1], one size
         prompts: B lists of M prompt strings
     Returns:
-        (B, M, h, w) float32 on the latent grid
+        (B, M, h, w) float32 on the latent grid ((B, M, K, h, w) with ``per_draw``)
     """
     with torch.inference_mode():
         latents = backend.encode_images(pixels.to(backend.device)).float()
@@ -208,21 +236,25 @@ def prompt_errors(backend: Backend, pixels: torch.Tensor, prompts: list[list[str
     timesteps, noise = draw_noise(config.seed, config.samples, tuple(latents.shape[1:]),
                                   backend.scheduler.config.num_train_timesteps, config.t_min, config.t_max, config.estimator)
     return condition_errors(backend, latents, states, timesteps, noise, config.batch_size, config.precision,
-                            fixed_shape=config.compile)
+                            fixed_shape=config.compile, per_draw=per_draw)
 
 
 def typicality_latent_maps(backend: Backend, pixels: torch.Tensor, label_prompts: list[str], null_prompt: str,
-                           config: TypicalityConfig) -> torch.Tensor:
+                           config: TypicalityConfig, units: bool = False):
     """Typicality of a batch of same-size images, each under its own label.
 
     Args:
         pixels: (B, 3, H, W) in [-1, 1]
         label_prompts: B prompt strings
     Returns:
-        (B, h, w) float32 on the latent grid
+        (B, h, w) float32 on the latent grid; with ``units``, also (B, U, h, w): the maps of the
+        independent units of the draws (:func:`draw_units`), whose mean is the map for even K
     """
-    errors = prompt_errors(backend, pixels, [[p, null_prompt] for p in label_prompts], config)
-    return typicality_from_errors(errors)
+    errors = prompt_errors(backend, pixels, [[p, null_prompt] for p in label_prompts], config, per_draw=units)
+    if not units:
+        return typicality_from_errors(errors)
+    per_draw = typicality_from_errors(errors)  # (B, K, h, w)
+    return per_draw.mean(1), draw_units(per_draw, config.estimator)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +273,8 @@ def compute_shard(backend: Backend, images: pd.DataFrame, maps_of: MapsOf, condi
     """Per-pixel maps of one shard's images. Returns (maps by key, index rows).
 
     ``maps_of(backend, pixels, labels)`` -> (B, h, w): the maps of a batch of same-size images
-    of the given labels (typicality, or a contrast); ``conditions``: the prompts it scores per
+    of the given labels (typicality, or a contrast), or (maps, (B, U, h, w) unit maps) stored
+    beside them under :func:`unit_key`; ``conditions``: the prompts it scores per
     image, so that a batch holds about ``batch_size`` UNet inputs.
     """
     maps, rows = {}, []
@@ -255,11 +288,15 @@ def compute_shard(backend: Backend, images: pd.DataFrame, maps_of: MapsOf, condi
                              fingerprint=r["fingerprint"], height=0, width=0, key="", mean=float("nan"),
                              max=float("nan"), status=bad_status(batch), problem=batch.problem))
         else:
-            out = maps_of(backend, to_model_input(batch), [records[i]["label"] for i in positions]).cpu().numpy()
-            for i, latent_map in zip(positions, out):
+            out = maps_of(backend, to_model_input(batch), [records[i]["label"] for i in positions])
+            # a map function may also give each image's unit maps (typicality's standard errors)
+            out, units = (out[0].cpu().numpy(), out[1].cpu().numpy()) if isinstance(out, tuple) else (out.cpu().numpy(), None)
+            for n, (i, latent_map) in enumerate(zip(positions, out)):
                 r = records[i]
                 key = str(i)
                 maps[key] = latent_map.astype(config.map_dtype)
+                if units is not None:
+                    maps[unit_key(key)] = units[n].astype(config.map_dtype)
                 rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
                                  fingerprint=r["fingerprint"], height=batch.shape[1], width=batch.shape[2], key=key, mean=float(latent_map.mean()),
                                  max=float(latent_map.max()), status="ok", problem=None))
@@ -267,6 +304,11 @@ def compute_shard(backend: Backend, images: pd.DataFrame, maps_of: MapsOf, condi
             progress.update(len(positions))
     rows.sort(key=lambda r: r["index"])
     return maps, rows
+
+
+def unit_key(key: str) -> str:
+    """The shard key of an image's unit maps (U, h, w), beside its map's ``key``."""
+    return f"{key}/units"
 
 
 def bad_status(problem: BadImage) -> str:
@@ -283,7 +325,8 @@ def run_typicality(run, backend: Backend, config: TypicalityConfig, process_inde
     null_prompt = run.prompt(None)
 
     def maps_of(backend, pixels, labels):
-        return typicality_latent_maps(backend, pixels, [prompt_of[label] for label in labels], null_prompt, config)
+        return typicality_latent_maps(backend, pixels, [prompt_of[label] for label in labels], null_prompt, config,
+                                      config.unit_maps)
 
     return run_maps(run, backend, config, run.typicality_dir, run.typicality_index(missing_ok=True), run.images(),
                     maps_of, 2, "typicality", process_index, num_processes, progress)

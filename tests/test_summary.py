@@ -1,0 +1,100 @@
+"""The summary's rules on synthetic maps and features with known ground truth: the significance
+filter keeps a planted element and drops a noisy distractor; k follows the data; near-duplicate
+clusters merge; a distractor cluster shared by every label ranks below the label's element."""
+
+import numpy as np
+import pandas as pd
+
+from diffmine.clustering import ClusterConfig, choose_k, cluster_patches, merge_clusters
+from diffmine.mining import mine_image, patch_errors, patch_scores, significant
+
+
+def planted_units(seed: int = 0) -> np.ndarray:
+    """(8, 32, 32) unit maps: an element at rows/cols 2..9 (typicality 1.0 in every unit, small
+    noise), a distractor at 20..27 with a HIGHER mean (1.2) that flips sign between units, and a
+    background of pure noise around 0."""
+    rng = np.random.default_rng(seed)
+    units = rng.normal(0.0, 0.05, (8, 32, 32))
+    units[:, 2:10, 2:10] += 1.0 + rng.normal(0, 0.1, (8, 1, 1))
+    units[:, 20:28, 20:28] += np.array([5.0, -2.6] * 4)[:, None, None]  # mean 1.2, std ~4
+    return units.astype(np.float32)
+
+
+def test_patch_errors_are_the_standard_error_of_the_patch_mean():
+    units = planted_units()
+    se = patch_errors(units, 8)
+    box = units[:, 20:28, 20:28].mean((1, 2))  # the distractor box's score in each unit
+    np.testing.assert_allclose(se[20, 20], box.std(ddof=1) / np.sqrt(8), rtol=1e-4)
+    np.testing.assert_allclose(patch_scores(units, 8).mean(0), patch_scores(units.mean(0), 8), atol=1e-5)
+
+
+def test_significance_keeps_the_planted_element_and_drops_the_distractor():
+    units = planted_units()
+    best, _, _, _ = mine_image(units.mean(0), 8, 3, units)
+    boxes = {(y, x): (t, se) for y, x, t, se in best}
+    assert (20, 20) in boxes and (2, 2) in boxes  # both are candidates: the distractor scores higher
+    assert best[0][:2] == (20, 20)
+    keep = significant(np.array([t for _, _, t, _ in best]), np.array([se for *_, se in best]), 3.0)
+    kept = {(y, x) for (y, x, _, _), k in zip(best, keep) if k}
+    assert kept == {(2, 2)}  # the element; the distractor and the background box are dropped
+    # without unit maps there is no error: the old behaviour keeps every candidate
+    assert all(np.isnan(se) for *_, se in mine_image(units.mean(0), 8, 3)[0])
+
+
+def test_k_follows_the_number_of_patches():
+    assert choose_k(100) == 20 and choose_k(101) == 21 and choose_k(320) == 32 and choose_k(2000) == 32
+    assert choose_k(3) == 1 and choose_k(0) == 0 and choose_k(100, members=10) == 10
+    assert choose_k(320, k=7) == 7 and choose_k(5, k=7) == 5  # --k overrides, never above n
+    assert choose_k(2000, k_max=10) == 10
+
+
+def _blobs(rng, centres, per, noise=0.05):
+    points = np.concatenate([c + rng.normal(0, noise, (per, len(c))) for c in centres])
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def test_near_duplicate_clusters_merge_and_distinct_ones_do_not():
+    rng = np.random.default_rng(0)
+    a, b = np.eye(8)[0], np.eye(8)[1]
+    features = _blobs(rng, [a, a, b], 20)
+    split = np.repeat([0, 1, 2], 20)  # k-means split one element in two
+    merged, centroids = merge_clusters(split, features, 0.9)
+    assert len(centroids) == 2
+    assert len(set(merged[:40])) == 1 and merged[40] != merged[0]
+    kept, _ = merge_clusters(split, features, 1.01)
+    assert len(set(kept)) == 3
+
+
+def test_a_distractor_shared_by_all_labels_ranks_below_the_element():
+    """Label x: 30 of its 100 images hold its element (feature e); all of its images, and all of
+    label y's, hold a shared distractor (feature d) that is MORE typical in the patches mined for
+    x. The paper's median ranking puts the distractor first; the discriminative ranking the element."""
+    rng = np.random.default_rng(1)
+    e, d, f = np.eye(8)[0], np.eye(8)[1], np.eye(8)[2]
+    rows, features = [], []
+    for n in range(100):
+        rows.append(dict(image_id=f"x{n}", label="x", kind="top" if n < 60 else "rejected", typicality=0.5))
+        features.append(d)
+        if n < 30:
+            rows.append(dict(image_id=f"x{n}", label="x", kind="top", typicality=0.3))
+            features.append(e)
+        rows.append(dict(image_id=f"y{n}", label="y", kind="rejected", typicality=0.1))
+        features.append(d)
+        rows.append(dict(image_id=f"y{n}", label="y", kind="top", typicality=0.4))
+        features.append(f)
+    patches = pd.DataFrame(rows)
+    features = np.stack(features) + rng.normal(0, 0.02, (len(rows), 8))
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+
+    def ranked(rank):
+        out = cluster_patches(patches, features, ClusterConfig(k=2, rank=rank))
+        return out[out["label"] == "x"], out
+
+    x, _ = ranked("median")
+    assert set(x.loc[x["cluster_rank"] == 0, "typicality"]) == {0.5}  # the distractor first
+    x, out = ranked("discriminative")
+    element, distractor = x[x["cluster_rank"] == 0], x[x["cluster_rank"] == 1]
+    assert len(element) == 30 and (element["typicality"] == 0.3).all()  # the element first
+    assert 0.25 <= element["coverage"].iloc[0] <= 0.3 and element["coverage_other"].iloc[0] == 0.0
+    assert distractor["coverage"].iloc[0] > 0.7 and distractor["coverage_other"].iloc[0] > 0.7
+    assert set(out.loc[out["label"] == "y", "kind"]) == {"top"}  # rejected patches are not clustered
