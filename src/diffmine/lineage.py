@@ -167,21 +167,21 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
     records = lineage.records() if records is None else records
     record = records.get(name)
     if record is None:
-        return [(f"{name} has not been made", _command(name))]
+        return [(f"{name} has not been made", command_of(name))]
     reasons = []
     for input_name, identity in record["inputs"].items():
-        if _command(input_name, None) is None:
+        if command_of(input_name, None) is None:
             continue  # a digest of settings (prompts) or of an outside model: nothing to look up
         upstream = records.get(input_name)
         if upstream is None:
-            reasons.append((f"its input {input_name} is gone", _command(input_name)))
+            reasons.append((f"its input {input_name} is gone", command_of(input_name)))
         elif upstream["identity"] != identity:
             reasons += stale_reasons(lineage, input_name, records) if input_name not in ROOTS else []
-            reasons.append((f"{input_name} changed since {name} was made", record.get("command", _command(name))))
+            reasons.append((f"{input_name} changed since {name} was made", record.get("command", command_of(name))))
         elif input_name not in ROOTS:
             reasons += stale_reasons(lineage, input_name, records)
     if not record.get("complete", True):
-        reasons.append((f"{name} is incomplete", record.get("command", _command(name))))
+        reasons.append((f"{name} is incomplete", record.get("command", command_of(name))))
     return reasons
 
 
@@ -195,7 +195,8 @@ COMMANDS = {"listing": "prepare", "model": "train", "typicality": "typicality", 
 COMMAND_PREFIXES = {"contrast-": "contrast"}
 
 
-def _command(name: str, default: str | None = "") -> str | None:
+def command_of(name: str, default: str | None = "") -> str | None:
+    """The command that makes result ``name`` (``default`` for a name that is no result; "": the name)."""
     if name in COMMANDS:
         return COMMANDS[name]
     prefix = next((p for p in COMMAND_PREFIXES if name.startswith(p)), None)

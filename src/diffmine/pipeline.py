@@ -193,10 +193,6 @@ def _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, 
     return record
 
 
-def listing_identity(run: Run) -> dict:
-    return run.fresh("listing")
-
-
 def prompts_digest(run: Run) -> str:
     """What a model's use depends on in the listing: prompts and image size."""
     settings = run.step_config("listing")

@@ -38,7 +38,7 @@ import pyarrow as pa
 
 from .atomic import write_table
 from .data import Problem
-from .lineage import Lineage, LineageError, require_fresh, stale_reasons
+from .lineage import Lineage, LineageError, command_of, require_fresh, stale_reasons
 
 
 class RunError(ValueError):
@@ -132,14 +132,9 @@ class Run:
                 raise RunError(f"{self.path}: written by diffmine 0.1, which kept no lineage record; "
                                "run its steps again into a new run directory")
             hint = f"run `diffmine train --data DIR --run {self.path}` first" if name == "listing" else \
-                f"run `diffmine {self.lineage_command(name)} --run {self.path}` first"
+                f"run `diffmine {command_of(name)} --run {self.path}` first"
             raise RunError(f"{self.path}: no {name} result yet; {hint}")
         return record["settings"]
-
-    def lineage_command(self, name: str) -> str:
-        from .lineage import _command
-
-        return _command(name)
 
     def stale(self, name: str) -> list[tuple[str, str]]:
         """Why result ``name`` is out of date, [(reason, command to re-run)]; empty when fresh."""
