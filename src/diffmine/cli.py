@@ -36,17 +36,10 @@ from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
 from .trends import TrendsConfig
 from .typicality import TypicalityConfig
-from .flags import HELP, _flag, add_config, build_config
+from .flags import HELP, _flag, add_config, add_run_args, build_config
 from .machine import set_threads
 
 SYNTH_HELP = {"per_label": "images generated per label"}
-
-
-def _run_arg(p):
-    p.add_argument("--run", required=True, type=Path, help="the run directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice of this step (default: 0)")
-    p.add_argument("--force", action="store_true",
-                   help="replace stored results made with other settings or inputs (a trained model too)")
 
 
 def _data_args(p):
@@ -110,17 +103,17 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="list a dataset into a run without training (to score with a given model)",
                        description="List the dataset and record prompts and image size; then e.g. "
                                    "`diffmine typicality --run RUN --model sd:PATH` scores it with pretrained weights.")
-    _data_args(p); _run_arg(p)
+    _data_args(p); add_run_args(p)
 
     p = sub.add_parser("train", help="finetune (or train from scratch) the conditional model",
                        description="List the dataset into the run and train the label-conditioned model (resumable).")
-    _data_args(p); _run_arg(p); _sd_args(p)
+    _data_args(p); add_run_args(p); _sd_args(p)
     add_config(p, TrainConfig)
 
     p = sub.add_parser("typicality", help="compute per-pixel typicality maps",
                        description="T(x|c) = E[L(x,eps,null) - L(x,eps,c)] per latent pixel, upsampled; sharded and resumable. "
                                    "Data-parallel under `accelerate launch -m diffmine typicality ...`.")
-    _run_arg(p)
+    add_run_args(p)
     p.add_argument("--model", default=None, help="score with this model instead of the run's trained one (e.g. sd:PATH)")
     p.add_argument("--text-encoder", default=None, help="with --model sd:...: another CLIP text encoder (folder or hub id)")
     add_config(p, TypicalityConfig)
@@ -128,20 +121,20 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mine", help="mine the most typical patches per label",
                        description="Top patches per image (greedy, non-overlapping), kept if significantly typical (z >= --z-min), "
                                    "then per label; also least typical and random.")
-    _run_arg(p)
+    add_run_args(p)
     add_config(p, MineConfig)
 
     p = sub.add_parser("cluster", help="DIFT features of the mined patches and k-means per label",
                        description="Features from an up-block of the trained UNet at t=0.161; k-means (k from the number of patches), "
                                    "near-duplicates merged; clusters ranked by median typicality x (coverage in the label - in the others).")
-    _run_arg(p)
+    add_run_args(p)
     add_config(p, ClusterConfig)
     add_config(p, FeatureConfig, prefix="feature-")
 
     p = sub.add_parser("report", help="write the report site RUN/report/ (open RUN/report/index.html)",
                        description="The visual summary of a run: a static site (overview, one page per label, "
                                    "cluster and shown image; PNG files beside the pages), opens from file://.")
-    _run_arg(p)
+    add_run_args(p)
     p.add_argument("--masks", type=Path, default=None, help="also evaluate against these masks and show the numbers")
     add_config(p, ReportConfig, help=REPORT_HELP)
 
@@ -158,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="localization AP, hit rate and purity against ground-truth masks",
                        description="AUC-PR of typicality vs MASKS/<image_id> (nonzero = element), with the random baseline.")
-    _run_arg(p)
+    add_run_args(p)
     p.add_argument("--masks", required=True, type=Path, help="folder of <label>/<image file name> masks, nonzero = element")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -171,7 +164,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
             _holdout_arg(p)
             add_config(p, SynthConfig, prefix="synth-", skip=("seed",), help=SYNTH_HELP)
-        _run_arg(p); _sd_args(p)
+        add_run_args(p); _sd_args(p)
         add_config(p, TrainConfig)
         add_config(p, TypicalityConfig, prefix="typicality-", skip=("seed", "samples", "t_min", "t_max", "estimator"))
         for key in ("samples", "t_min", "t_max", "estimator"):
@@ -193,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Image-level typicality under each label with shared draws; the prediction is the "
                                    "label that explains the image best (Diffusion Classifier's rule). A check that the "
                                    "model learned the labels.")
-    _run_arg(p)
+    add_run_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype", "unit_maps"))
 
@@ -202,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
                                    "label. Plug-and-Play: DDIM inversion, then guided generation with the source's "
                                    "residual features and self-attention q/k injected. Sharded and resumable; read with "
                                    "open_run(RUN).translation(image_id, label).")
-    _run_arg(p)
+    add_run_args(p)
     add_config(p, TranslateConfig, help={
         "method": f"{' | '.join(METHODS)}", "images": "source images per label (0: all); most typical mined first",
         "to": "target labels: all, or LABEL,LABEL,...", "steps": "DDIM steps", "guidance": "classifier-free guidance scale",
@@ -214,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cotypicality", help="co-typical elements across labels, on the translations",
                        description="Median over labels of each translation's typicality under its label, per patch; "
                                    "top sequences described by per-label UMAP-reduced DIFT features, clustered.")
-    _run_arg(p)
+    add_run_args(p)
     add_config(p, CotypicalityConfig, help={
         "top": "sequences kept overall", "per_tuple": "boxes kept per translated scene",
         "umap_dim": "UMAP dimensions per label block", "k": "k-means clusters of sequences",
@@ -229,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
                                    "top patches (patches.parquet) clustered into elements (clusters.parquet), and the page "
                                    "RUN/report/contrast-<digest>.html. Cost per image: samples x 2 UNet inputs, as "
                                    "typicality (samples x number of labels with --vs all).")
-    _run_arg(p)
+    add_run_args(p)
     p.add_argument("a", metavar="A", help="the label whose look is explained")
     p.add_argument("b", metavar="B", nargs="?", default=None, help="the label it is contrasted with")
     p.add_argument("--vs", choices=["all"], default=None, help="contrast A with every other label at once (no B)")
@@ -245,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
                                    "Output: RUN/trends/trends.json {order, elements: [{id, label, size, prevalence, "
                                    "typicality, members, trend}]}, strongest trend first, and RUN/report/trends.html. "
                                    "One feature pass per image (linear in the number of images).")
-    _run_arg(p)
+    add_run_args(p)
     p.add_argument("--order", required=True, help="the labels in order, comma-separated: L1,L2,...")
     p.add_argument("--json", action="store_true", help="print the JSON document")
     add_config(p, TrendsConfig, help={

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from .typicality import ESTIMATORS
 
@@ -105,3 +106,12 @@ def build_config(cls, args: argparse.Namespace, prefix: str = ""):
         elif prefix and field.name in HELP and hasattr(args, field.name):
             values[field.name] = getattr(args, field.name)  # shared flag, e.g. --samples in `run`
     return cls(**values)
+
+
+def add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    """``--run`` (required), ``--force`` and, with ``seed``, ``--seed``: the flags of every step."""
+    p.add_argument("--run", required=True, type=Path, help="the run directory")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed of every random choice of this step (default: 0)")
+    p.add_argument("--force", action="store_true",
+                   help="replace stored results made with other settings or inputs (a trained model too)")

@@ -44,6 +44,7 @@ from scipy.ndimage import binary_erosion, gaussian_filter
 from .atomic import write_json
 from .data import load_image, to_model_input
 from .evaluate import load_mask, region_scores, summarize
+from .flags import add_run_args
 from .images import overlay, png_data_uri
 from .rundir import Run, open_run
 from .shards import read_array, write_shard
@@ -413,8 +414,7 @@ def add_parser(subparsers):
                                           "annotated boxes (ChestX-ray8 BBox_List or image,label,x0,y0,x1,y1; original "
                                           "pixel coordinates) or masks (DIR/<label>/<file>), with the random baseline. "
                                           "Writes RUN/localize/.")
-    p.add_argument("--run", required=True, type=Path, help="the run directory")
-    p.add_argument("--force", action="store_true", help="replace a stored result made with other settings")
+    add_run_args(p, seed=False)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--boxes", type=Path, help="box list (CSV)")
     source.add_argument("--masks", type=Path, help="folder of <label>/<image file name> masks, nonzero = element")

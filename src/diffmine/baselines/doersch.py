@@ -79,7 +79,7 @@ from tqdm import tqdm
 
 from ..atomic import write_json, write_table
 from ..data import BadImage, Dataset, Problem, iter_images
-from ..flags import add_config
+from ..flags import add_config, add_run_args
 from ..rundir import Run
 
 OUTPUT = Path("baselines") / "doersch"
@@ -690,10 +690,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                            description="Mine each label's discriminative patches against the other labels; writes "
                                        "RUN/baselines/doersch/patches.parquet (cluster-table columns) and settings.json.")
     p.add_argument("--data", type=Path, default=None, help="dataset folder or manifest (needed when the run has none listed)")
-    p.add_argument("--run", required=True, type=Path, help="the run directory")
-    p.add_argument("--force", action="store_true", help="replace a stored result made with other settings")
+    add_run_args(p)
     p.add_argument("--positive", default=None, help="mine only this label (default: every label)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     p.add_argument("--resolution", type=int, default=256, help="image side when listing a new run (default: 256)")
     p.add_argument("--resize", default="square", choices=["square", "keep-aspect"], help="resize mode when listing a new run")
     p.add_argument("--prompt", default="An image of {label}.", help=argparse.SUPPRESS)
