@@ -11,6 +11,11 @@ metrics on the same images.
 
     python benchmarks/summary.py --run runs/demo --masks runs/demo/data/masks
     python benchmarks/summary.py --run R --masks M --z-min off 2 3 4 --rank median discriminative
+    python benchmarks/summary.py --run R --masks M --z-min 2 --seeds 0 1 2 --features run t=0.3 block=2 ensemble=16
+
+``--features``: the DIFT settings to compare (``run``: the run's stored features; otherwise the
+run's feature settings with the given ones changed, recomputed with the run's model: one feature
+pass over the mined images each).
 """
 
 from __future__ import annotations
@@ -45,6 +50,24 @@ def load(run_path: Path, masks: Path):
     return run, patches, features, loaded
 
 
+def recomputed_features(run, patches, spec: str) -> np.ndarray:
+    """The DIFT features of ``patches`` with the run's feature settings changed by ``spec``
+    ("t=0.3,ensemble=16,block=2")."""
+    import torch
+
+    from diffmine.features import FeatureConfig, patch_features
+    from diffmine.pipeline import scoring_model
+
+    settings = dict(run.step_config("features"))
+    for item in spec.split(","):
+        key, value = item.split("=")
+        settings[key] = type(getattr(FeatureConfig(), key) or 0)(value)
+    images, dataset = run.images(), run.step_config("dataset")
+    return patch_features(scoring_model(run, torch.device("cpu")), patches, dict(zip(images["image_id"], images["path"])),
+                          {label: run.prompt(label) for label in run.labels}, dataset["resolution"], dataset["resize"],
+                          FeatureConfig(**settings), progress=False)
+
+
 def summary(clustered, loaded) -> dict:
     from diffmine.evaluate import cluster_purity, patch_hits
 
@@ -71,15 +94,19 @@ def main(argv=None) -> int:
     p.add_argument("--match-quantile", type=float, nargs="+", default=[0.1])
     p.add_argument("--members", type=int, nargs="+", default=[5], help="of the automatic k")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="k-means seeds")
+    p.add_argument("--features", nargs="+", default=["run"],
+                   help="run (the stored features) or changed feature settings, e.g. t=0.3,ensemble=16")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
-    run, patches, features, loaded = load(args.run, args.masks)
+    run, patches, stored, loaded = load(args.run, args.masks)
     hits = patch_hits(patches, loaded)
     rows = []
-    print(f"{'z_min':>6} {'k':>3} {'mem':>3} {'seed':>4} {'merge':>5} {'match':>5} {'rank':<16} {'kept':>5} {'kept hit':>8} {'top1':>6} {'top3':>6} "
+    print(f"{'features':<20} {'z_min':>6} {'k':>3} {'mem':>3} {'seed':>4} {'merge':>5} {'match':>5} {'rank':<16} {'kept':>5} {'kept hit':>8} {'top1':>6} {'top3':>6} "
           f"{'elem 1st':>8}  first element rank per label  seconds")
-    for z_min, k, members, seed, merge, match, rank in itertools.product(args.z_min, args.k, args.members, args.seeds,
-                                                                         args.merge, args.match_quantile, args.rank):
+    described = {spec: stored if spec == "run" else recomputed_features(run, patches, spec) for spec in args.features}
+    for spec, z_min, k, members, seed, merge, match, rank in itertools.product(
+            args.features, args.z_min, args.k, args.members, args.seeds, args.merge, args.match_quantile, args.rank):
+        features = described[spec]
         keep = (patches["z"].fillna(np.inf) >= z_min).to_numpy()
         table = patches.assign(kind=np.where(keep, "top", "rejected"))
         t0 = time.perf_counter()
@@ -88,9 +115,9 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
         s = summary(clustered, loaded)
         firsts = {label: v["first_element_rank"] for label, v in s["per_label"].items()}
-        rows.append({"z_min": z_min, "k": k, "members": members, "seed": seed, "merge": merge, "match_quantile": match, "rank": rank, "kept": int(keep.sum()),
+        rows.append({"features": spec, "z_min": z_min, "k": k, "members": members, "seed": seed, "merge": merge, "match_quantile": match, "rank": rank, "kept": int(keep.sum()),
                      "kept_hit_rate": float(np.nanmean(hits[keep])), "seconds": seconds, **s})
-        print(f"{z_min:>6} {k:>3} {members:>3} {seed:>4} {merge:>5} {match:>5} {rank:<16} {int(keep.sum()):>5} {np.nanmean(hits[keep]):>8.3f} "
+        print(f"{spec:<20} {z_min:>6} {k:>3} {members:>3} {seed:>4} {merge:>5} {match:>5} {rank:<16} {int(keep.sum()):>5} {np.nanmean(hits[keep]):>8.3f} "
               f"{s['top1']:>6.3f} {s['top3']:>6.3f} {s['element_first']:>4}/{s['labels']:<3}  "
               f"{' '.join(f'{l}:{f}' for l, f in firsts.items())}  {seconds:.2f}", flush=True)
     for path in sorted(run.path.glob("baselines/*/patches.parquet")):
