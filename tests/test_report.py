@@ -161,3 +161,24 @@ def test_run_files_follow_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == mode
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+
+
+def test_compare_draws_both_runs_on_one_colour_scale(tiny_run, monkeypatch):
+    """A run whose maps are a tenth of the other's must look weaker on the compare page (each
+    overlay scaled to its own range would draw both alike)."""
+    import base64
+    import io
+
+    from diffmine.compare import build_context
+    from diffmine.rundir import Run
+
+    weaker = Run(tiny_run.path)
+    monkeypatch.setattr(weaker, "typicality_map", lambda image_id: tiny_run.typicality_map(image_id) * 0.1)
+    context = build_context(tiny_run, weaker, examples=2, crops=1)
+    decode = lambda uri: np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))), np.float32)  # noqa: E731
+    examples = [ex for label in context["labels"] for ex in label["examples"]]
+    assert examples and context["colorbar"].startswith("data:image/png;base64,")
+    for ex in examples:
+        image = decode(ex["image"])
+        change_a, change_b = np.abs(decode(ex["a"]) - image).mean(), np.abs(decode(ex["b"]) - image).mean()
+        assert change_a > 3 * change_b > 0

@@ -1,4 +1,4 @@
-"""Two runs side by side: one self-contained HTML page (Jinja2, images inlined).
+"""Two runs side by side: one self-contained HTML page (Jinja2, images inlined: one file to share).
 
 Typical use: the same dataset scored by a finetuned model and by the pretrained one
 (``diffmine typicality --model sd:PATH``), to see what finetuning changed. The page shows
@@ -6,7 +6,8 @@ Typical use: the same dataset scored by a finetuned model and by the pretrained 
 - the mean typicality per label in each run (over all images each run scored, and over the
   images both scored);
 - for images both runs scored, each run's typicality map over the image, side by side, with
-  the Pearson correlation of the two maps (each overlay is scaled to its own range);
+  the Pearson correlation of the two maps; every overlay of the page on one colour scale (the
+  99th percentile of |T| over all of them, with its colour bar), so a weaker map looks weaker;
 - each run's most typical mined patches per label, side by side.
 
     diffmine compare --run RUN_A --run RUN_B [--out PAGE.html]
@@ -14,6 +15,7 @@ Typical use: the same dataset scored by a finetuned model and by the pretrained 
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from jinja2 import Environment
 from PIL import Image
 
 from .atomic import write_text
-from .images import RunImages, overlay, png_data_uri
+from .images import RunImages, colorbar, map_scale, overlay, png_data_uri
 from .rundir import Run, RunError, open_run
 
 TEMPLATE = """<!doctype html>
@@ -51,8 +53,9 @@ B: <code>{{ b.path }}</code> (model: <code>{{ b.model }}</code>)</p>
 
 <h2>Typicality maps of images both runs scored</h2>
 <p class="note">{{ shared_count }} image(s) scored by both runs; red: the label explains the pixel better
-than the null prompt, blue: worse. Each overlay is scaled to its own range; r is the Pearson
-correlation of the two maps.</p>
+than the null prompt, blue: worse. Every overlay of this page uses the colour scale below (the 99th
+percentile of |T| over all of them); r is the Pearson correlation of the two maps.</p>
+{% if colorbar %}<img src="{{ colorbar }}" alt="colour scale" style="max-width: 40em">{% endif %}
 {% for label in labels %}
 <h3>{{ label.name }}</h3>
 {% if not label.examples %}<p class="note">no image of this label scored by both runs</p>{% endif %}
@@ -139,18 +142,25 @@ def build_context(run_a: Run, run_b: Run, examples: int = 4, crops: int = 10, cr
                 map_b = np.asarray(Image.fromarray(map_b).resize((map_a.shape[1], map_a.shape[0]), Image.Resampling.BILINEAR))
             a, b = map_a.ravel().astype(np.float64), map_b.ravel().astype(np.float64)
             r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
-            entry["examples"].append({"image_id": image_id, "image": png_data_uri(image),
-                                      "a": png_data_uri(overlay(image, map_a)), "b": png_data_uri(overlay(image, map_b)),
+            entry["examples"].append({"image_id": image_id, "image": image, "a": map_a, "b": map_b,
                                       "mean_a": _fmt(float(map_a.mean())), "mean_b": _fmt(float(map_b.mean())), "r": _fmt(r)})
         for name, run, images in (("A", run_a, images_a), ("B", run_b, images_b)):
             got, note = _top_patches(run, label, images, crops, crop_px)
             entry["patches"].append({"name": f"{name}: {run.path.name}", "crops": got, "note": note})
         labels.append(entry)
+    # one scale for every overlay of the page: the two runs' maps are compared, not each to itself
+    shown = [ex[side] for entry in labels for ex in entry["examples"] for side in ("a", "b")]
+    scale = map_scale(shown)
+    for ex in (ex for entry in labels for ex in entry["examples"]):
+        image = ex["image"]
+        ex.update(image=png_data_uri(image), a=png_data_uri(overlay(image, ex["a"], scale)),
+                  b=png_data_uri(overlay(image, ex["b"], scale)))
     return {
         "title": f"diffmine compare: {run_a.path.name} vs {run_b.path.name}",
         "a": {"path": str(run_a.path), "model": _model_name(run_a)},
         "b": {"path": str(run_b.path), "model": _model_name(run_b)},
         "means": means, "labels": labels, "shared_count": len(shared_ids), "crop_px": crop_px, "map_px": map_px,
+        "colorbar": "data:image/png;base64," + base64.b64encode(colorbar(scale)).decode() if shown else None,
     }
 
 
