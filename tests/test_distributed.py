@@ -60,6 +60,27 @@ def test_two_processes_give_exactly_the_single_process_maps(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_give_exactly_the_single_process_adaptive_maps(trained, tmp_path):
+    """The adaptive estimator's rounds: shards of each round dealt to both processes, the images to
+    refine decided by each from the files on disk; the same draws and maps as one process."""
+    single, parallel = _copies(trained, tmp_path)
+    options = ["--samples", "16", "--estimator", "adaptive", "--shard-size", "3", "--adaptive-top", "1",
+               "--adaptive-per-image", "1", "--no-adaptive-significance", "--adaptive-bound", "1"]
+    reference = [sys.executable, "-m", "diffmine", "typicality", "--run", str(single.path), *options]
+    result = subprocess.run(reference, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "--", "diffmine", "typicality", "--run", str(parallel.path), *options]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    draws = single.typicality_index()["draws"]
+    assert draws.min() == 4 and draws.max() > 4  # some images refined, some not
+    assert parallel.typicality_index()["draws"].tolist() == draws.tolist()
+    for image_id in single.images()["image_id"]:
+        np.testing.assert_array_equal(parallel.latent_typicality_map(image_id), single.latent_typicality_map(image_id))
+
+
+@pytest.mark.slow
 def test_two_processes_give_exactly_the_single_process_features(trained, tmp_path):
     # typicality and mining here, once: both runs cluster the same mined patches
     mined = Run(tmp_path / "mined")
