@@ -11,11 +11,10 @@ from diffmine import adaptive, pipeline
 from diffmine.adaptive import AdaptiveConfig, refine, schedule
 from diffmine.mining import MineConfig
 from diffmine.rundir import Run
-from diffmine.synthetic import SynthConfig, generate
-from diffmine.train import TrainConfig
 from diffmine.typicality import TypicalityConfig, draw_noise, draw_units
 
-SMALL = dict(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2)
+from conftest import barely_trained_run
+
 CONFIG = TypicalityConfig(samples=16, shard_size=4, estimator="adaptive")
 TARGETS = AdaptiveConfig(top=1, per_image=1, significance=False, bound=1.0)
 
@@ -23,12 +22,7 @@ TARGETS = AdaptiveConfig(top=1, per_image=1, significance=False, bound=1.0)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Run:
     """12 images of 2 labels at 32 px and a tiny model trained 2 steps: the numbers only need to match."""
-    out = tmp_path_factory.mktemp("adaptive")
-    data = generate(out / "data", SynthConfig(labels=2, per_label=6, size=32), progress=False)
-    run = Run(out / "trained")
-    pipeline.prepare(run, data, "A scene from {label}.", "A scene.", 32)
-    pipeline.train_step(run, TrainConfig(steps=2, batch_size=4), SMALL, progress=False)
-    return run
+    return barely_trained_run(tmp_path_factory.mktemp("adaptive"), per_label=6)
 
 
 @pytest.fixture(scope="module")

@@ -164,22 +164,24 @@ def run_adaptive(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfi
     """The adaptive typicality of the images the run's listing still lacks; returns how many final
     shards this process wrote."""
     work = run.typicality_dir / WORK
-    written = 0
+    written, attempted = 0, set()  # an image unreachable in this call is retried by the next one, not again here
     while True:
         if process_index == 0:
-            _prepare_plan(run, work, config, adaptive)
+            _prepare_plan(run, work, config, adaptive, attempted)
         _barrier(num_processes)  # the plan is on disk before anyone reads it
         if not (work / "plan.json").is_file():
             return written
         plan = json.loads((work / "plan.json").read_text())
+        attempted |= {image_id for image_id, _, _ in plan["images"]}
         written += _execute(run, backend, config, adaptive, plan, process_index, num_processes, progress)
         _barrier(num_processes)
         if process_index == 0:
             shutil.rmtree(work)
 
 
-def _prepare_plan(run, work, config: TypicalityConfig, adaptive: AdaptiveConfig) -> None:
-    """Keep a plan whose images are all still listed as they were; else plan the images lacking maps."""
+def _prepare_plan(run, work, config: TypicalityConfig, adaptive: AdaptiveConfig, attempted: set) -> None:
+    """Keep a plan whose images are all still listed as they were; else plan the images lacking maps
+    (less those ``attempted`` already)."""
     images = run.images()
     path = work / "plan.json"
     if path.is_file():
@@ -190,7 +192,7 @@ def _prepare_plan(run, work, config: TypicalityConfig, adaptive: AdaptiveConfig)
         shutil.rmtree(work)  # the listing changed under it: plan again
     index = run.typicality_index(missing_ok=True)
     done = set() if index is None else set(index.loc[index["status"] != "unreachable", "image_id"])
-    todo = images[~images["image_id"].isin(done)]
+    todo = images[~images["image_id"].isin(done | attempted)]
     if todo.empty:
         return
     dataset = run.step_config("dataset")
