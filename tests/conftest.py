@@ -35,6 +35,17 @@ def trained_synthetic_run(path, images, size: int, train: TrainConfig, typicalit
     return run
 
 
+def barely_trained_run(out, per_label: int) -> Run:
+    """``out``/trained: 2 labels x ``per_label`` synthetic images of 32 px and a small tiny model
+    trained 2 steps (seconds), for tests whose numbers only need to match each other."""
+    data = generate(out / "data", SynthConfig(labels=2, per_label=per_label, size=32), progress=False)
+    run = Run(out / "trained")
+    pipeline.prepare(run, data, "A scene from {label}.", "A scene.", 32)
+    small = dict(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2)
+    pipeline.train_step(run, TrainConfig(steps=2, batch_size=4), small, progress=False)
+    return run
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")

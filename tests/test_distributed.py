@@ -13,11 +13,10 @@ import pytest
 from diffmine import pipeline
 from diffmine.mining import MineConfig
 from diffmine.rundir import Run
-from diffmine.synthetic import SynthConfig, generate
-from diffmine.train import TrainConfig
 from diffmine.typicality import TypicalityConfig
 
-SMALL = dict(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4, prompt_tokens=2)
+from conftest import barely_trained_run
+
 # bit-for-bit equality holds at the same BLAS thread count (other counts sum in another order)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -25,12 +24,19 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Run:
     """20 images of 2 labels and a tiny model trained 2 steps: the numbers only need to match."""
-    out = tmp_path_factory.mktemp("distributed")
-    data = generate(out / "data", SynthConfig(labels=2, per_label=10, size=32), progress=False)
-    run = Run(out / "trained")
-    pipeline.prepare(run, data, "A scene from {label}.", "A scene.", 32)
-    pipeline.train_step(run, TrainConfig(steps=2, batch_size=4), SMALL, progress=False)
-    return run
+    return barely_trained_run(tmp_path_factory.mktemp("distributed"), per_label=10)
+
+
+def _single_and_torchrun(command: list[str], single: Run, parallel: Run) -> None:
+    """``diffmine COMMAND --run single ...`` in one process, then in 2 under torchrun into ``parallel``;
+    both must succeed."""
+    # torchrun; "--" ends its own options, else it reads diffmine's --run as an abbreviated --run-path
+    for launcher, run in (([sys.executable, "-m"], single),
+                          ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "--"], parallel)):
+        result = subprocess.run([*launcher, "diffmine", command[0], "--run", str(run.path), *command[1:]],
+                                capture_output=True, text=True, env=ENV, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _copies(run: Run, directory) -> tuple[Run, Run]:
@@ -60,6 +66,21 @@ def test_two_processes_give_exactly_the_single_process_maps(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_give_exactly_the_single_process_adaptive_maps(trained, tmp_path):
+    """The adaptive estimator's rounds: shards of each round dealt to both processes, the images to
+    refine decided by each from the files on disk; the same draws and maps as one process."""
+    single, parallel = _copies(trained, tmp_path)
+    _single_and_torchrun(["typicality", "--samples", "16", "--estimator", "adaptive", "--shard-size", "3",
+                          "--adaptive-top", "1", "--adaptive-per-image", "1", "--no-adaptive-significance",
+                          "--adaptive-bound", "1"], single, parallel)
+    draws = single.typicality_index()["draws"]
+    assert draws.min() == 4 and draws.max() > 4  # some images refined, some not
+    assert parallel.typicality_index()["draws"].tolist() == draws.tolist()
+    for image_id in single.images()["image_id"]:
+        np.testing.assert_array_equal(parallel.latent_typicality_map(image_id), single.latent_typicality_map(image_id))
+
+
+@pytest.mark.slow
 def test_two_processes_give_exactly_the_single_process_features(trained, tmp_path):
     # typicality and mining here, once: both runs cluster the same mined patches
     mined = Run(tmp_path / "mined")
@@ -68,15 +89,7 @@ def test_two_processes_give_exactly_the_single_process_features(trained, tmp_pat
     pipeline.mine_step(mined, MineConfig(per_image=2, top=20, least=2, random=2), progress=False)
     single, parallel = _copies(mined, tmp_path)
     # batches of 3 images: 7 blocks dealt round-robin, the last one short
-    options = ["--k", "3", "--feature-ensemble", "2", "--feature-batch-size", "3"]
-    reference = [sys.executable, "-m", "diffmine", "cluster", "--run", str(single.path), *options]
-    result = subprocess.run(reference, capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    # torchrun; "--" ends its own options, else it reads diffmine's --run as an abbreviated --run-path
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "--", "diffmine", "cluster", "--run", str(parallel.path), *options]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _single_and_torchrun(["cluster", "--k", "3", "--feature-ensemble", "2", "--feature-batch-size", "3"], single, parallel)
     features = np.load(single.features_path)
     assert features.shape == (40, 32) and np.abs(features).sum(1).min() > 0  # every patch has a feature
     np.testing.assert_array_equal(np.load(parallel.features_path), features)

@@ -37,6 +37,11 @@ class ClassifyConfig(TypicalityConfig):
 
     per_label: int = 50  # images scored per label (0: all), drawn at random with the seed
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.estimator == "adaptive":
+            raise ValueError("classify has no adaptive estimator (it targets typicality's mining); use stratified-antithetic")
+
 
 def label_scores(backend: Backend, pixels: torch.Tensor, label_prompts: list[str], null_prompt: str,
                  config: TypicalityConfig) -> np.ndarray:

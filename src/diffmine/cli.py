@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .adaptive import AdaptiveConfig
 from .baselines.doersch import add_parser as add_baseline
 from .classify import ClassifyConfig
 from .clustering import ClusterConfig
@@ -36,7 +37,7 @@ from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
 from .trends import TrendsConfig
 from .typicality import TypicalityConfig
-from .flags import HELP, _flag, add_config, add_run_args, build_config
+from .flags import ADAPTIVE_HELP, HELP, _flag, add_config, add_run_args, build_config
 from .machine import set_threads
 
 SYNTH_HELP = {"per_label": "images generated per label"}
@@ -117,6 +118,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="score with this model instead of the run's trained one (e.g. sd:PATH)")
     p.add_argument("--text-encoder", default=None, help="with --model sd:...: another CLIP text encoder (folder or hub id)")
     add_config(p, TypicalityConfig)
+    add_config(p, AdaptiveConfig, prefix="adaptive-", help=ADAPTIVE_HELP)
 
     p = sub.add_parser("mine", help="mine the most typical patches per label",
                        description="Top patches per image (greedy, non-overlapping), kept if significantly typical (z >= --z-min), "
@@ -170,6 +172,8 @@ def parser() -> argparse.ArgumentParser:
         for key in ("samples", "t_min", "t_max", "estimator"):
             field = next(f for f in dataclasses.fields(TypicalityConfig) if f.name == key)
             p.add_argument(_flag(key), dest=key, type=type(field.default), default=field.default, help=HELP[key])
+        # the adaptive estimator targets the mining flags below
+        add_config(p, AdaptiveConfig, prefix="adaptive-", skip=("patch", "per_image", "top", "z_min", "significance"))
         add_config(p, MineConfig)
         add_config(p, ClusterConfig)
         add_config(p, FeatureConfig, prefix="feature-")
@@ -299,7 +303,8 @@ def cmd_typicality(args, prefix=""):
 
     config = build_config(TypicalityConfig, args, prefix)
     model = getattr(args, "model", None) if not prefix else None
-    pipeline.typicality_step(Run(args.run), config, model, _model_options(args) if model else None, force=args.force)
+    pipeline.typicality_step(Run(args.run), config, model, _model_options(args) if model else None, force=args.force,
+                             adaptive=build_config(AdaptiveConfig, args, "adaptive-"))
 
 
 def cmd_mine(args):

@@ -40,6 +40,9 @@ class ContrastConfig(TypicalityConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.estimator == "adaptive":
+            raise ValueError("contrast maps have no adaptive estimator (it targets typicality's mining); "
+                             "use stratified-antithetic")
         if self.images not in IMAGES:
             raise ValueError(f"images must be one of {IMAGES}, got {self.images!r}")
 

@@ -22,7 +22,12 @@ HELP = {
     "t_min": "lower end of the diffusion time range (fraction of T)",
     "t_max": "upper end of the diffusion time range (fraction of T)",
     "estimator": f"{' | '.join(ESTIMATORS)}: 'paper' draws t and eps i.i.d.; 'stratified' one t per stratum; "
-                 "'stratified-antithetic' also pairs eps with -eps",
+                 "'stratified-antithetic' also pairs eps with -eps; 'adaptive' (typicality): --adaptive-first-draws for "
+                 "every image, then up to --samples only for images whose patches can still enter the mined top",
+    "first_draws": "adaptive estimator: draws every image gets in the first round (even, >= 4); doubled per round "
+                   "for the images still undecided",
+    "bound": "adaptive estimator: half-width of the confidence bounds deciding which images get more draws, "
+             "in standard errors",
     "shard_size": "images per stored shard (unit of work and resume)",
     "map_dtype": "storage precision of typicality maps (float16 | float32)",
     "precision": "auto | fp32 | bf16 | fp16 autocast of the UNet forward (auto: bf16 where the CPU/GPU computes it natively, else fp32)",
@@ -66,6 +71,16 @@ HELP = {
     "feature_block": "Plug-and-Play: up-block whose residual features are injected",
     "feature_resnet": "Plug-and-Play: resnet of that up-block",
     "attention_blocks": "Plug-and-Play: up-blocks whose self-attention q/k are injected (comma-separated)",
+}
+
+
+# the adaptive estimator's targets on `diffmine typicality` (`run` and `demo` take mining's flags)
+ADAPTIVE_HELP = {
+    "patch": "adaptive estimator: the mining patch side its draws target (None: mining's automatic side)",
+    "per_image": "adaptive estimator: the mining --per-image its draws target",
+    "top": "adaptive estimator: the mining --top (per label) its draws target",
+    "z_min": "adaptive estimator: the mining --z-min its draws target",
+    "significance": "adaptive estimator: whether mining's significance filter is targeted",
 }
 
 

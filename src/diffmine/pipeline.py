@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import string
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ from .rundir import Run, RunError
 from .shards import result_settings
 from .train import TrainConfig, train
 from .translate import TranslateConfig, missing_translations, run_translate
+from .adaptive import AdaptiveConfig
 from .typicality import TypicalityConfig, run_typicality
 
 
@@ -323,11 +325,13 @@ def _barrier(world: int) -> None:
 
 
 def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None, model_options: dict | None = None,
-                    progress: bool = True, force: bool = False) -> int:
+                    progress: bool = True, force: bool = False, adaptive: AdaptiveConfig | None = None) -> int:
     """Typicality with the run's trained model, or with ``model`` (e.g. pretrained ``sd:PATH``).
 
     Incremental over the listing: maps of listed images with unchanged content are kept, new
     images are computed, images that could not be read are retried. Returns the shards written.
+    ``adaptive``: the mining settings and rounds of ``--estimator adaptive`` (part of its result's
+    settings; default ``AdaptiveConfig()``), unused by the other estimators.
     """
     rank, world, device = distributed_context()
     config = _resolved(run, "typicality", config, device)
@@ -337,6 +341,9 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
     # shards are a unit of work, not of the result: new images may come in shards of another size
     settings = {**result_settings(config, ("batch_size", "workers", "compile", "shard_size")), "model": model or "run",
                 "model_options": model_options or {}}
+    if config.estimator == "adaptive":  # where the draws go depends on what is mined
+        adaptive = adaptive or AdaptiveConfig()
+        settings["adaptive"] = asdict(adaptive)
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
     with _locked(run, "typicality", rank):
         action = _planned(run, "typicality", settings, inputs, force, expensive=True, incremental=("listing",))
@@ -352,7 +359,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
                 _clear(run.typicality_dir)
             run.lineage.put("typicality", settings, inputs, "typicality", complete=False)
         _barrier(world)
-        written = run_typicality(run, backend, config, rank, world, progress)
+        written = run_typicality(run, backend, config, rank, world, progress, adaptive)
         if rank == 0:
             complete = _typicality_covers_listing(run)
             run.lineage.put("typicality", settings, inputs, "typicality", complete=complete)
@@ -398,6 +405,7 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool =
     """The most typical patches per label (with the least typical and random ones); returns the table."""
     typicality = run.fresh("typicality")
     settings, inputs = asdict(config), {"typicality": typicality["identity"]}
+    _check_adaptive_targets(typicality["settings"].get("adaptive"), config)
     with step_lock(run.path, "mine"):
         if _planned(run, "mine", settings, inputs, force) == "done":
             print("mine: up to date")
@@ -406,6 +414,20 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool =
         patches, k = run_mining(run, config, progress)
         run.lineage.put("mine", settings, inputs, "mine", patch=k)
         return patches
+
+
+def _check_adaptive_targets(targets: dict | None, config: MineConfig) -> None:
+    """Adaptive typicality put its draws where its recorded mining settings needed them: say so when
+    mining asks for others (still correct, less precise where the draws did not go)."""
+    if not targets:
+        return
+    differ = [f"--{name.replace('_', '-')} {getattr(config, name)} (typicality targeted {targets[name]})"
+              for name in ("top", "per_image", "patch", "z_min", "significance")
+              if targets.get(name) is not None and getattr(config, name) != targets[name]]
+    if differ:
+        print("mine: the adaptive typicality refined the draws for other mining settings: " + "; ".join(differ)
+              + ". The patches beyond its targets are ranked with fewer draws; recompute typicality with "
+              "these settings (--force) for the same precision", file=sys.stderr)
 
 
 def scoring_inputs(run: Run) -> dict:

@@ -36,7 +36,7 @@ from .machine import resolve_precision
 from .models import Backend
 from .shards import plan_new_shards, write_shard
 
-ESTIMATORS = ("paper", "stratified", "stratified-antithetic")
+ESTIMATORS = ("paper", "stratified", "stratified-antithetic", "adaptive")
 # (backend, pixels (B, 3, H, W), labels of the B images) -> (B, h, w) latent maps
 MapsOf = Callable[[Backend, torch.Tensor, list[str]], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
@@ -48,7 +48,9 @@ class TypicalityConfig:
     t_max: float = 0.7
     # paper: t i.i.d. uniform, eps i.i.d.; stratified: one t per equal-width stratum;
     # stratified-antithetic: also eps, -eps in pairs. The default needs about half the draws of
-    # the paper's for the same patch ranking (benchmarks/estimator.py, benchmarks/README.md)
+    # the paper's for the same patch ranking (benchmarks/estimator.py, benchmarks/README.md).
+    # adaptive: a nested stratified-antithetic sequence (:func:`nested_draws`), few draws for every
+    # image and up to ``samples`` only where the mined set can still change (adaptive.py)
     estimator: str = "stratified-antithetic"
     seed: int = 0
     batch_size: int = 0  # UNet inputs per forward pass, all conditions counted; 0: the backend's choice
@@ -81,6 +83,8 @@ class TypicalityConfig:
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.samples < 1:
             raise ValueError("samples must be >= 1")
+        if self.estimator == "adaptive" and (self.samples < 4 or self.samples % 2):
+            raise ValueError(f"the adaptive estimator needs an even samples >= 4 (antithetic pairs), got {self.samples}")
         if self.map_dtype not in ("float16", "float32"):
             raise ValueError(f"map_dtype must be float16 or float32, got {self.map_dtype!r}")
         resolve_precision(self.precision)  # validates
@@ -100,6 +104,8 @@ def draw_noise(seed: int, samples: int, latent_shape: tuple[int, int, int], num_
         timesteps: (K,) int64 in [t_min * T, t_max * T)
         noise: (K, C, h, w) float32
     """
+    if estimator == "adaptive":
+        return nested_draws(seed, samples, latent_shape, num_train_timesteps, t_min, t_max)
     key = hashlib.sha256(json.dumps([seed, list(latent_shape)]).encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
     u = torch.rand(samples, generator=generator, dtype=torch.float64)
@@ -110,6 +116,44 @@ def draw_noise(seed: int, samples: int, latent_shape: tuple[int, int, int], num_
     noise = torch.randn(samples, *latent_shape, generator=generator)
     if estimator == "stratified-antithetic":
         noise[1::2] = -noise[0::2][: samples // 2]
+    return timesteps, noise
+
+
+def nested_draws(seed: int, samples: int, latent_shape: tuple[int, int, int], num_train_timesteps: int,
+                 t_min: float = 0.1, t_max: float = 0.7) -> tuple[torch.Tensor, torch.Tensor]:
+    """The adaptive estimator's draws: one fixed sequence whose every prefix of 2^m draws is a
+    stratified-antithetic set, so an image refined to n draws used exactly the first n.
+
+    t: an Owen-scrambled van der Corput sequence: draw 0 uniform; draw 2^m + i uniform in the half
+    of draw i's stratum of width 2^-m that draw i left empty. The first 2^m draws then hold one
+    draw in each stratum of width 2^-m, each uniform within it, and every draw is uniform on its
+    own. eps: draws 2p and 2p + 1 are eps and -eps. A prefix does not depend on ``samples``.
+
+    Returns:
+        timesteps: (K,) int64 in [t_min * T, t_max * T); noise: (K, C, h, w) float32
+    """
+    key = hashlib.sha256(json.dumps(["nested", seed, list(latent_shape)]).encode()).digest()
+    t_gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    eps_gen = torch.Generator().manual_seed(int.from_bytes(key[8:16], "little") & (2**63 - 1))
+    u: list[float] = []
+    for j in range(samples):
+        r = float(torch.rand(1, generator=t_gen, dtype=torch.float64))
+        if j == 0:
+            u.append(r)
+            continue
+        level = j.bit_length() - 1
+        width = 0.5 ** level
+        start = np.floor(u[j - 2**level] / width) * width  # draw i's stratum [start, start + width)
+        empty = start if u[j - 2**level] >= start + width / 2 else start + width / 2
+        u.append(empty + r * width / 2)
+    t = t_min + (t_max - t_min) * torch.tensor(u, dtype=torch.float64)
+    timesteps = (t * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    noise = torch.empty(samples, *latent_shape)
+    for p in range(0, samples, 2):  # one call per pair: a prefix does not depend on the length
+        eps = torch.randn(*latent_shape, generator=eps_gen)
+        noise[p] = eps
+        if p + 1 < samples:
+            noise[p + 1] = -eps
     return timesteps, noise
 
 
@@ -203,7 +247,7 @@ def draw_units(per_draw: torch.Tensor, estimator: str) -> torch.Tensor:
     variance of the stratified mean (strata differences count as noise), so the error is
     conservative: a patch called significant is at least as significant as its z says.
     """
-    if estimator == "stratified-antithetic" and per_draw.shape[1] >= 2:
+    if estimator in ("stratified-antithetic", "adaptive") and per_draw.shape[1] >= 2:
         pairs = per_draw.shape[1] // 2
         return (per_draw[:, 0:2 * pairs:2] + per_draw[:, 1:2 * pairs:2]) / 2
     return per_draw
@@ -219,12 +263,13 @@ def upsample(latent_map: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np
 
 
 def prompt_errors(backend: Backend, pixels: torch.Tensor, prompts: list[list[str]], config: TypicalityConfig,
-                  per_draw: bool = False) -> torch.Tensor:
+                  per_draw: bool = False, first: int = 0) -> torch.Tensor:
     """Denoising error of each image under each of its M prompts, with the run's shared draws.
 
     Args:
         pixels: (B, 3, H, W) in [-1, 1], one size
         prompts: B lists of M prompt strings
+        first: use the draws ``first`` .. ``config.samples - 1`` only (the adaptive estimator's rounds)
     Returns:
         (B, M, h, w) float32 on the latent grid ((B, M, K, h, w) with ``per_draw``)
     """
@@ -235,22 +280,24 @@ def prompt_errors(backend: Backend, pixels: torch.Tensor, prompts: list[list[str
         states = states.view(len(prompts), M, *states.shape[1:])
     timesteps, noise = draw_noise(config.seed, config.samples, tuple(latents.shape[1:]),
                                   backend.scheduler.config.num_train_timesteps, config.t_min, config.t_max, config.estimator)
+    timesteps, noise = timesteps[first:], noise[first:]
     return condition_errors(backend, latents, states, timesteps, noise, config.batch_size, config.precision,
                             fixed_shape=config.compile, per_draw=per_draw)
 
 
 def typicality_latent_maps(backend: Backend, pixels: torch.Tensor, label_prompts: list[str], null_prompt: str,
-                           config: TypicalityConfig, units: bool = False):
+                           config: TypicalityConfig, units: bool = False, first: int = 0):
     """Typicality of a batch of same-size images, each under its own label.
 
     Args:
         pixels: (B, 3, H, W) in [-1, 1]
         label_prompts: B prompt strings
+        first: the first of the draws used (see :func:`prompt_errors`)
     Returns:
         (B, h, w) float32 on the latent grid; with ``units``, also (B, U, h, w): the maps of the
         independent units of the draws (:func:`draw_units`), whose mean is the map for even K
     """
-    errors = prompt_errors(backend, pixels, [[p, null_prompt] for p in label_prompts], config, per_draw=units)
+    errors = prompt_errors(backend, pixels, [[p, null_prompt] for p in label_prompts], config, per_draw=units, first=first)
     if not units:
         return typicality_from_errors(errors)
     per_draw = typicality_from_errors(errors)  # (B, K, h, w)
@@ -265,6 +312,7 @@ SHARD_SCHEMA = pa.schema([
     ("index", pa.int64()), ("image_id", pa.string()), ("path", pa.string()), ("label", pa.string()),
     ("fingerprint", pa.string()), ("height", pa.int32()), ("width", pa.int32()), ("key", pa.string()),
     ("mean", pa.float32()), ("max", pa.float32()), ("status", pa.string()), ("problem", pa.string()),
+    ("draws", pa.int32()),  # the (t, eps) draws the image's map averages (0: no map)
 ])
 
 
@@ -286,7 +334,7 @@ def compute_shard(backend: Backend, images: pd.DataFrame, maps_of: MapsOf, condi
             r = records[positions[0]]
             rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
                              fingerprint=r["fingerprint"], height=0, width=0, key="", mean=float("nan"),
-                             max=float("nan"), status=bad_status(batch), problem=batch.problem))
+                             max=float("nan"), status=bad_status(batch), problem=batch.problem, draws=0))
         else:
             out = maps_of(backend, to_model_input(batch), [records[i]["label"] for i in positions])
             # a map function may also give each image's unit maps (typicality's standard errors)
@@ -299,7 +347,7 @@ def compute_shard(backend: Backend, images: pd.DataFrame, maps_of: MapsOf, condi
                     maps[unit_key(key)] = units[n].astype(config.map_dtype)
                 rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
                                  fingerprint=r["fingerprint"], height=batch.shape[1], width=batch.shape[2], key=key, mean=float(latent_map.mean()),
-                                 max=float(latent_map.max()), status="ok", problem=None))
+                                 max=float(latent_map.max()), status="ok", problem=None, draws=config.samples))
         if progress is not None:
             progress.update(len(positions))
     rows.sort(key=lambda r: r["index"])
@@ -318,18 +366,30 @@ def bad_status(problem: BadImage) -> str:
 
 
 def run_typicality(run, backend: Backend, config: TypicalityConfig, process_index: int = 0, num_processes: int = 1,
-                   progress: bool = True) -> int:
+                   progress: bool = True, adaptive=None) -> int:
     """Compute the typicality maps the run's listing still lacks; returns how many shards this
-    process wrote (see :func:`run_maps`)."""
+    process wrote (see :func:`run_maps`; the adaptive estimator: ``adaptive.run_adaptive``, with
+    ``adaptive`` its ``AdaptiveConfig``)."""
+    if config.estimator == "adaptive":
+        from .adaptive import AdaptiveConfig, run_adaptive
+
+        return run_adaptive(run, backend, config, adaptive or AdaptiveConfig(), process_index, num_processes, progress)
+    maps_of = typicality_maps_of(run, config)
+    return run_maps(run, backend, config, run.typicality_dir, run.typicality_index(missing_ok=True), run.images(),
+                    maps_of, 2, "typicality", process_index, num_processes, progress)
+
+
+def typicality_maps_of(run, config: TypicalityConfig, first: int = 0) -> MapsOf:
+    """The :data:`MapsOf` of the run's typicality: each image under its label's prompt and the null
+    prompt, with the unit maps when ``config.unit_maps``; draws ``first`` .. ``config.samples - 1``."""
     prompt_of = {label: run.prompt(label) for label in run.labels}
     null_prompt = run.prompt(None)
 
     def maps_of(backend, pixels, labels):
         return typicality_latent_maps(backend, pixels, [prompt_of[label] for label in labels], null_prompt, config,
-                                      config.unit_maps)
+                                      config.unit_maps, first)
 
-    return run_maps(run, backend, config, run.typicality_dir, run.typicality_index(missing_ok=True), run.images(),
-                    maps_of, 2, "typicality", process_index, num_processes, progress)
+    return maps_of
 
 
 def run_maps(run, backend: Backend, config: TypicalityConfig, directory, index: pd.DataFrame | None,

@@ -1,0 +1,354 @@
+"""Adaptive typicality (``--estimator adaptive``): few draws for every image, more only where the
+mined set can still change.
+
+Mining needs the exact order only near the top: each label's best ``top`` patches, each taken
+among an image's ``per_image`` best boxes. Most images' candidates are clearly below their label's
+``top``-th best after a few draws; spending K draws on them changes nothing that is mined.
+
+Draws. One fixed sequence per seed and latent shape (``typicality.nested_draws``): every prefix of
+2^m draws is a stratified-antithetic set, and an image refined to n draws used exactly the first
+n. The sequence does not depend on the cap (``samples``).
+
+Rounds. Round 0 gives every image the first ``first_draws`` draws; round r >= 1 doubles the draws
+(at most ``samples``) of the images still undecided after round r - 1. An image not refined in a
+round is final; so all images refined in a round share their draws.
+
+The rule (:func:`refine`), from every image's candidates at its current estimate (the greedy
+``per_image`` boxes of side ``patch``, exactly as mining takes them, each with its score s and
+standard error se over the units of its draws):
+
+- per label, the candidates that pass the significance filter (s / se >= ``z_min``) are ranked:
+  the ``top`` best are *in*, the others *out* (as mining would keep them now);
+- a candidate in is undecided while s - b se (b = ``bound``) is below the best score left out
+  (the (top + 1)-th); a candidate out while s + b se reaches the worst score in (the top-th;
+  -inf with fewer) and it could pass the significance filter at the cap
+  (s + b se >= z_min se sqrt(n / samples));
+- an image is refined when one of its candidates is undecided (racing, as in LUCB, with the
+  other side's point estimate as the bar).
+
+Here se is floored at the label's median unit spread (se x sqrt(units) over its candidates) /
+sqrt(units): with 2-4 units an image's own se has 1-3 degrees of freedom and is often far too
+small, which would stop the image early; a too large se only costs draws.
+
+The rule needs the mining settings: they are part of the typicality result's settings
+(lineage) for this estimator. Mining with another ``--top``, ``--patch`` or ``--per-image`` is
+allowed and correct (every map is an unbiased mean of its draws), but the draws then went where
+the recorded settings needed them: a larger ``--top`` ranks its extra patches with the first
+round's precision. ``diffmine mine`` says so.
+
+Determinism, processes, resume. The work is planned once (``typicality/adaptive/plan.json``: the
+images still lacking maps, cut into the shards their final maps will have). Each round's work is
+one file pair per shard (``r<R>-shard-N``: the new units of its refined images and every image's
+candidates), dealt round-robin to processes and written atomically; between rounds a barrier,
+then every process computes the same refined set from the files on disk (a pure function of all
+images' results of the previous rounds). So the result does not depend on the number of
+processes, and a killed run resumes at the round and shard where it stopped. At the end each
+shard's final maps are written in the standard format (the mean map, ``KEY/units`` with one unit
+per antithetic pair of the image's draws, ``draws`` in the index) and the work folder is removed.
+Images listed later (an incremental run) are planned then, their label's threshold taken from
+every image's stored maps.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from tqdm import tqdm
+
+from .atomic import write_json
+from .mining import default_patch_size, greedy_boxes, patch_errors, patch_scores, significant
+from .shards import plan_new_shards, shard_is_complete, write_shard
+from .typicality import (SHARD_SCHEMA, TypicalityConfig, _barrier, compiled, compute_shard, typicality_maps_of,
+                         unit_key, upsample)
+
+WORK = "adaptive"  # the work folder inside RUN/typicality/, removed when the maps are final
+
+ROUND_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("label", pa.string()), ("key", pa.string()), ("height", pa.int32()),
+    ("width", pa.int32()), ("status", pa.string()), ("problem", pa.string()), ("draws", pa.int32()),
+    ("cand_y", pa.list_(pa.int32())), ("cand_x", pa.list_(pa.int32())), ("cand_s", pa.list_(pa.float32())),
+    ("cand_se", pa.list_(pa.float32())),
+])
+
+
+@dataclass
+class AdaptiveConfig:
+    first_draws: int = 4  # draws every image gets in the first round (even, >= 4)
+    bound: float = 2.0  # half-width of the confidence bounds, in standard errors
+    # the mining settings the draws target (``diffmine run`` takes mining's own)
+    patch: int | None = None
+    per_image: int = 5
+    top: int = 1000
+    z_min: float = 2.0
+    significance: bool = True
+
+    def __post_init__(self):
+        if self.first_draws < 4 or self.first_draws % 2:
+            raise ValueError(f"first_draws must be even and >= 4 (2 antithetic pairs), got {self.first_draws}")
+        if self.bound < 0 or self.per_image < 1 or self.top < 1 or (self.patch is not None and self.patch < 1):
+            raise ValueError("bound must be >= 0, per_image and top >= 1, patch >= 1 or None")
+
+
+def schedule(first: int, cap: int) -> list[int]:
+    """The cumulative draws of an image refined in every round: first, 2 first, 4 first, ..., cap."""
+    rounds = [min(first, cap)]
+    while rounds[-1] < cap:
+        rounds.append(min(2 * rounds[-1], cap))
+    return rounds
+
+
+def candidates(latent_map: np.ndarray, units: np.ndarray | None, size: tuple[int, int], k: int,
+               per_image: int) -> tuple[list, list, list, list]:
+    """An image's greedy best boxes as mining takes them: (ys, xs, scores, standard errors)."""
+    if k > min(size):
+        return [], [], [], []
+    scores = patch_scores(upsample(latent_map, size), k)
+    se = patch_errors(upsample(units, size), k) if units is not None else np.full_like(scores, np.nan)
+    best = greedy_boxes(scores, k, per_image)
+    return [y for y, _, _ in best], [x for _, x, _ in best], [s for _, _, s in best], [float(se[y, x]) for y, x, _ in best]
+
+
+def refine(latest: pd.DataFrame, active: set, config: AdaptiveConfig, cap: int) -> set:
+    """The images of ``active`` to give more draws (see the module's doc).
+
+    Args:
+        latest: one row per image of the collection (those in the work and those already final):
+            image_id, label, status, draws, cand_s, cand_se (lists: the image's candidates)
+        active: the images refined in the last round (the others are final)
+    """
+    ok = latest[latest["status"] == "ok"]
+    long = ok[["image_id", "label", "draws", "cand_s", "cand_se"]].explode(["cand_s", "cand_se"])
+    long = long.dropna(subset=["cand_s"]).reset_index(drop=True)
+    if long.empty:
+        return set()
+    s = long["cand_s"].to_numpy(np.float64)
+    se = long["cand_se"].to_numpy(np.float64)
+    draws = long["draws"].to_numpy(np.float64)
+    units = np.maximum(draws // 2, 1)
+    spread = pd.Series(se * np.sqrt(units), index=long.index)
+    floor = spread.groupby(long["label"]).transform("median").to_numpy(np.float64)
+    se_bound = np.fmax(se, floor / np.sqrt(units))
+    passes = significant(s, se, config.z_min) if config.significance else np.ones(len(s), bool)
+    # each label's candidates that mining would keep, best first: the top are in, the rest out
+    kept = pd.DataFrame({"label": long["label"].to_numpy(), "s": s})[passes]
+    kept = kept.sort_values("s", ascending=False, kind="mergesort")
+    rank = kept.groupby("label").cumcount()
+    in_top = np.zeros(len(s), bool)
+    in_top[rank.index[rank < config.top]] = True
+
+    def nth_best(n: int) -> np.ndarray:  # per candidate, its label's n-th best kept score (-inf: fewer)
+        at = rank.index[rank == n - 1]
+        return long["label"].map(dict(zip(kept.loc[at, "label"], kept.loc[at, "s"]))).fillna(-np.inf).to_numpy(np.float64)
+
+    high, low = s + config.bound * se_bound, s - config.bound * se_bound
+    with np.errstate(invalid="ignore"):
+        can_pass = (not config.significance) | passes | ~(se > 0) | (high >= config.z_min * se * np.sqrt(draws / cap))
+    # in: undecided while its lower bound is below the best candidate left out; out: while its
+    # upper bound reaches the worst candidate in and it could pass the significance filter
+    undecided = np.where(in_top, low < nth_best(config.top + 1), (high >= nth_best(config.top)) & can_pass)
+    undecided &= (draws < cap) & long["image_id"].isin(active).to_numpy()
+    return set(long["image_id"].to_numpy()[undecided.astype(bool)])
+
+
+# ----------------------------------------------------------------------------------------------
+# the step
+
+
+def run_adaptive(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfig, process_index: int = 0,
+                 num_processes: int = 1, progress: bool = True) -> int:
+    """The adaptive typicality of the images the run's listing still lacks; returns how many final
+    shards this process wrote."""
+    work = run.typicality_dir / WORK
+    written, attempted = 0, set()  # an image unreachable in this call is retried by the next one, not again here
+    while True:
+        if process_index == 0:
+            _prepare_plan(run, work, config, adaptive, attempted)
+        _barrier(num_processes)  # the plan is on disk before anyone reads it
+        if not (work / "plan.json").is_file():
+            return written
+        plan = json.loads((work / "plan.json").read_text())
+        attempted |= {image_id for image_id, _, _ in plan["images"]}
+        written += _execute(run, backend, config, adaptive, plan, process_index, num_processes, progress)
+        _barrier(num_processes)
+        if process_index == 0:
+            shutil.rmtree(work)
+
+
+def _prepare_plan(run, work, config: TypicalityConfig, adaptive: AdaptiveConfig, attempted: set) -> None:
+    """Keep a plan whose images are all still listed as they were; else plan the images lacking maps
+    (less those ``attempted`` already)."""
+    images = run.images()
+    path = work / "plan.json"
+    if path.is_file():
+        plan = json.loads(path.read_text())
+        listed = set(zip(images["image_id"], images["fingerprint"], images["label"]))
+        if all(tuple(row) in listed for row in plan["images"]):
+            return
+        shutil.rmtree(work)  # the listing changed under it: plan again
+    index = run.typicality_index(missing_ok=True)
+    done = set() if index is None else set(index.loc[index["status"] != "unreachable", "image_id"])
+    todo = images[~images["image_id"].isin(done | attempted)]
+    if todo.empty:
+        return
+    dataset = run.step_config("dataset")
+    shards = plan_new_shards(run.typicality_dir, len(todo), config.shard_size)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(path, {
+        "images": [list(row) for row in zip(todo["image_id"], todo["fingerprint"], todo["label"])],
+        "shards": [[name, rows.start, rows.stop] for name, rows in shards],
+        "rounds": schedule(adaptive.first_draws, config.samples),
+        "patch": adaptive.patch or default_patch_size(dataset["resolution"], dataset["resolution"]),
+    })
+
+
+def _execute(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfig, plan: dict, process_index: int,
+             num_processes: int, progress: bool) -> int:
+    work = run.typicality_dir / WORK
+    dataset = run.step_config("dataset")
+    listing = run.images().set_index("image_id")
+    ids = [image_id for image_id, _, _ in plan["images"]]
+    images = listing.loc[ids].reset_index()
+    shards = [(name, images.iloc[start:stop].reset_index(drop=True)) for name, start, stop in plan["shards"]]
+    rounds, k = plan["rounds"], plan["patch"]
+    final = _final_candidates(run, set(ids), k, adaptive.per_image, config.samples)
+    backend.denoiser.eval()
+    with compiled(backend, config.compile):
+        active = set(ids)
+        for r, draws in enumerate(rounds):
+            if r > 0:
+                latest = pd.concat([final, _latest(work, r)], ignore_index=True)
+                active = refine(latest, _refined_in(work, r - 1), adaptive, config.samples)
+                if not active:
+                    break
+            todo = [(name, frame[frame["image_id"].isin(active)]) for name, frame in shards]
+            mine = [(name, frame) for name, frame in todo if len(frame)][process_index::num_processes]
+            mine = [(name, frame) for name, frame in mine if not shard_is_complete(work, f"r{r}-{name}")]
+            bar = tqdm(total=sum(len(frame) for _, frame in mine), unit="img", position=process_index,
+                       desc=f"typicality round {r} ({draws} draws)" + (f" [{process_index}]" if num_processes > 1 else ""),
+                       disable=not progress)
+            for name, frame in mine:
+                _round_shard(run, backend, config, adaptive, work, r, rounds, name, frame, _keys(dict(shards)[name]),
+                             k, dataset, bar)
+            bar.close()
+            _barrier(num_processes)
+    written = 0
+    for name, frame in shards[process_index::num_processes]:
+        if not shard_is_complete(run.typicality_dir, name):
+            _final_shard(run, config, work, len(rounds), name, frame)
+            written += 1
+    return written
+
+
+def _keys(frame: pd.DataFrame) -> dict[str, str]:
+    """An image's key in its shard's round files and final maps: its position in the shard."""
+    return {image_id: str(n) for n, image_id in enumerate(frame["image_id"])}
+
+
+def _round_shard(run, backend, config, adaptive, work, r, rounds, name, frame, key_of, k, dataset, bar) -> None:
+    """Round ``r`` of one shard: the next draws of its refined images (``frame``), written with
+    every such image's candidates at its new estimate."""
+    first = rounds[r - 1] if r else 0
+    maps_of = typicality_maps_of(run, replace(config, samples=rounds[r], unit_maps=True), first)
+    execution = replace(config, samples=rounds[r] - first, map_dtype="float32")
+    maps, rows = compute_shard(backend, frame.reset_index(drop=True), maps_of, 2, execution, dataset["resolution"],
+                               dataset["resize"], bar)
+    arrays, out = {}, []
+    earlier = _units(work, [f"r{q}-{name}" for q in range(r)], [key_of[row["image_id"]] for row in rows if row["status"] == "ok"])
+    for row in rows:
+        key = key_of[row["image_id"]]
+        cand = ([], [], [], [])
+        if row["status"] == "ok":
+            arrays[key] = maps[unit_key(row["key"])]
+            units = np.concatenate(earlier.get(key, []) + [arrays[key]])
+            cand = candidates(units.mean(0), units, (row["height"], row["width"]), k, adaptive.per_image)
+        out.append(dict(image_id=row["image_id"], label=row["label"], key=key if row["status"] == "ok" else "",
+                        height=row["height"], width=row["width"], status=row["status"], problem=row["problem"],
+                        draws=rounds[r] if row["status"] == "ok" else 0, cand_y=cand[0], cand_x=cand[1],
+                        cand_s=cand[2], cand_se=cand[3]))
+    write_shard(work, f"r{r}-{name}", arrays, out, ROUND_SCHEMA)
+
+
+def _units(work, names: list[str], keys: list[str]) -> dict[str, list[np.ndarray]]:
+    """Each key's unit maps in the round files ``names``, in round order (files lacking it skipped)."""
+    from safetensors import safe_open
+
+    found: dict[str, list[np.ndarray]] = {}
+    for name in names:
+        path = work / f"{name}.safetensors"
+        if not path.is_file():
+            continue
+        with safe_open(str(path), "np") as f:
+            stored = set(f.keys())
+            for key in keys:
+                if key in stored:
+                    found.setdefault(key, []).append(f.get_tensor(key))
+    return found
+
+
+def _round_rows(work, r: int) -> pd.DataFrame:
+    tables = [pd.read_parquet(p) for p in sorted(work.glob(f"r{r}-shard-*.parquet")) if shard_is_complete(work, p.stem)]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=ROUND_SCHEMA.names)
+
+
+def _refined_in(work, r: int) -> set:
+    rows = _round_rows(work, r)
+    return set(rows.loc[rows["status"] == "ok", "image_id"])
+
+
+def _latest(work, r: int) -> pd.DataFrame:
+    """Each planned image's row of the last round before ``r`` that refined it."""
+    rows = pd.concat([_round_rows(work, q).assign(round=q) for q in range(r)], ignore_index=True)
+    rows = rows.sort_values("round", kind="mergesort").drop_duplicates("image_id", keep="last")
+    return rows[["image_id", "label", "status", "draws", "cand_s", "cand_se"]]
+
+
+def _final_candidates(run, planned: set, k: int, per_image: int, samples: int) -> pd.DataFrame:
+    """The candidates of the images whose maps are already final (an incremental run): their
+    labels' thresholds count them."""
+    from safetensors import safe_open
+
+    index = run.typicality_index(missing_ok=True)
+    rows = []
+    if index is not None:
+        ok = index[(index["status"] == "ok") & ~index["image_id"].isin(planned)]
+        for shard, table in ok.groupby("shard", sort=True):
+            with safe_open(str(run.typicality_dir / f"{shard}.safetensors"), "np") as f:
+                stored = set(f.keys())
+                for r in table.itertuples():
+                    units = f.get_tensor(unit_key(r.key)).astype(np.float32) if unit_key(r.key) in stored else None
+                    cand = candidates(f.get_tensor(r.key).astype(np.float32), units, (r.height, r.width), k, per_image)
+                    draws = getattr(r, "draws", samples)
+                    rows.append(dict(image_id=r.image_id, label=r.label, status="ok",
+                                     draws=samples if pd.isna(draws) else int(draws), cand_s=cand[2], cand_se=cand[3]))
+    return pd.DataFrame(rows, columns=["image_id", "label", "status", "draws", "cand_s", "cand_se"])
+
+
+def _final_shard(run, config: TypicalityConfig, work, rounds: int, name: str, frame: pd.DataFrame) -> None:
+    """The standard shard of ``frame``'s images: mean map and units over every draw each received."""
+    first = _round_rows(work, 0)
+    first = first[first["image_id"].isin(set(frame["image_id"]))].set_index("image_id")
+    keys = _keys(frame)
+    units = _units(work, [f"r{r}-{name}" for r in range(rounds)], list(keys.values()))
+    arrays, rows = {}, []
+    for r in frame.itertuples():
+        row = first.loc[r.image_id]
+        base = dict(index=r.index, image_id=r.image_id, path=r.path, label=r.label, fingerprint=r.fingerprint)
+        if row["status"] != "ok":
+            rows.append(dict(base, height=0, width=0, key="", mean=float("nan"), max=float("nan"), status=row["status"],
+                             problem=row["problem"], draws=0))
+            continue
+        key = keys[r.image_id]
+        stacked = np.concatenate(units[key])
+        latent_map = stacked.mean(0)
+        arrays[key] = latent_map.astype(config.map_dtype)
+        if config.unit_maps:
+            arrays[unit_key(key)] = stacked.astype(config.map_dtype)
+        rows.append(dict(base, height=int(row["height"]), width=int(row["width"]), key=key, mean=float(latent_map.mean()),
+                         max=float(latent_map.max()), status="ok", problem=None, draws=2 * len(stacked)))
+    rows.sort(key=lambda row: row["index"])
+    write_shard(run.typicality_dir, name, arrays, rows, SHARD_SCHEMA)

@@ -1,0 +1,149 @@
+"""The adaptive estimator: nested draws, the refinement rule, determinism, resume, the draws column."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from diffmine import adaptive, pipeline
+from diffmine.adaptive import AdaptiveConfig, refine, schedule
+from diffmine.mining import MineConfig
+from diffmine.rundir import Run
+from diffmine.typicality import TypicalityConfig, draw_noise, draw_units
+
+from conftest import barely_trained_run
+
+CONFIG = TypicalityConfig(samples=16, shard_size=4, estimator="adaptive")
+TARGETS = AdaptiveConfig(top=1, per_image=1, significance=False, bound=1.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Run:
+    """12 images of 2 labels at 32 px and a tiny model trained 2 steps: the numbers only need to match."""
+    return barely_trained_run(tmp_path_factory.mktemp("adaptive"), per_label=6)
+
+
+@pytest.fixture(scope="module")
+def reference(trained, tmp_path_factory) -> Run:
+    """The adaptive typicality, computed uninterrupted."""
+    run = Run(tmp_path_factory.mktemp("reference") / "run")
+    shutil.copytree(trained.path, run.path)
+    pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    return run
+
+
+def copy_of(run: Run, path) -> Run:
+    shutil.copytree(run.path, path, ignore=shutil.ignore_patterns("typicality"))
+    return Run(path)
+
+
+def assert_same_maps(a: Run, b: Run) -> None:
+    ia, ib = a.typicality_index(), b.typicality_index()
+    assert ia["draws"].tolist() == ib["draws"].tolist()
+    for image_id in ia["image_id"]:
+        np.testing.assert_array_equal(a.latent_typicality_map(image_id), b.latent_typicality_map(image_id))
+
+
+def test_nested_draws_every_prefix_is_stratified_antithetic():
+    t, noise = draw_noise(0, 32, (4, 4, 4), 1000, 0.1, 0.7, "adaptive")
+    assert t.min() >= 100 and t.max() < 700
+    for n in (2, 4, 8, 16, 32):  # one draw in each of n equal strata
+        assert sorted(((t[:n] - 100) * n // 600).tolist()) == list(range(n))
+    assert torch.equal(noise[1::2], -noise[0::2])
+    # a prefix does not depend on the cap; the seed and shape do change the draws
+    t8, noise8 = draw_noise(0, 8, (4, 4, 4), 1000, 0.1, 0.7, "adaptive")
+    assert torch.equal(t8, t[:8]) and torch.equal(noise8, noise[:8])
+    assert not torch.equal(draw_noise(1, 8, (4, 4, 4), 1000, 0.1, 0.7, "adaptive")[1], noise8)
+    assert draw_units(noise[None, :6, 0], "adaptive").shape == (1, 3, 4, 4)  # antithetic pairs
+    assert schedule(4, 64) == [4, 8, 16, 32, 64] and schedule(4, 100) == [4, 8, 16, 32, 64, 100]
+
+
+def test_refine_gives_draws_to_the_images_whose_patches_can_still_change_the_top():
+    rows = [  # (image, label, draws, candidate scores, their standard errors)
+        ("a-best", "a", 4, [10.0], [0.1]),     # in, clearly above the best left out (5): decided
+        ("a-edge", "a", 4, [5.0, 0.0], [0.1, 0.1]),  # out, but 5 + 2 x 0.1 reaches the worst in (4.9)
+        ("a-in", "a", 4, [4.9], [0.1]),        # in, but 4.9 - 0.2 is below the best left out (5): undecided
+        ("a-low", "a", 4, [1.0], [0.1]),       # out, far below: decided
+        ("a-capped", "a", 64, [4.95], [0.1]),  # would be undecided, but at the cap
+        ("b-weak", "b", 4, [1.0], [1.0]),      # not significant yet (z = 1); z = 4 at 16 x the draws
+        ("b-negative", "b", 4, [-5.0], [0.1]),  # can never pass the significance filter
+        ("b-sure", "b", 4, [10.0], [1.0]),     # in (fewer candidates than top): decided
+    ]
+    latest = pd.DataFrame(rows, columns=["image_id", "label", "draws", "cand_s", "cand_se"]).assign(status="ok")
+    config = AdaptiveConfig(top=3, bound=2.0)
+    active = set(latest["image_id"])
+    assert refine(latest, active, config, 64) == {"a-edge", "a-in", "b-weak"}
+    assert refine(latest, active - {"a-in"}, config, 64) == {"a-edge", "b-weak"}  # final images stay final
+    # without the significance filter, b's two images are in (top 3 of 3): decided
+    assert refine(latest, active, AdaptiveConfig(top=3, significance=False), 64) == {"a-edge", "a-in"}
+
+
+def test_adaptive_is_deterministic_and_records_its_draws(trained, reference, tmp_path, capsys):
+    index = reference.typicality_index()
+    assert set(index["draws"]) <= set(schedule(4, 16)) and index["draws"].min() == 4 and index["draws"].max() > 4
+    assert not (reference.typicality_dir / adaptive.WORK).exists()  # the work folder is gone
+    assert reference.step_config("typicality")["adaptive"]["top"] == 1  # the targets are the result's settings
+    again = copy_of(trained, tmp_path / "again")
+    pipeline.typicality_step(again, CONFIG, progress=False, adaptive=TARGETS)
+    assert_same_maps(reference, again)
+    # the units of each image's draws are stored beside its map: mining's standard errors
+    from diffmine.shards import read_array
+    r = index.iloc[0]
+    units = read_array(reference.typicality_dir, r["shard"], f"{r['key']}/units").astype(np.float32)
+    assert len(units) == r["draws"] // 2
+    np.testing.assert_allclose(units.mean(0), reference.latent_typicality_map(r["image_id"]), atol=2e-3)
+    patches = pipeline.mine_step(again, MineConfig(top=3, per_image=2, least=1, random=1), progress=False)
+    assert (patches["kind"] == "top").any() or (patches["kind"] == "rejected").any()
+    assert "--top 3 (typicality targeted 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["round", "final"])
+def test_a_killed_adaptive_run_resumes_to_the_same_maps(trained, reference, tmp_path, monkeypatch, where):
+    run = copy_of(trained, tmp_path / "killed")
+    target = "_round_shard" if where == "round" else "_final_shard"
+    real = getattr(adaptive, target)
+    calls = []
+
+    def dies(*args, **kwargs):
+        # round: killed at round 1's first shard (round 0 written); final: after one final shard
+        if where == "round" and args[5] == 1 or where == "final" and calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adaptive, target, dies)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    assert (run.typicality_dir / adaptive.WORK / "plan.json").is_file()
+    monkeypatch.setattr(adaptive, target, real)
+    pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    assert_same_maps(reference, run)
+    assert not (run.typicality_dir / adaptive.WORK).exists()
+
+
+def test_new_images_are_scored_adaptively_beside_the_final_ones(trained, reference, tmp_path):
+    """An incremental run plans only the new images; the old maps stay bit for bit."""
+    run = Run(tmp_path / "incremental")
+    shutil.copytree(reference.path, run.path)
+    data = tmp_path / "data"
+    shutil.copytree(reference.dataset_root, data)
+    shutil.copy(next((data / "sudland").glob("*.png")), data / "norland" / "img_9999.png")
+    pipeline.prepare(run, data, "A scene from {label}.", "A scene.", 32)
+    pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    index = run.typicality_index()
+    assert len(index) == 13 and index["draws"].min() >= 4
+    for image_id in reference.typicality_index()["image_id"]:
+        np.testing.assert_array_equal(run.latent_typicality_map(image_id), reference.latent_typicality_map(image_id))
+
+
+def test_contrast_and_classify_refuse_the_adaptive_estimator():
+    from diffmine.classify import ClassifyConfig
+    from diffmine.contrast import ContrastConfig
+
+    for cls in (ContrastConfig, ClassifyConfig):
+        with pytest.raises(ValueError, match="adaptive"):
+            cls(estimator="adaptive")
+    with pytest.raises(ValueError, match="even"):
+        TypicalityConfig(samples=15, estimator="adaptive")
