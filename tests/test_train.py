@@ -127,3 +127,68 @@ def test_metrics_csv_has_one_row_per_step_and_a_resume_keeps_them_once(small_dat
     np.testing.assert_allclose(again["loss"], full["loss"], rtol=1e-6)  # the resumed steps are the same steps
     if importlib.util.find_spec("tensorboard") is not None:  # the optional extra: events through accelerate
         assert list((straight.model_dir / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero_at_the_last_step():
+    from diffmine.train import lr_factor
+
+    constant = TrainConfig(steps=110, warmup_steps=10)
+    # the constant schedule is the one before the option existed: min(1, (s + 1) / warmup)
+    assert [lr_factor(s, constant) for s in range(110)] == [min(1.0, (s + 1) / 10) for s in range(110)]
+    for kind in ("cosine", "linear"):
+        config = TrainConfig(steps=110, warmup_steps=10, lr_schedule=kind)
+        f = [lr_factor(s, config) for s in range(110)]
+        assert f[:10] == [(s + 1) / 10 for s in range(10)]  # the same warm-up
+        assert all(a >= b for a, b in zip(f[9:], f[10:]))  # then never rises
+        assert 0 < f[-1] < 0.02  # the last step still learns, a little
+        assert f[60] == pytest.approx(0.5, abs=0.01)  # half-way through the decay
+    assert lr_factor(30, TrainConfig(steps=110, warmup_steps=10, lr_schedule="cosine")) == pytest.approx(
+        0.5 * (1 + np.cos(np.pi * 21 / 101)))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_min_snr_weights():
+    from diffmine.train import snr_weights
+
+    snr = torch.tensor([0.25, 1.0, 5.0, 20.0, 1000.0])
+    alphas = snr / (1 + snr)  # SNR = a / (1 - a)
+    torch.testing.assert_close(snr_weights(alphas, 5.0), torch.tensor([1.0, 1.0, 1.0, 0.25, 0.005]))
+    assert torch.equal(snr_weights(alphas, 0.0), torch.ones(5))
+    with pytest.raises(ValueError, match="snr_gamma"):
+        TrainConfig(snr_gamma=-1)
+
+
+def test_recipe_options_train_deterministically_resume_exactly_and_are_recorded(small_data, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from diffmine.models.tiny import TinyBackend
+    from diffmine.train import lr_factor, train
+
+    recipe = dict(batch_size=4, checkpoint_every=3, warmup_steps=2, lr_schedule="cosine", snr_gamma=5.0)
+    config = TrainConfig(steps=6, **recipe)
+    straight = _tiny_run(tmp_path / "a", small_data)
+    pipeline.train_step(straight, config, SMALL, progress=False)
+    # an interrupted run: trained to its step-3 checkpoint (of 6 asked: the decay is over --steps), then resumed
+    resumed = _tiny_run(tmp_path / "b", small_data)
+    pipeline.train_step(resumed, config, SMALL, progress=False)
+    shutil.rmtree(resumed.model_dir / "checkpoints" / "step-0000006")
+    train(resumed, pipeline.new_backend(resumed, "tiny", 0, **SMALL), config, progress=False)
+    a = read_weights(straight.model_dir / "trainable.safetensors")
+    b = read_weights(resumed.model_dir / "trainable.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    rates = pd.read_csv(straight.model_dir / "metrics.csv")["learning_rate"].to_numpy()
+    np.testing.assert_allclose(rates, [TinyBackend.default_learning_rate * lr_factor(s, config) for s in range(6)])
+    assert rates[1] == rates.max() and rates[-1] < rates[2]
+    # the options change the model; the record names them, and leaves them out at their old values
+    plain = _tiny_run(tmp_path / "p", small_data)
+    pipeline.train_step(plain, TrainConfig(steps=6, batch_size=4, checkpoint_every=3, warmup_steps=2), SMALL, progress=False)
+    p = read_weights(plain.model_dir / "trainable.safetensors")
+    assert any(not torch.equal(a[k], p[k]) for k in a)
+    recorded = straight.lineage.get("model")["settings"]
+    assert recorded["lr_schedule"] == "cosine" and recorded["snr_gamma"] == 5.0
+    assert "lr_schedule" not in plain.lineage.get("model")["settings"]
+    assert "snr_gamma" not in plain.lineage.get("model")["settings"]

@@ -61,6 +61,10 @@ HELP = {
     "seed": "seed of every random choice",
     "weight_decay": "AdamW weight decay",
     "warmup_steps": "linear learning-rate warm-up steps",
+    "lr_schedule": "learning rate after the warm-up: constant | cosine | linear (cosine, linear: decay to 0 at "
+                   "--steps; more --steps later stretch the decay from the step reached)",
+    "snr_gamma": "min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss times min(SNR, gamma) / SNR "
+                 "(e.g. 5; 0: off)",
     "grad_clip": "clip the gradient norm to this",
     "grad_accumulation": "micro-batches accumulated per optimizer step",
     "gradient_checkpointing": "recompute activations in the backward pass (SD: less memory, slower)",

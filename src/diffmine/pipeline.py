@@ -216,6 +216,15 @@ def new_backend(run: Run, model: str, seed: int, **options) -> Backend:
 # how often to checkpoint, and how many to keep, say nothing about the model; the number of
 # steps may grow (training goes on from the last checkpoint)
 TRAIN_EXECUTION = ("steps", "checkpoint_every", "keep_checkpoints")
+# training options added after models were stored, at the value that trains as before: left out of
+# the model's settings there, so that a model trained before the option existed stays up to date
+TRAIN_ADDED = {"lr_schedule": "constant", "snr_gamma": 0.0}
+
+
+def model_settings(config: TrainConfig) -> dict:
+    """The training settings that say what model comes out (recorded in the lineage)."""
+    return {k: v for k, v in asdict(config).items()
+            if k not in TRAIN_EXECUTION and not (k in TRAIN_ADDED and v == TRAIN_ADDED[k])}
 
 
 def model_digest(model_dir: Path) -> str:
@@ -229,8 +238,7 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
     training split; resumable, and continued when ``steps`` grows. Another listing, prompts or
     settings than the stored model's are refused without ``force`` (a new model)."""
     listing = run.fresh("listing")
-    settings = {**{k: v for k, v in asdict(config).items() if k not in TRAIN_EXECUTION},
-                "model": listing["settings"]["model"], "model_options": model_options or {}}
+    settings = {**model_settings(config), "model": listing["settings"]["model"], "model_options": model_options or {}}
     inputs = {"listing": listing["identity"]}
     rank = int(os.environ.get("RANK", "0"))
     with _locked(run, "model", rank):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -38,9 +39,11 @@ class TrainConfig:
     learning_rate: float | None = None  # None: the backend's default (5e-4 embedded, 1e-5 SD, 1e-4 LoRA)
     weight_decay: float = 1e-2
     warmup_steps: int = 50
+    lr_schedule: str = "constant"  # constant | cosine | linear: after warm-up, decay to 0 at `steps`
     grad_clip: float = 1.0
     grad_accumulation: int = 1
     p_uncond: float = 0.15
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5; 0: off (plain eps MSE)
     mixed_precision: str = "no"  # no | bf16 | fp16 (accelerate's names)
     ema_decay: float = 0.0  # 0 disables; e.g. 0.999 keeps an EMA of the weights for inference
     gradient_checkpointing: bool = False
@@ -58,6 +61,38 @@ class TrainConfig:
             raise ValueError("checkpoint_every and keep_checkpoints must be >= 1")
         if not 0.0 <= self.p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.snr_gamma < 0:
+            raise ValueError(f"snr_gamma must be >= 0 (0: off), got {self.snr_gamma}")
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a fraction of the base rate: a
+    linear warm-up over ``warmup_steps``, then constant, or a cosine / linear decay that reaches
+    0 at ``steps`` (the last step still learns a little). A function of the step alone, so a
+    resumed run follows the same schedule; more ``--steps`` later stretch the decay from there."""
+    warmup = max(1, config.warmup_steps)
+    factor = min(1.0, (step + 1) / warmup)
+    if config.lr_schedule == "constant" or step < warmup:
+        return factor
+    progress = min(1.0, (step - warmup + 1) / max(1, config.steps - warmup + 1))
+    if config.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma for eps prediction: min(SNR, gamma) / SNR with
+    SNR = alpha_bar / (1 - alpha_bar); 1 where SNR <= gamma (noisy steps), below 1 for the nearly
+    clean steps whose easy, large-gradient losses would otherwise dominate. gamma 0: all ones."""
+    if gamma <= 0:
+        return torch.ones_like(alphas_cumprod)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return snr.clamp(max=gamma) / snr
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -152,8 +187,7 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
     params = [p for p in backend.denoiser.parameters() if p.requires_grad]
     lr = config.learning_rate or backend.default_learning_rate
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    warmup = max(1, config.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     ema = None
     if config.ema_decay > 0:
         from diffusers.training_utils import EMAModel
@@ -223,7 +257,11 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         with accelerator.accumulate(denoiser):
             with accelerator.autocast():
                 pred = denoiser(noisy, timesteps, prompts)
-            loss = (pred.float() - noise).pow(2).mean()
+            if config.snr_gamma > 0:
+                per_sample = (pred.float() - noise).pow(2).flatten(1).mean(1)
+                loss = (snr_weights(alphas[timesteps].float(), config.snr_gamma) * per_sample).mean()
+            else:
+                loss = (pred.float() - noise).pow(2).mean()
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(params, config.grad_clip)
