@@ -1,7 +1,7 @@
 """Contrast maps C(x | A, B) = E[L(x, eps, B) - L(x, eps, A)].
 
 Quality on the built-in data with a guest element (``SynthConfig(guest=...)``: label C's element is
-also planted into half of every other label's images): A vs B localizes A's own element, and at
+also planted into a quarter of every other label's images): A vs B localizes A's own element, and at
 the guest element, which A and B carry alike, A vs B stays near zero while A vs C is negative.
 The storage, lineage and page tests use a tiny run (4 training steps; seconds).
 """
@@ -28,8 +28,10 @@ from diffmine.synthetic import SynthConfig, generate
 from diffmine.train import TrainConfig
 
 # 4 labels x 24 images of 32 px, westland's checker as guest in a quarter of the other labels' images.
-# Measured with this exact config (training is deterministic): A vs B AUC-PR 0.43 (random 0.025;
-# typicality 0.59); A vs B on the guest 0.11 of its value on A's element, A vs C there -0.34 of it
+# Measured with this exact config (training is deterministic on one machine; the CPU model changes
+# the last bits and so the model): AMD EPYC, A vs B AUC-PR 0.43 (random 0.025; typicality 0.59), A vs
+# B on the guest 0.11 of its value on A's element, A vs C there -0.34 of it; Intel Xeon, 0.457,
+# 0.01 and -0.70 (A vs C over the 18 guest images of every label but C)
 SYNTH = SynthConfig(labels=4, per_label=24, size=32, guest=3, guest_share=0.25, seed=0)
 TRAIN = TrainConfig(steps=600, batch_size=32, checkpoint_every=1000, seed=0)
 A, B, C = "norland", "eastland", "westland"
@@ -45,8 +47,8 @@ def contrast(run, a, b, **draws):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("contrast")
     run = trained_synthetic_run(root / "run", generate(root / "data", SYNTH, progress=False), SYNTH.size, TRAIN)
-    for b in (B, C):
-        contrast(run, A, b)
+    contrast(run, A, B)
+    contrast(run, A, C, images="all")  # the guest is in every label's images but C's: score them all
     return root / "data", run
 
 
@@ -73,15 +75,22 @@ def test_a_shared_element_is_no_contrast_but_the_label_that_owns_it_is(trained):
     own_ab, guest_ab, guest_ac = [], [], []
     for path in sorted((data / "guest_masks" / A).glob("*.png")):
         image_id = f"{A}/{path.name}"
-        ab, ac = run.contrast_map(image_id, A, B), run.contrast_map(image_id, A, C)
+        ab = run.contrast_map(image_id, A, B)
         guest, own = mask(path, ab.shape), mask(data / "masks" / A / path.name, ab.shape)
         own_ab.append(ab[own].mean())
         guest_ab.append(ab[guest].mean())
-        guest_ac.append(ac[guest].mean())
-    assert len(guest_ac) == round(SYNTH.guest_share * SYNTH.per_label)
+    # C's element is better explained by C's prompt than by A's wherever it is: in the guest images
+    # of every label but C (18 images; A's 6 alone made the share too coarse a statistic)
+    for label in [label for label in run.labels if label != C]:
+        for path in sorted((data / "guest_masks" / label).glob("*.png")):
+            ac = run.contrast_map(f"{label}/{path.name}", A, C)
+            guest_ac.append(ac[mask(path, ac.shape)].mean())
+    assert len(guest_ab) == round(SYNTH.guest_share * SYNTH.per_label)
+    assert len(guest_ac) == (SYNTH.labels - 1) * len(guest_ab)
     negative = np.mean(np.array(guest_ac) < 0)
     own_ab, guest_ab, guest_ac = map(np.mean, (own_ab, guest_ab, guest_ac))
-    print(f"A vs B on A's element {own_ab:.4f}, on the guest {guest_ab:.4f}; A vs C on the guest {guest_ac:.4f}")
+    print(f"A vs B on A's element {own_ab:.4f}, on the guest {guest_ab:.4f}; A vs C on the guest {guest_ac:.4f}, "
+          f"negative in {negative:.0%} of its images")
     assert own_ab > 0
     assert abs(guest_ab) <= 0.25 * own_ab
     assert guest_ac <= -0.15 * own_ab and negative >= 0.7
