@@ -61,7 +61,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from .atomic import write_json
-from .mining import default_patch_size, greedy_boxes, patch_errors, patch_scores, significant
+from .mining import MineConfig, default_patch_size, greedy_boxes, patch_errors, patch_scores, significant
 from .shards import plan_new_shards, shard_is_complete, write_shard
 from .typicality import (SHARD_SCHEMA, TypicalityConfig, _barrier, compiled, compute_shard, typicality_maps_of,
                          unit_key, upsample)
@@ -80,12 +80,12 @@ ROUND_SCHEMA = pa.schema([
 class AdaptiveConfig:
     first_draws: int = 4  # draws every image gets in the first round (even, >= 4)
     bound: float = 2.0  # half-width of the confidence bounds, in standard errors
-    # the mining settings the draws target (``diffmine run`` takes mining's own)
-    patch: int | None = None
-    per_image: int = 5
-    top: int = 1000
-    z_min: float = 2.0
-    significance: bool = True
+    # the mining settings the draws target (``diffmine run`` takes mining's own), by default mining's defaults
+    patch: int | None = MineConfig.patch
+    per_image: int = MineConfig.per_image
+    top: int = MineConfig.top
+    z_min: float = MineConfig.z_min
+    significance: bool = MineConfig.significance
 
     def __post_init__(self):
         if self.first_draws < 4 or self.first_draws % 2:

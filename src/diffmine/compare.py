@@ -15,7 +15,6 @@ Typical use: the same dataset scored by a finetuned model and by the pretrained 
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +159,7 @@ def build_context(run_a: Run, run_b: Run, examples: int = 4, crops: int = 10, cr
         "a": {"path": str(run_a.path), "model": _model_name(run_a)},
         "b": {"path": str(run_b.path), "model": _model_name(run_b)},
         "means": means, "labels": labels, "shared_count": len(shared_ids), "crop_px": crop_px, "map_px": map_px,
-        "colorbar": "data:image/png;base64," + base64.b64encode(colorbar(scale)).decode() if shown else None,
+        "colorbar": png_data_uri(colorbar(scale)) if shown else None,
     }
 
 

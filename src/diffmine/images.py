@@ -22,8 +22,10 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def png_data_uri(array: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(array)).decode()
+def png_data_uri(image: np.ndarray | bytes) -> str:
+    """An inline ``data:`` URI of an (H, W[, 3]) uint8 array, or of PNG bytes (e.g. :func:`colorbar`)."""
+    data = image if isinstance(image, bytes) else png_bytes(image)
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def map_scale(maps) -> float:
