@@ -68,15 +68,27 @@ def recomputed_features(run, patches, spec: str) -> np.ndarray:
                           FeatureConfig(**settings), progress=False)
 
 
-def summary(clustered, loaded) -> dict:
+def summary(clustered, loaded, depths=()) -> dict:
     from diffmine.evaluate import cluster_purity, patch_hits
 
-    per_label = cluster_purity(clustered, patch_hits(clustered, loaded), min_size=2)
+    hits = patch_hits(clustered, loaded)
+    per_label = cluster_purity(clustered, hits, min_size=2)
+    for depth in depths:  # the top cluster's hit rate over its first `depth` members (its own order)
+        for label, v in cluster_purity(clustered, hits, min_size=2, depth=depth).items():
+            per_label[label].setdefault("top1_at", {})[depth] = v["top_shown_hit_rate"]
     first = [v["first_element_rank"] for v in per_label.values()]
     return {"per_label": per_label,
             "top1": float(np.mean([v["top_cluster_hit_rate"] for v in per_label.values()])),
+            "top1_shown": float(np.mean([v["top_shown_hit_rate"] for v in per_label.values()])),
             "top3": float(np.mean([v["top3_hit_rate"] for v in per_label.values()])),
             "element_first": sum(f == 1 for f in first), "labels": len(per_label)}
+
+
+def print_depths(s: dict, depths: list[int]) -> None:
+    for label, v in s["per_label"].items():
+        if depths:
+            print(f"    {label:<14} top cluster of {v['top_cluster_size']:>3}: "
+                  + " ".join(f"@{d} {v['top1_at'][d]:.3f}" for d in depths))
 
 
 def main(argv=None) -> int:
@@ -96,12 +108,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="k-means seeds")
     p.add_argument("--features", nargs="+", default=["run"],
                    help="run (the stored features) or changed feature settings, e.g. t=0.3,ensemble=16")
+    p.add_argument("--depths", type=int, nargs="+", default=[],
+                   help="also print each label's top-cluster hit rate over its first D members (its own order), "
+                        "for every setting and baseline: methods compared at equal depth")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
     run, patches, stored, loaded = load(args.run, args.masks)
     hits = patch_hits(patches, loaded)
     rows = []
-    print(f"{'features':<20} {'z_min':>6} {'k':>3} {'mem':>3} {'seed':>4} {'merge':>5} {'match':>5} {'rank':<16} {'kept':>5} {'kept hit':>8} {'top1':>6} {'top3':>6} "
+    print(f"{'features':<20} {'z_min':>6} {'k':>3} {'mem':>3} {'seed':>4} {'merge':>5} {'match':>5} {'rank':<16} {'kept':>5} {'kept hit':>8} {'top1':>6} {'top1@8':>6} {'top3':>6} "
           f"{'elem 1st':>8}  first element rank per label  seconds")
     described = {spec: stored if spec == "run" else recomputed_features(run, patches, spec) for spec in args.features}
     for spec, z_min, k, members, seed, merge, match, rank in itertools.product(
@@ -113,21 +128,23 @@ def main(argv=None) -> int:
         clustered = cluster_patches(table, features, ClusterConfig(k=k, members=members, seed=seed, merge=merge, rank=rank,
                                                                   match_quantile=match))
         seconds = time.perf_counter() - t0
-        s = summary(clustered, loaded)
+        s = summary(clustered, loaded, args.depths)
         firsts = {label: v["first_element_rank"] for label, v in s["per_label"].items()}
         rows.append({"features": spec, "z_min": z_min, "k": k, "members": members, "seed": seed, "merge": merge, "match_quantile": match, "rank": rank, "kept": int(keep.sum()),
                      "kept_hit_rate": float(np.nanmean(hits[keep])), "seconds": seconds, **s})
         print(f"{spec:<20} {z_min:>6} {k:>3} {members:>3} {seed:>4} {merge:>5} {match:>5} {rank:<16} {int(keep.sum()):>5} {np.nanmean(hits[keep]):>8.3f} "
-              f"{s['top1']:>6.3f} {s['top3']:>6.3f} {s['element_first']:>4}/{s['labels']:<3}  "
+              f"{s['top1']:>6.3f} {s['top1_shown']:>6.3f} {s['top3']:>6.3f} {s['element_first']:>4}/{s['labels']:<3}  "
               f"{' '.join(f'{l}:{f}' for l, f in firsts.items())}  {seconds:.2f}", flush=True)
+        print_depths(s, args.depths)
     for path in sorted(run.path.glob("baselines/*/patches.parquet")):
         import pandas as pd
 
-        s = summary(pd.read_parquet(path), loaded)
+        s = summary(pd.read_parquet(path), loaded, args.depths)
         firsts = {label: v["first_element_rank"] for label, v in s["per_label"].items()}
         rows.append({"baseline": path.parent.name, **s})
-        print(f"baseline {path.parent.name}: top1 {s['top1']:.3f} top3 {s['top3']:.3f} element first "
+        print(f"baseline {path.parent.name}: top1 {s['top1']:.3f} top1@8 {s['top1_shown']:.3f} top3 {s['top3']:.3f} element first "
               f"{s['element_first']}/{s['labels']}  {' '.join(f'{l}:{f}' for l, f in firsts.items())}")
+        print_depths(s, args.depths)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
     return 0

@@ -188,3 +188,31 @@ def test_query_and_status(trained_run):
     images = len(trained_run.images())
     shards = -(-images // TYPICALITY.shard_size)
     assert f"typicality: {images}/{images} images, {shards} shards; done" in text and "cluster: done" in text
+
+
+def test_summary_metrics_read_the_top_cluster_in_its_own_order_at_a_fixed_depth():
+    """top1 counts every member of the label's best-ranked shown cluster; top1 at depth 8 only the
+    first 8 by rank_in_cluster (what a label page shows, and all a Doersch detector writes)."""
+    from diffmine.evaluate import SHOWN, cluster_purity
+
+    rng = np.random.default_rng(0)
+    hits_top = [1] * 8 + [0, 0]  # the 2 members farthest from the centroid miss
+    table = pd.DataFrame({
+        "label": "a", "cluster": [5] * 10 + [7] * 4 + [9],
+        "cluster_rank": [0] * 10 + [1] * 4 + [2],  # cluster 9 (1 member) is not shown at min_size 2
+        "rank_in_cluster": list(range(10)) + list(range(4)) + [0],
+    })
+    hits = np.array(hits_top + [0, 0, 0, 1] + [1], float)
+    order = rng.permutation(len(table))  # the table's row order must not matter
+    result = cluster_purity(table.iloc[order].reset_index(drop=True), hits[order], min_size=2)["a"]
+    assert SHOWN == 8
+    assert result["top_cluster_hit_rate"] == pytest.approx(0.8)
+    assert result["top_shown_hit_rate"] == 1.0 and result["top_cluster_size"] == 10
+    assert result["top3_hit_rate"] == pytest.approx(9 / 14) and result["clusters"] == 2
+    assert result["first_element_rank"] == 1
+    deeper = cluster_purity(table, hits, min_size=2, depth=9)["a"]
+    assert deeper["top_shown_hit_rate"] == pytest.approx(8 / 9)
+    # misses first in the cluster's own order: the fixed-depth rate falls, the all-member one does not
+    flipped = table.assign(rank_in_cluster=[9 - r for r in range(10)] + list(range(4)) + [0])
+    again = cluster_purity(flipped, hits, min_size=2)["a"]
+    assert again["top_shown_hit_rate"] == pytest.approx(6 / 8) and again["top_cluster_hit_rate"] == pytest.approx(0.8)

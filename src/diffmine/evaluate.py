@@ -10,7 +10,11 @@
 - the summary as a reader meets it: per label, the hit rate of the members of the top-ranked
   cluster (top1) and of the top 3 clusters together (top3), and the rank (1 = first) of the first
   cluster that is mostly element (hit rate > 1/2; None: no such cluster). The same for a
-  baseline's detectors.
+  baseline's detectors. Also top1 at a fixed depth (``SHOWN``): the top cluster's first members
+  in its own order (nearest the centroid first; a detector's best detections first), the crops a
+  label page shows. Methods compare at the same depth: a Doersch detector writes only its 8 best
+  detections, so its top1 is a depth-8 figure, while a typicality cluster's top1 counts all of its
+  (often 20-60) members.
 
 Masks: ``MASKS/<image_id>`` with any image extension, nonzero = element (the built-in
 dataset writes them as ``OUT/masks/<label>/<file>.png``).
@@ -26,6 +30,9 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 HIT_SHARE = 0.5
+# Depth of the fixed-depth top1: the crops per cluster row on a label page (ReportConfig.per_cluster)
+# and the detections a Doersch detector writes (DoerschConfig.examples)
+SHOWN = 8
 
 
 def find_mask(masks: Path, image_id: str) -> Path | None:
@@ -96,9 +103,10 @@ def summarize(per_image: pd.DataFrame) -> dict:
     return {"overall": stats(per_image), "per_label": {l: stats(g) for l, g in per_image.groupby("label")}}
 
 
-def cluster_purity(clustered: pd.DataFrame, hits: np.ndarray, min_size: int = 1) -> dict:
+def cluster_purity(clustered: pd.DataFrame, hits: np.ndarray, min_size: int = 1, depth: int = SHOWN) -> dict:
     """Per label: weighted majority share over clusters, and the summary metrics (module doc) over
-    the clusters of at least ``min_size`` members (those a report shows), in rank order."""
+    the clusters of at least ``min_size`` members (those a report shows), in rank order; the
+    top cluster's first ``depth`` members (by ``rank_in_cluster``) give ``top_shown_hit_rate``."""
     frame = clustered.assign(hit=hits).dropna(subset=["hit"])
     out = {}
     for label, group in frame.groupby("label"):
@@ -108,8 +116,11 @@ def cluster_purity(clustered: pd.DataFrame, hits: np.ndarray, min_size: int = 1)
         ranks = sorted(shown["cluster_rank"].unique())
         rates = shown.groupby("cluster_rank")["hit"].mean()
         first = next((n + 1 for n, r in enumerate(ranks) if rates[r] > 0.5), None)
+        top = shown[shown["cluster_rank"] == ranks[0]].sort_values("rank_in_cluster", kind="stable") if ranks else shown
         out[label] = {"purity": float((shares * sizes).sum() / sizes.sum()),
                       "top_cluster_hit_rate": float(rates[ranks[0]]) if ranks else float("nan"),
+                      "top_shown_hit_rate": float(top["hit"].head(depth).mean()) if ranks else float("nan"),
+                      "top_cluster_size": len(top),
                       "top3_hit_rate": float(shown.loc[shown["cluster_rank"].isin(ranks[:3]), "hit"].mean()) if ranks else float("nan"),
                       "first_element_rank": first, "clusters": len(ranks)}
     return out
@@ -174,14 +185,17 @@ def format_result(result: dict) -> str:
 
 
 def summary_lines(title: str, clusters: dict) -> list[str]:
-    """The summary metrics per label: top-1 and top-3 cluster hit rates, first element cluster's rank."""
+    """The summary metrics per label: top-1 cluster hit rate (all members, and the first SHOWN as the
+    label page shows them), top-3 clusters' hit rate, first element cluster's rank."""
     if not clusters:
         return []
     fmt = lambda v: f"{v:.3f}" if v is not None and np.isfinite(v) else "-"
-    lines = [title, f"{'label':<16} {'top1 hit':>9} {'top3 hit':>9} {'1st elem':>9} {'clusters':>9}"]
+    lines = [title, f"{'label':<16} {'top1 hit':>9} {f'top1 @{SHOWN}':>9} {'top1 size':>9} {'top3 hit':>9} {'1st elem':>9} "
+                    f"{'clusters':>9}"]
     for label, c in clusters.items():
         first = c.get("first_element_rank")
-        lines.append(f"{label:<16} {fmt(c.get('top_cluster_hit_rate')):>9} {fmt(c.get('top3_hit_rate')):>9} "
+        lines.append(f"{label:<16} {fmt(c.get('top_cluster_hit_rate')):>9} {fmt(c.get('top_shown_hit_rate')):>9} "
+                     f"{c.get('top_cluster_size', 0):>9} {fmt(c.get('top3_hit_rate')):>9} "
                      f"{'-' if first is None else first:>9} {c.get('clusters', 0):>9}")
     return lines
 
