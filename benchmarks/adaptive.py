@@ -25,6 +25,7 @@ shared: say so beside the numbers).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -108,9 +109,10 @@ def quality(args) -> None:
         reference = scored(model, data, args.out / "q-reference", TypicalityConfig(samples=64, seed=0), mine)
     rows = [] if args.adaptive_only else [("default, 16 draws", TypicalityConfig(samples=16, seed=1), None),
                                           ("64 draws, another seed", TypicalityConfig(samples=64, seed=1), None)]
-    rows += [(f"adaptive, cap 64 (first {first}, bound {bound})", TypicalityConfig(samples=64, seed=1, estimator="adaptive"),
-              AdaptiveConfig(top=40, per_image=5, first_draws=first, bound=bound))
-             for first in args.first_draws for bound in args.bound]
+    rows += [(f"adaptive, cap 64 (first {first}, bound {bound} / out {out}, budget {budget:g})",
+              TypicalityConfig(samples=64, seed=1, estimator="adaptive"),
+              AdaptiveConfig(top=40, per_image=5, first_draws=first, bound=bound, bound_out=out, budget=budget))
+             for first, bound, out, budget in itertools.product(args.first_draws, args.bound, args.bound_out, args.budget)]
     lines = [f"reference: 64 draws seed 0, {len(reference['top'])} top patches, {reference['seconds']:.1f} s",
              "| estimator (seed 1) | recovered | mean draws / image | typicality s | draws: images |",
              "|---|---|---|---|---|"]
@@ -151,7 +153,8 @@ def cost(args) -> None:
         top = max(1, n // 4 // 100)
         mine = MineConfig(top=top, per_image=5)
         rows = [("adaptive, cap 64", TypicalityConfig(samples=64, estimator="adaptive"),
-                 AdaptiveConfig(top=top, per_image=5, first_draws=args.first_draws[0], bound=args.bound[0]), n),
+                 AdaptiveConfig(top=top, per_image=5, first_draws=args.first_draws[0], bound=args.bound[0],
+                                bound_out=args.bound_out[0], budget=args.budget[0]), n),
                 ("default, 16 draws", TypicalityConfig(samples=16), None, min(n, args.measure_fixed)),
                 ("paper, 100 i.i.d. draws", TypicalityConfig(samples=100, estimator="paper"), None,
                  min(n, args.measure_paper))]
@@ -197,10 +200,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="working folder (data and model kept, reused)")
     parser.add_argument("--steps", type=int, default=600, help="training steps of the model")
     parser.add_argument("--element-scale", type=float, default=0.6, help="planted element size vs the default")
-    parser.add_argument("--first-draws", type=int, nargs="+", default=[4],
-                        help="adaptive: draws of the first round (quality: one row per value; cost: the first)")
-    parser.add_argument("--bound", type=float, nargs="+", default=[2.0],
-                        help="adaptive: confidence bound in standard errors (quality: one row per value; cost: the first)")
+    rows = "(quality: one row per combination of values; cost: the first)"
+    parser.add_argument("--first-draws", type=int, nargs="+", default=[AdaptiveConfig.first_draws],
+                        help=f"adaptive: draws of the first round {rows}")
+    parser.add_argument("--bound", type=float, nargs="+", default=[AdaptiveConfig.bound],
+                        help=f"adaptive: confidence bound of a candidate in the top, in standard errors {rows}")
+    parser.add_argument("--bound-out", type=float, nargs="+", default=[AdaptiveConfig.bound_out],
+                        help=f"adaptive: confidence bound of a candidate out of the top {rows}")
+    parser.add_argument("--budget", type=float, nargs="+", default=[AdaptiveConfig.budget],
+                        help=f"adaptive: mean draws per image at most, 0: none {rows}")
     parser.add_argument("--adaptive-only", action="store_true", help="quality: only the adaptive rows")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10000],
                         help="cost: collection sizes (comma-separated)")

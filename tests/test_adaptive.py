@@ -16,7 +16,8 @@ from diffmine.typicality import TypicalityConfig, draw_noise, draw_units
 from conftest import barely_trained_run
 
 CONFIG = TypicalityConfig(samples=16, shard_size=4, estimator="adaptive")
-TARGETS = AdaptiveConfig(top=1, per_image=1, significance=False, bound=1.0)
+# a budget of 8 mean draws binds below the cap of 16: the tests below cover the budgeted rounds
+TARGETS = AdaptiveConfig(top=1, per_image=1, significance=False, first_draws=4, bound=1.0, bound_out=1.0, budget=8.0)
 
 
 @pytest.fixture(scope="module")
@@ -72,17 +73,42 @@ def test_refine_gives_draws_to_the_images_whose_patches_can_still_change_the_top
         ("b-sure", "b", 4, [10.0], [1.0]),     # in (fewer candidates than top): decided
     ]
     latest = pd.DataFrame(rows, columns=["image_id", "label", "draws", "cand_s", "cand_se"]).assign(status="ok")
-    config = AdaptiveConfig(top=3, bound=2.0)
+    config = AdaptiveConfig(top=3, bound=2.0, bound_out=2.0, budget=0)
     active = set(latest["image_id"])
     assert refine(latest, active, config, 64) == {"a-edge", "a-in", "b-weak"}
     assert refine(latest, active - {"a-in"}, config, 64) == {"a-edge", "b-weak"}  # final images stay final
     # without the significance filter, b's two images are in (top 3 of 3): decided
-    assert refine(latest, active, AdaptiveConfig(top=3, significance=False), 64) == {"a-edge", "a-in"}
+    assert refine(latest, active, AdaptiveConfig(top=3, significance=False, bound=2.0, bound_out=2.0), 64) == {"a-edge", "a-in"}
+
+
+def test_refine_bounds_in_and_out_apart_and_spends_a_budget_most_uncertain_first():
+    rows = [  # top 1 of label a; every se 1 (the floor too: the same spread everywhere)
+        ("x1", "a", 4, [5.0], [1.0]),  # in; bar: the best left out, 4.5 (|gap| / se = 0.5)
+        ("x2", "a", 4, [4.5], [1.0]),  # out; bar: the worst in, 5.0 (0.5)
+        ("x3", "a", 4, [4.0], [1.0]),  # out (1.0)
+        ("x4", "a", 4, [0.0], [1.0]),  # out (5.0): decided at any bound used here
+    ]
+    latest = pd.DataFrame(rows, columns=["image_id", "label", "draws", "cand_s", "cand_se"]).assign(status="ok")
+    active = set(latest["image_id"])
+    both = AdaptiveConfig(top=1, significance=False, bound=2.0, bound_out=2.0)
+    assert refine(latest, active, both, 64) == {"x1", "x2", "x3"}
+    # a narrower bound out: x3 (4 + 0.5 < 5) is decided, x2 (4.5 + 0.5 reaches 5) is not
+    assert refine(latest, active, AdaptiveConfig(top=1, significance=False, bound=2.0, bound_out=0.5), 64) == {"x1", "x2"}
+    # a narrower bound in: x1 (5 - 0.4 >= 4.5) is decided
+    assert refine(latest, active, AdaptiveConfig(top=1, significance=False, bound=0.4, bound_out=2.0), 64) == {"x2", "x3"}
+    # a budget: each refined image costs its next 4 draws; the closest to their bar first, ties by id
+    assert refine(latest, active, both, 64, budget_left=100) == {"x1", "x2", "x3"}
+    assert refine(latest, active, both, 64, budget_left=8) == {"x1", "x2"}
+    assert refine(latest, active, both, 64, budget_left=7) == {"x1"}
+    assert refine(latest, active, both, 64, budget_left=3) == set()
+    with pytest.raises(ValueError, match="budget"):
+        AdaptiveConfig(first_draws=8, budget=6)
 
 
 def test_adaptive_is_deterministic_and_records_its_draws(trained, reference, tmp_path, capsys):
     index = reference.typicality_index()
     assert set(index["draws"]) <= set(schedule(4, 16)) and index["draws"].min() == 4 and index["draws"].max() > 4
+    assert index["draws"].mean() <= TARGETS.budget  # the budget holds
     assert not (reference.typicality_dir / adaptive.WORK).exists()  # the work folder is gone
     assert reference.step_config("typicality")["adaptive"]["top"] == 1  # the targets are the result's settings
     again = copy_of(trained, tmp_path / "again")

@@ -72,9 +72,10 @@ def test_two_processes_give_exactly_the_single_process_adaptive_maps(trained, tm
     single, parallel = _copies(trained, tmp_path)
     _single_and_torchrun(["typicality", "--samples", "16", "--estimator", "adaptive", "--shard-size", "3",
                           "--adaptive-top", "1", "--adaptive-per-image", "1", "--no-adaptive-significance",
-                          "--adaptive-bound", "1"], single, parallel)
+                          "--adaptive-first-draws", "4", "--adaptive-bound", "1", "--adaptive-bound-out", "1",
+                          "--adaptive-budget", "8"], single, parallel)
     draws = single.typicality_index()["draws"]
-    assert draws.min() == 4 and draws.max() > 4  # some images refined, some not
+    assert draws.min() == 4 and draws.max() > 4 and draws.mean() <= 8  # some images refined, within the budget
     assert parallel.typicality_index()["draws"].tolist() == draws.tolist()
     for image_id in single.images()["image_id"]:
         np.testing.assert_array_equal(parallel.latent_typicality_map(image_id), single.latent_typicality_map(image_id))

@@ -26,8 +26,12 @@ HELP = {
                  "every image, then up to --samples only for images whose patches can still enter the mined top",
     "first_draws": "adaptive estimator: draws every image gets in the first round (even, >= 4); doubled per round "
                    "for the images still undecided",
-    "bound": "adaptive estimator: half-width of the confidence bounds deciding which images get more draws, "
-             "in standard errors",
+    "bound": "adaptive estimator: half-width, in standard errors, of the confidence bound of a candidate in the "
+             "label's top: its image gets more draws while score - bound x se is below the best candidate left out",
+    "bound_out": "adaptive estimator: the same for a candidate out of the top: its image gets more draws while "
+                 "score + bound_out x se reaches the worst candidate in",
+    "budget": "adaptive estimator: mean draws per image the rounds may spend at most, the most uncertain images "
+              "first (0: no limit; 16 = the default estimator's cost)",
     "shard_size": "images per stored shard (unit of work and resume)",
     "map_dtype": "storage precision of typicality maps (float16 | float32)",
     "precision": "auto | fp32 | bf16 | fp16 autocast of the UNet forward (auto: bf16 where the CPU/GPU computes it natively, else fp32)",
