@@ -21,7 +21,7 @@ from diffmine.mining import MineConfig
 from diffmine.pages import report_links
 from diffmine.synthetic import ORDERED_ELEMENTS, OrderedConfig, generate_ordered
 from diffmine.train import TrainConfig
-from diffmine.trends import TrendsConfig, candidate_boxes, trend_strength
+from diffmine.trends import TrendsConfig, candidate_boxes, element_thresholds, trend_strength, two_group_split
 from diffmine.typicality import TypicalityConfig
 
 ORDERED = OrderedConfig(eras=5, per_label=16, size=32, seed=0)
@@ -124,3 +124,20 @@ def test_candidate_boxes_cover_the_image_and_strength_signs():
     assert boxes[:, 2].max() == 30 and boxes[:, 3].max() == 32 and boxes.min() == 0
     assert trend_strength(np.array([0.1, 0.3, 0.5])) > 0 > trend_strength(np.array([0.9, 0.5, 0.2]))
     assert trend_strength(np.array([0.5, 0.5, 0.5])) == 0.0
+
+
+def test_two_group_split_parts_two_groups_and_falls_back_without_them():
+    rng = np.random.default_rng(0)
+    low, high = rng.normal(0.1, 0.05, 70), rng.normal(0.6, 0.05, 30)
+    cut = two_group_split(np.concatenate([high, low]))
+    assert low.max() < cut < high.min()
+    assert two_group_split(np.array([0.2, 0.9])) == pytest.approx(0.55)
+    assert np.isnan(two_group_split(np.full(5, 0.3))) and np.isnan(two_group_split(np.array([np.nan, 0.4])))
+    # an element without two distinct best matches keeps its members' threshold; NaN rows are unreadable images
+    best = np.stack([np.concatenate([low, high]), np.full(100, 0.3)], 1)
+    best[0] = np.nan
+    split = element_thresholds(best, np.array([0.9, 0.25]), "split")
+    assert low.max() < split[0] < high.min() and split[1] == 0.25
+    assert element_thresholds(best, np.array([0.9, 0.25]), "members").tolist() == [0.9, 0.25]
+    with pytest.raises(ValueError, match="threshold"):
+        TrendsConfig(threshold="median")
