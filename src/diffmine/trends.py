@@ -61,9 +61,10 @@ class TrendsConfig:
     stride: int = 0
     chunk: int = 256  # images whose candidate boxes are held in memory at once
     # grid: every box of a grid; typical: the image's most typical boxes only (greedy, as mined,
-    # ``per_image`` of them), where its elements are if typicality found them. On the ordered test
-    # set the grid finds the element in an image with AUC 0.92-0.99 where typical boxes reach
-    # 0.76-0.94: typicality under the image's own label is low where the element is common
+    # ``per_image`` of them), where its elements are if typicality found them. On the ordered set
+    # (red cross growing, 400 steps, seed 0) the growing element's cluster finds it in an image with
+    # AUC 0.99 on the grid, 0.91-0.93 on typical boxes: typicality under the image's own label is
+    # low where the element is common, so its boxes are often not among the most typical
     candidates: str = "grid"
     per_image: int = 5
 
