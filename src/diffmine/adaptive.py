@@ -184,10 +184,8 @@ def refine(latest: pd.DataFrame, active: set, config: AdaptiveConfig, cap: int, 
                           "cost": np.minimum(2 * draws, cap) - draws})[undecided.astype(bool)]
     order = order.groupby("image_id").agg(x=("x", "min"), cost=("cost", "first")).reset_index()
     order = order.sort_values(["x", "image_id"], kind="mergesort")
-    fits = order["cost"].cumsum().to_numpy() <= budget_left
-    # most uncertain first, until the first that does not fit (every refined image of a round
-    # has the same draws, so the same cost: this is the prefix that fits)
-    return set(order["image_id"].to_numpy()[: int(np.argmin(fits)) if not fits.all() else len(fits)])
+    # most uncertain first, while they fit (costs are >= 0: the ones that fit are a prefix)
+    return set(order["image_id"].to_numpy()[order["cost"].cumsum().to_numpy() <= budget_left])
 
 
 # ----------------------------------------------------------------------------------------------
