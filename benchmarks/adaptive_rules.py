@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 from adaptive import NULL, PROMPT, recovered, scored  # noqa: E402
 
 from diffmine import pipeline  # noqa: E402
-from diffmine.adaptive import AdaptiveConfig, candidates, refine, schedule  # noqa: E402
+from diffmine.adaptive import AdaptiveConfig, budget_left, candidates, refine, schedule  # noqa: E402
 from diffmine.mining import MineConfig, significant  # noqa: E402
 from diffmine.rundir import Run  # noqa: E402
 from diffmine.synthetic import SynthConfig, generate  # noqa: E402
@@ -66,7 +67,6 @@ def candidate_table(run: Run, order: np.ndarray, levels: list[int]) -> pd.DataFr
     k = int(run.lineage.get("mine")["patch"])
     rows = []
     for shard, table in index[index["status"] == "ok"].groupby("shard"):
-        from safetensors import safe_open
         with safe_open(str(run.typicality_dir / f"{shard}.safetensors"), "np") as f:
             for r in table.itertuples():
                 units = f.get_tensor(unit_key(r.key)).astype(np.float32)
@@ -86,8 +86,7 @@ def replay(table: pd.DataFrame, config: AdaptiveConfig) -> dict[str, int]:
     for n in rounds[1:]:
         latest = pd.concat([at[draws[i]].loc[[i]] for i in draws]).reset_index()
         latest["draws"], latest["status"] = latest["image_id"].map(draws), "ok"
-        left = config.budget * len(draws) - float(latest["draws"].sum()) if config.budget else None
-        active = refine(latest, active, config, CAP, left)
+        active = refine(latest, active, config, CAP, budget_left(config, latest["draws"]))
         if not active:
             break
         draws.update(dict.fromkeys(active, n))

@@ -85,10 +85,11 @@ def summary(clustered, loaded, depths=()) -> dict:
 
 
 def print_depths(s: dict, depths: list[int]) -> None:
+    if not depths:
+        return
     for label, v in s["per_label"].items():
-        if depths:
-            print(f"    {label:<14} top cluster of {v['top_cluster_size']:>3}: "
-                  + " ".join(f"@{d} {v['top1_at'][d]:.3f}" for d in depths))
+        print(f"    {label:<14} top cluster of {v['top_cluster_size']:>3}: "
+              + " ".join(f"@{d} {v['top1_at'][d]:.3f}" for d in depths))
 
 
 def main(argv=None) -> int:

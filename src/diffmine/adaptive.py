@@ -188,6 +188,12 @@ def refine(latest: pd.DataFrame, active: set, config: AdaptiveConfig, cap: int, 
     return set(order["image_id"].to_numpy()[order["cost"].cumsum().to_numpy() <= budget_left])
 
 
+def budget_left(config: AdaptiveConfig, draws: pd.Series) -> float | None:
+    """Draws the next round may spend: ``budget`` x the planned images less the (N,) ``draws`` they
+    hold (None: no budget)."""
+    return config.budget * len(draws) - float(draws.sum()) if config.budget else None
+
+
 # ----------------------------------------------------------------------------------------------
 # the step
 
@@ -255,9 +261,9 @@ def _execute(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfig, p
         for r, draws in enumerate(rounds):
             if r > 0:
                 planned = _latest(work, r)
-                budget_left = adaptive.budget * len(ids) - float(planned["draws"].sum()) if adaptive.budget else None
                 latest = pd.concat([final, planned], ignore_index=True)
-                active = refine(latest, _refined_in(work, r - 1), adaptive, config.samples, budget_left)
+                active = refine(latest, _refined_in(work, r - 1), adaptive, config.samples,
+                                budget_left(adaptive, planned["draws"]))
                 if not active:
                     break
             todo = [(name, frame[frame["image_id"].isin(active)]) for name, frame in shards]
