@@ -179,6 +179,27 @@ def subprocess_status(run: Path) -> str:
     return status(Run(run))
 
 
+def test_a_result_file_deleted_by_hand_is_made_again(tiny, tmp_path, capsys):
+    """The record alone is not the result: mining, features and clusters whose files are gone are
+    recomputed (deterministically: the same tables), not reported up to date and then unreadable;
+    the model's weights are rebuilt from its last checkpoint, bit for bit, so nothing made from
+    them goes stale."""
+    images, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    opened = Run(copy)
+    patches, clusters = opened.mined_patches(), opened.patches()
+    weights = sha(copy / "model" / "trainable.safetensors")
+    for path in (opened.patches_path, opened.features_path, opened.clusters_path, copy / "model" / "trainable.safetensors"):
+        path.unlink()
+    assert cli.main(run_args(images, copy)) == 0
+    out = capsys.readouterr().out
+    assert not any(f"{step}: up to date" in out for step in ("train", "mine", "cluster"))
+    assert sha(copy / "model" / "trainable.safetensors") == weights
+    again = Run(copy)
+    assert again.mined_patches().equals(patches) and again.patches().equals(clusters)
+    assert not any(again.stale(name) for name in ("typicality", "mine", "cluster", "report"))
+
+
 def test_stale_clusters_are_never_served(tiny, tmp_path):
     _, _, run = tiny
     copy = cp_r(run, tmp_path / "copy")

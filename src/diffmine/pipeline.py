@@ -52,11 +52,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, **rules) -> str:
+def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, outputs: tuple[Path, ...] = (),
+             **rules) -> str:
+    """:func:`lineage.plan` for result ``name``; ``outputs``: the files a cheap result lives in. A
+    result recorded as done whose file is gone (deleted by hand to redo it, or left out of a copy)
+    is made again ("replace") instead of read."""
     try:
-        return plan(run.lineage, name, settings, inputs, force, **rules)
+        action = plan(run.lineage, name, settings, inputs, force, **rules)
     except LineageError as exc:
         raise RunError(str(exc)) from None
+    return "replace" if action == "done" and not all(path.is_file() for path in outputs) else action
 
 
 def _locked(run: Run, name: str, rank: int = 0):
@@ -251,6 +256,8 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
                            "images); training on it makes a new model: pass --force. To score the new images with "
                            f"the trained model, run `diffmine typicality --run {run.path}`")
         action = _planned(run, "model", settings, inputs, force, expensive=True, guard_inputs=True)
+        if action == "done" and not all((run.model_dir / name).is_file() for name in (BACKEND_FILE, WEIGHTS_FILE)):
+            action = "resume"  # the weights were deleted or left out of a copy: rebuilt from the checkpoints
         trained = (record or {}).get("steps", 0) if action in ("done", "resume") else 0
         if action == "done" and config.steps == trained:
             print(f"train: up to date ({trained} steps; model {record['identity']})")
@@ -415,7 +422,7 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool =
     settings, inputs = asdict(config), {"typicality": typicality["identity"]}
     _check_adaptive_targets(typicality["settings"].get("adaptive"), config)
     with step_lock(run.path, "mine"):
-        if _planned(run, "mine", settings, inputs, force) == "done":
+        if _planned(run, "mine", settings, inputs, force, outputs=(run.patches_path,)) == "done":
             print("mine: up to date")
             return pd.read_parquet(run.patches_path)
         run.lineage.drop("mine")
@@ -464,7 +471,7 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
     features = _resolved(run, "features", features, device)
     feature_settings, feature_inputs = asdict(features), {"mine": mine["identity"], **scoring_inputs(run)}
     with _locked(run, "cluster", rank):
-        action = _planned(run, "features", feature_settings, feature_inputs, force)
+        action = _planned(run, "features", feature_settings, feature_inputs, force, outputs=(run.features_path,))
         _barrier(world)
         if action != "done":
             backend = scoring_model(run, device)
@@ -476,7 +483,7 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
         if rank != 0:
             return None
         settings, inputs = asdict(config), {"features": run.lineage.get("features")["identity"]}
-        if _planned(run, "cluster", settings, inputs, force) == "done":
+        if _planned(run, "cluster", settings, inputs, force, outputs=(run.clusters_path,)) == "done":
             print("cluster: up to date")
             return pd.read_parquet(run.clusters_path)
         clustered = run_clustering(run, config)
@@ -521,7 +528,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
         element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
         element_inputs = {name: run.fresh(name)["identity"]}
         page = contrast_page_path(run, a, b)
-        if _planned(run, elements, element_settings, element_inputs, force) != "done" or not page.is_file():
+        if _planned(run, elements, element_settings, element_inputs, force, outputs=(page,)) != "done":
             run.lineage.drop(elements)
             store = run.contrast_store(a, b)
             patches, k = run_mining(run, mine, progress, store, directory / "patches.parquet")
@@ -548,7 +555,7 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
     path = run.path / "trends" / "trends.json"
     with step_lock(run.path, "trends"):
-        if _planned(run, "trends", settings, inputs, force) == "done" and path.is_file():
+        if _planned(run, "trends", settings, inputs, force, outputs=(path,)) == "done":
             return json.loads(path.read_text())
         run.lineage.drop("trends")
         result = run_trends(run, scoring_model(run), list(order), config, progress)
@@ -572,7 +579,7 @@ def report_step(run: Run, config, masks: str | Path | None = None, force: bool =
         run.fresh("mine")  # names the step to re-run
     settings = {**asdict(config), "masks": str(Path(masks).resolve()) if masks else None}
     with step_lock(run.path, "report"):
-        if _planned(run, "report", settings, inputs, force) == "done" and run.report_path.is_file():
+        if _planned(run, "report", settings, inputs, force, outputs=(run.report_path,)) == "done":
             return run.report_path
         evaluation = evaluate_run(run, masks) if masks else None
         path = write_report(run, config, evaluation, fresh=set(inputs))
@@ -595,8 +602,9 @@ def classify_step(run: Run, config, progress: bool = True, force: bool = False) 
     backend_inputs = scoring_inputs(run) if run.lineage.get("typicality") else {"model": run.fresh("model")["identity"]}
     settings, inputs = result_settings(config), {**backend_inputs, "listing": listing["identity"]}
     with step_lock(run.path, "classify"):
-        if _planned(run, "classify", settings, inputs, force) == "done":
-            return json.loads((run.path / "classify" / "summary.json").read_text())
+        summary_path = run.path / "classify" / "summary.json"
+        if _planned(run, "classify", settings, inputs, force, outputs=(summary_path,)) == "done":
+            return json.loads(summary_path.read_text())
         backend = scoring_model(run) if run.lineage.get("typicality") else load_model(run)[0]
         summary = run_classify(run, backend, config, progress)
         run.lineage.put("classify", settings, inputs, "classify")
