@@ -19,6 +19,7 @@ from diffmine import cli, pipeline
 from diffmine.lineage import step_lock
 from diffmine.query import query
 from diffmine.rundir import Run, RunError, open_run
+from diffmine.status import status
 from diffmine.synthetic import SynthConfig, generate
 
 TINY = ["--steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--samples", "2",
@@ -191,6 +192,9 @@ def test_a_result_file_deleted_by_hand_is_made_again(tiny, tmp_path, capsys):
     weights = sha(copy / "model" / "trainable.safetensors")
     for path in (opened.patches_path, opened.features_path, opened.clusters_path, copy / "model" / "trainable.safetensors"):
         path.unlink()
+    shown = status(Run(copy)).splitlines()
+    assert any(line.startswith("train: its weights") and "gone" in line for line in shown)
+    assert any(line.startswith("mine: its file") and "gone" in line and "diffmine mine" in line for line in shown)
     assert cli.main(run_args(images, copy)) == 0
     out = capsys.readouterr().out
     assert not any(f"{step}: up to date" in out for step in ("train", "mine", "cluster"))

@@ -54,14 +54,15 @@ def default_device() -> torch.device:
 
 def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, outputs: tuple[Path, ...] = (),
              **rules) -> str:
-    """:func:`lineage.plan` for result ``name``; ``outputs``: the files a cheap result lives in. A
-    result recorded as done whose file is gone (deleted by hand to redo it, or left out of a copy)
-    is made again ("replace") instead of read."""
+    """:func:`lineage.plan` for result ``name``. A result recorded as done whose files
+    (``Run.result_files``, and ``outputs``) are gone, deleted by hand to redo it or left out of a
+    copy, is made again ("replace") instead of read."""
     try:
         action = plan(run.lineage, name, settings, inputs, force, **rules)
     except LineageError as exc:
         raise RunError(str(exc)) from None
-    return "replace" if action == "done" and not all(path.is_file() for path in outputs) else action
+    files = (*run.result_files(name), *outputs)
+    return "replace" if action == "done" and not all(path.is_file() for path in files) else action
 
 
 def _locked(run: Run, name: str, rank: int = 0):
@@ -422,7 +423,7 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool =
     settings, inputs = asdict(config), {"typicality": typicality["identity"]}
     _check_adaptive_targets(typicality["settings"].get("adaptive"), config)
     with step_lock(run.path, "mine"):
-        if _planned(run, "mine", settings, inputs, force, outputs=(run.patches_path,)) == "done":
+        if _planned(run, "mine", settings, inputs, force) == "done":
             print("mine: up to date")
             return pd.read_parquet(run.patches_path)
         run.lineage.drop("mine")
@@ -471,7 +472,7 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
     features = _resolved(run, "features", features, device)
     feature_settings, feature_inputs = asdict(features), {"mine": mine["identity"], **scoring_inputs(run)}
     with _locked(run, "cluster", rank):
-        action = _planned(run, "features", feature_settings, feature_inputs, force, outputs=(run.features_path,))
+        action = _planned(run, "features", feature_settings, feature_inputs, force)
         _barrier(world)
         if action != "done":
             backend = scoring_model(run, device)
@@ -483,7 +484,7 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
         if rank != 0:
             return None
         settings, inputs = asdict(config), {"features": run.lineage.get("features")["identity"]}
-        if _planned(run, "cluster", settings, inputs, force, outputs=(run.clusters_path,)) == "done":
+        if _planned(run, "cluster", settings, inputs, force) == "done":
             print("cluster: up to date")
             return pd.read_parquet(run.clusters_path)
         clustered = run_clustering(run, config)
@@ -553,9 +554,9 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     clusters = run.fresh("cluster")
     settings = {"order": list(order), **asdict(config)}
     inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
-    path = run.path / "trends" / "trends.json"
+    path = run.result_files("trends")[0]
     with step_lock(run.path, "trends"):
-        if _planned(run, "trends", settings, inputs, force, outputs=(path,)) == "done":
+        if _planned(run, "trends", settings, inputs, force) == "done":
             return json.loads(path.read_text())
         run.lineage.drop("trends")
         result = run_trends(run, scoring_model(run), list(order), config, progress)
@@ -579,7 +580,7 @@ def report_step(run: Run, config, masks: str | Path | None = None, force: bool =
         run.fresh("mine")  # names the step to re-run
     settings = {**asdict(config), "masks": str(Path(masks).resolve()) if masks else None}
     with step_lock(run.path, "report"):
-        if _planned(run, "report", settings, inputs, force, outputs=(run.report_path,)) == "done":
+        if _planned(run, "report", settings, inputs, force) == "done":
             return run.report_path
         evaluation = evaluate_run(run, masks) if masks else None
         path = write_report(run, config, evaluation, fresh=set(inputs))
@@ -602,9 +603,8 @@ def classify_step(run: Run, config, progress: bool = True, force: bool = False) 
     backend_inputs = scoring_inputs(run) if run.lineage.get("typicality") else {"model": run.fresh("model")["identity"]}
     settings, inputs = result_settings(config), {**backend_inputs, "listing": listing["identity"]}
     with step_lock(run.path, "classify"):
-        summary_path = run.path / "classify" / "summary.json"
-        if _planned(run, "classify", settings, inputs, force, outputs=(summary_path,)) == "done":
-            return json.loads(summary_path.read_text())
+        if _planned(run, "classify", settings, inputs, force) == "done":
+            return json.loads(run.result_files("classify")[0].read_text())
         backend = scoring_model(run) if run.lineage.get("typicality") else load_model(run)[0]
         summary = run_classify(run, backend, config, progress)
         run.lineage.put("classify", settings, inputs, "classify")

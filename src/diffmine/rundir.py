@@ -113,6 +113,14 @@ class Run:
     def report_path(self) -> Path:
         return self.path / "report" / "index.html"
 
+    def result_files(self, name: str) -> tuple[Path, ...]:
+        """The files a cheap result ``name`` lives in (none listed: a sharded result checks its own
+        shards, the model its weights). A record whose files are gone is made again, not read."""
+        files = {"mine": (self.patches_path,), "features": (self.features_path,), "cluster": (self.clusters_path,),
+                 "report": (self.report_path,), "classify": (self.path / "classify" / "summary.json",),
+                 "trends": (self.path / "trends" / "trends.json",)}
+        return files.get(name, ())
+
     # -- lineage ----------------------------------------------------------------------------
     @property
     def lineage(self) -> Lineage:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .lineage import command_of
+from .models.base import WEIGHTS_FILE
 from .train import latest_checkpoint
 
 ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "report", "classify", "localize",
@@ -10,6 +12,9 @@ ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "repor
 
 def _state(run, name: str) -> str:
     reasons = run.stale(name)
+    gone = [path for path in run.result_files(name) if not path.is_file()]
+    if gone and not reasons:
+        return f"its file {gone[0]} is gone: re-run `diffmine {command_of(name)} --run {run.path}`"
     if not reasons:
         return "done"
     reason, command = reasons[0]
@@ -32,6 +37,9 @@ def status(run) -> str:
             if record is None or not record.get("complete"):
                 checkpoint = latest_checkpoint(run.model_dir)
                 lines.append(f"train: {'resumable at ' + checkpoint.name if checkpoint else 'not started'}")
+            elif not (run.model_dir / WEIGHTS_FILE).is_file():
+                lines.append(f"train: its weights {run.model_dir / WEIGHTS_FILE} are gone: run the same `diffmine "
+                             "train` again (it rebuilds them from the last checkpoint where there is one)")
             else:
                 lines.append(f"train: {_state(run, name)} ({record.get('steps', '?')} steps, model {record['identity']})")
             continue

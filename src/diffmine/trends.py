@@ -219,5 +219,5 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
     elements.sort(key=lambda el: (-abs(el["trend"]), el["id"]))
     result = {"order": list(order), "images": {name: int((labels == name).sum()) for name in order},
               "patch": k, "stride": stride, "elements": elements}
-    write_json(run.path / "trends" / "trends.json", result)
+    write_json(run.result_files("trends")[0], result)
     return result
