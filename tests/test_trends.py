@@ -149,3 +149,17 @@ def test_two_group_split_parts_two_groups_and_falls_back_without_them():
     assert element_thresholds(best, np.array([0.9, 0.25]), "members").tolist() == [0.9, 0.25]
     with pytest.raises(ValueError, match="threshold"):
         TrendsConfig(threshold="median")
+
+
+def test_the_control_label_carries_no_constant_element_and_leaves_the_eras_unchanged(tmp_path):
+    config = OrderedConfig(eras=3, per_label=4, size=32, seed=0)
+    plain = generate_ordered(tmp_path / "plain", config, progress=False)
+    with_control = generate_ordered(tmp_path / "control", OrderedConfig(**{**config.__dict__, "control": 10}),
+                                    progress=False)
+    for era in ("era1", "era2", "era3"):
+        for path in sorted((plain / era).iterdir()):
+            assert (with_control / era / path.name).read_bytes() == path.read_bytes()
+    assert len(list((with_control / "control").iterdir())) == 10 and not (plain / "control").exists()
+    masks = tmp_path / "control" / "masks"
+    assert not (masks / "constant" / "control").exists()
+    assert len(list((masks / "growing" / "control").iterdir())) == len(list((masks / "fading" / "control").iterdir())) == 5
