@@ -158,4 +158,5 @@ def test_the_control_label_carries_no_constant_element_and_leaves_the_eras_uncha
     assert len(list((with_control / "control").iterdir())) == 10 and not (plain / "control").exists()
     masks = tmp_path / "control" / "masks"
     assert not (masks / "constant" / "control").exists()
-    assert len(list((masks / "growing" / "control").iterdir())) == len(list((masks / "fading" / "control").iterdir())) == 5
+    carriers = [len(list((masks / element / "control").iterdir())) for element in ("growing", "fading")]
+    assert carriers == [5, 5]
