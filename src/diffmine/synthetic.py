@@ -202,6 +202,12 @@ class OrderedConfig:
     high: float = 0.9  # ... in the last era (the fading one's in the first)
     constant: float = 0.5  # share with the constant element in every era
     element_scale: float = 1.3
+    # images of an extra label ``control`` (not an era; leave it out of ``trends --order``) that
+    # carry the growing and fading elements at their mean share over the eras and never the
+    # constant one. Without it the constant element is as common under every label as in the whole
+    # set, so its typicality is zero in expectation and it is mined only through the model's
+    # errors; against this reference it is typical of every era, and the others keep their shares
+    control: int = 0
     seed: int = 0
 
 
@@ -214,9 +220,11 @@ def ordered_shares(config: OrderedConfig) -> dict[str, np.ndarray]:
 def generate_ordered(out: str | Path, config: OrderedConfig = OrderedConfig(), progress: bool = True) -> Path:
     """Labels ``era1``..``eraN``; each element is in exactly ``round(share * per_label)`` images of
     an era (a seeded choice), so the true prevalence is known. Writes OUT/images/<era>/,
-    OUT/masks/<element>/<era>/ (for the images that carry it); returns the images folder."""
-    if config.eras < 2 or config.per_label < 1:
-        raise ValueError("need eras >= 2 and per_label >= 1")
+    OUT/masks/<element>/<era>/ (for the images that carry it), and ``config.control`` images of
+    the label ``control`` (see :class:`OrderedConfig`); returns the images folder. The eras'
+    images do not depend on ``control``."""
+    if config.eras < 2 or config.per_label < 1 or config.control < 0:
+        raise ValueError("need eras >= 2, per_label >= 1 and control >= 0")
     out = Path(out)
     shares = ordered_shares(config)
     jobs = [(e, i) for e in range(config.eras) for i in range(config.per_label)]
@@ -236,4 +244,17 @@ def generate_ordered(out: str | Path, config: OrderedConfig = OrderedConfig(), p
                 taken |= mask
                 _save(out, f"masks/{name}", label, i, mask.astype(np.uint8) * 255)
         _save(out, "images", label, i, np.clip(image, 0, 255).astype(np.uint8))
+    control = {name: set(np.random.default_rng([config.seed, config.eras, n, 1]).permutation(config.control)
+                         [: round(float(shares[name].mean()) * config.control)].tolist())
+               for n, name in enumerate(ORDERED_ELEMENTS) if name != "constant"}
+    for i in tqdm(range(config.control), desc="control scenes", disable=not progress):
+        rng = np.random.default_rng([config.seed, config.eras, i])
+        image, yy, xx = _background(rng, config.size, config.distractors, grey=True)
+        taken = np.zeros(image.shape[:2], bool)
+        for name, carriers in control.items():
+            if i in carriers:
+                mask = _plant(image, yy, xx, ORDERED_ELEMENTS[name], rng, config.element_scale, avoid=taken)
+                taken |= mask
+                _save(out, f"masks/{name}", "control", i, mask.astype(np.uint8) * 255)
+        _save(out, "images", "control", i, np.clip(image, 0, 255).astype(np.uint8))
     return out / "images"
