@@ -193,7 +193,7 @@ def test_a_result_file_deleted_by_hand_is_made_again(tiny, tmp_path, capsys):
     for path in (opened.patches_path, opened.features_path, opened.clusters_path, copy / "model" / "trainable.safetensors"):
         path.unlink()
     shown = status(Run(copy)).splitlines()
-    assert any(line.startswith("train: its weights") and "gone" in line for line in shown)
+    assert any(line.startswith("train: its files") and "gone" in line for line in shown)
     assert any(line.startswith("mine: its file") and "gone" in line and "diffmine mine" in line for line in shown)
     assert cli.main(run_args(images, copy)) == 0
     out = capsys.readouterr().out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .lineage import command_of
-from .models.base import WEIGHTS_FILE
+from .models.base import BACKEND_FILE, WEIGHTS_FILE
 from .train import latest_checkpoint
 
 ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "report", "classify", "localize",
@@ -37,9 +37,9 @@ def status(run) -> str:
             if record is None or not record.get("complete"):
                 checkpoint = latest_checkpoint(run.model_dir)
                 lines.append(f"train: {'resumable at ' + checkpoint.name if checkpoint else 'not started'}")
-            elif not (run.model_dir / WEIGHTS_FILE).is_file():
-                lines.append(f"train: its weights {run.model_dir / WEIGHTS_FILE} are gone: run the same `diffmine "
-                             "train` again (it rebuilds them from the last checkpoint where there is one)")
+            elif not all((run.model_dir / name).is_file() for name in (BACKEND_FILE, WEIGHTS_FILE)):
+                lines.append(f"train: its files in {run.model_dir} are gone: run the same `diffmine train` again (it "
+                             "rebuilds them from the last checkpoint where there is one)")
             else:
                 lines.append(f"train: {_state(run, name)} ({record.get('steps', '?')} steps, model {record['identity']})")
             continue

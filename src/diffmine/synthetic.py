@@ -227,34 +227,27 @@ def generate_ordered(out: str | Path, config: OrderedConfig = OrderedConfig(), p
         raise ValueError("need eras >= 2, per_label >= 1 and control >= 0")
     out = Path(out)
     shares = ordered_shares(config)
-    jobs = [(e, i) for e in range(config.eras) for i in range(config.per_label)]
-    carriers = {}
-    for e in range(config.eras):
+    # the eras, then the control label, each a group of images with its shares (the group's index
+    # seeds its choices, so the eras do not depend on the control)
+    groups = [(f"era{e + 1}", config.per_label, {name: shares[name][e] for name in ORDERED_ELEMENTS})
+              for e in range(config.eras)]
+    if config.control:
+        groups.append(("control", config.control, {name: 0.0 if name == "constant" else float(shares[name].mean())
+                                                   for name in ORDERED_ELEMENTS}))
+    jobs, carriers = [], {}
+    for g, (label, count, share) in enumerate(groups):
         for n, name in enumerate(ORDERED_ELEMENTS):
-            chosen = np.random.default_rng([config.seed, e, n, 1]).permutation(config.per_label)
-            carriers[e, name] = set(chosen[: round(shares[name][e] * config.per_label)].tolist())
-    for e, i in tqdm(jobs, desc="ordered scenes", disable=not progress):
-        rng = np.random.default_rng([config.seed, e, i])
+            chosen = np.random.default_rng([config.seed, g, n, 1]).permutation(count)
+            carriers[g, name] = set(chosen[: round(share[name] * count)].tolist())
+        jobs += [(g, label, i) for i in range(count)]
+    for g, label, i in tqdm(jobs, desc="ordered scenes", disable=not progress):
+        rng = np.random.default_rng([config.seed, g, i])
         image, yy, xx = _background(rng, config.size, config.distractors, grey=True)
         taken = np.zeros(image.shape[:2], bool)
-        label = f"era{e + 1}"
         for name, kind in ORDERED_ELEMENTS.items():
-            if i in carriers[e, name]:
+            if i in carriers[g, name]:
                 mask = _plant(image, yy, xx, kind, rng, config.element_scale, avoid=taken)
                 taken |= mask
                 _save(out, f"masks/{name}", label, i, mask.astype(np.uint8) * 255)
         _save(out, "images", label, i, np.clip(image, 0, 255).astype(np.uint8))
-    control = {name: set(np.random.default_rng([config.seed, config.eras, n, 1]).permutation(config.control)
-                         [: round(float(shares[name].mean()) * config.control)].tolist())
-               for n, name in enumerate(ORDERED_ELEMENTS) if name != "constant"}
-    for i in tqdm(range(config.control), desc="control scenes", disable=not progress):
-        rng = np.random.default_rng([config.seed, config.eras, i])
-        image, yy, xx = _background(rng, config.size, config.distractors, grey=True)
-        taken = np.zeros(image.shape[:2], bool)
-        for name, carriers in control.items():
-            if i in carriers:
-                mask = _plant(image, yy, xx, ORDERED_ELEMENTS[name], rng, config.element_scale, avoid=taken)
-                taken |= mask
-                _save(out, f"masks/{name}", "control", i, mask.astype(np.uint8) * 255)
-        _save(out, "images", "control", i, np.clip(image, 0, 255).astype(np.uint8))
     return out / "images"
