@@ -39,7 +39,7 @@ from .lineage import LineageError, canonical, digest, file_digest, plan, step_lo
 from .machine import resolve_precision
 from .mining import MineConfig, run_mining
 from .models import Backend, create_backend, load_backend
-from .models.base import BACKEND_FILE, WEIGHTS_FILE
+from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError
 from .shards import result_settings
 from .train import TrainConfig, train
@@ -235,7 +235,7 @@ def model_settings(config: TrainConfig) -> dict:
 
 def model_digest(model_dir: Path) -> str:
     """The content identity of a saved model: its weights and how to rebuild it."""
-    return file_digest(model_dir / BACKEND_FILE, model_dir / WEIGHTS_FILE)
+    return file_digest(*model_files(model_dir))
 
 
 def train_step(run: Run, config: TrainConfig, model_options: dict | None = None, progress: bool = True,
@@ -257,7 +257,7 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
                            "images); training on it makes a new model: pass --force. To score the new images with "
                            f"the trained model, run `diffmine typicality --run {run.path}`")
         action = _planned(run, "model", settings, inputs, force, expensive=True, guard_inputs=True)
-        if action == "done" and not all((run.model_dir / name).is_file() for name in (BACKEND_FILE, WEIGHTS_FILE)):
+        if action == "done" and not all(path.is_file() for path in model_files(run.model_dir)):
             action = "resume"  # the weights were deleted or left out of a copy: rebuilt from the checkpoints
         trained = (record or {}).get("steps", 0) if action in ("done", "resume") else 0
         if action == "done" and config.steps == trained:

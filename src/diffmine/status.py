@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .lineage import command_of
-from .models.base import BACKEND_FILE, WEIGHTS_FILE
+from .models.base import model_files
 from .train import latest_checkpoint
 
 ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "report", "classify", "localize",
@@ -37,7 +37,7 @@ def status(run) -> str:
             if record is None or not record.get("complete"):
                 checkpoint = latest_checkpoint(run.model_dir)
                 lines.append(f"train: {'resumable at ' + checkpoint.name if checkpoint else 'not started'}")
-            elif not all((run.model_dir / name).is_file() for name in (BACKEND_FILE, WEIGHTS_FILE)):
+            elif not all(path.is_file() for path in model_files(run.model_dir)):
                 lines.append(f"train: its files in {run.model_dir} are gone: run the same `diffmine train` again (it "
                              "rebuilds them from the last checkpoint where there is one)")
             else:

@@ -20,6 +20,11 @@ BACKEND_FILE = "backend.json"
 WEIGHTS_FILE = "trainable.safetensors"
 
 
+def model_files(directory: Path) -> tuple[Path, Path]:
+    """The files a saved model is: how to rebuild it (``BACKEND_FILE``) and its trained weights."""
+    return directory / BACKEND_FILE, directory / WEIGHTS_FILE
+
+
 class Denoiser(torch.nn.Module):
     """UNet + prompt encoder as one module: ``(noisy latents, timesteps, prompts) -> eps``.
 
