@@ -51,6 +51,9 @@ HELP = {
     "match_quantile": "a patch matches a cluster (coverage) above this quantile of the members' similarity to the centroid",
     "significance": "keep a mined patch only if its typicality is --z-min standard errors above zero",
     "z_min": "z threshold of the significance filter (typicality / its standard error over the draws)",
+    "errors": "standard error of a patch: stratified (noise from successive differences of the t-ordered units, "
+              "blind to typicality's trend in t; the stratified estimators) | iid (spread of the unit scores: "
+              "counts the trend as noise, the 0.1 behaviour)",
     "unit_maps": "also store per-pair maps, for the standard error of patch typicality (mining's significance filter)",
     "t": "diffusion time of the DIFT features (fraction of T)",
     "block": "UNet up-block whose output gives the features (default: the backend's)",

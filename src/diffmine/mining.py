@@ -8,14 +8,27 @@ comparison of the paper's Fig. 2.
 
 Significance: a patch's typicality is a mean over K noise draws, so it has a standard error.
 The pixels of a patch are correlated, so the error of the patch mean is not a function of the
-per-pixel variances: it is computed exactly from the patch's score under each independent unit
-of the draws (an antithetic pair, see ``typicality.draw_units``), stored per image as
-``KEY/units``: se = std(unit scores, ddof=1) / sqrt(U), z = typicality / se. A candidate is kept
-(kind ``top``) only if z >= ``z_min``; the others are kind ``rejected`` (their features still
-serve clustering's coverage count: they are the images' background). With U = 8 units (K = 16)
-z is t-distributed with 7 degrees of freedom: z >= 3 is p < 0.01 one-sided per patch. Every
-image contributes at most ``per_image`` candidates whatever their noise, so without the filter
-(``--no-significance``, the paper's behaviour) most patches of a small-element dataset are noise.
+per-pixel variances: it is computed from the patch's score under each independent unit of the
+draws (an antithetic pair, see ``typicality.draw_units``), stored per image as ``KEY/units``,
+and z = typicality / se. A candidate is kept (kind ``top``) only if z >= ``z_min``; the others
+are kind ``rejected`` (their features still serve clustering's coverage count: they are the
+images' background). Every image contributes at most ``per_image`` candidates whatever their
+noise, so without the filter (``--no-significance``, the paper's behaviour) most patches of a
+small-element dataset are noise.
+
+Which error (``errors``). The default estimator's draws are stratified in t, and an element's
+typicality falls steeply with t (on the demo's elements about 4.7e-3 at t = 0.12, 0 at t = 0.7),
+so its U unit scores differ mostly by their t, a difference stratification keeps out of the mean.
+``iid`` (the spread of the unit scores, std(ddof=1) / sqrt(U)) counts it as noise: an element's
+error grew with its typicality, its z could not get far above sqrt(U) x mean / spread of its t
+profile, and the filter dropped strong elements and kept weak background (at K = 8 on the
+ordered set: the constant element's boxes passed z >= 2 as often as the background's, 15%).
+``stratified`` (default, for the stratified estimators, whose units are in t order) estimates the
+noise from successive second differences of the t-ordered unit scores, which cancel any locally
+linear trend in t: sigma^2 = mean((S[j] - 2 S[j+1] + S[j+2])^2) / 6, se = sigma / sqrt(U) (the
+successive-difference variance estimator of systematic samples; needs U >= 3, else ``iid``). The
+paper's i.i.d. draws and the adaptive estimator's nested units are not in t order: ``iid`` there.
+Measured in benchmarks/README.md ("The standard error of a patch").
 
 The step streams over typicality shards one at a time and keeps bounded per-label candidate
 lists, so memory does not grow with the number of images.
@@ -35,6 +48,11 @@ from .atomic import write_table
 from .typicality import upsample
 
 
+ERRORS = ("stratified", "iid")
+# estimators whose units are in t order, one stratum (or adjacent pair of strata) each
+T_ORDERED = ("stratified", "stratified-antithetic")
+
+
 @dataclass
 class MineConfig:
     patch: int | None = None  # side in pixels; None: about 1/5 of the image side (50 at 256, 64 at 512 -> 13 at 64)
@@ -47,8 +65,14 @@ class MineConfig:
     # typicality step's unit maps); False: keep every candidate (the paper's behaviour)
     significance: bool = True
     z_min: float = 2.0
+    # the standard error of a patch: "stratified" (noise from successive differences of the
+    # t-ordered units, for the stratified estimators) or "iid" (spread of the unit scores; counts
+    # the t trend as noise). See the module's doc
+    errors: str = "stratified"
 
     def __post_init__(self):
+        if self.errors not in ERRORS:
+            raise ValueError(f"errors must be one of {', '.join(ERRORS)}, got {self.errors!r}")
         if self.patch is not None and self.patch < 1:
             raise ValueError(f"patch must be >= 1, got {self.patch}")
         if self.per_image < 1 or self.top < 1 or self.least < 0 or self.random < 0:
@@ -77,18 +101,24 @@ def patch_scores(pixel_map: np.ndarray, k: int) -> np.ndarray:
     return (sums / (k * k)).astype(np.float32)
 
 
-def patch_errors(unit_maps: np.ndarray, k: int) -> np.ndarray:
+def patch_errors(unit_maps: np.ndarray, k: int, rule: str = "iid") -> np.ndarray:
     """Standard error of every k x k box's typicality, from the maps of U independent units.
 
     Args:
-        unit_maps: (U, H, W)
+        unit_maps: (U, H, W); for ``rule="stratified"`` in t order (stratified draws)
+        rule: "iid": std over units of the box mean (ddof 1) / sqrt(U); "stratified": sqrt of
+            the mean squared second difference of consecutive units' box means / 6, / sqrt(U),
+            blind to a trend in t that is locally linear (``iid`` below U = 3)
     Returns:
-        (H - k + 1, W - k + 1): std over units of the box mean (ddof 1) / sqrt(U); NaN for U < 2
-        (K < 4 antithetic draws: no error estimate)
+        (H - k + 1, W - k + 1); NaN for U < 2 (K < 4 antithetic draws: no error estimate)
     """
     if len(unit_maps) < 2:
         return np.full(tuple(n - k + 1 for n in unit_maps.shape[-2:]), np.nan, np.float32)
-    return (patch_scores(unit_maps, k).std(0, ddof=1) / np.sqrt(len(unit_maps))).astype(np.float32)
+    scores = patch_scores(unit_maps, k).astype(np.float64)  # (U, H', W')
+    if rule == "stratified" and len(scores) >= 3:
+        second = scores[:-2] - 2 * scores[1:-1] + scores[2:]  # var 6 sigma^2 for independent units
+        return np.sqrt((second ** 2).mean(0) / 6 / len(scores)).astype(np.float32)
+    return (scores.std(0, ddof=1) / np.sqrt(len(scores))).astype(np.float32)
 
 
 def greedy_boxes(scores: np.ndarray, k: int, n: int) -> list[tuple[int, int, float]]:
@@ -141,17 +171,18 @@ class TopN:
         return frame.groupby("label", sort=True).head(self.n).reset_index(drop=True)
 
 
-def mine_image(pixel_map: np.ndarray, k: int, per_image: int,
-               unit_maps: np.ndarray | None = None) -> tuple[list, list, np.ndarray, np.ndarray]:
+def mine_image(pixel_map: np.ndarray, k: int, per_image: int, unit_maps: np.ndarray | None = None,
+               errors: str = "iid") -> tuple[list, list, np.ndarray, np.ndarray]:
     """Most and least typical boxes of one image, greedy, non-overlapping, with their errors.
 
     Args:
         pixel_map: (H, W); unit_maps: (U, H, W) or None (no errors: NaN)
+        errors: the rule of :func:`patch_errors`
     Returns:
         best, worst: [(y0, x0, typicality, se), ...]; scores, se: (H - k + 1, W - k + 1)
     """
     scores = patch_scores(pixel_map, k)
-    se = patch_errors(unit_maps, k) if unit_maps is not None else np.full_like(scores, np.nan)
+    se = patch_errors(unit_maps, k, errors) if unit_maps is not None else np.full_like(scores, np.nan)
     best = [(y, x, s, float(se[y, x])) for y, x, s in greedy_boxes(scores, k, per_image)]
     worst = [(y, x, -s, float(se[y, x])) for y, x, s in greedy_boxes(-scores, k, per_image)]
     return best, worst, scores, se
@@ -180,6 +211,8 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
     rng = np.random.default_rng(config.seed)
     store = run.typicality_store if store is None else store
     significance = config.significance and store.what == "typicality"  # other scores (contrast) store no units
+    estimator = ((run.lineage.get("typicality") or {}).get("settings") or {}).get("estimator")
+    errors = config.errors if estimator in T_ORDERED else "iid"  # other estimators' units are not in t order
     ok = store.ok()
     if ok.empty:
         raise ValueError(f"{run.path}: no usable {store.what} maps to mine")
@@ -203,7 +236,7 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
                 elif significance:
                     raise ValueError(f"{store.directory / shard}.safetensors: no unit maps for the significance "
                                      "filter; re-run `diffmine typicality --unit-maps --force`, or mine with --no-significance")
-                best, worst, scores, se = mine_image(pixel_map, k, config.per_image, units)
+                best, worst, scores, se = mine_image(pixel_map, k, config.per_image, units, errors)
                 base = dict(image_id=r.image_id, label=r.label)
                 best_rows += [dict(base, y0=y, x0=x, typicality=s, se=e) for y, x, s, e in best]
                 worst_rows += [dict(base, y0=y, x0=x, typicality=s, se=e) for y, x, s, e in worst]
