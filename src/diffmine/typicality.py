@@ -243,9 +243,10 @@ def draw_units(per_draw: torch.Tensor, estimator: str) -> torch.Tensor:
 
     Antithetic draws (eps, -eps) are correlated, so a unit is a pair's mean (U = K // 2; an odd
     last draw enters the mean map but not the error estimate); the other estimators' draws are
-    units themselves. Stratified t: the units are treated as i.i.d., which overstates the
-    variance of the stratified mean (strata differences count as noise), so the error is
-    conservative: a patch called significant is at least as significant as its z says.
+    units themselves. The units keep the draws' order: for the stratified estimators that is t
+    order, which mining's error needs (``mining.patch_errors``: the spread of the units also holds
+    typicality's trend in t, which stratification keeps out of the mean; successive differences
+    do not).
     """
     if estimator in ("stratified-antithetic", "adaptive") and per_draw.shape[1] >= 2:
         pairs = per_draw.shape[1] // 2
