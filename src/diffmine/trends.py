@@ -10,8 +10,12 @@ For every element cluster of the run (all labels; clusters of at least ``min_siz
   best match that similarity;
 - the image contains the element when its best match reaches the element's threshold. ``split``
   (default): the threshold splits the best matches of all images of the ordered labels into two
-  groups, Otsu's cut (the one that maximises the between-group variance), so that an image
-  contains the element when its best match lies in the upper group; it assumes that some images
+  or three groups, Otsu's cuts (those that maximise the between-group variance), so that an image
+  contains the element when its best match lies in the upper group. Three groups when a Gaussian
+  per group explains the matches better (BIC) than two: the images without the element often
+  part into those with nothing like it (~0.15 on the ordered set) and those with a look-alike,
+  another element (~0.5), below the images with it (0.7-0.97), and the two-group cut then fell
+  between the first two (benchmarks/README.md, "The standard error of a patch"). It assumes that some images
   contain the element and some do not, as any trend over the order does (an element in every
   image, or in none, is split anyway). ``members``: the ``percentile``-th percentile of the
   cluster's own members' similarity to the centroid of the other members (leave-one-out; nine in
@@ -38,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
+from skimage.filters import threshold_multiotsu
 
 from .atomic import write_json
 from .features import FEATURE_KINDS, FeatureConfig, patch_features
@@ -51,7 +56,8 @@ THRESHOLDS = ("split", "members")
 @dataclass
 class TrendsConfig:
     min_size: int = 3  # clusters with fewer members are not elements (at least 2: see element_centroids)
-    # split: the threshold parts all images' best matches into two groups (Otsu); members: the
+    # split: the threshold parts all images' best matches into two or three groups (Otsu, the
+    # count by BIC) and keeps the upper one; members: the
     # ``percentile``-th percentile of the members' similarity to their centroid (see the module doc)
     threshold: str = "split"
     percentile: float = 10.0
@@ -123,13 +129,46 @@ def two_group_split(values: np.ndarray) -> float:
     return float((v[cut] + v[cut + 1]) / 2)
 
 
+def upper_group_cut(values: np.ndarray) -> float:
+    """The cut below the upper group of (N,) values parted into two or three groups, whichever
+    a Gaussian per group explains better (BIC): three when the images without the element split
+    into those with nothing like it and those with a look-alike (another element), two else. Two
+    groups: :func:`two_group_split`; three: the lower of Otsu's two cuts
+    (``skimage.filters.threshold_multiotsu``, on a 256-bin histogram), then the exact two-group cut
+    of the values above it. NaN with fewer than two distinct finite values."""
+    v = values[np.isfinite(values)]
+    two = two_group_split(v)
+    if np.isnan(two) or len(np.unique(v)) < 3:
+        return two
+    try:
+        three = [float(c) for c in threshold_multiotsu(v, classes=3)]
+    except ValueError:  # too few distinct values for three groups
+        return two
+    if _groups_bic(v, three) >= _groups_bic(v, [two]):
+        return two
+    upper = two_group_split(v[v >= three[0]])  # the histogram's upper cut, made exact
+    return three[1] if np.isnan(upper) else upper
+
+
+def _groups_bic(values: np.ndarray, cuts: list[float]) -> float:
+    """BIC of ``values`` as groups split at ``cuts``, each a Gaussian with its own mean and
+    variance, weighted by its share (3 parameters per group); inf if a group has < 2 values."""
+    edges, n, log_likelihood = [-np.inf, *cuts, np.inf], len(values), 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        group = values[(values >= low) & (values < high)]
+        if len(group) < 2:
+            return float("inf")
+        log_likelihood += -0.5 * len(group) * np.log(group.var() + 1e-12) + len(group) * np.log(len(group) / n)
+    return float(-2 * log_likelihood + 3 * (len(cuts) + 1) * np.log(n))
+
+
 def element_thresholds(best: np.ndarray, member_thresholds: np.ndarray, rule: str) -> np.ndarray:
     """(E,) match thresholds from (N, E) best matches (NaN for unreadable images) by ``rule``:
-    ``split`` (Otsu over the images; an element without two distinct values keeps its members'
-    threshold) or ``members`` (``member_thresholds``)."""
+    ``split`` (:func:`upper_group_cut` over the images; an element without two distinct values
+    keeps its members' threshold) or ``members`` (``member_thresholds``)."""
     if rule == "members":
         return member_thresholds.copy()
-    split = np.array([two_group_split(best[:, e]) for e in range(best.shape[1])])
+    split = np.array([upper_group_cut(best[:, e]) for e in range(best.shape[1])])
     return np.where(np.isnan(split), member_thresholds, split)
 
 
