@@ -138,11 +138,11 @@ def upper_group_cut(values: np.ndarray) -> float:
     of the values above it. NaN with fewer than two distinct finite values."""
     v = values[np.isfinite(values)]
     two = two_group_split(v)
-    if np.isnan(two) or len(np.unique(v)) < 3:
+    if np.isnan(two):
         return two
     try:
         three = [float(c) for c in threshold_multiotsu(v, classes=3)]
-    except ValueError:  # too few distinct values for three groups
+    except ValueError:  # fewer than three distinct values (after binning): two groups at most
         return two
     if _groups_bic(v, three) >= _groups_bic(v, [two]):
         return two
