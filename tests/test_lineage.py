@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmine import cli, pipeline
+from diffmine import cli, lineage, pipeline
 from diffmine.lineage import step_lock
 from diffmine.query import query
 from diffmine.rundir import Run, RunError, open_run
@@ -219,6 +219,36 @@ def test_stale_clusters_are_never_served(tiny, tmp_path):
     assert opened.stale("report")  # made from the old mining
     assert cli.main(["report", "--run", str(copy)]) == 0  # the report leaves the stale clusters out
     assert opened.lineage.get("report")["inputs"].keys() == {"model", "mine"}
+
+
+def test_a_result_made_by_an_older_method_is_remade_and_never_served(tiny, tmp_path, capsys, monkeypatch):
+    """A step whose code changed what it makes (its method version raised) treats its old results
+    as made with other settings: never served, remade when cheap, refused without --force when
+    expensive. Records from before a step's first raise (no field) are version 1."""
+    images, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    mine_before = Run(copy).lineage.get("mine")
+    maps_before = {p.name: sha(p) for p in (copy / "typicality").glob("shard-*.safetensors")}
+    monkeypatch.setitem(lineage.METHODS, "mine", 2)
+    opened = Run(copy)
+    assert ("mine was made by version 1 of its method, not the current 2", "mine") in opened.stale("mine")
+    with pytest.raises(RunError, match="re-run `diffmine mine"):
+        opened.patches()  # the clusters were made from the old mining
+    assert cli.main(run_args(images, copy)) == 0
+    assert "mine: up to date" not in capsys.readouterr().out
+    again = Run(copy)
+    mine_after = again.lineage.get("mine")
+    assert mine_after["method"] == 2 and mine_after["settings"] == mine_before["settings"]
+    assert mine_after["identity"] != mine_before["identity"]  # what was made from it goes stale
+    assert not any(again.stale(name) for name in ("typicality", "mine", "cluster", "report"))
+    assert {p.name: sha(p) for p in (copy / "typicality").glob("shard-*.safetensors")} == maps_before
+
+    monkeypatch.setitem(lineage.METHODS, "typicality", 2)
+    assert cli.main(run_args(images, copy)) == 2
+    err = capsys.readouterr().err
+    assert "method: v1 -> v2" in err and "--force" in err
+    assert Run(copy).stale("typicality")[0][0].startswith("typicality was made by version 1")
+    assert {p.name: sha(p) for p in (copy / "typicality").glob("shard-*.safetensors")} == maps_before
 
 
 def test_a_second_process_on_the_same_step_is_refused(tiny, tmp_path, capsys):

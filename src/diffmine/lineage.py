@@ -10,6 +10,7 @@ its config)::
       "identity": "a41b...",                                    # what later steps record as input
       "complete": true,
       "command":  "typicality",                                 # the command that makes it
+      "method":   1,                                            # the version of its step's method
       "written":  "2026-12-01T22:58:00+00:00"
     }
 
@@ -19,7 +20,14 @@ rsync, another machine) is valid as it is:
 - ``listing``: a hash of its rows (image id, label, split, each image's content fingerprint)
   and of the prompts and image size;
 - ``model``: the SHA-256 of the weights file and ``backend.json``;
-- every other result: a hash of its settings and of its inputs' identities.
+- every other result: a hash of its settings and of its inputs' identities (and of its step's
+  method version from version 2 on, so that identities made before a first bump stay valid).
+
+A step's method version (:data:`METHODS`) is raised when the code changes what the step makes
+from the same settings and inputs (a new setting needs none: it is a setting). A result made by
+another version of its method is treated like one made with other settings: recomputed, or for an
+expensive result refused without ``--force``, and never served. A record without the field was
+made by version 1.
 
 The rules every step follows (:func:`plan`):
 
@@ -51,6 +59,23 @@ LOCK_DIR = ".locks"
 # results that are identified by their content (not by what made them): a reader checks
 # freshness up to them and no further (a model is what it is, whatever it was trained on)
 ROOTS = ("listing", "model")
+# the version of each step's method, by result name (or name prefix ending in "-"); 1 if absent
+METHODS = {
+    "trends": 2,  # 2: prevalence keeps the upper of two or three groups of best matches (BIC), not Otsu's upper half
+}
+
+
+def method_of(name: str) -> int:
+    """The current version of the method that makes result ``name``."""
+    if name in METHODS:
+        return METHODS[name]
+    return next((v for p, v in METHODS.items() if p.endswith("-") and name.startswith(p)), 1)
+
+
+def _method_change(record: dict, name: str) -> list[str]:
+    """``["method: v1 -> v2"]`` when ``record`` was made by another version of its method."""
+    old, new = record.get("method", 1), method_of(name)
+    return [f"method: v{old} -> v{new}"] if old != new else []
 
 
 class LineageError(ValueError):
@@ -118,9 +143,12 @@ class Lineage:
 
     def put(self, name: str, settings: dict, inputs: dict, command: str, identity: str | None = None,
             complete: bool = True, **extra) -> dict:
-        """Record result ``name``; its identity defaults to the hash of its settings and inputs."""
-        record = {"settings": canonical(settings), "inputs": canonical(inputs),
-                  "identity": identity or digest([settings, inputs]), "complete": complete, "command": command,
+        """Record result ``name``; its identity defaults to the hash of its settings and inputs (and
+        of its method version when past 1)."""
+        method = method_of(name)
+        identity = identity or digest([settings, inputs] + ([method] if method > 1 else []))
+        record = {"settings": canonical(settings), "inputs": canonical(inputs), "identity": identity,
+                  "complete": complete, "command": command, "method": method,
                   "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **canonical(extra)}
         with self._editing() as records:
             records[name] = record
@@ -139,18 +167,18 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
     Returns ``"new"`` (no result yet), ``"done"`` (up to date), ``"resume"`` (same settings and
     inputs but incomplete; or only an ``incremental`` input changed) or ``"replace"`` (stale, or
     ``force``). Raises LineageError where replacing would discard hours of work the user did not
-    ask to discard: an ``expensive`` result whose own settings changed, or a ``guard_inputs``
-    result (the model) whose inputs changed.
+    ask to discard: an ``expensive`` result whose own settings (or method version) changed, or a
+    ``guard_inputs`` result (the model) whose inputs changed.
     """
     record = lineage.get(name)
     if record is None:
         return "new"
     settings, inputs = canonical(settings), canonical(inputs)
-    if record["settings"] == settings and record["inputs"] == inputs:
+    changed = differences(record["settings"], settings) + _method_change(record, name)
+    if not changed and record["inputs"] == inputs:
         return "done" if record.get("complete") else "resume"
     if force:
         return "replace"
-    changed = differences(record["settings"], settings)
     changed_inputs = [k for k in sorted(set(record["inputs"]) | set(inputs)) if record["inputs"].get(k) != inputs.get(k)]
     if not changed and set(changed_inputs) <= set(incremental):
         return "resume"
@@ -180,6 +208,9 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
             reasons.append((f"{input_name} changed since {name} was made", record.get("command", command_of(name))))
         elif input_name not in ROOTS:
             reasons += stale_reasons(lineage, input_name, records)
+    if record.get("method", 1) != method_of(name):
+        reasons.append((f"{name} was made by version {record.get('method', 1)} of its method, not the current "
+                        f"{method_of(name)}", record.get("command", command_of(name))))
     if not record.get("complete", True):
         reasons.append((f"{name} is incomplete", record.get("command", command_of(name))))
     return reasons
