@@ -3,11 +3,15 @@ over draw orders, without a UNet pass per setting.
 
     .venv/bin/python benchmarks/adaptive_rules.py --out /tmp/rules --data-seed 0 \\
         --rule first_draws=8 --rule first_draws=4,bound=2,bound_out=2,budget=0
+    .venv/bin/python benchmarks/adaptive_rules.py --out /tmp/rules --data-seed 0 --per-label 250 \
+        --top 2 5 12 --fixed 8 16 32 64      # 1,000 other scenes, --top at 1%, 2% and 5% of a label
 
 Setup (once per ``--out``, ~15 min on 2 cores): the small-element scenes of ``adaptive.py quality``
 (4 labels x 60 images of 64 px, ``--data-seed``), a tiny model trained 600 steps on them, a 64-draw
 reference mined at ``--top 40 --per-image 5`` (stratified-antithetic, seed 0), and every image's
-64 nested adaptive draws (seed 1), whose unit maps are kept.
+64 nested adaptive draws (seed 1), whose unit maps are kept. With ``--per-label`` other than 60 the
+same model scores that many new scenes per label (data seed + 1), as ``adaptive.py cost`` does, and
+the reference is mined at the largest ``--top`` (a smaller top is each label's best of it).
 
 Replay: an image refined to n draws has exactly the first n of its 64 (``typicality.nested_draws``),
 i.e. the mean of its first n / 2 units, so the rounds of ``adaptive.refine`` can be replayed from
@@ -43,22 +47,37 @@ from diffmine.typicality import TypicalityConfig, unit_key  # noqa: E402
 TOP, PER_IMAGE, CAP = 40, 5, 64
 
 
-def setup(out: Path, data_seed: int) -> tuple[Run, pd.DataFrame]:
-    """The all-64 nested run and the reference's top patches (made once, reused)."""
+def setup(out: Path, data_seed: int, per_label: int = 60, top: int = TOP) -> tuple[Run, pd.DataFrame]:
+    """The all-64 nested run and the reference's top patches (at ``top`` per label; made once, reused).
+
+    The model is trained on the 60 scenes per label of ``data_seed``; with another ``per_label`` it
+    scores that many other scenes per label (seed ``data_seed + 1``), as ``adaptive.py cost`` does."""
     data = out / "small"
     if not (data / "images").is_dir():
         generate(data, SynthConfig(labels=4, per_label=60, size=64, element_scale=0.6, seed=data_seed), progress=False)
     model = Run(out / "small-run")
     pipeline.prepare(model, data / "images", PROMPT, NULL, 64)
     pipeline.train_step(model, TrainConfig(steps=600, seed=data_seed), progress=False)
-    mine = MineConfig(top=TOP, per_image=PER_IMAGE)
+    scenes, suffix = data, ""
+    if per_label != 60:
+        scenes, suffix = out / f"scenes-{per_label}", f"-{per_label}"
+        if not (scenes / "images").is_dir():
+            generate(scenes, SynthConfig(labels=4, per_label=per_label, size=64, element_scale=0.6, seed=data_seed + 1),
+                     progress=False)
+    mine = MineConfig(top=top, per_image=PER_IMAGE)
     for name, config, adaptive in [("q-reference", TypicalityConfig(samples=CAP, seed=0), None),
                                    ("full64", TypicalityConfig(samples=CAP, seed=1, estimator="adaptive"),
-                                    AdaptiveConfig(top=TOP, per_image=PER_IMAGE, first_draws=CAP, budget=0))]:
-        if not (out / name / "mining" / "patches.parquet").is_file():
-            scored(model, data / "images", out / name, config, mine, adaptive)
-    reference = pd.read_parquet(out / "q-reference" / "mining" / "patches.parquet")
-    return Run(out / "full64"), reference[reference["kind"] == "top"]
+                                    AdaptiveConfig(top=top, per_image=PER_IMAGE, first_draws=CAP, budget=0))]:
+        if not (out / (name + suffix) / "mining" / "patches.parquet").is_file():
+            scored(model, scenes / "images", out / (name + suffix), config, mine, adaptive)
+    reference = pd.read_parquet(out / ("q-reference" + suffix) / "mining" / "patches.parquet")
+    return Run(out / ("full64" + suffix)), reference[reference["kind"] == "top"]
+
+
+def top_of(reference: pd.DataFrame, top: int) -> pd.DataFrame:
+    """The reference mined at a smaller ``top``: each label's best ``top`` of its top patches."""
+    ranked = reference.sort_values("typicality", ascending=False, kind="mergesort")
+    return ranked.groupby("label").head(top)
 
 
 def candidate_table(run: Run, order: np.ndarray, levels: list[int]) -> pd.DataFrame:
@@ -93,22 +112,22 @@ def replay(table: pd.DataFrame, config: AdaptiveConfig) -> dict[str, int]:
     return draws
 
 
-def mined(table: pd.DataFrame, draws: dict[str, int], k: int) -> pd.DataFrame:
+def mined(table: pd.DataFrame, draws: dict[str, int], k: int, top: int = TOP) -> pd.DataFrame:
     """Mining's top set from each image's candidates at its final draws."""
     final = table.merge(pd.DataFrame({"image_id": list(draws), "n": list(draws.values())}), on=["image_id", "n"])
     long = final.explode(["cand_y", "cand_x", "cand_s", "cand_se"]).dropna(subset=["cand_s"])
     long = long[significant(long["cand_s"].to_numpy(float), long["cand_se"].to_numpy(float), MineConfig.z_min)]
-    long = long.sort_values("cand_s", ascending=False, kind="mergesort").groupby("label").head(TOP)
+    long = long.sort_values("cand_s", ascending=False, kind="mergesort").groupby("label").head(top)
     x, y = long["cand_x"].astype(int).to_numpy(), long["cand_y"].astype(int).to_numpy()
     return pd.DataFrame({"image_id": long["image_id"].to_numpy(), "x0": x, "y0": y, "x1": x + k, "y1": y + k})
 
 
-def parse_rule(text: str) -> AdaptiveConfig:
+def parse_rule(text: str, top: int = TOP) -> AdaptiveConfig:
     values = {}
     for item in filter(None, text.split(",")):
         key, value = item.split("=")
         values[key] = int(value) if key == "first_draws" else float(value)
-    return AdaptiveConfig(top=TOP, per_image=PER_IMAGE, **values)
+    return AdaptiveConfig(top=top, per_image=PER_IMAGE, **values)
 
 
 def main() -> int:
@@ -120,27 +139,32 @@ def main() -> int:
                              "(repeatable; none: the defaults)")
     parser.add_argument("--fixed", type=int, nargs="*", default=[16, 64], help="also every image at n draws")
     parser.add_argument("--orders", type=int, default=8, help="draw orders averaged (at most 8)")
+    parser.add_argument("--per-label", type=int, default=60,
+                        help="scenes scored per label (60: the model's own training scenes; else new ones)")
+    parser.add_argument("--top", type=int, nargs="+", default=[TOP], help="mining's --top per label (one table each)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    run, reference = setup(args.out, args.data_seed)
+    run, reference = setup(args.out, args.data_seed, args.per_label, max(args.top))
     k = int(run.lineage.get("mine")["patch"])
     levels = schedule(2, CAP)[1:]  # 4, 8, ..., 64
     orders = [np.arange(32) ^ m for m in range(0, 4 * min(args.orders, 8), 4)]
     tables = [candidate_table(run, order, levels) for order in orders]
-    rules = [(f"fixed {n}", None, n) for n in args.fixed] + [(rule or "defaults", parse_rule(rule), None)
-                                                            for rule in (args.rule or [""])]
-    print(f"data seed {args.data_seed}: {len(reference)} reference patches; recovered and draws per image, mean "
-          f"over {len(orders)} draw orders (sd; the real order m = 0)")
-    print("| rule | recovered | sd | order 0 | draws / image |\n|---|---|---|---|---|")
-    for name, config, fixed in rules:
-        shares, spent = [], []
-        for table in tables:
-            draws = dict.fromkeys(table["image_id"].unique(), fixed) if config is None else replay(table, config)
-            shares.append(recovered(reference, mined(table, draws, k)))
-            spent.append(np.mean(list(draws.values())))
-        print(f"| {name} | {np.mean(shares):.1%} | {np.std(shares):.1%} | {shares[0]:.1%} | {np.mean(spent):.2f} |",
-              flush=True)
+    for top in args.top:
+        wanted = top_of(reference, top)
+        rules = [(f"fixed {n}", None, n) for n in args.fixed] + [(rule or "defaults", parse_rule(rule, top), None)
+                                                                for rule in (args.rule or [""])]
+        print(f"data seed {args.data_seed}, {args.per_label} scenes per label, --top {top}: {len(wanted)} reference "
+              f"patches; recovered and draws per image, mean over {len(orders)} draw orders (sd; the real order m = 0)")
+        print("| rule | recovered | sd | order 0 | draws / image |\n|---|---|---|---|---|")
+        for name, config, fixed in rules:
+            shares, spent = [], []
+            for table in tables:
+                draws = dict.fromkeys(table["image_id"].unique(), fixed) if config is None else replay(table, config)
+                shares.append(recovered(wanted, mined(table, draws, k, top)))
+                spent.append(np.mean(list(draws.values())))
+            print(f"| {name} | {np.mean(shares):.1%} | {np.std(shares):.1%} | {shares[0]:.1%} | {np.mean(spent):.2f} |",
+                  flush=True)
     return 0
 
 

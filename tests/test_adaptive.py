@@ -90,7 +90,7 @@ def test_refine_bounds_in_and_out_apart_and_spends_a_budget_most_uncertain_first
     ]
     latest = pd.DataFrame(rows, columns=["image_id", "label", "draws", "cand_s", "cand_se"]).assign(status="ok")
     active = set(latest["image_id"])
-    both = AdaptiveConfig(top=1, significance=False, bound=2.0, bound_out=2.0)
+    both = AdaptiveConfig(top=1, significance=False, bound=2.0, bound_out=2.0, tight_bound=2.0, tight_bound_out=2.0)
     assert refine(latest, active, both, 64) == {"x1", "x2", "x3"}
     # a narrower bound out: x3 (4 + 0.5 < 5) is decided, x2 (4.5 + 0.5 reaches 5) is not
     assert refine(latest, active, AdaptiveConfig(top=1, significance=False, bound=2.0, bound_out=0.5), 64) == {"x1", "x2"}
@@ -101,6 +101,11 @@ def test_refine_bounds_in_and_out_apart_and_spends_a_budget_most_uncertain_first
     assert refine(latest, active, both, 64, budget_left=8) == {"x1", "x2"}
     assert refine(latest, active, both, 64, budget_left=7) == {"x1"}
     assert refine(latest, active, both, 64, budget_left=3) == set()
+    # the wide bounds while their images' next draws (12) take at most half the budget left, else
+    # the tight ones: at a tight bound out of 0.5, x3 is decided
+    tight_out = AdaptiveConfig(top=1, significance=False, bound=2.0, bound_out=2.0, tight_bound=2.0, tight_bound_out=0.5)
+    assert refine(latest, active, tight_out, 64, budget_left=24) == {"x1", "x2", "x3"}
+    assert refine(latest, active, tight_out, 64, budget_left=23) == {"x1", "x2"}
     with pytest.raises(ValueError, match="budget"):
         AdaptiveConfig(first_draws=8, budget=6)
 

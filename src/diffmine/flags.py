@@ -30,8 +30,11 @@ HELP = {
              "label's top: its image gets more draws while score - bound x se is below the best candidate left out",
     "bound_out": "adaptive estimator: the same for a candidate out of the top: its image gets more draws while "
                  "score + bound_out x se reaches the worst candidate in",
-    "budget": "adaptive estimator: mean draws per image the rounds may spend at most, the most uncertain images "
-              "first (0: no limit; 16 = the default estimator's cost)",
+    "budget": "adaptive estimator: mean draws per image the rounds may spend at most (0: no limit; 16 = the "
+              "default estimator's cost)",
+    "tight_bound": "adaptive estimator: the bound in of a round whose undecided images would take more than half "
+                   "the budget left: it refines those undecided at the tight bounds, most uncertain first, while they fit",
+    "tight_bound_out": "adaptive estimator: the bound out of such a round",
     "shard_size": "images per stored shard (unit of work and resume)",
     "map_dtype": "storage precision of typicality maps (float16 | float32)",
     "precision": "auto | fp32 | bf16 | fp16 autocast of the UNet forward (auto: bf16 where the CPU/GPU computes it natively, else fp32)",
