@@ -15,8 +15,9 @@ draws), a second 64-draw run (the reference's own noise), adaptive with cap 64.
 of a label's images: draws per image and typicality wall seconds of adaptive (cap 64), the default
 (16) and the paper's 100 i.i.d. draws. The fixed-draw estimators cost the same per image at any N:
 where ``--measure-fixed`` is below N they are measured on that many images and scaled linearly
-(the table says so). Typicality's share of the machine's fp32 matmul peak: UNet FLOPs of the draws
-actually spent (torch.utils.flop_counter) per wall second, over a peak measured in the same run.
+(the table says so). Typicality's share of the matmul peak in its own precision (bf16 where
+``--precision auto`` takes it): UNet FLOPs of the draws actually spent (torch.utils.flop_counter)
+per wall second, over a peak measured in the same run.
 
 Every number of one table comes from one run; torch uses --threads threads (the machine may be
 shared: say so beside the numbers).
@@ -41,6 +42,7 @@ from throughput import matmul_peak, unet_flops  # noqa: E402
 
 from diffmine import pipeline  # noqa: E402
 from diffmine.adaptive import AdaptiveConfig  # noqa: E402
+from diffmine.machine import resolve_precision  # noqa: E402
 from diffmine.mining import MineConfig  # noqa: E402
 from diffmine.rundir import Run  # noqa: E402
 from diffmine.synthetic import SynthConfig, generate  # noqa: E402
@@ -139,10 +141,11 @@ def cost(args) -> None:
     backend = pipeline.load_model(model)[0]
     f = backend.latent_factor
     per_input = unet_flops(backend, 16, (3 * f * f, 64 // f, 64 // f)) / 16
-    a = torch.randn(2048, 2048)
+    precision = resolve_precision(TypicalityConfig.precision)  # what the rows compute in (auto: bf16 where native)
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     peaks = []
-    lines = [f"UNet {per_input / 1e6:.1f} MFLOP per input; % of peak: of the fp32 matmul peak (2048^2) measured "
-             "just before each row (a shared machine's peak varies)",
+    lines = [f"UNet {per_input / 1e6:.1f} MFLOP per input; typicality in {precision}; % of peak: of the {precision} "
+             "matmul peak (2048^2) measured just before each row (a shared machine's peak varies)",
              "| images | estimator | top / label | mean draws / image | typicality s | s / 1k images | % of peak | note |",
              "|---|---|---|---|---|---|---|---|"]
     for n in args.sizes:
@@ -172,7 +175,7 @@ def cost(args) -> None:
             lines.append(f"| {n} | {name} | {top} | {got['draws'].mean():.2f} | {got['seconds'] * scale:.0f} | "
                          f"{got['seconds'] / measured * 1000:.1f} | {share:.1%} | {note} |")
             print(lines[-1], flush=True)
-    lines.append(f"\nfp32 matmul peak over the rows: {', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s")
+    lines.append(f"\n{precision} matmul peak over the rows: {', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s")
     report(args, "cost", lines)
 
 

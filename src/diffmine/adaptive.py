@@ -43,7 +43,8 @@ for all and starve the deeper rounds; where it does not (``--top`` a small share
 estimator is for), the narrow bounds stop too early. On 1,000 scenes of that kind, ``--top`` 5
 and 12 per label (2% and 5%): 84.4% and 88.8% of a 64-draw reference at 10.5 and 12.9 draws per
 image with the wide bounds, against 77.5% and 82.6% at 8.9 and 9.9 with the narrow ones alone
-(a second 64-draw run: 85.0% and 91.7%); on the sets above the result is unchanged.
+(a second 64-draw run: 85.0% and 91.7%); on a second such set 80.6% and 78.9% (64 draws: 80.0% and
+81.2%). On the sets above the result is unchanged.
 On three more sets made the same way: 83%, 84% and 73% at 16, where 16 draws for every image recover
 80%, 84% and 72%, and a second 64-draw run 87%, 88% and 78% (the reference's own noise caps them all).
 
