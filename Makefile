@@ -7,7 +7,7 @@ DEMO    ?= runs/demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test browser bench clean
+.PHONY: setup demo test test-all browser bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ demo: setup
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium"
 
+# The default suite (CI's): every feature, minus the quality checks marked `slow` (models trained
+# for minutes: trends' prevalence, contrast's localization); `make test-all` runs them too.
 test: setup browser
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup browser
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

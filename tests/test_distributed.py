@@ -46,7 +46,6 @@ def _copies(run: Run, directory) -> tuple[Run, Run]:
     return single, parallel
 
 
-@pytest.mark.slow
 def test_two_processes_give_exactly_the_single_process_maps(trained, tmp_path):
     single, parallel = _copies(trained, tmp_path)
     reference = [sys.executable, "-m", "diffmine", "typicality", "--run", str(single.path), "--samples", "3", "--shard-size", "3"]
@@ -65,7 +64,6 @@ def test_two_processes_give_exactly_the_single_process_maps(trained, tmp_path):
         np.testing.assert_array_equal(parallel.typicality_map(image_id), single.typicality_map(image_id))
 
 
-@pytest.mark.slow
 def test_two_processes_give_exactly_the_single_process_adaptive_maps(trained, tmp_path):
     """The adaptive estimator's rounds: shards of each round dealt to both processes, the images to
     refine decided by each from the files on disk; the same draws and maps as one process."""
@@ -81,7 +79,6 @@ def test_two_processes_give_exactly_the_single_process_adaptive_maps(trained, tm
         np.testing.assert_array_equal(parallel.latent_typicality_map(image_id), single.latent_typicality_map(image_id))
 
 
-@pytest.mark.slow
 def test_two_processes_give_exactly_the_single_process_features(trained, tmp_path):
     # typicality and mining here, once: both runs cluster the same mined patches
     mined = Run(tmp_path / "mined")
