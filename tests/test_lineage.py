@@ -231,7 +231,7 @@ def test_a_result_made_by_an_older_method_is_remade_and_never_served(tiny, tmp_p
     maps_before = {p.name: sha(p) for p in (copy / "typicality").glob("shard-*.safetensors")}
     monkeypatch.setitem(lineage.METHODS, "mine", 2)
     opened = Run(copy)
-    assert ("mine was made by version 1 of its method, not the current 2", "mine") in opened.stale("mine")
+    assert ("mine was made by another version of its method (v1 -> v2)", "mine") in opened.stale("mine")
     with pytest.raises(RunError, match="re-run `diffmine mine"):
         opened.patches()  # the clusters were made from the old mining
     assert cli.main(run_args(images, copy)) == 0
@@ -247,7 +247,7 @@ def test_a_result_made_by_an_older_method_is_remade_and_never_served(tiny, tmp_p
     assert cli.main(run_args(images, copy)) == 2
     err = capsys.readouterr().err
     assert "method: v1 -> v2" in err and "--force" in err
-    assert Run(copy).stale("typicality")[0][0].startswith("typicality was made by version 1")
+    assert Run(copy).stale("typicality")[0][0] == "typicality was made by another version of its method (v1 -> v2)"
     assert {p.name: sha(p) for p in (copy / "typicality").glob("shard-*.safetensors")} == maps_before
 
 

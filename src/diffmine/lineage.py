@@ -73,9 +73,9 @@ def method_of(name: str) -> int:
 
 
 def _method_change(record: dict, name: str) -> list[str]:
-    """``["method: v1 -> v2"]`` when ``record`` was made by another version of its method."""
+    """``["v1 -> v2"]`` when ``record`` was made by another version of its method, else ``[]``."""
     old, new = record.get("method", 1), method_of(name)
-    return [f"method: v{old} -> v{new}"] if old != new else []
+    return [f"v{old} -> v{new}"] if old != new else []
 
 
 class LineageError(ValueError):
@@ -174,7 +174,7 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
     if record is None:
         return "new"
     settings, inputs = canonical(settings), canonical(inputs)
-    changed = differences(record["settings"], settings) + _method_change(record, name)
+    changed = differences(record["settings"], settings) + [f"method: {c}" for c in _method_change(record, name)]
     if not changed and record["inputs"] == inputs:
         return "done" if record.get("complete") else "resume"
     if force:
@@ -208,9 +208,8 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
             reasons.append((f"{input_name} changed since {name} was made", record.get("command", command_of(name))))
         elif input_name not in ROOTS:
             reasons += stale_reasons(lineage, input_name, records)
-    if record.get("method", 1) != method_of(name):
-        reasons.append((f"{name} was made by version {record.get('method', 1)} of its method, not the current "
-                        f"{method_of(name)}", record.get("command", command_of(name))))
+    reasons += [(f"{name} was made by another version of its method ({change})", record.get("command", command_of(name)))
+                for change in _method_change(record, name)]
     if not record.get("complete", True):
         reasons.append((f"{name} is incomplete", record.get("command", command_of(name))))
     return reasons
