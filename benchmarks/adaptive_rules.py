@@ -3,7 +3,7 @@ over draw orders, without a UNet pass per setting.
 
     .venv/bin/python benchmarks/adaptive_rules.py --out /tmp/rules --data-seed 0 \\
         --rule first_draws=8 --rule first_draws=4,bound=2,bound_out=2,budget=0
-    .venv/bin/python benchmarks/adaptive_rules.py --out /tmp/rules --data-seed 0 --per-label 250 \
+    .venv/bin/python benchmarks/adaptive_rules.py --out /tmp/rules --data-seed 0 --per-label 250 \\
         --top 2 5 12 --fixed 8 16 32 64      # 1,000 other scenes, --top at 1%, 2% and 5% of a label
 
 Setup (once per ``--out``, ~15 min on 2 cores): the small-element scenes of ``adaptive.py quality``
