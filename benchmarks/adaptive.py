@@ -143,7 +143,7 @@ def cost(args) -> None:
     per_input = unet_flops(backend, 16, (3 * f * f, 64 // f, 64 // f)) / 16
     precision = resolve_precision(TypicalityConfig.precision)  # what the rows compute in (auto: bf16 where native)
     a = torch.randn(2048, 2048, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
-    peaks = []
+    peaks, went = [], []
     lines = [f"UNet {per_input / 1e6:.1f} MFLOP per input; typicality in {precision}; % of peak: of the {precision} "
              "matmul peak (2048^2) measured just before each row (a shared machine's peak varies)",
              "| images | estimator | top / label | mean draws / image | typicality s | s / 1k images | % of peak | note |",
@@ -175,8 +175,21 @@ def cost(args) -> None:
             lines.append(f"| {n} | {name} | {top} | {got['draws'].mean():.2f} | {got['seconds'] * scale:.0f} | "
                          f"{got['seconds'] / measured * 1000:.1f} | {share:.1%} | {note} |")
             print(lines[-1], flush=True)
+            if adaptive is not None:
+                went.append(f"{n} images, {name}: " + where_the_draws_went(got))
+    lines += [""] + went
     lines.append(f"\n{precision} matmul peak over the rows: {', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s")
     report(args, "cost", lines)
+
+
+def where_the_draws_went(got: dict) -> str:
+    """How many images stopped at each draw count; the mean draws of the images holding one of the
+    row's own mined top patches against the others'."""
+    index = got["run"].typicality_index()
+    holds = index["image_id"].isin(set(got["top"]["image_id"]))
+    return (f"images at {draws_histogram(index['draws'].to_numpy())}; the {int(holds.sum())} holding a mined top "
+            f"patch got {index.loc[holds, 'draws'].mean():.1f} draws, the other {int((~holds).sum())} "
+            f"{index.loc[~holds, 'draws'].mean():.2f}")
 
 
 def subset_folder(data: Path, n: int) -> Path:

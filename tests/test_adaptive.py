@@ -116,6 +116,11 @@ def test_adaptive_is_deterministic_and_records_its_draws(trained, reference, tmp
     assert index["draws"].mean() <= TARGETS.budget  # the budget holds
     assert not (reference.typicality_dir / adaptive.WORK).exists()  # the work folder is gone
     assert reference.step_config("typicality")["adaptive"]["top"] == 1  # the targets are the result's settings
+    # `diffmine status` says where the draws went
+    from diffmine.status import status
+    stopped = ", ".join(f"{n}: {c}" for n, c in index["draws"].value_counts().sort_index().items())
+    assert f"draws per image: {index['draws'].mean():.2f} on average; images at {stopped}; per label " in status(reference)
+    assert len(stopped.split(", ")) >= 2  # some images stopped early, some went on
     again = copy_of(trained, tmp_path / "again")
     pipeline.typicality_step(again, CONFIG, progress=False, adaptive=TARGETS)
     assert_same_maps(reference, again)

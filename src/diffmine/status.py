@@ -21,6 +21,19 @@ def _state(run, name: str) -> str:
     return f"out of date ({reason}): re-run `diffmine {command} --run {run.path}`"
 
 
+def _where_the_draws_went(index) -> str:
+    """The adaptive estimator's draws: the mean per image, how many images stopped at each count,
+    and each label's mean (a label whose top is contested spends more)."""
+    ok = index[index["status"] == "ok"]
+    if ok.empty:
+        return "  draws per image: none yet"
+    counts = ok["draws"].value_counts().sort_index()
+    per_label = ok.groupby("label")["draws"].mean()
+    return (f"  draws per image: {ok['draws'].mean():.2f} on average; images at "
+            + ", ".join(f"{int(n)}: {int(c)}" for n, c in counts.items())
+            + "; per label " + ", ".join(f"{label} {mean:.2f}" for label, mean in per_label.items()))
+
+
 def status(run) -> str:
     lines = [f"run: {run.path}"]
     records = run.lineage.records()
@@ -57,6 +70,8 @@ def status(run) -> str:
                 (f" ({unreachable} unreadable last time, retried)" if unreachable else "") + \
                 f": re-run `diffmine typicality --run {run.path}`"
             lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
+            if record["settings"].get("estimator") == "adaptive" and index is not None:
+                lines.append(_where_the_draws_went(index))
             continue
         lines.append(f"{name}: {_state(run, name)}")
     for name in sorted(set(records) - set(ORDER)):  # contrasts (by a digest of their labels), trends
