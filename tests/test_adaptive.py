@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffmine import adaptive, pipeline
-from diffmine.adaptive import AdaptiveConfig, refine, schedule
+from diffmine.adaptive import AdaptiveConfig, draws_summary, refine, schedule
 from diffmine.mining import MineConfig
 from diffmine.rundir import Run
 from diffmine.typicality import TypicalityConfig, draw_noise, draw_units
@@ -133,6 +133,16 @@ def test_adaptive_is_deterministic_and_records_its_draws(trained, reference, tmp
     patches = pipeline.mine_step(again, MineConfig(top=3, per_image=2, least=1, random=1), progress=False)
     assert (patches["kind"] == "top").any() or (patches["kind"] == "rejected").any()
     assert "--top 3 (typicality targeted 1)" in capsys.readouterr().err
+    # the report says so too: the summary above the labels and a mean-draws column
+    from diffmine.report import write_report
+    page = write_report(again).read_text()
+    assert 'id="adaptive"' in page and f"draws per image {draws_summary(again.typicality_index())}" in page
+    assert "mean draws" in page
+    plain_run = copy_of(trained, tmp_path / "plain")
+    pipeline.typicality_step(plain_run, TypicalityConfig(samples=4, shard_size=4), progress=False)
+    pipeline.mine_step(plain_run, MineConfig(top=3, per_image=2, least=1, random=1), progress=False)
+    plain = write_report(plain_run).read_text()
+    assert 'id="adaptive"' not in plain and "mean draws" not in plain
 
 
 @pytest.mark.parametrize("where", ["round", "final"])

@@ -214,6 +214,19 @@ def refine(latest: pd.DataFrame, active: set, config: AdaptiveConfig, cap: int, 
     return set(order["image_id"].to_numpy()[order["cost"].cumsum().to_numpy() <= budget_left])
 
 
+def draws_summary(index: pd.DataFrame) -> str:
+    """Where an adaptive typicality's draws went, from its index (image_id, label, status, draws):
+    the mean per image, how many images stopped at each count, each label's mean (a label whose
+    top is contested spends more)."""
+    ok = index[index["status"] == "ok"]
+    if ok.empty:
+        return "none yet"
+    counts = ok["draws"].value_counts().sort_index()
+    per_label = ok.groupby("label")["draws"].mean()
+    return (f"{ok['draws'].mean():.2f} on average; images at " + ", ".join(f"{int(n)}: {int(c)}" for n, c in counts.items())
+            + "; per label " + ", ".join(f"{label} {mean:.2f}" for label, mean in per_label.items()))
+
+
 def budget_left(config: AdaptiveConfig, draws: pd.Series) -> float | None:
     """Draws the next round may spend: ``budget`` x the planned images less the (N,) ``draws`` they
     hold (None: no budget)."""

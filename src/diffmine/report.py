@@ -32,6 +32,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
+from .adaptive import draws_summary
 from .atomic import write_bytes
 from .images import RunImages, colorbar, draw_boxes, figure_png, heat_colours, map_scale, overlay, png_bytes
 from .localize import report_section
@@ -320,6 +321,15 @@ def _image_pages(run, pages: Pages, clustered: pd.DataFrame | None, mined: pd.Da
     return views, scale
 
 
+def _adaptive_section(run, index: pd.DataFrame) -> dict | None:
+    """Where an adaptive typicality's draws went (None for the other estimators: every image has
+    the same draws)."""
+    settings = run.step_config("typicality")
+    if settings.get("estimator") != "adaptive":
+        return None
+    return {"summary": draws_summary(index), "cap": int(settings["samples"]), "top": int(settings["adaptive"]["top"])}
+
+
 def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, fresh: set[str]) -> None:
     """Write every page of the results named in ``fresh`` (up to date) into ``site``."""
     pages = Pages(run, site, config)
@@ -362,6 +372,7 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         rows = index[(index["label"] == label) & (index["status"] == "ok")]
         entry["images"] = len(rows)
         entry["mean_typicality"] = float(rows["mean"].mean()) if len(rows) else float("nan")
+        entry["draws"] = float(rows["draws"].mean()) if len(rows) and "draws" in rows else float("nan")
         labels.append(entry)
 
     views, scale = _image_pages(run, pages, clustered, mined, {l["name"]: l["href"] for l in labels})
@@ -396,6 +407,7 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         **common, "title": f"diffmine report: {run.path.name}", "labels": labels, "model": model_section(run, site, fresh),
         "evaluation": json.dumps(evaluation, indent=2) if evaluation else None, "problem_count": len(problems),
         "sections": {name: section is not None for name, section in extra.items()}, "images_shown": len(views),
+        "adaptive": _adaptive_section(run, index),
         "links": site.keep_pages(report_links(run)),
         "scale": scale, "legend": legend}).encode())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .adaptive import draws_summary
 from .lineage import command_of
 from .models.base import model_files
 from .train import latest_checkpoint
@@ -19,19 +20,6 @@ def _state(run, name: str) -> str:
         return "done"
     reason, command = reasons[0]
     return f"out of date ({reason}): re-run `diffmine {command} --run {run.path}`"
-
-
-def _where_the_draws_went(index) -> str:
-    """The adaptive estimator's draws: the mean per image, how many images stopped at each count,
-    and each label's mean (a label whose top is contested spends more)."""
-    ok = index[index["status"] == "ok"]
-    if ok.empty:
-        return "  draws per image: none yet"
-    counts = ok["draws"].value_counts().sort_index()
-    per_label = ok.groupby("label")["draws"].mean()
-    return (f"  draws per image: {ok['draws'].mean():.2f} on average; images at "
-            + ", ".join(f"{int(n)}: {int(c)}" for n, c in counts.items())
-            + "; per label " + ", ".join(f"{label} {mean:.2f}" for label, mean in per_label.items()))
 
 
 def status(run) -> str:
@@ -71,7 +59,7 @@ def status(run) -> str:
                 f": re-run `diffmine typicality --run {run.path}`"
             lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
             if record["settings"].get("estimator") == "adaptive" and index is not None:
-                lines.append(_where_the_draws_went(index))
+                lines.append(f"  draws per image: {draws_summary(index)}")
             continue
         lines.append(f"{name}: {_state(run, name)}")
     for name in sorted(set(records) - set(ORDER)):  # contrasts (by a digest of their labels), trends
