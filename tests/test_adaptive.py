@@ -145,6 +145,27 @@ def test_adaptive_is_deterministic_and_records_its_draws(trained, reference, tmp
     assert 'id="adaptive"' not in plain and "mean draws" not in plain
 
 
+def test_a_map_computed_under_another_label_takes_the_images_own_draws(reference, tmp_path):
+    """localize scores a box of another label on a map computed there: in an adaptive run it
+    averages the same nested draws as the image's stored map, not the cap's."""
+    from diffmine.localize import computed_latent_maps, localize
+
+    index = reference.typicality_index()
+    image = index[index["draws"] < CONFIG.samples].iloc[0]  # an image that stopped before the cap
+    backend = pipeline.scoring_model(reference)
+    stored = reference.latent_typicality_map(image["image_id"])
+    again = computed_latent_maps(reference, backend, image["path"], [image["label"]], int(image["draws"]))[0]
+    assert np.abs(again - stored).max() <= 1e-3 * max(1.0, np.abs(stored).max()) + 1e-4
+    capped = computed_latent_maps(reference, backend, image["path"], [image["label"]])[0]  # the cap's 16 draws
+    assert np.abs(capped - stored).max() > 1e-3 * max(1.0, np.abs(stored).max()) + 1e-4
+    other = next(label for label in reference.labels if label != image["label"])
+    path = tmp_path / "multi.csv"
+    path.write_text(f"image,label,x0,y0,x1,y1\n{image['image_id']},{other},2,2,20,20\n")
+    results, computed, _ = localize(reference, path)
+    expected = computed_latent_maps(reference, backend, image["path"], [other], int(image["draws"]))[0]
+    np.testing.assert_allclose(computed[results["key"].iloc[0]], expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("where", ["round", "final"])
 def test_a_killed_adaptive_run_resumes_to_the_same_maps(trained, reference, tmp_path, monkeypatch, where):
     run = copy_of(trained, tmp_path / "killed")

@@ -222,10 +222,16 @@ def mask_regions(masks: Path, scored: pd.DataFrame) -> tuple[list[dict], list[st
 # maps under a box's label
 
 
-def computed_latent_maps(run: Run, backend, path: str, labels: list[str]) -> np.ndarray:
+def computed_latent_maps(run: Run, backend, path: str, labels: list[str], draws: int | None = None) -> np.ndarray:
     """(len(labels), h, w) float32: typicality of the image at ``path`` under each of the run's
-    ``labels``, with the run's typicality settings (so the same shared draws as its stored maps)."""
-    config = TypicalityConfig.from_settings(run.step_config("typicality"))
+    ``labels``, with the run's typicality settings (so the same shared draws as its stored maps).
+
+    ``draws``: the image's own draws in an adaptive run (the index's ``draws``): its stored map
+    averages the first ``draws`` of the nested sequence, so the maps under other labels do too
+    (the same draws, and not the cap's cost)."""
+    settings = run.step_config("typicality")
+    prefix = {"samples": int(draws)} if settings.get("estimator") == "adaptive" and draws else {}
+    config = TypicalityConfig.from_settings(settings, **prefix)
     dataset = run.step_config("dataset")
     image = load_image(path, dataset["resolution"], dataset["resize"], backend.latent_factor)
     pixels = to_model_input(np.repeat(image[None], len(labels), 0))
@@ -264,7 +270,7 @@ def score_run(run: Run, regions: list[dict], blur: float = 0.0) -> tuple[pd.Data
                 from .pipeline import scoring_model
 
                 backend = scoring_model(run)
-            latent = dict(zip(other, computed_latent_maps(run, backend, info["path"], other)))
+            latent = dict(zip(other, computed_latent_maps(run, backend, info["path"], other, info.get("draws"))))
         original = _original_size(info["path"]) if any(r["boxes"] is not None for r in image_regions) else None
         for region in image_regions:
             key = ""
