@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diffmine import adaptive, pipeline
+from diffmine import adaptive, mining, pipeline
 from diffmine.adaptive import AdaptiveConfig, draws_summary, refine, schedule
 from diffmine.mining import MineConfig
 from diffmine.rundir import Run
@@ -190,15 +190,31 @@ def test_a_killed_adaptive_run_resumes_to_the_same_maps(trained, reference, tmp_
     assert not (run.typicality_dir / adaptive.WORK).exists()
 
 
-def test_new_images_are_scored_adaptively_beside_the_final_ones(trained, reference, tmp_path):
-    """An incremental run plans only the new images; the old maps stay bit for bit."""
+def test_new_images_are_scored_adaptively_beside_the_final_ones(trained, reference, tmp_path, monkeypatch):
+    """An incremental run plans only the new images; the old maps stay bit for bit, and the old
+    images' candidates come from the candidates tables, not from their maps."""
+    k = reference.step_config("typicality")["adaptive"]["patch"] or mining.default_patch_size(32, 32)
+    tables = sorted((reference.typicality_dir / adaptive.CANDIDATES).glob("shard-*.parquet"))
+    assert [t.stem for t in tables] == [s.stem for s in reference.typicality_shards()]
+    old = reference.typicality_index()
+    from_tables = adaptive._final_candidates(reference, set(), k, TARGETS.per_image, CONFIG.samples)
+    assert len(from_tables) == len(old) and from_tables["draws"].tolist() == old["draws"].tolist()
     run = Run(tmp_path / "incremental")
     shutil.copytree(reference.path, run.path)
+    shutil.rmtree(run.typicality_dir / adaptive.CANDIDATES)  # a run made before the tables: from the maps
+    from_maps = adaptive._final_candidates(run, set(), k, TARGETS.per_image, CONFIG.samples)
+    for a, b in zip(from_tables.itertuples(), from_maps.itertuples()):  # the same, up to the maps' float16
+        np.testing.assert_allclose(a.cand_s, b.cand_s, rtol=1e-2, atol=1e-4)
+    shutil.copytree(reference.typicality_dir / adaptive.CANDIDATES, run.typicality_dir / adaptive.CANDIDATES)
     data = tmp_path / "data"
     shutil.copytree(reference.dataset_root, data)
     shutil.copy(next((data / "sudland").glob("*.png")), data / "norland" / "img_9999.png")
     pipeline.prepare(run, data, "A scene from {label}.", "A scene.", 32)
+    opened = []
+    real_candidates = adaptive.candidates
+    monkeypatch.setattr(adaptive, "candidates", lambda *a, **kw: opened.append(1) or real_candidates(*a, **kw))
     pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    assert 1 <= len(opened) <= len(adaptive.schedule(TARGETS.first_draws, CONFIG.samples))  # the new image's rounds only
     index = run.typicality_index()
     assert len(index) == 13 and index["draws"].min() >= 4
     for image_id in reference.typicality_index()["image_id"]:

@@ -68,8 +68,12 @@ images' results of the previous rounds). So the result does not depend on the nu
 processes, and a killed run resumes at the round and shard where it stopped. At the end each
 shard's final maps are written in the standard format (the mean map, ``KEY/units`` with one unit
 per antithetic pair of the image's draws, ``draws`` in the index) and the work folder is removed.
-Images listed later (an incremental run) are planned then, their label's threshold taken from
-every image's stored maps.
+Beside each final shard, ``typicality/candidates/shard-N.parquet`` keeps its images' candidates
+at their final draws (with the patch side and ``per_image`` they were taken at). Images listed
+later (an incremental run) are planned then, their label's threshold taken from every image's
+stored candidates: read from those tables, recomputed from the maps only where a table is
+missing or was taken at other settings (so adding a few images to a large run reads a table per
+shard instead of every map).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
-from .atomic import write_json
+from .atomic import write_json, write_table
 from .mining import MineConfig, default_patch_size, greedy_boxes, patch_errors, patch_scores, significant
 from .shards import plan_new_shards, shard_is_complete, write_shard
 from .typicality import (SHARD_SCHEMA, TypicalityConfig, _barrier, compiled, compute_shard, typicality_maps_of,
@@ -97,6 +101,14 @@ ROUND_SCHEMA = pa.schema([
     ("cand_y", pa.list_(pa.int32())), ("cand_x", pa.list_(pa.int32())), ("cand_s", pa.list_(pa.float32())),
     ("cand_se", pa.list_(pa.float32())),
 ])
+
+
+# the final candidates of a shard's images (``typicality/candidates/shard-N.parquet``)
+CANDIDATES_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("key", pa.string()), ("draws", pa.int32()), ("patch", pa.int32()),
+    ("per_image", pa.int32()), ("cand_s", pa.list_(pa.float32())), ("cand_se", pa.list_(pa.float32())),
+])
+CANDIDATES = "candidates"
 
 
 @dataclass
@@ -319,7 +331,7 @@ def _execute(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfig, p
     written = 0
     for name, frame in shards[process_index::num_processes]:
         if not shard_is_complete(run.typicality_dir, name):
-            _final_shard(run, config, work, len(rounds), name, frame)
+            _final_shard(run, config, work, len(rounds), name, frame, k, adaptive.per_image)
             written += 1
     return written
 
@@ -389,7 +401,8 @@ def _latest(work, r: int) -> pd.DataFrame:
 
 def _final_candidates(run, planned: set, k: int, per_image: int, samples: int) -> pd.DataFrame:
     """The candidates of the images whose maps are already final (an incremental run): their
-    labels' thresholds count them."""
+    labels' thresholds count them. From each shard's candidates table where it holds the image at
+    its draws, taken at this ``k`` and ``per_image``; else recomputed from the stored maps."""
     from safetensors import safe_open
 
     index = run.typicality_index(missing_ok=True)
@@ -397,22 +410,55 @@ def _final_candidates(run, planned: set, k: int, per_image: int, samples: int) -
     if index is not None:
         ok = index[(index["status"] == "ok") & ~index["image_id"].isin(planned)]
         for shard, table in ok.groupby("shard", sort=True):
+            cached = _stored_candidates(run.typicality_dir, shard, k, per_image)
+            todo = []
+            for r in table.itertuples():
+                draws = getattr(r, "draws", samples)
+                draws = samples if pd.isna(draws) else int(draws)
+                hit = cached.get((r.image_id, r.key, draws))
+                if hit is None:
+                    todo.append((r, draws))
+                else:
+                    rows.append(dict(image_id=r.image_id, label=r.label, status="ok", draws=draws,
+                                     cand_s=list(hit[0]), cand_se=list(hit[1])))
+            if not todo:
+                continue
             with safe_open(str(run.typicality_dir / f"{shard}.safetensors"), "np") as f:
                 stored = set(f.keys())
-                for r in table.itertuples():
+                for r, draws in todo:
                     units = f.get_tensor(unit_key(r.key)).astype(np.float32) if unit_key(r.key) in stored else None
                     cand = candidates(f.get_tensor(r.key).astype(np.float32), units, (r.height, r.width), k, per_image)
-                    draws = getattr(r, "draws", samples)
-                    rows.append(dict(image_id=r.image_id, label=r.label, status="ok",
-                                     draws=samples if pd.isna(draws) else int(draws), cand_s=cand[2], cand_se=cand[3]))
+                    rows.append(dict(image_id=r.image_id, label=r.label, status="ok", draws=draws,
+                                     cand_s=cand[2], cand_se=cand[3]))
     return pd.DataFrame(rows, columns=["image_id", "label", "status", "draws", "cand_s", "cand_se"])
 
 
-def _final_shard(run, config: TypicalityConfig, work, rounds: int, name: str, frame: pd.DataFrame) -> None:
-    """The standard shard of ``frame``'s images: mean map and units over every draw each received."""
+def _stored_candidates(typicality_dir, shard: str, k: int, per_image: int) -> dict:
+    """{(image_id, key, draws): (scores, standard errors)} of a shard's candidates table, for the
+    rows taken at this ``k`` and ``per_image`` (empty: no table, as in runs made before it)."""
+    path = typicality_dir / CANDIDATES / f"{shard}.parquet"
+    if not path.is_file():
+        return {}
+    table = pd.read_parquet(path)
+    table = table[(table["patch"] == k) & (table["per_image"] == per_image)]
+    return {(r.image_id, r.key, int(r.draws)): (r.cand_s, r.cand_se) for r in table.itertuples()}
+
+
+def _final_shard(run, config: TypicalityConfig, work, rounds: int, name: str, frame: pd.DataFrame, k: int,
+                 per_image: int) -> None:
+    """The standard shard of ``frame``'s images: mean map and units over every draw each received;
+    before it, the candidates table of the images' candidates at their final draws (a shard whose
+    index is missing is redone whole, its table with it)."""
     first = _round_rows(work, 0)
     first = first[first["image_id"].isin(set(frame["image_id"]))].set_index("image_id")
     keys = _keys(frame)
+    final = _latest(work, rounds)
+    final = final[final["image_id"].isin(set(frame["image_id"])) & (final["status"] == "ok")]
+    (run.typicality_dir / CANDIDATES).mkdir(exist_ok=True)
+    write_table(pa.Table.from_pylist([dict(image_id=r.image_id, key=keys[r.image_id], draws=int(r.draws), patch=k,
+                                           per_image=per_image, cand_s=list(r.cand_s), cand_se=list(r.cand_se))
+                                      for r in final.itertuples()], schema=CANDIDATES_SCHEMA),
+                run.typicality_dir / CANDIDATES / f"{name}.parquet")
     units = _units(work, [f"r{r}-{name}" for r in range(rounds)], list(keys.values()))
     arrays, rows = {}, []
     for r in frame.itertuples():
