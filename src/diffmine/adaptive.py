@@ -382,8 +382,9 @@ def _units(work, names: list[str], keys: list[str]) -> dict[str, list[np.ndarray
     return found
 
 
-def _round_rows(work, r: int) -> pd.DataFrame:
-    tables = [pd.read_parquet(p) for p in sorted(work.glob(f"r{r}-shard-*.parquet")) if shard_is_complete(work, p.stem)]
+def _round_rows(work, r: int, shard: str = "shard-*") -> pd.DataFrame:
+    """Round ``r``'s rows of every shard, or of the one named ``shard``."""
+    tables = [pd.read_parquet(p) for p in sorted(work.glob(f"r{r}-{shard}.parquet")) if shard_is_complete(work, p.stem)]
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=ROUND_SCHEMA.names)
 
 
@@ -392,9 +393,10 @@ def _refined_in(work, r: int) -> set:
     return set(rows.loc[rows["status"] == "ok", "image_id"])
 
 
-def _latest(work, r: int) -> pd.DataFrame:
-    """Each planned image's row of the last round before ``r`` that refined it."""
-    rows = pd.concat([_round_rows(work, q).assign(round=q) for q in range(r)], ignore_index=True)
+def _latest(work, r: int, shard: str = "shard-*") -> pd.DataFrame:
+    """Each planned image's row of the last round before ``r`` that refined it (of one ``shard``'s
+    images: its final shard reads its own files, not every shard's)."""
+    rows = pd.concat([_round_rows(work, q, shard).assign(round=q) for q in range(r)], ignore_index=True)
     rows = rows.sort_values("round", kind="mergesort").drop_duplicates("image_id", keep="last")
     return rows[["image_id", "label", "status", "draws", "cand_s", "cand_se"]]
 
@@ -449,11 +451,10 @@ def _final_shard(run, config: TypicalityConfig, work, rounds: int, name: str, fr
     """The standard shard of ``frame``'s images: mean map and units over every draw each received;
     before it, the candidates table of the images' candidates at their final draws (a shard whose
     index is missing is redone whole, its table with it)."""
-    first = _round_rows(work, 0)
-    first = first[first["image_id"].isin(set(frame["image_id"]))].set_index("image_id")
+    first = _round_rows(work, 0, name).set_index("image_id")
     keys = _keys(frame)
-    final = _latest(work, rounds)
-    final = final[final["image_id"].isin(set(frame["image_id"])) & (final["status"] == "ok")]
+    final = _latest(work, rounds, name)
+    final = final[final["status"] == "ok"]
     (run.typicality_dir / CANDIDATES).mkdir(exist_ok=True)
     write_table(pa.Table.from_pylist([dict(image_id=r.image_id, key=keys[r.image_id], draws=int(r.draws), patch=k,
                                            per_image=per_image, cand_s=list(r.cand_s), cand_se=list(r.cand_se))
