@@ -53,6 +53,23 @@ def test_run_accepts_the_options_of_the_steps_it_chains():
     assert (args.steps, args.k, args.patch) == (5, 7, 9)
 
 
+def test_samples_default_to_16_and_to_the_adaptive_cap_64():
+    """--samples not given: the fixed-draw estimators' 16, the adaptive estimator's cap 64 (its
+    budget keeps the mean at 16); given, it is taken as it is."""
+    from diffmine.cli import build_config
+    from diffmine.typicality import TypicalityConfig
+
+    def samples(*argv, prefix=""):
+        return build_config(TypicalityConfig, parser().parse_args(list(argv)), prefix).samples
+
+    assert samples("typicality", "--run", "r") == 16
+    assert samples("typicality", "--run", "r", "--estimator", "adaptive") == 64
+    assert samples("typicality", "--run", "r", "--estimator", "adaptive", "--samples", "32") == 32
+    assert samples("run", "--data", "d", "--run", "r", "--estimator", "adaptive", prefix="typicality-") == 64
+    assert samples("demo", "--run", "r", prefix="typicality-") == 16
+    assert samples("classify", "--run", "r") == 16
+
+
 def test_missing_dataset_is_one_clear_line(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "nowhere"), "--run", str(tmp_path / "run")])
     assert code == 2

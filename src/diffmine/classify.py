@@ -28,13 +28,14 @@ from tqdm import tqdm
 from .atomic import write_json, write_table
 from .data import BadImage, image_batches, to_model_input
 from .models import Backend
-from .typicality import TypicalityConfig, compiled, prompt_errors
+from .typicality import DEFAULT_SAMPLES, TypicalityConfig, compiled, prompt_errors
 
 
 @dataclass
 class ClassifyConfig(TypicalityConfig):
     """The draws of typicality (its fields) plus the choice of images to score."""
 
+    samples: int = DEFAULT_SAMPLES  # no adaptive estimator here: K is the draws of every image
     per_label: int = 50  # images scored per label (0: all), drawn at random with the seed
 
     def __post_init__(self):

@@ -117,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.add_argument("--model", default=None, help="score with this model instead of the run's trained one (e.g. sd:PATH)")
     p.add_argument("--text-encoder", default=None, help="with --model sd:...: another CLIP text encoder (folder or hub id)")
-    add_config(p, TypicalityConfig)
+    add_config(p, TypicalityConfig, help={"samples": HELP["typicality_samples"]})
     add_config(p, AdaptiveConfig, prefix="adaptive-", help=ADAPTIVE_HELP)
 
     p = sub.add_parser("mine", help="mine the most typical patches per label",
@@ -171,7 +171,8 @@ def parser() -> argparse.ArgumentParser:
         add_config(p, TypicalityConfig, prefix="typicality-", skip=("seed", "samples", "t_min", "t_max", "estimator"))
         for key in ("samples", "t_min", "t_max", "estimator"):
             field = next(f for f in dataclasses.fields(TypicalityConfig) if f.name == key)
-            p.add_argument(_flag(key), dest=key, type=type(field.default), default=field.default, help=HELP[key])
+            p.add_argument(_flag(key), dest=key, type=int if key == "samples" else type(field.default),
+                           default=field.default, help=HELP["typicality_" + key if key == "samples" else key])
         # the adaptive estimator targets the mining flags below
         add_config(p, AdaptiveConfig, prefix="adaptive-", skip=("patch", "per_image", "top", "z_min", "significance"))
         add_config(p, MineConfig)

@@ -27,7 +27,7 @@ import torch
 from .models import Backend
 from .rundir import current_rows
 from .shards import read_index
-from .typicality import TypicalityConfig, prompt_errors, run_maps
+from .typicality import DEFAULT_SAMPLES, TypicalityConfig, prompt_errors, run_maps
 
 IMAGES = ("A", "all")
 
@@ -36,6 +36,7 @@ IMAGES = ("A", "all")
 class ContrastConfig(TypicalityConfig):
     """The draws of typicality (its fields) plus which images to score."""
 
+    samples: int = DEFAULT_SAMPLES  # no adaptive estimator here: K is the draws of every image
     images: str = "A"  # A: the first label's images; all: every listed image
 
     def __post_init__(self):

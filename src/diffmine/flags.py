@@ -19,6 +19,8 @@ HELP = {
     "checkpoint_every": "save a resumable checkpoint every N steps",
     "keep_checkpoints": "how many checkpoints to keep",
     "samples": "K, the number of (t, eps) draws per image",
+    "typicality_samples": "K, the number of (t, eps) draws per image; with --estimator adaptive the per-image cap "
+                          "(not given: 16, and 64 with --estimator adaptive)",
     "t_min": "lower end of the diffusion time range (fraction of T)",
     "t_max": "upper end of the diffusion time range (fraction of T)",
     "estimator": f"{' | '.join(ESTIMATORS)}: 'paper' draws t and eps i.i.d.; 'stratified' one t per stratum; "
