@@ -171,8 +171,9 @@ def parser() -> argparse.ArgumentParser:
         add_config(p, TypicalityConfig, prefix="typicality-", skip=("seed", "samples", "t_min", "t_max", "estimator"))
         for key in ("samples", "t_min", "t_max", "estimator"):
             field = next(f for f in dataclasses.fields(TypicalityConfig) if f.name == key)
-            p.add_argument(_flag(key), dest=key, type=int if key == "samples" else type(field.default),
-                           default=field.default, help=HELP["typicality_" + key if key == "samples" else key])
+            samples = key == "samples"  # its default is None: resolved by the estimator (16, or 64 adaptive)
+            p.add_argument(_flag(key), dest=key, type=int if samples else type(field.default), default=field.default,
+                           help=HELP["typicality_samples" if samples else key])
         # the adaptive estimator targets the mining flags below
         add_config(p, AdaptiveConfig, prefix="adaptive-", skip=("patch", "per_image", "top", "z_min", "significance"))
         add_config(p, MineConfig)
