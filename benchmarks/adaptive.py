@@ -125,13 +125,9 @@ def quality(args) -> None:
         lines.append(f"| {name} | {share:.1%} | {got['draws'].mean():.2f} | {got['seconds']:.1f} | "
                      f"{draws_histogram(got['draws'])} |")
         if adaptive is not None:  # where the draws went: the reference's top images vs the others
-            top_images = set(reference["top"]["image_id"])
-            index = got["run"].typicality_index()
-            in_top = index["image_id"].isin(top_images)
-            lines.append(f"|  where: images with a reference top patch | | {index.loc[in_top, 'draws'].mean():.2f} | | "
-                         f"{int(in_top.sum())} images |")
-            lines.append(f"|  where: the other images | | {index.loc[~in_top, 'draws'].mean():.2f} | | "
-                         f"{int((~in_top).sum())} images |")
+            (n_in, in_draws), (n_out, out_draws) = draws_of_holders(got["run"], reference["top"])
+            lines.append(f"|  where: images with a reference top patch | | {in_draws:.2f} | | {n_in} images |")
+            lines.append(f"|  where: the other images | | {out_draws:.2f} | | {n_out} images |")
         print("\n".join(lines[shown:]), flush=True)
     report(args, "quality", lines)
 
@@ -182,14 +178,20 @@ def cost(args) -> None:
     report(args, "cost", lines)
 
 
+def draws_of_holders(run: Run, top: pd.DataFrame) -> tuple[tuple[int, float], tuple[int, float]]:
+    """(images, mean draws) of the images holding a patch of ``top``, then of the others."""
+    index = run.typicality_index()
+    holds = index["image_id"].isin(set(top["image_id"]))
+    return ((int(holds.sum()), float(index.loc[holds, "draws"].mean())),
+            (int((~holds).sum()), float(index.loc[~holds, "draws"].mean())))
+
+
 def where_the_draws_went(got: dict) -> str:
     """How many images stopped at each draw count; the mean draws of the images holding one of the
     row's own mined top patches against the others'."""
-    index = got["run"].typicality_index()
-    holds = index["image_id"].isin(set(got["top"]["image_id"]))
-    return (f"images at {draws_histogram(index['draws'].to_numpy())}; the {int(holds.sum())} holding a mined top "
-            f"patch got {index.loc[holds, 'draws'].mean():.1f} draws, the other {int((~holds).sum())} "
-            f"{index.loc[~holds, 'draws'].mean():.2f}")
+    (n_in, in_draws), (n_out, out_draws) = draws_of_holders(got["run"], got["top"])
+    return (f"images at {draws_histogram(got['draws'])}; the {n_in} holding a mined top patch got {in_draws:.1f} "
+            f"draws, the other {n_out} {out_draws:.2f}")
 
 
 def subset_folder(data: Path, n: int) -> Path:
