@@ -35,25 +35,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from diffmine import pipeline
+from diffmine.data import load_image, to_model_input
+from diffmine.evaluate import load_mask
 from diffmine.mining import default_patch_size, patch_scores
 from diffmine.rundir import Run
 from diffmine.typicality import condition_errors, draw_noise, upsample
 
+SIZE = 64  # the scenes of adaptive_rules.py
 DESIGNS = ["current", "paper", "stratified", "anti-same-t", "sign", "strsign", "ortho"]
 
 
 def scenes(data: Path, per_label: int) -> tuple[torch.Tensor, list[np.ndarray], list[str]]:
     """(B, 3, H, W) pixels in [-1, 1], the element masks and the labels of ``per_label`` scenes per label."""
-    pixels, masks, labels = [], [], []
+    images, masks, labels = [], [], []
     for label in sorted(d.name for d in (data / "images").iterdir()):
         for f in sorted((data / "images" / label).glob("*.png"))[:per_label]:
-            pixels.append(np.asarray(Image.open(f).convert("RGB"), np.float32) / 127.5 - 1)
-            masks.append(np.asarray(Image.open(data / "masks" / label / f.name)) > 127)
+            images.append(load_image(f, SIZE))
+            masks.append(load_mask(data / "masks" / label / f.name, (SIZE, SIZE)))
             labels.append(label)
-    return torch.tensor(np.stack(pixels)).permute(0, 3, 1, 2), masks, labels
+    return to_model_input(np.stack(images)), masks, labels
 
 
 def boxes_of(masks: list[np.ndarray], k: int, seed: int = 0) -> list[tuple[int, int, int, str]]:
@@ -79,7 +81,7 @@ def strata(generator: torch.Generator, n: int, T: int) -> torch.Tensor:
 
 
 def signed_groups(generator: torch.Generator, groups: int, shape: tuple) -> torch.Tensor:
-    """(4 groups, *shape): eps, -eps, eps * s, -eps * s per group, s a random sign per element."""
+    """(4 * groups, *shape): eps, -eps, eps * s, -eps * s per group, s a random sign per element."""
     out = []
     for _ in range(groups):
         eps = torch.randn(*shape, generator=generator)
