@@ -13,10 +13,11 @@ the noise one estimate of K draws carries. The boxes share the draws (eps is com
 so the variances of two designs differ by noise of roughly 10% at 40 replicates.
 
 Designs (t uniform in [0.1, 0.7] of the schedule; "strata": one t uniform in each of n equal
-parts of the range):
+parts of the range, as ``typicality.draw_noise`` draws them; the draws of every design depend
+only on the replicate's seed):
 - ``current``: the default, ``stratified-antithetic``: K strata, draws 2p and 2p + 1 eps / -eps
 - ``paper``: K i.i.d. (t, eps), the authors' released code
-- ``stratified``: K strata, independent eps
+- ``stratified``: K strata, independent eps (the ``stratified`` estimator)
 - ``anti-same-t``: K / 2 strata, each one t for a pair eps / -eps
 - ``sign``: K / 4 strata, each one t for eps, -eps, eps * s, -eps * s, s a random sign per
   latent element: the cross terms eps_p eps_q of the loss between elements of opposite signs
@@ -41,7 +42,7 @@ from diffmine.data import load_image, to_model_input
 from diffmine.evaluate import load_mask
 from diffmine.mining import default_patch_size, patch_scores
 from diffmine.rundir import Run
-from diffmine.typicality import condition_errors, draw_noise, upsample
+from diffmine.typicality import condition_errors, draw_noise, typicality_from_errors, upsample
 
 SIZE = 64  # the scenes of adaptive_rules.py
 DESIGNS = ["current", "paper", "stratified", "anti-same-t", "sign", "strsign", "ortho"]
@@ -74,12 +75,6 @@ def boxes_of(masks: list[np.ndarray], k: int, seed: int = 0) -> list[tuple[int, 
     return boxes
 
 
-def strata(generator: torch.Generator, n: int, T: int) -> torch.Tensor:
-    """n timesteps, one uniform in each of n equal parts of [0.1, 0.7] x T."""
-    u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
-    return ((0.1 + 0.6 * u) * T).long().clamp(0, T - 1)
-
-
 def signed_groups(generator: torch.Generator, groups: int, shape: tuple) -> torch.Tensor:
     """(4 * groups, *shape): eps, -eps, eps * s, -eps * s per group, s a random sign per element."""
     out = []
@@ -92,23 +87,25 @@ def signed_groups(generator: torch.Generator, groups: int, shape: tuple) -> torc
 
 def design(name: str, seed: int, K: int, shape: tuple, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps (K,), noise (K, *shape)) of one replicate of ``name``."""
+    if name in ("current", "paper", "stratified"):  # the project's own estimators
+        return draw_noise(seed, K, shape, T, estimator="stratified-antithetic" if name == "current" else name)
+
+    def strata(n: int) -> torch.Tensor:  # n timesteps, one in each of n equal parts of the t range
+        return draw_noise(seed, n, shape, T, estimator="stratified")[0]
+
     generator = torch.Generator().manual_seed(1000 + seed)
-    if name in ("current", "paper"):
-        return draw_noise(seed, K, shape, T, estimator="stratified-antithetic" if name == "current" else "paper")
-    if name == "stratified":
-        return strata(generator, K, T), torch.randn(K, *shape, generator=generator)
     if name == "anti-same-t":
         eps = torch.randn(K // 2, *shape, generator=generator)
-        return strata(generator, K // 2, T).repeat_interleave(2), torch.stack([eps, -eps], 1).flatten(0, 1)
+        return strata(K // 2).repeat_interleave(2), torch.stack([eps, -eps], 1).flatten(0, 1)
     if name == "sign":
-        return strata(generator, K // 4, T).repeat_interleave(4), signed_groups(generator, K // 4, shape)
+        return strata(K // 4).repeat_interleave(4), signed_groups(generator, K // 4, shape)
     if name == "strsign":
-        return strata(generator, K, T), signed_groups(generator, K // 4, shape)
+        return strata(K), signed_groups(generator, K // 4, shape)
     if name == "ortho":
         eps = torch.randn(K // 2, int(np.prod(shape)), generator=generator, dtype=torch.float64)
         q, _ = torch.linalg.qr(eps.T)  # orthonormal columns, in draw order
         eps = (q.T * np.sqrt(eps.shape[1])).float().view(K // 2, *shape)
-        return strata(generator, K, T), torch.stack([eps, -eps], 1).flatten(0, 1)
+        return strata(K), torch.stack([eps, -eps], 1).flatten(0, 1)
     raise ValueError(f"unknown design {name}")
 
 
@@ -130,6 +127,7 @@ def main() -> int:
     k = default_patch_size(size, size)
     with torch.inference_mode():
         latents = backend.encode_images(pixels).float()
+        # [label, null] per image, the order typicality_from_errors expects
         states = backend.encode_prompts([p for label in labels for p in (run.prompt(label), run.prompt(None))])
         states = states.view(len(labels), 2, *states.shape[1:])
     boxes = boxes_of(masks, k)
@@ -141,8 +139,8 @@ def main() -> int:
         scores = np.zeros((args.reps, len(boxes)))
         for r in range(args.reps):
             timesteps, noise = design(name, r, args.draws, tuple(latents.shape[1:]), T)
-            errors = condition_errors(backend, latents, states, timesteps, noise)  # (B, 2, h, w)
-            box_maps = [patch_scores(m, k) for m in upsample((errors[:, 1] - errors[:, 0]).numpy(), (size, size))]
+            maps = typicality_from_errors(condition_errors(backend, latents, states, timesteps, noise))  # (B, h, w)
+            box_maps = [patch_scores(m, k) for m in upsample(maps.numpy(), (size, size))]
             scores[r] = [box_maps[i][y, x] for i, y, x, _ in boxes]
         mean, var = scores.mean(0), scores.var(0, ddof=1)
         cells = [f"{mean[kinds == kind].mean():+.5f} | {np.sqrt(var[kinds == kind].mean()):.5f}" for kind in ("element", "background")]
