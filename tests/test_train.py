@@ -192,3 +192,25 @@ def test_recipe_options_train_deterministically_resume_exactly_and_are_recorded(
     assert recorded["lr_schedule"] == "cosine" and recorded["snr_gamma"] == 5.0
     assert "lr_schedule" not in plain.lineage.get("model")["settings"]
     assert "snr_gamma" not in plain.lineage.get("model")["settings"]
+
+
+def test_interrupted_training_is_resumed_not_cleared_by_fewer_steps(small_data, tmp_path, capsys):
+    """An interrupted training (record incomplete) reached its last checkpoint, not the steps it
+    asked for: asking fewer than that is refused without --force (it would discard the
+    checkpoints), asking at least that resumes from it."""
+    run = _tiny_run(tmp_path / "r", small_data)
+    pipeline.train_step(run, TrainConfig(steps=3, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    record = run.lineage.get("model")  # as if a 100-step training had been killed after its step-3 checkpoint
+    run.lineage.put("model", record["settings"], record["inputs"], "train", identity="(training)",
+                    complete=False, steps=100)
+    checkpoint = run.model_dir / "checkpoints" / "step-0000003"
+    with pytest.raises(pipeline.RunError, match="reached step 3.*--force"):
+        pipeline.train_step(run, TrainConfig(steps=2, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    assert (checkpoint / "state.json").is_file()
+    capsys.readouterr()
+    pipeline.train_step(run, TrainConfig(steps=5, batch_size=4, checkpoint_every=3), SMALL, progress=False)
+    assert "resuming from" in capsys.readouterr().out and (checkpoint / "state.json").is_file()
+    assert run.lineage.get("model")["complete"] and run.lineage.get("model")["steps"] == 5
+    pipeline.train_step(run, TrainConfig(steps=2, batch_size=4, checkpoint_every=3), SMALL, progress=False,
+                        force=True)  # with --force: a new model of 2 steps
+    assert run.lineage.get("model")["steps"] == 2 and not checkpoint.exists()

@@ -48,6 +48,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import shlex
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -205,13 +206,13 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
             reasons.append((f"its input {input_name} is gone", command_of(input_name)))
         elif upstream["identity"] != identity:
             reasons += stale_reasons(lineage, input_name, records) if input_name not in ROOTS else []
-            reasons.append((f"{input_name} changed since {name} was made", record.get("command", command_of(name))))
+            reasons.append((f"{input_name} changed since {name} was made", rerun_command(name, record)))
         elif input_name not in ROOTS:
             reasons += stale_reasons(lineage, input_name, records)
-    reasons += [(f"{name} was made by another version of its method ({change})", record.get("command", command_of(name)))
+    reasons += [(f"{name} was made by another version of its method ({change})", rerun_command(name, record))
                 for change in _method_change(record, name)]
     if not record.get("complete", True):
-        reasons.append((f"{name} is incomplete", record.get("command", command_of(name))))
+        reasons.append((f"{name} is incomplete", rerun_command(name, record)))
     return reasons
 
 
@@ -223,6 +224,25 @@ COMMANDS = {"listing": "prepare", "model": "train", "typicality": "typicality", 
 
 # results named per item (a digest of untrusted labels inside the name) -> the command that makes them
 COMMAND_PREFIXES = {"contrast-": "contrast"}
+
+
+def rerun_command(name: str, record: dict) -> str:
+    """The command that re-makes ``name``, with the arguments its record names (a contrast's labels).
+
+    A received run's lineage.json is text anyone could have edited: only a step whose command
+    takes arguments (a contrast's labels) reads the stored command, when it starts with the step's
+    own, re-quoted word by word, so what is printed as "re-run ..." never runs anything else in a shell.
+    """
+    command = command_of(name)
+    if not any(name.startswith(prefix) for prefix in COMMAND_PREFIXES):
+        return command
+    try:
+        words = shlex.split(str(record.get("command", "")))
+    except ValueError:
+        return command
+    if words[:len(command.split())] != command.split():
+        return command
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def command_of(name: str, default: str | None = "") -> str | None:

@@ -16,6 +16,7 @@ None of the steps asks which backend it has.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -42,7 +43,7 @@ from .models import Backend, create_backend, load_backend
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError
 from .shards import result_settings
-from .train import TrainConfig, train
+from .train import TrainConfig, latest_checkpoint, train
 from .translate import TranslateConfig, missing_translations, run_translate
 from .adaptive import AdaptiveConfig
 from .typicality import TypicalityConfig, run_typicality
@@ -259,7 +260,14 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
         action = _planned(run, "model", settings, inputs, force, expensive=True, guard_inputs=True)
         if action == "done" and not all(path.is_file() for path in model_files(run.model_dir)):
             action = "resume"  # the weights were deleted or left out of a copy: rebuilt from the checkpoints
-        trained = (record or {}).get("steps", 0) if action in ("done", "resume") else 0
+        trained = (record or {}).get("steps", 0) if action == "done" else 0
+        if action == "resume":
+            # an interrupted training: what it reached is its last checkpoint, not the steps it asked for
+            checkpoint = latest_checkpoint(run.model_dir)
+            trained = json.loads((checkpoint / "state.json").read_text())["step"] if checkpoint else 0
+            if config.steps < trained and not force:
+                raise RunError(f"{run.path}: an interrupted training reached step {trained} ({checkpoint}), "
+                               f"--steps asks {config.steps}; pass --force to discard it and train anew")
         if action == "done" and config.steps == trained:
             print(f"train: up to date ({trained} steps; model {record['identity']})")
             return run.model_dir
