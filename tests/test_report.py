@@ -182,3 +182,31 @@ def test_compare_draws_both_runs_on_one_colour_scale(tiny_run, monkeypatch):
         image = decode(ex["image"])
         change_a, change_b = np.abs(decode(ex["a"]) - image).mean(), np.abs(decode(ex["b"]) - image).mean()
         assert change_a > 3 * change_b > 0
+
+
+def test_keep_aspect_images_are_shown_at_their_maps_size(tmp_path):
+    """keep-aspect rounds the width to the model's latent factor (50 x 32 at height 32 -> 48 wide,
+    not 50): the report and the exports must load the images at the maps' size, not their own."""
+    from conftest import TINY_ARGS
+
+    from diffmine import cli
+    from diffmine.images import RunImages
+    from diffmine.rundir import Run
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for n in range(6):
+            pixels = rng.integers(0, 255, (32, 50, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{n}.png")
+    assert cli.main(["run", "--data", str(tmp_path / "data"), "--run", str(tmp_path / "run"), "--resolution", "32",
+                     "--resize", "keep-aspect", *TINY_ARGS]) == 0
+    run = Run(tmp_path / "run")
+    image_id = run.images()["image_id"][0]
+    assert run.typicality_map(image_id).shape == (32, 48)
+    assert run.width_multiple() == 4 and RunImages(run).get(image_id).shape == (32, 48, 3)
+    assert run.report_path.is_file()
+    assert cli.main(["export", "--run", str(run.path), "--format", "coco", "--out", str(tmp_path / "coco")]) == 0
+    import json
+    coco = json.loads((tmp_path / "coco" / "annotations.json").read_text())
+    assert {image["width"] for image in coco["images"]} == {48}

@@ -124,6 +124,7 @@ class RunImages:
         images = run.images()
         self.paths = dict(zip(images["image_id"], images["path"]))
         self.resolution, self.resize = dataset["resolution"], dataset["resize"]
+        self.multiple = run.width_multiple()
         self.cache: dict[str, np.ndarray | None] = {}
 
     def get(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray | None:
@@ -131,7 +132,7 @@ class RunImages:
         key = f"{image_id}@{size}"
         if key not in self.cache:
             try:
-                image = load_image(self.paths[image_id], self.resolution, self.resize, 1)
+                image = load_image(self.paths[image_id], self.resolution, self.resize, self.multiple)
             except (BadImage, KeyError):
                 image = None
             if image is not None and size is not None and image.shape[:2] != tuple(size):

@@ -386,7 +386,9 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
         written = run_typicality(run, backend, config, rank, world, progress, adaptive)
         if rank == 0:
             complete = _typicality_covers_listing(run)
-            run.lineage.put("typicality", settings, inputs, "typicality", complete=complete)
+            # the width keep-aspect images were resized to, for whoever shows them beside the maps
+            run.lineage.put("typicality", settings, inputs, "typicality", complete=complete,
+                            width_multiple=backend.latent_factor)
             if not complete:
                 index = run.typicality_index(missing_ok=True)
                 done = 0 if index is None else int(index["status"].isin(["ok", "bad"]).sum())

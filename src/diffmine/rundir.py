@@ -28,6 +28,7 @@ identity is a content hash. Every Parquet file can be queried with DuckDB, e.g.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -130,6 +131,25 @@ class Run:
     def config(self) -> dict:
         """The settings of every result made so far, by name (from the lineage record)."""
         return {name: record["settings"] for name, record in self.lineage.records().items()}
+
+    def width_multiple(self) -> int:
+        """The multiple the width of a keep-aspect image was rounded to (the latent factor of the
+        model that scored it; 1 for square images), so that images are shown at their maps' size."""
+        dataset = self.step_config("dataset")
+        if dataset.get("resize", "square") == "square":
+            return 1
+        recorded = (self.lineage.get("typicality") or {}).get("width_multiple")
+        if isinstance(recorded, int) and recorded >= 1:
+            return recorded
+        # a run scored before the record named it, or not scored yet: the trained model's factor
+        try:
+            spec = json.loads((self.model_dir / "backend.json").read_text())
+            if spec.get("kind") == "sd":
+                vae = json.loads((Path(spec["base"]) / "vae" / "config.json").read_text())
+                return 2 ** (len(vae["block_out_channels"]) - 1)
+            return int(spec["config"]["latent_factor"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return 8 if str(dataset.get("model", "tiny")).startswith("sd") else 4
 
     def step_config(self, step: str) -> dict:
         """The settings of result ``step`` ("dataset" is the listing's); RunError if not made yet."""

@@ -64,7 +64,6 @@ detectors x folds SVMs of at most ``negatives_max + top_positives`` samples each
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import warnings
@@ -572,25 +571,6 @@ def _frame(records: list) -> pd.DataFrame:
 # run directory
 
 
-def _multiple(run: Run, dataset: dict) -> int:
-    """The width multiple keep-aspect images were resized to (the backend's latent factor)."""
-    if dataset.get("resize", "square") == "square":
-        return 1
-    spec = run.model_dir / "backend.json"
-    if spec.is_file():
-        def find(d):
-            if isinstance(d, dict):
-                if isinstance(d.get("latent_factor"), int):
-                    return d["latent_factor"]
-                for v in d.values():
-                    if (f := find(v)) is not None:
-                        return f
-            return None
-        if (factor := find(json.loads(spec.read_text()))) is not None:
-            return factor
-    return 8 if str(dataset.get("model", "tiny")).startswith("sd") else 4
-
-
 def _as_bank(source, config: DoerschConfig, resolution: int | None, resize: str, progress: bool) -> FeatureBank:
     if isinstance(source, FeatureBank):
         return source
@@ -599,7 +579,7 @@ def _as_bank(source, config: DoerschConfig, resolution: int | None, resize: str,
         dataset = source.step_config("dataset")
         _check_size(dataset["resolution"], config)
         return build_bank(list(images["path"]), list(images["image_id"]), list(images["label"]), dataset["resolution"],
-                          config, dataset.get("resize", "square"), _multiple(source, dataset), progress)
+                          config, dataset.get("resize", "square"), source.width_multiple(), progress)
     if isinstance(source, Dataset):
         if resolution is None:
             raise ValueError("mining a Dataset needs the image resolution")
