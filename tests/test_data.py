@@ -118,6 +118,19 @@ def test_keep_aspect_resize_rounds_width_to_the_latent_multiple(tmp_path):
     assert out.shape == (32, 80, 3)
 
 
+def test_keep_aspect_refuses_a_strip_instead_of_allocating_it(tmp_path):
+    """A 64000 x 1 PNG is a few hundred bytes; kept at its aspect it would be 4 million px wide."""
+    from diffmine.data import MAX_ASPECT
+
+    path = tmp_path / "strip.png"
+    _png(path, np.zeros((1, 64000, 3), np.uint8))
+    with pytest.raises(BadImage, match=r"strip.png.*64000x1, wider than 10:1.*--resize square"):
+        load_image(path, 64, "keep-aspect", multiple=4)
+    assert load_image(path, 8, "square").shape == (8, 8, 3)
+    _png(path, np.zeros((10, 10 * MAX_ASPECT, 3), np.uint8))  # at the cap: kept
+    assert load_image(path, 8, "keep-aspect", multiple=4).shape == (8, 80, 3)
+
+
 def test_iter_images_reports_bad_files_in_order(tmp_path):
     good = tmp_path / "g.png"
     _png(good, np.zeros((8, 8, 3), np.uint8))

@@ -43,6 +43,9 @@ MAX_PIXELS = 64_000_000
 # Files (and tar members) larger than this are refused unread: no image of MAX_PIXELS needs more,
 # and a member's bytes are read whole into memory.
 MAX_FILE_BYTES = 512 << 20
+# keep-aspect keeps the height and scales the width: a 64000 x 1 strip would become 4 million px
+# wide (GBs). Panoramas stay well under this ratio.
+MAX_ASPECT = 10
 # A label member (.cls/.txt/.json) is read whole while listing: a bigger one is a problem, unread.
 MAX_LABEL_BYTES = 64 << 10
 
@@ -597,6 +600,9 @@ def load_image(path: str | Path, resolution: int, resize: str = "square", multip
         message = str(exc).replace(repr(source), "the data")  # not "<_io.BytesIO object at 0x...>"
         raise BadImage(path, f"cannot decode image ({type(exc).__name__}: {message})") from None
     w, h = target_size(rgb.width, rgb.height, resolution, resize, multiple)
+    if w > MAX_ASPECT * h:
+        raise BadImage(path, f"image is {rgb.width}x{rgb.height}, wider than {MAX_ASPECT}:1, which --resize "
+                             f"keep-aspect would make {w} px wide; crop it, or use --resize square")
     if (w, h) != rgb.size:
         rgb = rgb.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
     return np.asarray(rgb, dtype=np.uint8)
