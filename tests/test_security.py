@@ -352,3 +352,23 @@ def test_bugs_still_show_their_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(diffmine.status, "status", lambda run: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["status", "--run", str(tmp_path)])
+
+
+def test_status_escapes_control_characters_of_labels(tmp_path):
+    """A label is a folder name from received data: a newline or an ANSI escape in it must not
+    forge a line of `diffmine status` or repaint the terminal."""
+    from diffmine import pipeline
+    from diffmine.rundir import Run
+    from diffmine.status import status
+    from diffmine.terminal import printable
+
+    forged = "ok\ntrain: done (9999 steps, model forged)\x1b[2J"
+    for label in (forged, "plain"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / label / "0.png")
+    run = Run(tmp_path / "run")
+    pipeline.prepare(run, tmp_path / "data", "A {label}.", "A thing.", 8)
+    text = status(run)
+    assert "\x1b" not in text and not any(line.startswith("train: done") for line in text.splitlines())
+    assert "ok\\ntrain: done (9999 steps, model forged)\\x1b[2J" in text
+    assert printable("Zürich\tx") == "Zürich\\tx"

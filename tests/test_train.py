@@ -59,7 +59,7 @@ def test_saved_model_loads_back_identically(small_data, tmp_path):
         backend.encode_prompts(["A car."])
 
 
-def test_bad_images_are_skipped_and_listed_never_fatal(small_data, tmp_path):
+def test_bad_images_are_skipped_and_listed_never_fatal(small_data, tmp_path, capsys):
     import shutil
 
     from diffmine.typicality import TypicalityConfig
@@ -71,8 +71,16 @@ def test_bad_images_are_skipped_and_listed_never_fatal(small_data, tmp_path):
     (data / "sudland" / "notes.txt").write_text("hello")
     Image.new("CMYK", (40, 40)).save(data / "norland" / "cmyk.jpg")  # odd but fine
     run = _tiny_run(tmp_path / "run", data)
+    capsys.readouterr()
     pipeline.train_step(run, TrainConfig(steps=3, batch_size=8), SMALL, progress=False)
     pipeline.typicality_step(run, TypicalityConfig(samples=2, shard_size=5), progress=False)
+    out = capsys.readouterr().out  # one line per skipped image, from each step that skipped it
+    for path in ("norland/empty.png", "sudland/broken.jpg"):
+        assert out.count(f"skipped {data / path}: ") == 2, out
+    # a step that replaces an expensive result says why: here the model trained on
+    pipeline.train_step(run, TrainConfig(steps=4, batch_size=8), SMALL, progress=False)
+    pipeline.typicality_step(run, TypicalityConfig(samples=2, shard_size=5), progress=False)
+    assert "typicality: replacing the stored result (model changed since typicality was made)" in capsys.readouterr().out
     problems = run.problems()
     by_file = dict(zip(problems["image_id"], problems["problem"]))
     assert "empty file" in by_file["norland/empty.png"]

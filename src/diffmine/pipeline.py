@@ -34,7 +34,7 @@ import torch
 from .atomic import write_table
 from .clustering import ClusterConfig, run_clustering
 from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
-from .data import DatasetError, fingerprint_images, scan_dataset
+from .data import DatasetError, Problem, fingerprint_images, scan_dataset
 from .features import FEATURE_KINDS, FeatureConfig, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
@@ -43,6 +43,7 @@ from .models import Backend, create_backend, load_backend
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError
 from .shards import result_settings
+from .terminal import print_problems
 from .train import TrainConfig, latest_checkpoint, train
 from .translate import TranslateConfig, missing_translations, run_translate
 from .adaptive import AdaptiveConfig
@@ -57,13 +58,20 @@ def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, out
              **rules) -> str:
     """:func:`lineage.plan` for result ``name``. A result recorded as done whose files
     (``Run.result_files``, and ``outputs``) are gone, deleted by hand to redo it or left out of a
-    copy, is made again ("replace") instead of read."""
+    copy, is made again ("replace") instead of read. Replacing an expensive result prints why."""
     try:
         action = plan(run.lineage, name, settings, inputs, force, **rules)
     except LineageError as exc:
         raise RunError(str(exc)) from None
     files = (*run.result_files(name), *outputs)
-    return "replace" if action == "done" and not all(path.is_file() for path in files) else action
+    if action == "done" and not all(path.is_file() for path in files):
+        return "replace"
+    if action == "replace" and rules.get("expensive") and int(os.environ.get("RANK", "0")) == 0:
+        # an expensive result is replaced only on --force or because what it was made from changed
+        # (then it is stale, never served again): either way, say so rather than delete in silence
+        reasons = [reason for reason, _ in run.stale(name)] or ["its inputs changed"]
+        print(f"{name}: replacing the stored result ({'--force' if force else '; '.join(reasons)})")
+    return action
 
 
 def _locked(run: Run, name: str, rank: int = 0):
@@ -195,10 +203,7 @@ def _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, 
         record = run.lineage.put("listing", {**settings, **where}, {}, "prepare", identity=identity)
     else:
         record = old_record
-    for p in dataset.problems[:10]:
-        print(f"skipped {p.path or p.image_id}: {p.problem}")
-    if len(dataset.problems) > 10:
-        print(f"... and {len(dataset.problems) - 10} more (see {run.path}/problems.parquet)")
+    print_problems(dataset.problems, run.path)
     return record
 
 
@@ -385,6 +390,10 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
         _barrier(world)
         written = run_typicality(run, backend, config, rank, world, progress, adaptive)
         if rank == 0:
+            index = run.typicality_index(missing_ok=True)
+            if index is not None:
+                print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] == "bad"].itertuples()],
+                               run.path)
             complete = _typicality_covers_listing(run)
             # the width keep-aspect images were resized to, for whoever shows them beside the maps
             run.lineage.put("typicality", settings, inputs, "typicality", complete=complete,

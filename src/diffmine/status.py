@@ -5,6 +5,7 @@ from __future__ import annotations
 from .adaptive import draws_summary
 from .lineage import command_of
 from .models.base import model_files
+from .terminal import printable
 from .train import latest_checkpoint
 
 ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "report", "classify", "localize",
@@ -75,4 +76,4 @@ def status(run) -> str:
     lines += [f"  {p.path or p.image_id} ({p.step}): {p.problem}" for p in problems.head(20).itertuples()]
     if len(problems) > 20:
         lines.append(f"  ... {len(problems) - 20} more: diffmine query --run {run.path} \"SELECT * FROM problems\"")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # labels and paths are untrusted text

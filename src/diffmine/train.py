@@ -30,6 +30,7 @@ from .data import BadImage, Problem, load_image, to_model_input
 from .models import Backend
 from .models.base import WEIGHTS_FILE, read_weights, save_weights
 from .rundir import RunError
+from .terminal import print_problems
 
 
 @dataclass
@@ -285,7 +286,9 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         if ema is not None:
             ema.copy_to(params)  # inference uses the averaged weights
         backend.save(model_dir)
-        run.record_problems("train", [Problem(images["image_id"][i], images["path"][i], p) for i, p in sorted(cache.bad.items())])
+        problems = [Problem(images["image_id"][i], images["path"][i], p) for i, p in sorted(cache.bad.items())]
+        run.record_problems("train", problems)
+        print_problems(problems, run.path)
     accelerator.wait_for_everyone()
     if metrics is not None:
         metrics.close()

@@ -1,0 +1,17 @@
+"""Text for the terminal. Labels, file names and problems come from the data a user received:
+a newline or an ANSI escape in a label must not forge a line or repaint the screen."""
+
+from __future__ import annotations
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (newline, tab, ESC, ...) shown as its escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
+
+
+def print_problems(problems, run_path, limit: int = 10) -> None:
+    """One line per bad input (``Problem``: image_id, path, problem), the first ``limit`` of them."""
+    for p in problems[:limit]:
+        print(printable(f"skipped {p.path or p.image_id}: {p.problem}"))
+    if len(problems) > limit:
+        print(f"... and {len(problems) - limit} more (see `diffmine status --run {run_path}`)")
