@@ -22,6 +22,7 @@ dataset writes them as ``OUT/masks/<label>/<file>.png``).
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,12 @@ SHOWN = 8
 
 
 def find_mask(masks: Path, image_id: str) -> Path | None:
+    """``MASKS/<image_id>``, else the file of the same stem with any extension. The stem is
+    escaped: an image id is a file name, and ``a[12].jpg`` must not match ``a1.png``."""
     path = masks / image_id
     if path.is_file():
         return path
-    for candidate in sorted(path.parent.glob(path.stem + ".*")):
+    for candidate in sorted(path.parent.glob(glob.escape(path.stem) + ".*")):
         return candidate
     return None
 
