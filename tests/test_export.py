@@ -1,15 +1,19 @@
 """Exports: COCO (pycocotools reads it, one annotation per clustered patch), a Hugging Face
 datasets folder, CSV; stale clusters are refused and nothing is recorded in the run."""
 
+import csv
 import json
 import shutil
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from diffmine import cli
+from diffmine import cli, export
+from diffmine.atomic import _umask
 from diffmine.images import RunImages
 
 
@@ -70,3 +74,73 @@ def test_csv_export_and_what_is_refused(run, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["export", "--run", str(copy), "--format", "coco", "--out", str(tmp_path / "stale")]) == 2
     assert "re-run `diffmine cluster" in capsys.readouterr().err
+
+
+def test_csv_cells_that_start_like_a_formula_are_written_as_text(run, tmp_path, monkeypatch):
+    real = export.clustered_patches
+    formulas = ['=HYPERLINK("http://x","y")', "+cmd|calc!A1", "-2+3", "@SUM(A1)", "\tx", "\rx"]
+    labelled = lambda r: real(r).assign(label=[formulas[n % len(formulas)] for n in range(len(real(r)))])
+    monkeypatch.setattr(export, "clustered_patches", labelled)
+    written = export.export(run, "csv", tmp_path / "csv")
+    with open(written, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows[:len(formulas)]] == ["'" + f for f in formulas]
+    assert not any(r["image_id"].startswith("'") or r["path"].startswith("'") for r in rows)  # plain text kept
+    frame = pd.DataFrame({"image_id": ["=1+1", "a.png"], "x0": [-3, 4], "note": ["ok", "-x"]})
+    assert export.spreadsheet_safe(frame).to_dict("list") == {"image_id": ["'=1+1", "a.png"], "x0": [-3, 4],
+                                                              "note": ["ok", "'-x"]}  # numbers stay numbers
+
+
+class FakeDataset:
+    """Enough of ``datasets`` for the folder handling of --format hf, where the package is missing."""
+
+    def __init__(self, data):
+        self.rows = len(data["label"])
+
+    @classmethod
+    def from_dict(cls, data, features=None):
+        return cls(data)
+
+    def save_to_disk(self, path):
+        json.dump({"rows": self.rows}, open(f"{path}/dataset_info.json", "w"))
+
+
+@pytest.fixture
+def fake_datasets(monkeypatch):
+    fake = SimpleNamespace(Dataset=FakeDataset, Features=dict, Image=lambda: None, Value=lambda kind: kind,
+                           Sequence=lambda feature, length: feature)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+
+
+def test_an_export_refuses_a_folder_it_did_not_make_and_keeps_it(run, tmp_path, capsys, fake_datasets):
+    mine = tmp_path / "mine"  # the user's own datasets folder
+    mine.mkdir()
+    (mine / "dataset_info.json").write_text("{}")
+    (mine / "data-00000-of-00001.arrow").write_bytes(b"precious")
+    for fmt in export.FORMATS:
+        assert cli.main(["export", "--run", str(run.path), "--format", fmt, "--out", str(mine)]) == 2
+        assert f"{mine}: not empty and not a diffmine export" in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["data-00000-of-00001.arrow", "dataset_info.json"]
+    assert (mine / "data-00000-of-00001.arrow").read_bytes() == b"precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(export.RunError, match="not a folder"):
+        export.check_replaceable(tmp_path / "file")
+    export.check_replaceable(tmp_path / "absent")  # absent or empty: may be written
+    (tmp_path / "empty").mkdir()
+    export.check_replaceable(tmp_path / "empty")
+
+
+def test_an_export_replaces_its_own_earlier_export_and_nothing_beside_it(run, tmp_path, fake_datasets):
+    out, sibling = tmp_path / "hf", tmp_path / "hf.tmp"
+    sibling.mkdir()
+    (sibling / "keep.txt").write_text("the user's")
+    for fmt in ("hf", "hf", "csv", "coco"):  # each over the one before
+        assert cli.main(["export", "--run", str(run.path), "--format", fmt, "--out", str(out)]) == 0
+        assert json.loads((out / export.MARKER).read_text())["format"] == fmt
+        if fmt == "hf":
+            assert not (out / "stale.txt").exists()  # an earlier export is replaced whole
+            assert json.loads((out / "dataset_info.json").read_text())["rows"] == len(pd.read_parquet(run.clusters_path))
+            (out / "stale.txt").write_text("from the earlier export")
+    assert (sibling / "keep.txt").read_text() == "the user's"
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp"]  # no temporary folder left

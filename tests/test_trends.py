@@ -12,6 +12,7 @@ the quality test passes on all three, for models trained with 1 or 2 threads (re
 stored best matches; seed 0, this fixture, run through this file)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ from diffmine import cli, pipeline
 from diffmine.clustering import ClusterConfig
 from diffmine.features import FeatureConfig
 from diffmine.mining import MineConfig
+from diffmine import pages
 from diffmine.pages import report_links
+from diffmine.rundir import Run
 from diffmine.synthetic import ORDERED_ELEMENTS, OrderedConfig, generate_ordered
 from diffmine.train import TrainConfig
 from diffmine.trends import (TrendsConfig, candidate_boxes, element_thresholds, trend_strength, two_group_split,
@@ -119,6 +122,32 @@ def test_the_page_shows_every_element_with_its_plot(small):
     for src in html.split('src="')[1:]:
         assert (page.parent / src.split('"')[0]).is_file()
     assert {"title": "Trends over " + ", ".join(ORDER), "href": "trends.html"} in report_links(run)
+
+
+def test_a_label_with_dollar_signs_is_drawn_as_text_not_mathtext():
+    png = pages._plot(["$\\foo$", "a$b", "era3"], [0.1, 0.5, 0.9])  # "$\foo$" is invalid mathtext
+    assert png.startswith(b"\x89PNG")
+
+
+def test_a_page_that_fails_leaves_trends_unrecorded_and_a_missing_page_is_made_again(small, tmp_path, monkeypatch):
+    _, run, _ = small
+    copy = Run(tmp_path / "run")
+    shutil.copytree(run.path, copy.path)
+    pages.trends_page_path(copy).unlink()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("page failed")
+
+    monkeypatch.setattr(pages, "write_trends_page", fail)
+    with pytest.raises(RuntimeError):
+        pipeline.trends_step(copy, ORDER, TrendsConfig(), progress=False, force=True)
+    assert copy.lineage.get("trends") is None  # not "up to date" without its page
+    monkeypatch.undo()
+    pipeline.trends_step(copy, ORDER, TrendsConfig(), progress=False)
+    assert pages.trends_page_path(copy).is_file() and copy.lineage.get("trends") is not None
+    pages.trends_page_path(copy).unlink()  # a page deleted (or from before this fix) is made again
+    pipeline.trends_step(copy, ORDER, TrendsConfig(), progress=False)
+    assert pages.trends_page_path(copy).is_file()
 
 
 def test_cli_prints_json_and_refuses_unknown_labels(small, capsys):

@@ -1,14 +1,17 @@
 """Atomic file writes: a reader (or a resumed run) never sees half a file.
 
-Every file of a run directory is written through :func:`atomic_write`: into ``NAME.tmp`` beside
-the target, flushed, then renamed over it (a rename within one folder is atomic on POSIX). A
-killed process leaves at most a ``.tmp`` file, which nothing reads.
+Every file of a run directory is written through :func:`atomic_write`: into a temporary file
+``NAME.<random>.tmp`` beside the target, flushed, then renamed over it (a rename within one folder
+is atomic on POSIX). The temporary name is unique, so two processes writing the same file do not
+write into (or rename away) each other's temporary file: the last rename wins, whole. A killed
+process leaves at most a ``.tmp`` file, which nothing reads.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +20,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp_path)`` creates the content at a temporary path, which is then renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(handle)  # writers open the path themselves (some, like pyarrow, only take a path)
+    tmp = Path(name)
     try:
         write(tmp)
         # some writers (safetensors) create their file 0600; a run is shared as the umask says

@@ -22,6 +22,7 @@ dataset writes them as ``OUT/masks/<label>/<file>.png``).
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,12 @@ SHOWN = 8
 
 
 def find_mask(masks: Path, image_id: str) -> Path | None:
+    """``MASKS/<image_id>``, else the file of the same stem with any extension. The stem is
+    escaped: an image id is a file name, and ``a[12].jpg`` must not match ``a1.png``."""
     path = masks / image_id
     if path.is_file():
         return path
-    for candidate in sorted(path.parent.glob(path.stem + ".*")):
+    for candidate in sorted(path.parent.glob(glob.escape(path.stem) + ".*")):
         return candidate
     return None
 
@@ -126,8 +129,19 @@ def cluster_purity(clustered: pd.DataFrame, hits: np.ndarray, min_size: int = 1,
     return out
 
 
+def fresh_or_noted(run, name: str, notes: list[str]) -> bool:
+    """Is result ``name`` (its file found) fresh? A stale one is left out, not scored: its figures
+    would describe patches the run no longer has. ``notes`` gets one line naming what to re-run."""
+    reasons = run.stale(name)
+    if reasons:
+        reason, command = reasons[0]
+        notes.append(f"{name} left out: out of date ({reason}); re-run `diffmine {command} --run {run.path}`")
+    return not reasons
+
+
 def evaluate_run(run, masks: str | Path) -> dict:
-    """Localization AP, mined-patch hit rates and cluster purity of a run against ``masks``."""
+    """Localization AP, mined-patch hit rates and cluster purity of a run against ``masks``; the
+    mined patches, clusters and baselines only when fresh (``left_out`` names those that are not)."""
     masks = Path(masks)
     if not masks.is_dir():
         raise FileNotFoundError(f"{masks}: no such mask folder")
@@ -144,7 +158,8 @@ def evaluate_run(run, masks: str | Path) -> dict:
     lead = next(iter(splits))
     result = {"split": lead, **splits[lead], "splits": splits}
     result["masks_found"] = len(per_image)
-    if run.patches_path.is_file():
+    notes = result["left_out"] = []
+    if run.patches_path.is_file() and fresh_or_noted(run, "mine", notes):
         result["hit_rate"] = {}
         for kind in ("top", "random", "least"):
             mined = run.mined_patches(kind)
@@ -152,11 +167,13 @@ def evaluate_run(run, masks: str | Path) -> dict:
             result["hit_rate"][kind] = {"overall": float(np.nanmean(hits)) if np.isfinite(hits).any() else float("nan"),
                                         "per_label": {l: float(np.nanmean(hits[(mined["label"] == l).to_numpy()]))
                                                       for l in mined["label"].unique()}}
-    if run.clusters_path.is_file():
-        clustered = pd.read_parquet(run.clusters_path)
+    if run.clusters_path.is_file() and fresh_or_noted(run, "cluster", notes):
+        clustered = run.patches()
         result["clusters"] = cluster_purity(clustered, patch_hits(clustered, loaded), min_size=2)
     for path in sorted(run.path.glob("baselines/*/patches.parquet")):
         # the same metrics for a baseline's detectors, so the methods compare side by side
+        if not fresh_or_noted(run, f"baseline-{path.parent.name}", notes):
+            continue
         table = pd.read_parquet(path)
         hits = patch_hits(table, loaded)
         result.setdefault("baselines", {})[path.parent.name] = {
@@ -181,6 +198,7 @@ def format_result(result: dict) -> str:
     lines += summary_lines("summary (clusters of >= 2 members)", result.get("clusters", {}))
     for name, baseline in result.get("baselines", {}).items():
         lines += summary_lines(f"baseline {name}", baseline.get("clusters", {}))
+    lines += result.get("left_out", [])
     return "\n".join(lines)
 
 

@@ -15,6 +15,12 @@ coco: DIR/annotations.json, COCO detection format: one image entry per source im
 hf:   a Hugging Face ``datasets`` folder (``datasets.load_from_disk(DIR)``): one row per patch with
       image (the crop), image_id, label, cluster, cluster_rank, rank_in_cluster, typicality, box.
 csv:  DIR/patches.csv, one row per patch, the same columns less the crop, plus the image's path.
+      A text cell that a spreadsheet would run as a formula (it starts with =, +, -, @, a tab or
+      a carriage return: labels and file names are user text) is written with a leading ``'``.
+
+Every export folder holds ``diffmine-export.json`` (what wrote it). An existing folder is written
+over only when it is empty or holds that marker: a folder of the user's own (say, a ``datasets``
+folder they saved) is refused, never replaced.
 
 The patches come from ``run.patches()``, which refuses stale clusters. An export lies outside
 the run and is not part of its lineage.
@@ -24,17 +30,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .atomic import atomic_write, write_json, write_text
+from . import __version__
+from .atomic import _umask, atomic_write, write_json, write_text
 from .images import RunImages
 from .rundir import Run, RunError
 
 FORMATS = ("coco", "hf", "csv")
+MARKER = "diffmine-export.json"
+# OWASP "CSV injection": a cell starting with one of these is a formula to Excel, LibreOffice, Sheets
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 COLUMNS = ["image_id", "label", "cluster", "cluster_rank", "rank_in_cluster", "typicality", "x0", "y0", "x1", "y1"]
 
 
@@ -44,6 +55,30 @@ def clustered_patches(run: Run) -> pd.DataFrame:
     if "cluster_rank" not in patches.columns:
         raise RunError(f"{run.path}: no clusters yet; run `diffmine cluster --run {run.path}` first")
     return patches.sort_values(["label", "cluster_rank", "rank_in_cluster"], kind="mergesort").reset_index(drop=True)
+
+
+def check_replaceable(out: Path) -> None:
+    """RunError unless ``out`` may be written (over): absent, an empty folder, or an earlier export
+    (it holds the MARKER). Anything else is the user's and is kept."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise RunError(f"{out}: not empty and not a diffmine export (no {MARKER}); choose another --out")
+
+
+def write_marker(folder: Path, run: Run, fmt: str) -> Path:
+    """The MARKER that lets a later export replace ``folder``."""
+    return write_json(folder / MARKER, {"made_by": f"diffmine {__version__} export", "format": fmt,
+                                        "run": str(run.path.resolve())})
+
+
+def spreadsheet_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with every text cell that starts like a formula prefixed by ``'`` (shown as text)."""
+    def safe(value):
+        return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+    text = [c for c in table.columns if table[c].dtype == object or pd.api.types.is_string_dtype(table[c])]
+    return table.assign(**{c: table[c].map(safe) for c in text})
 
 
 def category_name(label: str, rank: int) -> str:
@@ -93,11 +128,14 @@ def csv(run: Run, out: Path) -> Path:
     patches = clustered_patches(run)
     paths = RunImages(run).paths
     table = patches[COLUMNS].assign(path=[_relative(paths[i], run.dataset_root) for i in patches["image_id"]])
-    return write_text(out / "patches.csv", table.to_csv(index=False))
+    # RFC 4180 line ends: with them the writer quotes a cell holding a carriage return, which a
+    # "\n" line end leaves bare (and a reader then splits the row there)
+    return write_text(out / "patches.csv", spreadsheet_safe(table).to_csv(index=False, lineterminator="\r\n"))
 
 
 def hf(run: Run, out: Path) -> Path:
-    """A ``datasets.Dataset`` saved to ``out`` (its own atomic layout: written beside, then renamed)."""
+    """A ``datasets.Dataset`` saved to ``out``: written into a new folder beside it, then renamed
+    over it (``out`` is absent, empty or an earlier export: see ``check_replaceable``)."""
     try:
         import datasets
     except ImportError:
@@ -117,13 +155,20 @@ def hf(run: Run, out: Path) -> Path:
         "rank_in_cluster": patches["rank_in_cluster"].astype(int).tolist(),
         "typicality": patches["typicality"].astype(float).tolist(),
         "box": patches[["x0", "y0", "x1", "y1"]].astype(int).to_numpy().tolist()}, features=features)
-    if out.exists() and any(out.iterdir()) and not (out / "dataset_info.json").is_file():
-        raise RunError(f"{out}: not empty and not a datasets folder; choose another --out")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    table.save_to_disk(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)  # an earlier export (or an empty folder)
-    tmp.replace(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a folder of our own with a unique name: nothing of the user's beside ``out`` is touched
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; an export is shared as the umask says
+        table.save_to_disk(str(tmp))
+        write_marker(tmp, run, "hf")
+        check_replaceable(out)  # again: the folder may have changed while the crops were saved
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.replace(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -132,12 +177,12 @@ def export(run: Run, fmt: str, out: str | Path, copy_images: bool = False) -> Pa
     out = Path(out)
     if out.resolve().is_relative_to(run.path.resolve()):
         raise RunError(f"{out}: an export goes outside the run directory {run.path}")
-    if fmt == "coco":
-        return coco(run, out, copy_images)
-    if copy_images:
+    if fmt not in FORMATS:
+        raise RunError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
+    if copy_images and fmt != "coco":
         raise RunError("--copy-images is for --format coco (hf holds the crops, csv the paths)")
+    check_replaceable(out)
     if fmt == "hf":
-        return hf(run, out)
-    if fmt == "csv":
-        return csv(run, out)
-    raise RunError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
+        return hf(run, out)  # marks its own folder, which it renames into place
+    write_marker(out, run, fmt)  # first: a failed export can be written over by the next
+    return coco(run, out, copy_images) if fmt == "coco" else csv(run, out)

@@ -99,7 +99,8 @@ def _plot(order: list[str], prevalence: list[float]) -> bytes:
     fig, ax = plt.subplots(figsize=(2.6, 1.5), dpi=100)
     ax.plot(range(len(order)), prevalence, marker="o", lw=1.5)
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xticks(range(len(order)), [str(o)[:8] for o in order], fontsize=6, rotation=30)
+    # labels are user text: parse_math off, or a label like "$\\foo$" is parsed as mathtext and fails
+    ax.set_xticks(range(len(order)), [str(o)[:8] for o in order], fontsize=6, rotation=30, parse_math=False)
     ax.tick_params(axis="y", labelsize=6)
     ax.set_ylabel("prevalence", fontsize=7)
     fig.tight_layout(pad=0.3)
@@ -109,9 +110,13 @@ def _plot(order: list[str], prevalence: list[float]) -> bytes:
     return buffer.getvalue()
 
 
+def trends_page_path(run) -> Path:
+    return run.path / "report" / "trends.html"
+
+
 def write_trends_page(run, result: dict, per_element: int = 6, limit: int = 40) -> Path:
     """Per element: its crops and its prevalence over the order; rising, then falling, then flat."""
-    page = run.path / "report" / "trends.html"
+    page = trends_page_path(run)
     assets, images = _Assets(page), RunImages(run)
     sections = {"rising": [], "falling": [], "flat": []}
     for element in result["elements"][:limit]:
@@ -135,6 +140,6 @@ def report_links(run) -> list[dict]:
             page = contrast_page_path(run, a, b)
             if page.is_file():
                 links.append({"title": f"{a} vs {b if b is not None else 'all'}", "href": page.name})
-    if run.lineage.get("trends") is not None and not run.stale("trends") and (run.path / "report" / "trends.html").is_file():
+    if run.lineage.get("trends") is not None and not run.stale("trends") and trends_page_path(run).is_file():
         links.append({"title": "Trends over " + ", ".join(run.lineage.get("trends")["settings"]["order"]), "href": "trends.html"})
     return links

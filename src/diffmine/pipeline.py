@@ -567,7 +567,7 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     (RUN/trends/trends.json) and its report page; returns the JSON document."""
     import json
 
-    from .pages import write_trends_page
+    from .pages import trends_page_path, write_trends_page
     from .trends import run_trends
 
     clusters = run.fresh("cluster")
@@ -575,12 +575,13 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
     path = run.result_files("trends")[0]
     with step_lock(run.path, "trends"):
-        if _planned(run, "trends", settings, inputs, force) == "done":
+        # the page is an output too: a run recorded before its page was written makes it again
+        if _planned(run, "trends", settings, inputs, force, outputs=(trends_page_path(run),)) == "done":
             return json.loads(path.read_text())
         run.lineage.drop("trends")
         result = run_trends(run, scoring_model(run), list(order), config, progress)
+        write_trends_page(run, result)  # before the record: a step recorded up to date has its page
         run.lineage.put("trends", settings, inputs, "trends")
-        write_trends_page(run, result)
         return result
 
 
