@@ -265,3 +265,17 @@ def test_report_shows_the_localization_section(run, boxes_csv, tmp_path, capsys)
     section = html[html.index('id="localization"'):]
     assert section.count('class="example localization"') >= len(run.labels)
     assert f"computed under {other}" in section  # the map made under the box's label is shown
+
+
+def test_held_out_means_not_trained_on_even_after_the_listing_splits_otherwise(tmp_path):
+    """Listing again with --holdout after training marks images held out that the model saw: a
+    held-out score counts only images the model did not train on (RUN/model/trained-on.parquet)."""
+    from conftest import barely_trained_run
+
+    run = barely_trained_run(tmp_path, per_label=4)  # trained on all 8 images (no holdout)
+    pipeline.typicality_step(run, TypicalityConfig(samples=2, seed=0), progress=False)
+    pipeline.prepare(run, tmp_path / "data" / "images", "A scene from {label}.", "A scene.", 32, holdout=0.5)
+    assert (run.images()["split"] == "holdout").sum() == 4
+    pipeline.typicality_step(run, TypicalityConfig(samples=2, seed=0), progress=False)
+    result = pipeline.localize_step(run, masks=tmp_path / "data" / "masks")
+    assert set(result["splits"]) == {"train"} and result["splits"]["train"]["overall"]["images"] == 8

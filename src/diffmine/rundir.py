@@ -36,10 +36,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .atomic import write_table
 from .data import Problem
 from .lineage import Lineage, LineageError, command_of, require_fresh, stale_reasons
+
+# in RUN/model: the image ids the trained model saw (no part of its identity: a record of its training set)
+TRAINED_ON_FILE = "trained-on.parquet"
 
 
 class RunError(ValueError):
@@ -195,6 +199,14 @@ class Run:
         """The listing less the held-out images: what training may see."""
         images = self.images()
         return images[images["split"] == "train"].reset_index(drop=True)
+
+    def trained_on(self) -> set[str] | None:
+        """The image ids the run's own model trained on, when its typicality maps are that model's
+        (None: scored with an outside model, or a model trained before this was recorded)."""
+        path = self.model_dir / TRAINED_ON_FILE
+        if "model" not in ((self.lineage.get("typicality") or {}).get("inputs") or {}) or not path.is_file():
+            return None
+        return set(pq.read_table(path).column("image_id").to_pylist())
 
     @property
     def labels(self) -> list[str]:

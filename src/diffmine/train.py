@@ -21,15 +21,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from .atomic import write_json, write_text
+from .atomic import write_json, write_table, write_text
 from .data import BadImage, Problem, load_image, to_model_input
 from .models import Backend
 from .models.base import WEIGHTS_FILE, read_weights, save_weights
-from .rundir import RunError
+from .rundir import TRAINED_ON_FILE, RunError
 from .terminal import print_problems
 
 
@@ -286,6 +287,9 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         if ema is not None:
             ema.copy_to(params)  # inference uses the averaged weights
         backend.save(model_dir)
+        # the images this model saw: a later listing (another --holdout, images added) may split
+        # them otherwise, and a held-out score must not count an image the model trained on
+        write_table(pa.table({"image_id": images["image_id"].tolist()}), model_dir / TRAINED_ON_FILE)
         problems = [Problem(images["image_id"][i], images["path"][i], p) for i, p in sorted(cache.bad.items())]
         run.record_problems("train", problems)
         print_problems(problems, run.path)
