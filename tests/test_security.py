@@ -372,3 +372,37 @@ def test_status_escapes_control_characters_of_labels(tmp_path):
     assert "\x1b" not in text and not any(line.startswith("train: done") for line in text.splitlines())
     assert "ok\\ntrain: done (9999 steps, model forged)\\x1b[2J" in text
     assert printable("Zürich\tx") == "Zürich\\tx"
+
+
+def test_damaged_run_files_are_one_line_naming_the_file(tmp_path):
+    """A run received damaged (a copy cut short, a file edited by hand) fails with one line naming
+    the file, never a traceback from the decoder."""
+    from diffmine.atomic import read_npy, write_with
+    from diffmine.lineage import Lineage, LineageError
+    from diffmine.models import ModelError, load_backend
+    from diffmine.models.tiny import TinyBackend, TinyConfig
+
+    (tmp_path / "lineage.json").write_text("[]")
+    with pytest.raises(LineageError, match="lineage.json: not a lineage record"):
+        Lineage(tmp_path).records()
+    (tmp_path / "lineage.json").write_text('{"listing": {}}')
+    with pytest.raises(LineageError, match="lineage.json: not a lineage record"):
+        Lineage(tmp_path).records()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "backend.json").write_text("garbage")
+    with pytest.raises(ModelError, match="backend.json: not a model description"):
+        load_backend(model)
+    (model / "backend.json").write_text(json.dumps({"kind": "tiny", "prompts": ["a", "b"], "config": {}}))
+    with pytest.raises(ModelError, match="backend.json: not a model description"):
+        load_backend(model)
+    TinyBackend(["a", "b"], TinyConfig(block_out_channels=(16, 32, 32), cross_attention_dim=16, attention_head_dim=4,
+                                       prompt_tokens=2), seed=0).save(model)
+    (model / "trainable.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(ModelError, match="trainable.safetensors: unreadable weights"):
+        load_backend(model)
+    write_with(tmp_path / "features.npy", lambda f: np.save(f, np.ones((4, 3), np.float32)))
+    data = (tmp_path / "features.npy").read_bytes()
+    (tmp_path / "features.npy").write_bytes(data[:100])
+    with pytest.raises(ValueError, match="features.npy: unreadable array"):
+        read_npy(tmp_path / "features.npy")

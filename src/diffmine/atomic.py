@@ -72,3 +72,14 @@ def write_table(table, path: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     return atomic_write(path, lambda tmp: pq.write_table(table, str(tmp)))
+
+
+def read_npy(path: str | Path):
+    """An array written with ``write_with(path, np.save)``; never a pickle. A damaged or truncated
+    file (a copy cut short) is a ValueError naming it, not numpy's bare message."""
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: unreadable array ({exc}); re-run the step that made it") from None

@@ -35,7 +35,7 @@ import pandas as pd
 import pyarrow as pa
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .atomic import write_table
+from .atomic import read_npy, write_table
 
 RANKINGS = ("median", "median-coverage", "discriminative")
 
@@ -205,7 +205,7 @@ def run_clustering(run, config: ClusterConfig, patches: pd.DataFrame | None = No
     from .features import FEATURE_KINDS
 
     patches = run.mined_patches(FEATURE_KINDS) if patches is None else patches
-    features = np.load(run.features_path if features is None else features)
+    features = read_npy(run.features_path if features is None else features)
     if len(features) != len(patches):
         raise ValueError(f"{run.path}: {len(features)} features for {len(patches)} patches; re-run `diffmine cluster`")
     clustered = cluster_patches(patches, features, config)

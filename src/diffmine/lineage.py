@@ -122,9 +122,16 @@ class Lineage:
         if not self.path.is_file():
             return {}
         try:
-            return json.loads(self.path.read_text())
+            records = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise LineageError(f"{self.path}: unreadable lineage record ({exc})") from None
+        # a received run's record is text anyone could have edited: its shape is checked once, here
+        if not isinstance(records, dict) or not all(
+                isinstance(r, dict) and isinstance(r.get("settings"), dict) and isinstance(r.get("inputs"), dict)
+                and isinstance(r.get("identity"), str) for r in records.values()):
+            raise LineageError(f"{self.path}: not a lineage record (an object of results, each with settings, "
+                               "inputs and identity)")
+        return records
 
     def get(self, name: str) -> dict | None:
         return self.records().get(name)

@@ -314,11 +314,11 @@ def load_model(run: Run, model: str | None = None, device: torch.device | None =
         record = run.lineage.get("model")
         if record is None or not record.get("complete"):
             raise RunError(f"{run.path}: no trained model yet; run `diffmine train --run {run.path}` first")
-        backend = load_backend(run.model_dir)
-        actual = model_digest(run.model_dir)
+        actual = model_digest(run.model_dir)  # before loading: a damaged file is named, not decoded
         if actual != record["identity"]:
             raise RunError(f"{run.model_dir}: the weights differ from the ones training recorded "
                            f"({actual} != {record['identity']}); retrain with `diffmine train --force`")
+        backend = load_backend(run.model_dir)
         inputs = {"model": actual}
     else:
         backend = create_backend(model, all_prompts(run), seed=0, **options)

@@ -44,7 +44,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 from skimage.filters import threshold_multiotsu
 
-from .atomic import write_json
+from .atomic import read_npy, write_json
 from .features import FEATURE_KINDS, FeatureConfig, patch_features
 from .mining import greedy_boxes, patch_scores
 from .models import Backend
@@ -203,7 +203,7 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
     mined = run.mined_patches(FEATURE_KINDS).assign(row=lambda f: np.arange(len(f)))
     mined = mined[mined["kind"] == "top"]
     clustered = run.patches("top").merge(mined[["image_id", "label", "x0", "y0", "row"]], on=["image_id", "label", "x0", "y0"])
-    groups, centroids, thresholds = element_centroids(clustered, np.load(run.features_path), config.min_size,
+    groups, centroids, thresholds = element_centroids(clustered, read_npy(run.features_path), config.min_size,
                                                       config.percentile)
     k = int(run.lineage.get("mine")["patch"])
     stride = config.stride or max(1, k // 8)

@@ -41,18 +41,25 @@ def load_backend(directory: str | Path) -> Backend:
     spec_path = directory / BACKEND_FILE
     if not spec_path.is_file():
         raise ModelError(f"{directory}: no trained model here ({BACKEND_FILE} missing); run `diffmine train` first")
-    spec = json.loads(spec_path.read_text())
-    if spec["kind"] == "tiny":
-        from .tiny import TinyBackend
+    try:
+        spec = json.loads(spec_path.read_text())
+        if spec["kind"] == "tiny":
+            from .tiny import TinyBackend
 
-        backend = TinyBackend.from_spec(spec)
-    elif spec["kind"] == "sd":
-        from .sd import StableDiffusionBackend
+            backend = TinyBackend.from_spec(spec)
+        elif spec["kind"] == "sd":
+            from .sd import StableDiffusionBackend
 
-        backend = StableDiffusionBackend.from_spec(spec)
-    else:
-        raise ModelError(f"{spec_path}: unknown backend kind {spec['kind']!r}")
+            backend = StableDiffusionBackend.from_spec(spec)
+        else:
+            raise ModelError(f"{spec_path}: unknown backend kind {spec['kind']!r}")
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:  # edited or damaged by hand
+        raise ModelError(f"{spec_path}: not a model description ({type(exc).__name__}: {exc})") from None
     weights = directory / WEIGHTS_FILE
     if weights.is_file():
-        backend.load_trainable_state(read_weights(weights))
+        try:
+            state = read_weights(weights)
+        except Exception as exc:  # safetensors raises its own error type for a damaged file
+            raise ModelError(f"{weights}: unreadable weights ({type(exc).__name__}: {exc})") from None
+        backend.load_trainable_state(state)
     return backend
