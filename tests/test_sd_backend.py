@@ -203,6 +203,21 @@ def test_typicality_with_the_pretrained_model(pretrained):
     assert pretrained.config["typicality"]["model"].startswith("sd:")
 
 
+def test_an_outside_model_given_by_a_relative_path_is_recorded_absolute(tmp_path, data, sd_folder, monkeypatch):
+    """`typicality --model sd:sd` from the folder holding it: the later steps reload the recorded
+    model from wherever they are run, so the record names the folder itself, not "sd"."""
+    from diffmine.pipeline import scoring_model
+
+    run = _prepare(tmp_path / "run", data, sd_folder)
+    monkeypatch.chdir(sd_folder.parent)
+    typicality_step(run, TypicalityConfig(samples=2, batch_size=16, shard_size=64), model=f"sd:{sd_folder.name}",
+                    progress=False)
+    assert run.step_config("typicality")["model"] == f"sd:{sd_folder.resolve()}"
+    (tmp_path / "elsewhere" / sd_folder.name).mkdir(parents=True)  # a folder of that name, no model
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert scoring_model(run).spec["base"] == str(sd_folder.resolve())
+
+
 def test_lora_trains_only_adapters_and_round_trips(tmp_path, data, sd_folder):
     run = _prepare(tmp_path / "lora", data, sd_folder)
     train_step(run, TrainConfig(steps=2, batch_size=4, checkpoint_every=2, warmup_steps=1), model_options={"lora_rank": 4},

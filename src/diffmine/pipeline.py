@@ -364,6 +364,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
     """
     rank, world, device = distributed_context()
     config = _resolved(run, "typicality", config, device)
+    model = _located(model)
     backend, model_inputs = load_model(run, model, device, **(model_options or {}))
     listing = run.fresh("listing")
     _check_labels(run, model)
@@ -469,6 +470,14 @@ def scoring_inputs(run: Run) -> dict:
     """The lineage inputs naming the model that computed the run's typicality."""
     inputs = run.fresh("typicality")["inputs"]
     return {k: v for k, v in inputs.items() if k in ("model", "external_model")}
+
+
+def _located(model: str | None) -> str | None:
+    """``sd:PATH`` of a local folder made absolute: the later steps (features, classify, ...) reload
+    the recorded model from wherever they are run, and must find the same folder."""
+    if model is None or not model.startswith("sd:") or not Path(model[3:]).expanduser().is_dir():
+        return model  # the run's own model, or a hub id
+    return "sd:" + str(Path(model[3:]).expanduser().resolve())
 
 
 def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
