@@ -82,6 +82,13 @@ def test_bad_images_are_skipped_and_listed_never_fatal(small_data, tmp_path, cap
     pipeline.typicality_step(run, TypicalityConfig(samples=2, shard_size=5), progress=False)
     assert "typicality: replacing the stored result (model changed since typicality was made)" in capsys.readouterr().out
     problems = run.problems()
+    from diffmine.query import QueryError, query
+
+    # SQL sees every skipped image, the typicality step's too, and says why a table is absent
+    served = query(run, "SELECT DISTINCT image_id, step FROM problems")
+    assert sorted(map(tuple, served.to_numpy())) == sorted(set(zip(problems["image_id"], problems["step"])))
+    with pytest.raises(QueryError, match="mined table is not served: mine has not been made; re-run `diffmine mine"):
+        query(run, "SELECT * FROM mined")
     by_file = dict(zip(problems["image_id"], problems["problem"]))
     assert "empty file" in by_file["norland/empty.png"]
     assert "cannot decode" in by_file["sudland/broken.jpg"]

@@ -21,9 +21,11 @@ def tables(run) -> dict[str, list[str] | pd.DataFrame]:
     the results of this run that are up to date: a stale result is not served (``status`` says
     which step to re-run)."""
     found: dict[str, list[str] | pd.DataFrame] = {}
-    for name, path in (("images", run.images_path), ("problems", run.path / "problems.parquet")):
-        if path.is_file():
-            found[name] = [str(path)]
+    if run.images_path.is_file():
+        found["images"] = [str(run.images_path)]
+    problems = run.problems()  # the listing's and training's file, and the images typicality could not read
+    if len(problems):
+        found["problems"] = problems
     if run.lineage.get("typicality") is not None and not [r for r, _ in run.stale("typicality")
                                                           if "listing" not in r and "incomplete" not in r]:
         index = run.typicality_index(missing_ok=True)
@@ -62,6 +64,22 @@ def query(run, sql: str) -> pd.DataFrame:
             return con.execute(sql).df()
         except duckdb.Error as exc:
             first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise QueryError(f"query: {first}") from None
+            raise QueryError(f"query: {first}{_why_absent(run, first)}") from None
     finally:
         con.close()
+
+
+# the step whose result each table is, for saying why a table is absent
+TABLE_STEPS = {"typicality": "typicality", "mined": "mine", "patches": "cluster"}
+
+
+def _why_absent(run, message: str) -> str:
+    """For DuckDB's "Table with name X does not exist": why the run serves no table X."""
+    for table, step in TABLE_STEPS.items():
+        if f"Table with name {table} does not exist" in message:
+            reasons = run.stale(step)
+            if reasons:
+                reason, command = reasons[0]
+                return f" (the {table} table is not served: {reason}; re-run `diffmine {command} --run {run.path}`)"
+    return ""
+
