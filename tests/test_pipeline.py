@@ -165,6 +165,22 @@ def test_resume_with_another_batch_size_keeps_the_shards(trained_run, tmp_path):
     assert sorted(copy.typicality_dir.glob("shard-*.parquet")) == shards
 
 
+def test_feature_batch_size_is_no_part_of_the_features(tiny_run, tmp_path):
+    """Every image gets the same DIFT ensemble noise whatever its batch: another --feature-batch-size
+    leaves the features and clusters up to date, and recomputing with it gives the same features."""
+    from diffmine.clustering import ClusterConfig
+    from diffmine.features import FeatureConfig
+
+    copy = Run(tmp_path / "copy")
+    shutil.copytree(tiny_run.path, copy.path)
+    stored = np.load(copy.features_path)
+    written = copy.features_path.stat().st_mtime_ns
+    pipeline.cluster_step(copy, ClusterConfig(k=2), FeatureConfig(ensemble=1, batch_size=1), progress=False)
+    assert copy.features_path.stat().st_mtime_ns == written and not copy.stale("cluster")
+    pipeline.cluster_step(copy, ClusterConfig(k=2), FeatureConfig(ensemble=1, batch_size=1), progress=False, force=True)
+    np.testing.assert_allclose(np.load(copy.features_path), stored, rtol=1e-4, atol=1e-5)
+
+
 def test_another_seed_gives_other_draws_and_settings_change_recomputes(trained_run, tmp_path):
     copy = Run(tmp_path / "copy")
     shutil.copytree(trained_run.path, copy.path)

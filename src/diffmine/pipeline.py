@@ -498,7 +498,9 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
     rank, world, device = distributed_context()
     mine = run.fresh("mine")
     features = _resolved(run, "features", features, device)
-    feature_settings, feature_inputs = asdict(features), {"mine": mine["identity"], **scoring_inputs(run)}
+    # every image gets the same ensemble noise whatever its batch: the batch size is no part of the result
+    feature_settings = result_settings(features, ("batch_size",))
+    feature_inputs = {"mine": mine["identity"], **scoring_inputs(run)}
     with _locked(run, "cluster", rank):
         action = _planned(run, "features", feature_settings, feature_inputs, force)
         _barrier(world)
