@@ -37,14 +37,17 @@ from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
 from .trends import TrendsConfig
 from .typicality import TypicalityConfig
-from .flags import ADAPTIVE_HELP, HELP, _flag, add_config, add_run_args, build_config
+from .flags import ADAPTIVE_HELP, FIXED_ESTIMATOR_HELP, HELP, _flag, add_config, add_run_args, build_config
 from .machine import set_threads
 
 SYNTH_HELP = {"per_label": "images generated per label"}
 
 
 def _data_args(p):
-    p.add_argument("--data", required=True, type=Path, help="folder of <label>/<image> files, or a .csv/.jsonl manifest (path,label)")
+    p.add_argument("--data", required=True, type=Path, help="folder of <label>/<image> files, a .csv/.jsonl manifest (path,label), "
+                                                                 "WebDataset tar shards (a .tar, a folder of them or "
+                                                                 "a {0000..0099} pattern), a saved Hugging Face dataset "
+                                                                 "folder or hf:NAME_OR_PATH")
     p.add_argument("--model", default="tiny", help="tiny (embedded, default) or sd:PATH_OR_HUB_ID")
     p.add_argument("--prompt", default="An image of {label}.", help="label prompt; {label} is replaced (default: %(default)r)")
     p.add_argument("--null-prompt", default="An image.", help="the null prompt (default: %(default)r)")
@@ -153,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="localization AP, hit rate and purity against ground-truth masks",
                        description="AUC-PR of typicality vs MASKS/<image_id> (nonzero = element), with the random baseline.")
-    add_run_args(p)
+    p.add_argument("--run", required=True, type=Path, help="the run directory")  # stores nothing: no --seed, --force
     p.add_argument("--masks", required=True, type=Path, help="folder of <label>/<image file name> masks, nonzero = element")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -167,7 +170,9 @@ def parser() -> argparse.ArgumentParser:
             _holdout_arg(p)
             add_config(p, SynthConfig, prefix="synth-", skip=("seed",), help=SYNTH_HELP)
         add_run_args(p); _sd_args(p)
-        add_config(p, TrainConfig)
+        # demo trains longer than `train`'s default: it should show most planted elements learned,
+        # and still finish in under 10 minutes on 2 cores
+        add_config(p, TrainConfig, defaults={"steps": 800} if name == "demo" else None)
         add_config(p, TypicalityConfig, prefix="typicality-", skip=("seed", "samples", "t_min", "t_max", "estimator"))
         for key in ("samples", "t_min", "t_max", "estimator"):
             field = next(f for f in dataclasses.fields(TypicalityConfig) if f.name == key)
@@ -179,10 +184,6 @@ def parser() -> argparse.ArgumentParser:
         add_config(p, MineConfig)
         add_config(p, ClusterConfig)
         add_config(p, FeatureConfig, prefix="feature-")
-        if name == "demo":
-            # longer than `train`'s default: the demo should show most planted elements learned,
-            # and still finish in under 10 minutes on 2 cores
-            p.set_defaults(steps=800)
 
     add_compare(sub)
     add_localize(sub)
@@ -194,7 +195,8 @@ def parser() -> argparse.ArgumentParser:
                                    "model learned the labels.")
     add_run_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype", "unit_maps"))
+    add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype", "unit_maps"),
+               help={"estimator": FIXED_ESTIMATOR_HELP})
 
     p = sub.add_parser("translate", help="translate images to every other label (Plug-and-Play or SDEdit)",
                        description="The parallel dataset of paper section 5.1: each (mined) image under every other "
@@ -232,7 +234,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("a", metavar="A", help="the label whose look is explained")
     p.add_argument("b", metavar="B", nargs="?", default=None, help="the label it is contrasted with")
     p.add_argument("--vs", choices=["all"], default=None, help="contrast A with every other label at once (no B)")
-    add_config(p, ContrastConfig, help={"images": "A: A's images (default); all: every listed image"})
+    add_config(p, ContrastConfig, help={"images": "A: A's images (default); all: every listed image",
+                                        "estimator": FIXED_ESTIMATOR_HELP})
     add_config(p, MineConfig)
     add_config(p, ClusterConfig)
     add_config(p, FeatureConfig, prefix="feature-")

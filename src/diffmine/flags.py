@@ -41,7 +41,7 @@ HELP = {
     "map_dtype": "storage precision of typicality maps (float16 | float32)",
     "precision": "auto | fp32 | bf16 | fp16 autocast of the UNet forward (auto: bf16 where the CPU/GPU computes it natively, else fp32)",
     "workers": "image-decoding processes prefetching ahead of the model",
-    "compile": "torch.compile the UNet (~1.25x per pass on CPU after ~1.5 min of compiling)",
+    "compile": "torch.compile the UNet (~1.1-1.25x per pass on CPU after 1-1.5 minutes of compiling)",
     "patch": "patch side in pixels (default: about 1/5 of the image side)",
     "per_image": "non-overlapping patches kept per image",
     "top": "most typical patches kept per label",
@@ -90,6 +90,12 @@ HELP = {
 }
 
 
+# classify and contrast draw the same K for every image: every estimator but the adaptive one
+FIXED_ESTIMATOR_HELP = (f"{' | '.join(e for e in ESTIMATORS if e != 'adaptive')}: 'paper' draws t and eps i.i.d.; "
+                        "'stratified' one t per stratum; 'stratified-antithetic' also pairs eps with -eps (no adaptive "
+                        "estimator here)")
+
+
 # the adaptive estimator's targets on `diffmine typicality` (`run` and `demo` take mining's flags)
 ADAPTIVE_HELP = {
     "patch": "adaptive estimator: the mining patch side its draws target (None: mining's automatic side)",
@@ -105,19 +111,19 @@ def _flag(name: str, prefix: str = "") -> str:
 
 
 def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple[str, ...] = ("seed",),
-               help: dict[str, str] | None = None) -> None:
+               help: dict[str, str] | None = None, defaults: dict | None = None) -> None:
     """One option per dataclass field, e.g. ``TypicalityConfig.t_min`` -> ``--t-min``; ``help``
-    overrides the shared help text of a field for this parser."""
+    overrides the shared help text of a field for this parser, ``defaults`` its default (shown as such)."""
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
-        default = field.default
+        default = (defaults or {}).get(field.name, field.default)
         kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(field.type).split(" ")[0].split("|")[0].strip())
         help_text = (help or {}).get(field.name, HELP.get(field.name, ""))
         dest = prefix.replace("-", "_") + field.name
         if kind is bool:
             parser.add_argument(_flag(field.name, prefix), dest=dest, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
+                                default=default, help=f"{help_text} (default: {'on' if default else 'off'})".strip())
         elif isinstance(default, tuple):  # e.g. scales: (1.0, 0.75) <- --scales 1.0 0.75
             parser.add_argument(_flag(field.name, prefix), dest=dest, type=type(default[0]), nargs="+",
                                 default=list(default), help=f"{help_text} (default: {' '.join(map(str, default))})")

@@ -669,7 +669,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = methods.add_parser("doersch", help="discriminative patches (Doersch et al. 2013): HOG+Lab, seeds, iterative SVMs",
                            description="Mine each label's discriminative patches against the other labels; writes "
                                        "RUN/baselines/doersch/patches.parquet (cluster-table columns) and settings.json.")
-    p.add_argument("--data", type=Path, default=None, help="dataset folder or manifest (needed when the run has none listed)")
+    p.add_argument("--data", type=Path, default=None, help="the dataset, as `train --data` takes it (needed when the run has none listed)")
     add_run_args(p)
     p.add_argument("--positive", default=None, help="mine only this label (default: every label)")
     p.add_argument("--resolution", type=int, default=256, help="image side when listing a new run (default: 256)")
