@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from diffmine import cli, export
-from diffmine.atomic import _umask
+from diffmine.atomic import current_umask
 from diffmine.images import RunImages
 
 
@@ -142,5 +142,5 @@ def test_an_export_replaces_its_own_earlier_export_and_nothing_beside_it(run, tm
             assert json.loads((out / "dataset_info.json").read_text())["rows"] == len(pd.read_parquet(run.clusters_path))
             (out / "stale.txt").write_text("from the earlier export")
     assert (sibling / "keep.txt").read_text() == "the user's"
-    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
+    assert out.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's 0700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp"]  # no temporary folder left

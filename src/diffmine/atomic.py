@@ -26,7 +26,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         # some writers (safetensors) create their file 0600; a run is shared as the umask says
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -34,7 +34,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)  # the only way to read it is to set it; restored at once
     os.umask(mask)
     return mask

@@ -38,7 +38,7 @@ import pandas as pd
 from PIL import Image
 
 from . import __version__
-from .atomic import _umask, atomic_write, write_json, write_text
+from .atomic import atomic_write, current_umask, write_json, write_text
 from .images import RunImages
 from .rundir import Run, RunError
 
@@ -159,7 +159,7 @@ def hf(run: Run, out: Path) -> Path:
     # a folder of our own with a unique name: nothing of the user's beside ``out`` is touched
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; an export is shared as the umask says
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; an export is shared as the umask says
         table.save_to_disk(str(tmp))
         write_marker(tmp, run, "hf")
         check_replaceable(out)  # again: the folder may have changed while the crops were saved

@@ -400,7 +400,6 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
             run.lineage.put("typicality", settings, inputs, "typicality", complete=complete,
                             width_multiple=backend.latent_factor)
             if not complete:
-                index = run.typicality_index(missing_ok=True)
                 done = 0 if index is None else int(index["status"].isin(["ok", "bad"]).sum())
                 left = len(run.images()) - done
                 print(f"typicality: {left} images could not be read; run `diffmine typicality --run {run.path}` "
@@ -428,8 +427,6 @@ def _check_labels(run: Run, model: str | None) -> None:
 
 
 def _trained_labels(run: Run) -> list[str]:
-    import json
-
     spec = json.loads((run.model_dir / BACKEND_FILE).read_text())
     prompts = set(spec.get("prompts", [])) or None
     if prompts is None:  # SD: any label can be prompted
@@ -576,8 +573,6 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
 def trends_step(run: Run, order: list[str], config, progress: bool = True, force: bool = False) -> dict:
     """Prevalence and typicality of every element cluster of the run in each label of ``order``
     (RUN/trends/trends.json) and its report page; returns the JSON document."""
-    import json
-
     from .pages import trends_page_path, write_trends_page
     from .trends import run_trends
 
@@ -625,8 +620,6 @@ def report_step(run: Run, config, masks: str | Path | None = None, force: bool =
 
 def classify_step(run: Run, config, progress: bool = True, force: bool = False) -> dict:
     """Image-level classification by typicality (held-out split first); returns the summary."""
-    import json
-
     from .classify import run_classify
 
     listing = run.fresh("listing")
