@@ -102,3 +102,26 @@ def test_cli_end_to_end_on_the_built_in_data(tmp_path, capsys):
     assert set(result["per_label"]) == {"norland", "sudland"} and 0 <= result["overall"]["auc_pr"] <= 1
     assert main(["query", "--run", str(tmp_path / "r"), "SELECT count(*) AS n FROM images"]) == 0
     assert "8" in capsys.readouterr().out
+
+
+FIXED = "'paper', 'stratified', 'stratified-antithetic')"
+
+
+@pytest.mark.parametrize("argv, choices", [
+    (["classify", "--run", "r", "--estimator", "adaptive"], FIXED),
+    (["contrast", "--run", "r", "a", "b", "--estimator", "adaptive"], FIXED),
+    (["run", "--data", "d", "--run", "r", "--estimator", "adaptivee"], "'stratified-antithetic', 'adaptive')"),
+    (["typicality", "--run", "r", "--precision", "bf61"], "'auto', 'fp32', 'bf16', 'fp16')"),
+    (["translate", "--run", "r", "--method", "pix2pix"], "'pnp', 'sdedit')")])
+def test_a_value_a_step_does_not_take_is_refused_by_the_parser_naming_the_choices(argv, choices, capsys):
+    """classify and contrast draw a fixed K per image: no adaptive estimator (their configs refuse
+    it too, but the parser says so first, with the values that are taken)."""
+    with pytest.raises(SystemExit) as exit_info:
+        parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid choice" in err and choices in err
+
+
+def test_the_parser_takes_every_estimator_where_the_step_does():
+    assert parser().parse_args(["typicality", "--run", "r", "--estimator", "adaptive"]).estimator == "adaptive"
+    assert parser().parse_args(["classify", "--run", "r", "--estimator", "paper"]).estimator == "paper"

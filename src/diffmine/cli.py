@@ -37,7 +37,7 @@ from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
 from .trends import TrendsConfig
 from .typicality import TypicalityConfig
-from .flags import ADAPTIVE_HELP, FIXED_ESTIMATOR_HELP, HELP, _flag, add_config, add_run_args, build_config
+from .flags import ADAPTIVE_HELP, CHOICES, FIXED_ESTIMATOR_HELP, FIXED_ESTIMATORS, HELP, _flag, add_config, add_run_args, build_config
 from .machine import set_threads
 
 SYNTH_HELP = {"per_label": "images generated per label"}
@@ -178,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
             field = next(f for f in dataclasses.fields(TypicalityConfig) if f.name == key)
             samples = key == "samples"  # its default is None: resolved by the estimator (16, or 64 adaptive)
             p.add_argument(_flag(key), dest=key, type=int if samples else type(field.default), default=field.default,
-                           help=HELP["typicality_samples" if samples else key])
+                           choices=CHOICES.get(key), help=HELP["typicality_samples" if samples else key])
         # the adaptive estimator targets the mining flags below
         add_config(p, AdaptiveConfig, prefix="adaptive-", skip=("patch", "per_image", "top", "z_min", "significance"))
         add_config(p, MineConfig)
@@ -196,7 +196,7 @@ def parser() -> argparse.ArgumentParser:
     add_run_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype", "unit_maps"),
-               help={"estimator": FIXED_ESTIMATOR_HELP})
+               help={"estimator": FIXED_ESTIMATOR_HELP}, choices={"estimator": FIXED_ESTIMATORS})
 
     p = sub.add_parser("translate", help="translate images to every other label (Plug-and-Play or SDEdit)",
                        description="The parallel dataset of paper section 5.1: each (mined) image under every other "
@@ -235,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B", nargs="?", default=None, help="the label it is contrasted with")
     p.add_argument("--vs", choices=["all"], default=None, help="contrast A with every other label at once (no B)")
     add_config(p, ContrastConfig, help={"images": "A: A's images (default); all: every listed image",
-                                        "estimator": FIXED_ESTIMATOR_HELP})
+                                        "estimator": FIXED_ESTIMATOR_HELP}, choices={"estimator": FIXED_ESTIMATORS})
     add_config(p, MineConfig)
     add_config(p, ClusterConfig)
     add_config(p, FeatureConfig, prefix="feature-")

@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from .machine import PRECISIONS
+from .translate import METHODS
 from .typicality import ESTIMATORS
 
 HELP = {
@@ -91,7 +93,8 @@ HELP = {
 
 
 # classify and contrast draw the same K for every image: every estimator but the adaptive one
-FIXED_ESTIMATOR_HELP = (f"{' | '.join(e for e in ESTIMATORS if e != 'adaptive')}: 'paper' draws t and eps i.i.d.; "
+FIXED_ESTIMATORS = tuple(e for e in ESTIMATORS if e != "adaptive")
+FIXED_ESTIMATOR_HELP = (f"{' | '.join(FIXED_ESTIMATORS)}: 'paper' draws t and eps i.i.d.; "
                         "'stratified' one t per stratum; 'stratified-antithetic' also pairs eps with -eps (no adaptive "
                         "estimator here)")
 
@@ -110,10 +113,17 @@ def _flag(name: str, prefix: str = "") -> str:
     return "--" + (prefix + name).replace("_", "-").lower()
 
 
+# the values a string field may take, checked by argparse before any config is built (the configs
+# check them too, for the Python API); ``add_config(choices=...)`` narrows them for one parser
+CHOICES = {"estimator": ESTIMATORS, "precision": PRECISIONS, "method": METHODS}
+
+
 def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple[str, ...] = ("seed",),
-               help: dict[str, str] | None = None, defaults: dict | None = None) -> None:
+               help: dict[str, str] | None = None, defaults: dict | None = None,
+               choices: dict[str, tuple] | None = None) -> None:
     """One option per dataclass field, e.g. ``TypicalityConfig.t_min`` -> ``--t-min``; ``help``
-    overrides the shared help text of a field for this parser, ``defaults`` its default (shown as such)."""
+    overrides the shared help text of a field for this parser, ``defaults`` its default (shown as such),
+    ``choices`` the values it accepts (else :data:`CHOICES`')."""
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
@@ -129,6 +139,7 @@ def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tup
                                 default=list(default), help=f"{help_text} (default: {' '.join(map(str, default))})")
         else:
             parser.add_argument(_flag(field.name, prefix), dest=dest, type=kind or str, default=default,
+                                choices=(choices or {}).get(field.name, CHOICES.get(field.name)),
                                 help=f"{help_text} (default: {default})".strip())
 
 
