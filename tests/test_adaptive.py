@@ -190,6 +190,40 @@ def test_a_killed_adaptive_run_resumes_to_the_same_maps(trained, reference, tmp_
     assert not (run.typicality_dir / adaptive.WORK).exists()
 
 
+@pytest.mark.parametrize("change", ["nothing", "an image added"])
+def test_listing_again_keeps_the_finished_rounds_of_an_interrupted_run(trained, reference, tmp_path, monkeypatch,
+                                                                       change):
+    """`diffmine prepare` again under an interrupted adaptive typicality: no planned image is scored
+    again (its plan stands while its images are listed as they were), their maps are the
+    uninterrupted run's, and an added image is planned after them."""
+    run = copy_of(trained, tmp_path / "killed")
+    real = adaptive._round_shard
+    computed = []  # (round, images) of each round shard computed after the new listing
+
+    def dies(*args, **kwargs):
+        if args[5] == 1:  # round 0 written, killed in round 1
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adaptive, "_round_shard", dies)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    data = run.dataset_root
+    if change == "an image added":
+        data = tmp_path / "data"
+        shutil.copytree(run.dataset_root, data)
+        shutil.copy(next((data / "sudland").glob("*.png")), data / "norland" / "img_9999.png")
+    pipeline.prepare(run, data, "A scene from {label}.", "A scene.", 32)
+    monkeypatch.setattr(adaptive, "_round_shard", lambda *a, **kw: computed.append((a[5], len(a[8]))) or real(*a, **kw))
+    pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    assert sum(n for r, n in computed if r == 0) == (1 if change == "an image added" else 0)
+    old = reference.typicality_index().set_index("image_id")
+    index = run.typicality_index().set_index("image_id")
+    assert len(index) == len(run.images()) and index.loc[old.index, "draws"].tolist() == old["draws"].tolist()
+    for image_id in old.index:
+        np.testing.assert_array_equal(run.latent_typicality_map(image_id), reference.latent_typicality_map(image_id))
+
+
 def test_new_images_are_scored_adaptively_beside_the_final_ones(trained, reference, tmp_path, monkeypatch):
     """An incremental run plans only the new images; the old maps stay bit for bit, and the old
     images' candidates come from the candidates tables, not from their maps."""

@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import sys
 import tarfile
 
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffmine.data import BadImage, DatasetError, iter_images, load_image, scan_dataset
+from diffmine import data
+from diffmine.data import BadImage, DatasetError, fingerprint_images, iter_images, load_image, scan_dataset
 
 
 def _png(path, array):
@@ -248,3 +250,27 @@ def test_hugging_face_without_the_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails as if not installed
     with pytest.raises(DatasetError, match="pip install datasets"):
         scan_dataset("hf:someone/cars")
+
+
+def test_an_image_changed_since_listing_is_refused_and_an_unchanged_one_is_not_read_twice(tmp_path, monkeypatch):
+    path = tmp_path / "a" / "0.png"
+    _png(path, np.full((8, 8, 3), 10, np.uint8))
+    sizes, mtimes, fingerprints = fingerprint_images([str(path)])
+    listed = (sizes[0], mtimes[0], fingerprints[0])
+    hashed = []
+    real = data.content_fingerprint
+    monkeypatch.setattr(data, "content_fingerprint", lambda p: hashed.append(p) or real(p))
+    assert load_image(path, 8, listed=listed)[0, 0].tolist() == [10, 10, 10]
+    assert hashed == []  # size and mtime as listed: trusted unread, as by the listing's own shortcut
+    os.utime(path, ns=(mtimes[0] + 10**9, mtimes[0] + 10**9))  # touched (or copied without its times)
+    assert load_image(path, 8, listed=listed)[0, 0].tolist() == [10, 10, 10]  # hashed: the same bytes
+    assert hashed == [path]
+    _png(path, np.full((8, 8, 3), 200, np.uint8))  # edited in place
+    with pytest.raises(BadImage, match=r"0\.png: changed since `diffmine prepare` listed it .*re-run `diffmine prepare`"):
+        load_image(path, 8, listed=listed)
+    assert load_image(path, 8)[0, 0].tolist() == [200, 200, 200]  # unchecked without a listing
+    items = list(iter_images([str(path)], 8, listed=[listed]))
+    assert isinstance(items[0][1], BadImage) and items[0][1].problem == data.CHANGED
+    path.unlink()  # unreadable is not "changed": decoding names that problem (typicality retries it)
+    with pytest.raises(BadImage, match="cannot read file"):
+        load_image(path, 8, listed=listed)

@@ -76,6 +76,33 @@ def test_csv_export_and_what_is_refused(run, tmp_path, capsys):
     assert "re-run `diffmine cluster" in capsys.readouterr().err
 
 
+def test_an_image_edited_since_listing_is_refused_by_the_exports_and_left_out_of_the_report(run, tmp_path, capsys):
+    """Its boxes and map were made from the listed bytes: never exported or shown beside others."""
+    from diffmine import pipeline
+    from diffmine.report import write_report
+    from diffmine.rundir import Run
+
+    copy, data = Run(tmp_path / "run"), tmp_path / "data"
+    shutil.copytree(run.path, copy.path)
+    shutil.copytree(run.dataset_root, data)
+    pipeline.prepare(copy, data, "A scene from {label}.", "A scene.", 32)  # the same listing, from the copy
+    assert not copy.stale("cluster")
+    edited = pd.read_parquet(copy.clusters_path)["image_id"].iloc[0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / edited)  # same path, other content
+    capsys.readouterr()
+    for fmt in ("coco", "csv"):
+        extra = ["--copy-images"] if fmt == "coco" else []
+        assert cli.main(["export", "--run", str(copy.path), "--format", fmt, "--out", str(tmp_path / fmt), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{data / edited}: changed since `diffmine prepare` listed it" in err
+        assert "re-run `diffmine prepare`" in err
+    assert not (tmp_path / "coco" / "annotations.json").exists() and not (tmp_path / "csv" / "patches.csv").exists()
+    write_report(copy)
+    out = capsys.readouterr().out
+    assert f"skipped {data / edited}: changed since `diffmine prepare` listed it" in out
+    assert RunImages(copy).get(edited) is None and RunImages(run).get(edited) is not None
+
+
 def test_csv_cells_that_start_like_a_formula_are_written_as_text(run, tmp_path, monkeypatch):
     real = export.clustered_patches
     formulas = ['=HYPERLINK("http://x","y")', "+cmd|calc!A1", "-2+3", "@SUM(A1)", "\tx", "\rx"]

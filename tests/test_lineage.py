@@ -174,6 +174,34 @@ def test_unreachable_images_are_retried(tiny, tmp_path, capsys):
     assert Run(copy).lineage.get("typicality")["complete"]
 
 
+def test_an_image_edited_in_place_is_never_read_as_its_results_image(tiny, tmp_path, capsys):
+    """Edited without a new listing, an image is no longer the one its map was made from: localize
+    refuses it and typicality marks it bad, each naming the file; listed anew, it gets its map."""
+    images, _, run = tiny
+    data = cp_r(images, tmp_path / "data")
+    copy = cp_r(run, tmp_path / "copy")
+    prepare = ["prepare", "--data", str(data), "--run", str(copy), "--resolution", "32", "--prompt",
+               "A scene from {label}.", "--null-prompt", "A scene."]
+    typicality = ["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]
+    assert cli.main(prepare) == 0
+    edited, label = Run(copy).typicality_index()[["image_id", "label"]].iloc[0]
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / edited)  # same path, other bytes
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text(f"image,label,x0,y0,x1,y1\n{edited},{label},2,2,20,20\n")
+    capsys.readouterr()
+    assert cli.main(["localize", "--run", str(copy), "--boxes", str(boxes)]) == 2
+    assert f"{data / edited}: changed since `diffmine prepare` listed it" in capsys.readouterr().err
+    shutil.rmtree(copy / "typicality")
+    Run(copy).lineage.drop("typicality")
+    assert cli.main(typicality) == 0
+    assert f"skipped {data / edited}: changed since `diffmine prepare` listed it" in capsys.readouterr().out
+    index = Run(copy).typicality_index().set_index("image_id")
+    assert index.loc[edited, "status"] == "bad" and (index.drop(edited)["status"] == "ok").all()
+    assert cli.main(prepare) == 0 and cli.main(typicality) == 0
+    assert (Run(copy).typicality_index()["status"] == "ok").all()
+    assert cli.main(["localize", "--run", str(copy), "--boxes", str(boxes)]) == 0
+
+
 def subprocess_status(run: Path) -> str:
     from diffmine.status import status
 

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import pickle
+import shutil
 import tarfile
 
 import numpy as np
@@ -316,6 +317,33 @@ def test_manifest_symlinks_out_of_the_root_are_problems(tree):
 
 # --------------------------------------------------------------------------------------------
 # the command line
+
+
+@pytest.mark.parametrize("how", ["absolute path", "edited root"])
+def test_a_received_run_cannot_make_an_export_copy_a_file_it_was_not_made_from(tiny_run, tmp_path, capsys, how):
+    """images.parquet and lineage.json are text anyone could have edited: a row that leads to
+    another file (/home/me/private.png) is refused with one line, never copied into the export."""
+    received = tmp_path / "received"
+    shutil.copytree(tiny_run.path, received)
+    private = tmp_path / "home" / "private.png"
+    _png(private, 7)
+    table = pq.read_table(received / "images.parquet").to_pandas()
+    target = pq.read_table(received / "clusters" / "patches.parquet").column("image_id")[0].as_py()
+    if how == "absolute path":
+        table.loc[table["image_id"] == target, "path"] = str(private)
+    else:  # every listed path is relative to the root the lineage records: point it elsewhere
+        table.loc[table["image_id"] == target, "path"] = "private.png"
+        records = json.loads((received / "lineage.json").read_text())
+        records["listing"]["settings"]["root"] = str(private.parent)
+        (received / "lineage.json").write_text(json.dumps(records))
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), received / "images.parquet")
+    assert Run(received).images().set_index("image_id").loc[target, "path"] == str(private)
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(received), "--format", "coco", "--out", str(out), "--copy-images"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{private}: changed since `diffmine prepare` listed it" in err
+    copied = [np.asarray(Image.open(p)) for p in sorted((out / "images").glob("*.png"))] if (out / "images").is_dir() else []
+    assert not any((a == 7).all() for a in copied)
 
 
 def _disk_full(*args, **kwargs):

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import write_json, write_table
-from .data import BadImage, image_batches, to_model_input
+from .data import BadImage, image_batches, listed_of, to_model_input
 from .models import Backend
 from .typicality import DEFAULT_SAMPLES, TypicalityConfig, compiled, prompt_errors
 
@@ -108,7 +108,7 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
     per_batch = max(1, (config.batch_size or backend.inputs_per_pass) // ((len(labels) + 1) * config.samples))
     bar = tqdm(total=len(records), desc="classify", unit="img", disable=not progress)
     batches = image_batches([r["path"] for r in records], dataset["resolution"], dataset["resize"],
-                            backend.latent_factor, per_batch, config.workers)
+                            backend.latent_factor, per_batch, config.workers, listed_of(images))
     with compiled(backend, config.compile):
         for positions, batch in batches:
             if not isinstance(batch, BadImage):  # bad images are listed by the typicality step

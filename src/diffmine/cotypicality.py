@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .clustering import kmeans, rank_clusters
 from .atomic import write_table, write_with
-from .data import load_image, to_model_input
+from .data import listed_of, load_image, to_model_input
 from .features import FeatureConfig, dift_feature_maps, pool_boxes
 from .mining import default_patch_size, greedy_boxes, patch_scores
 from .models import Backend
@@ -110,12 +110,14 @@ def tuples(run) -> tuple[pd.DataFrame, list[str]]:
 
 
 def tuple_pixels(run, image_id: str, source_path: str, source_label: str, labels: list[str], resolution: int,
-                 resize: str, multiple: int) -> np.ndarray:
-    """(M, H, W, 3) uint8: the source for its own label, its translations for the others."""
+                 resize: str, multiple: int, listed: tuple[int, int, str] | None = None) -> np.ndarray:
+    """(M, H, W, 3) uint8: the source for its own label, its translations for the others.
+    ``listed``: the source's (size, mtime_ns, fingerprint) in the listing: a source edited since
+    is refused (BadImage), never set beside translations made from the listed bytes."""
     members = []
     for label in labels:
         if label == source_label:
-            image = load_image(source_path, resolution, resize, multiple)
+            image = load_image(source_path, resolution, resize, multiple, listed)
         else:
             image = run.translation(image_id, label)
         members.append(image)
@@ -151,7 +153,7 @@ def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features
         arrays, rows = {}, []
         for n, r in enumerate(scenes.iloc[chunk].itertuples()):
             members = tuple_pixels(run, r.image_id, r.path, r.label, labels, dataset["resolution"], dataset["resize"],
-                                   backend.latent_factor)
+                                   backend.latent_factor, (r.size, r.mtime_ns, r.fingerprint))
             maps = typicality_latent_maps(backend, to_model_input(members), prompts, null, draws)
             arrays[str(n)] = maps.cpu().numpy().astype(np.float16)
             rows.append(dict(index=int(r.index), image_id=r.image_id, source_label=r.label, labels=",".join(labels),
@@ -198,10 +200,11 @@ def sequence_features(run, backend: Backend, sequences: pd.DataFrame, labels: li
     prompts = [run.prompt(label) for label in labels]
     images = run.images()
     paths = dict(zip(images["image_id"], images["path"]))
+    listed = dict(zip(images["image_id"], listed_of(images)))
     groups = sequences.groupby("image_id", sort=False)
     for image_id, group in tqdm(groups, total=groups.ngroups, desc="sequence features", unit="scene", disable=not progress):
         members = tuple_pixels(run, image_id, paths[image_id], group["source_label"].iloc[0], labels,
-                               dataset["resolution"], dataset["resize"], backend.latent_factor)
+                               dataset["resolution"], dataset["resize"], backend.latent_factor, listed[image_id])
         maps = dift_feature_maps(backend, to_model_input(members), prompts, config)  # (M, C, hf, wf)
         boxes = group[["x0", "y0", "x1", "y1"]].to_numpy()
         for m in range(len(labels)):

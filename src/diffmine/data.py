@@ -557,13 +557,18 @@ def target_size(width: int, height: int, resolution: int, resize: str, multiple:
     raise ValueError(f"unknown resize mode {resize!r} (square, keep-aspect)")
 
 
-def load_image(path: str | Path, resolution: int, resize: str = "square", multiple: int = 1) -> np.ndarray:
+def load_image(path: str | Path, resolution: int, resize: str = "square", multiple: int = 1,
+               listed: tuple[int, int, str] | None = None) -> np.ndarray:
     """Decode, convert to RGB and resize one image: a file, or a tar/Arrow member (``CONTAINER#MEMBER``).
+
+    ``listed``: the image's (size, mtime_ns, fingerprint) in a run's listing (:func:`listed_of`):
+    an image that is no longer the one listed is refused (:func:`changed_since_listing`), so no
+    result is ever shown beside, or made from, other pixels than the ones the listing names.
 
     Returns:
         (H, W, 3) uint8 array at the run's size.
     Raises:
-        BadImage: missing, empty, corrupt, truncated or oversized files.
+        BadImage: missing, empty, corrupt, truncated, oversized or changed files.
     """
     member = split_member(path)
     if member is None:
@@ -581,6 +586,8 @@ def load_image(path: str | Path, resolution: int, resize: str = "square", multip
         except (OSError, KeyError, IndexError, ValueError, tarfile.TarError, pa.ArrowException) as exc:
             raise BadImage(path, f"cannot read the member ({type(exc).__name__}: {exc})") from None
         size, source = len(data), io.BytesIO(data)
+    if listed is not None and changed_since_listing(path, listed):
+        raise BadImage(path, CHANGED)
     if size == 0:
         raise BadImage(path, "empty file (0 bytes)")
     try:
@@ -618,28 +625,32 @@ def to_model_input(images: np.ndarray) -> "torch.Tensor":
 class _Decoder:
     """Picklable per-item decoder for DataLoader workers: index -> (index, image or BadImage)."""
 
-    def __init__(self, paths: list[str], resolution: int, resize: str, multiple: int):
+    def __init__(self, paths: list[str], resolution: int, resize: str, multiple: int, listed: list | None = None):
         self.paths, self.resolution, self.resize, self.multiple = paths, resolution, resize, multiple
+        self.listed = listed
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, load_image(self.paths[i], self.resolution, self.resize, self.multiple)
+            listed = self.listed[i] if self.listed is not None else None
+            return i, load_image(self.paths[i], self.resolution, self.resize, self.multiple, listed)
         except BadImage as exc:
             return i, exc
 
 
-def iter_images(paths: list[str], resolution: int, resize: str = "square", multiple: int = 1, workers: int = 0):
+def iter_images(paths: list[str], resolution: int, resize: str = "square", multiple: int = 1, workers: int = 0,
+                listed: list | None = None):
     """Decode images in order, ``workers`` processes prefetching ahead of the consumer.
 
     Yields ``(position, (H, W, 3) uint8 array)`` or ``(position, BadImage)``; a bad file is
-    reported, never raised, so one broken image cannot stop a long run.
+    reported, never raised, so one broken image cannot stop a long run. ``listed``: per path, what
+    the run's listing recorded of it (see :func:`load_image`).
     """
     import torch.utils.data
 
-    decoder = _Decoder(paths, resolution, resize, multiple)
+    decoder = _Decoder(paths, resolution, resize, multiple, listed)
     if workers <= 0:
         yield from (decoder[i] for i in range(len(decoder)))
         return
@@ -648,14 +659,14 @@ def iter_images(paths: list[str], resolution: int, resize: str = "square", multi
 
 
 def image_batches(paths: list[str], resolution: int, resize: str = "square", multiple: int = 1, per_batch: int = 32,
-                  workers: int = 0):
+                  workers: int = 0, listed: list | None = None):
     """Decoded images grouped for the model: consecutive images of one size, at most ``per_batch``.
 
     Yields ``(positions, (B, H, W, 3) uint8 array)`` for a batch, or ``([position], BadImage)``
-    for an image that could not be read.
+    for an image that could not be read (or is no longer the one ``listed``: see :func:`load_image`).
     """
     pending: list[tuple[int, np.ndarray]] = []
-    for i, item in iter_images(paths, resolution, resize, multiple, workers):
+    for i, item in iter_images(paths, resolution, resize, multiple, workers, listed):
         if isinstance(item, BadImage):
             yield [i], item
             continue
@@ -679,6 +690,12 @@ def _stat_key(path: str) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
+
+
+def _recorded(key: tuple[int, int] | None, old: tuple[int, int, str] | None) -> str | None:
+    """The fingerprint recorded in ``old`` = (size, mtime_ns, fingerprint) when the file's stat
+    ``key`` still matches it: trusted unread, as git's index does; else None (hash the file)."""
+    return old[2] if key is not None and old is not None and (old[0], old[1]) == key and old[2] else None
 
 
 def content_fingerprint(path: str) -> str:
@@ -714,10 +731,8 @@ def fingerprint_images(paths: list[str], known: dict[str, tuple[int, int, str]] 
     fingerprints: list[str | None] = [None] * len(paths)
     todo = []
     for n, (path, key) in enumerate(zip(paths, keys)):
-        old = known.get(path)
-        if key is not None and old is not None and (old[0], old[1]) == key and old[2]:
-            fingerprints[n] = old[2]
-        else:
+        fingerprints[n] = _recorded(key, known.get(path))
+        if fingerprints[n] is None:
             todo.append(n)
     # plain files in threads; members one at a time (a process shares one handle per tar file,
     # whose reads seek: not thread-safe)
@@ -730,3 +745,31 @@ def fingerprint_images(paths: list[str], known: dict[str, tuple[int, int, str]] 
     sizes = [k[0] if k else -1 for k in keys]
     mtimes = [k[1] if k else -1 for k in keys]
     return sizes, mtimes, fingerprints
+
+
+# the problem of a listed image whose bytes are no longer those the listing fingerprinted
+CHANGED = ("changed since `diffmine prepare` listed it (its bytes no longer match the run's images.parquet); "
+           "re-run `diffmine prepare` to list it anew")
+
+
+def listed_of(rows) -> list[tuple[int, int, str]]:
+    """(size, mtime_ns, fingerprint) of each row of a run's listing, or of a frame that took those
+    columns from it: what :func:`load_image` checks each image against."""
+    return list(zip(rows["size"].tolist(), rows["mtime_ns"].tolist(), rows["fingerprint"].tolist()))
+
+
+def changed_since_listing(path: str, listed: tuple[int, int, str]) -> bool:
+    """Whether the image at ``path`` is no longer the one a run's listing fingerprinted (``listed``:
+    its (size, mtime_ns, fingerprint) there): edited or replaced since ``diffmine prepare``, or, in a
+    received run whose images.parquet was edited, another file altogether.
+
+    One stat per image: its bytes are hashed only when its size or mtime differ from the listed
+    ones, so reading a few images of a million-image run re-hashes none (a received run's listed
+    size and mtime are the sender's: another file passes unread only with both equal, to the
+    nanosecond). An unreadable file is not "changed": decoding it names that problem (and
+    typicality retries it).
+    """
+    if _recorded(_stat_key(path), listed) is not None:
+        return False
+    now = content_fingerprint(path)
+    return bool(now) and now != listed[2]

@@ -22,8 +22,11 @@ Every export folder holds ``diffmine-export.json`` (what wrote it). An existing 
 over only when it is empty or holds that marker: a folder of the user's own (say, a ``datasets``
 folder they saved) is refused, never replaced.
 
-The patches come from ``run.patches()``, which refuses stale clusters. An export lies outside
-the run and is not part of its lineage.
+The patches come from ``run.patches()``, which refuses stale clusters. Every clustered image must
+still hold the bytes the listing fingerprinted (``data.changed_since_listing``): the boxes are its
+boxes only then, and a received run whose images.parquet names another file (``/home/me/x.png``)
+gets a one-line refusal, not a copy of that file. An export lies outside the run and is not part
+of its lineage.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from PIL import Image
 
 from . import __version__
 from .atomic import atomic_write, current_umask, write_json, write_text
+from .data import CHANGED, changed_since_listing
 from .images import RunImages
 from .rundir import Run, RunError
 
@@ -85,6 +89,25 @@ def category_name(label: str, rank: int) -> str:
     return f"{label}/cluster-{int(rank)}"
 
 
+def clustered_image(images: RunImages, name: str) -> np.ndarray:
+    """Clustered image ``name`` at the run's size; RunError naming the file and the problem when it
+    cannot be read or is no longer the image the listing fingerprinted (its boxes would not be its)."""
+    array = images.get(name)
+    if array is None:
+        problem = images.problems.get(name)
+        what = f"{problem.path}: {problem.problem}" if problem else f"{images.paths.get(name, name)}: cannot be read"
+        raise RunError(f"{what}; the export needs every clustered image")
+    return array
+
+
+def check_unchanged(images: RunImages, names) -> None:
+    """RunError naming the first of the images ``names`` that changed since it was listed (a csv
+    export names the files, and its boxes are theirs only while they hold the listed bytes)."""
+    for name in names:
+        if name in images.paths and changed_since_listing(images.paths[name], images.listed[name]):
+            raise RunError(f"{images.paths[name]}: {CHANGED}; the export needs every clustered image")
+
+
 def _relative(path: str, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
@@ -99,9 +122,7 @@ def coco(run: Run, out: Path, copy_images: bool = False) -> Path:
     category_id = {c["name"]: c["id"] for c in categories}
     entries, image_id = [], {}
     for number, name in enumerate(patches["image_id"].drop_duplicates(), start=1):
-        array = images.get(name)
-        if array is None:
-            raise RunError(f"{images.paths.get(name, name)}: cannot be read; the export needs every clustered image")
+        array = clustered_image(images, name)
         if copy_images:
             file_name = f"images/{number:07d}.png"
             atomic_write(out / file_name, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
@@ -126,7 +147,9 @@ def coco(run: Run, out: Path, copy_images: bool = False) -> Path:
 
 def csv(run: Run, out: Path) -> Path:
     patches = clustered_patches(run)
-    paths = RunImages(run).paths
+    images = RunImages(run)
+    check_unchanged(images, patches["image_id"].drop_duplicates())
+    paths = images.paths
     table = patches[COLUMNS].assign(path=[_relative(paths[i], run.dataset_root) for i in patches["image_id"]])
     # RFC 4180 line ends: with them the writer quotes a cell holding a carriage return, which a
     # "\n" line end leaves bare (and a reader then splits the row there)
@@ -142,7 +165,7 @@ def hf(run: Run, out: Path) -> Path:
         raise RunError("--format hf needs the `datasets` package: pip install 'diffmine[hf]'") from None
     patches = clustered_patches(run)
     images = RunImages(run)
-    crops = [Image.fromarray(np.ascontiguousarray(images.get(r.image_id)[r.y0:r.y1, r.x0:r.x1]))
+    crops = [Image.fromarray(np.ascontiguousarray(clustered_image(images, r.image_id)[r.y0:r.y1, r.x0:r.x1]))
              for r in patches.itertuples()]
     features = datasets.Features({
         "image": datasets.Image(), "image_id": datasets.Value("string"), "label": datasets.Value("string"),

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import write_with
-from .data import BadImage, image_batches, to_model_input
+from .data import BadImage, image_batches, listed_of, to_model_input
 from .models import Backend
 from .typicality import _barrier, autocast, draw_noise
 
@@ -106,12 +106,14 @@ def feature_blocks(n_images: int, batch_size: int, process_index: int = 0, num_p
 
 def patch_features(backend: Backend, patches: pd.DataFrame, paths: dict[str, str], prompt_of: dict[str, str],
                    resolution: int, resize: str, config: FeatureConfig, progress: bool = True,
-                   process_index: int | None = None) -> np.ndarray:
+                   process_index: int | None = None, listed: dict[str, tuple] | None = None) -> np.ndarray:
     """(len(patches), C) DIFT features, rows aligned with ``patches``; each image is run once.
 
     Images go through the model in blocks of ``config.batch_size`` (see :func:`feature_blocks`).
     A bad image's patches get zero features (it is listed in typicality already); C is 0 if no
     image could be read. ``process_index``: of a data-parallel run, for its own progress bar.
+    ``listed``: each image's (size, mtime_ns, fingerprint) in the listing (``data.listed_of``): an
+    image edited since is bad, not described at boxes mined on other pixels.
     """
     backend.denoiser.eval()
     image_ids = list(dict.fromkeys(patches["image_id"]))
@@ -122,7 +124,7 @@ def patch_features(backend: Backend, patches: pd.DataFrame, paths: dict[str, str
     for start in range(0, len(image_ids), config.batch_size):
         block = image_ids[start:start + config.batch_size]
         for positions, batch in image_batches([paths[i] for i in block], resolution, resize, backend.latent_factor,
-                                              config.batch_size):
+                                              config.batch_size, listed=[listed[i] for i in block] if listed else None):
             if not isinstance(batch, BadImage):
                 prompts = [prompt_of[by_image[block[n]]["label"].iloc[0]] for n in positions]
                 maps = dift_feature_maps(backend, to_model_input(batch), prompts, config)
@@ -179,7 +181,8 @@ def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = 
     mine = [image_ids[i] for i in feature_blocks(len(image_ids), config.batch_size, process_index, num_processes)]
     rows = np.flatnonzero(patches["image_id"].isin(mine).to_numpy())
     part = patch_features(backend, patches.iloc[rows], paths, prompt_of, dataset["resolution"], dataset["resize"],
-                          config, progress, process_index if num_processes > 1 else None)
+                          config, progress, process_index if num_processes > 1 else None,
+                          dict(zip(images["image_id"], listed_of(images))))
     if num_processes == 1:
         features = part
     else:

@@ -10,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import BadImage, load_image
+from .data import BadImage, Problem, listed_of, load_image
 
 # diverging, perceptually ordered, white at 0: red = typical of the label, blue = atypical
 COLORMAP = "RdBu_r"
@@ -117,23 +117,32 @@ def upscaled(array: np.ndarray, side: int) -> np.ndarray:
 
 
 class RunImages:
-    """A run's images at its own size (the run's resolution and resize), each decoded once."""
+    """A run's images at its own size (the run's resolution and resize), each decoded once, and
+    only while it is the image the listing fingerprinted: the results shown beside it were made
+    from those bytes (a file edited since, or one that a received run's listing names instead,
+    is left out, its problem kept in ``problems`` for the caller to say)."""
 
     def __init__(self, run):
         dataset = run.step_config("dataset")
         images = run.images()
         self.paths = dict(zip(images["image_id"], images["path"]))
+        self.listed = dict(zip(images["image_id"], listed_of(images)))
         self.resolution, self.resize = dataset["resolution"], dataset["resize"]
         self.multiple = run.width_multiple()
         self.cache: dict[str, np.ndarray | None] = {}
+        self.problems: dict[str, Problem] = {}  # image_id -> why it could not be read
 
     def get(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray | None:
-        """(H, W, 3) uint8, resized to ``size`` = (H, W) if given; None for a bad or unknown image."""
+        """(H, W, 3) uint8, resized to ``size`` = (H, W) if given; None for a bad, changed or unknown image."""
         key = f"{image_id}@{size}"
         if key not in self.cache:
             try:
-                image = load_image(self.paths[image_id], self.resolution, self.resize, self.multiple)
-            except (BadImage, KeyError):
+                image = load_image(self.paths[image_id], self.resolution, self.resize, self.multiple,
+                                   self.listed[image_id])
+            except BadImage as exc:
+                self.problems[image_id] = Problem(image_id, exc.path, exc.problem)
+                image = None
+            except KeyError:
                 image = None
             if image is not None and size is not None and image.shape[:2] != tuple(size):
                 image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BICUBIC))
@@ -177,9 +186,11 @@ def cluster_grid(run, label: str, rank: int, n: int = 16, size: int = 96, contex
 def image_view(run, image_id: str, side: int = 256, scale: float | None = None) -> Image.Image:
     """A PIL image: the source image beside its typicality overlay, the mined boxes drawn."""
     values = run.typicality_map(image_id)
-    image = RunImages(run).get(image_id, values.shape)
+    images = RunImages(run)
+    image = images.get(image_id, values.shape)
     if image is None:
-        raise KeyError(f"{image_id!r}: the image cannot be read")
+        problem = images.problems.get(image_id)
+        raise KeyError(f"{problem.path}: {problem.problem}" if problem else f"{image_id!r}: the image cannot be read")
     patches = run.patches()
     boxes = patches.loc[patches["image_id"] == image_id, ["x0", "y0", "x1", "y1"]].to_numpy()
     factor = max(1, side // max(image.shape[:2]))

@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import binary_erosion, gaussian_filter
 
 from .atomic import write_json
-from .data import load_image, to_model_input
+from .data import CHANGED, changed_since_listing, load_image, to_model_input
 from .evaluate import load_mask, region_scores, summarize
 from .flags import add_run_args
 from .images import overlay, png_data_uri
@@ -266,6 +266,9 @@ def score_run(run: Run, regions: list[dict], blur: float = 0.0) -> tuple[pd.Data
         by_image.setdefault(region["image_id"], []).append(region)
     for image_id, image_regions in by_image.items():
         info = scored.loc[image_id]
+        # the boxes are drawn on the file as it is now, the stored map was made from the listed bytes
+        if changed_since_listing(info["path"], (info["size"], info["mtime_ns"], info["fingerprint"])):
+            raise ValueError(f"{info['path']}: {CHANGED}")
         size = (int(info["height"]), int(info["width"]))
         other = sorted({r["label"] for r in image_regions} - {info["label"]})
         latent = {}

@@ -18,6 +18,7 @@ from PIL import Image
 from .atomic import write_bytes, write_text
 from .images import RunImages, overlay
 from .lineage import contrast_key, contrast_name
+from .terminal import print_problems
 
 CROP_PX = 72
 
@@ -86,6 +87,7 @@ def write_contrast_page(run, a: str, b: str | None, clusters: int = 8, per_clust
     html = _render("contrast.html.j2", a=a, b=b if b is not None else "every other label", clusters=rows,
                    examples=shown, crop_px=CROP_PX, samples=record["settings"].get("samples"),
                    images=record["settings"].get("images"))
+    print_problems(list(images.problems.values()), run.path)
     return write_text(page, html)
 
 
@@ -126,6 +128,7 @@ def write_trends_page(run, result: dict, per_element: int = 6, limit: int = 40) 
                                                "cells": list(zip(result["order"], element["prevalence"], element["typicality"]))})
     html = _render("trends.html.j2", order=result["order"], sections=sections, crop_px=CROP_PX,
                    total=len(result["elements"]), shown=min(limit, len(result["elements"])))
+    print_problems(list(images.problems.values()), run.path)
     return write_text(page, html)
 
 

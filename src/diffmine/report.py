@@ -37,6 +37,7 @@ from .atomic import write_bytes
 from .images import RunImages, colorbar, draw_boxes, figure_png, heat_colours, map_scale, overlay, png_bytes
 from .localize import report_section
 from .pages import report_links
+from .terminal import print_problems
 
 HELP = {
     "clusters": "clusters shown per label (0: all)", "per_cluster": "crops per cluster row on a label page",
@@ -410,6 +411,8 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         "adaptive": _adaptive_section(run, index),
         "links": site.keep_pages(report_links(run)),
         "scale": scale, "legend": legend}).encode())
+    # the images left out of the pages (unreadable, or changed since they were listed): one line each
+    print_problems(list(pages.images.problems.values()), run.path)
 
 
 def write_report(run, config: ReportConfig = ReportConfig(), evaluation: dict | None = None,

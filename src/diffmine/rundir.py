@@ -372,10 +372,12 @@ class Run:
 def current_rows(index: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
     """The rows of a per-image result index that belong to the current listing: same image id,
     label and content fingerprint; one row per image (an ok row over a failed one, else the
-    latest shard's), with the listing's index and path."""
+    latest shard's), with the listing's index, path, split, size and mtime_ns (what a reader
+    checks the file against before it shows the image beside its result: ``data.listed_of``)."""
     key = ["image_id", "label", "fingerprint"]
-    listing = images[key + ["index", "path", "split"]]
-    rows = index.drop(columns=[c for c in ("index", "path", "split") if c in index.columns]).merge(listing, on=key, how="inner")
+    taken = ("index", "path", "split", "size", "mtime_ns")
+    listing = images[key + list(taken)]
+    rows = index.drop(columns=[c for c in taken if c in index.columns]).merge(listing, on=key, how="inner")
     rows = rows.assign(_ok=rows["status"] == "ok").sort_values(["image_id", "_ok", "shard"], kind="mergesort")
     rows = rows.drop_duplicates("image_id", keep="last").drop(columns="_ok")
     return rows.sort_values("index", kind="mergesort").reset_index(drop=True)

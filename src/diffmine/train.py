@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from .atomic import write_json, write_table, write_text
-from .data import BadImage, Problem, load_image, to_model_input
+from .data import BadImage, Problem, listed_of, load_image, to_model_input
 from .models import Backend
 from .models.base import WEIGHTS_FILE, read_weights, save_weights
 from .rundir import TRAINED_ON_FILE, RunError
@@ -110,10 +110,13 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 
 
 class ImageCache:
-    """Decoded, resized images, kept in memory when the dataset is small enough, else re-read."""
+    """Decoded, resized images, kept in memory when the dataset is small enough, else re-read.
+    ``listed``: each image's (size, mtime_ns, fingerprint) in the listing (``data.listed_of``): an
+    image edited since is bad, not trained on under the listing's identity."""
 
-    def __init__(self, paths, resolution, resize, multiple, max_bytes=2 << 30):
+    def __init__(self, paths, resolution, resize, multiple, max_bytes=2 << 30, listed=None):
         self.paths, self.resolution, self.resize, self.multiple = paths, resolution, resize, multiple
+        self.listed = listed
         self.keep = len(paths) * resolution * resolution * 3 * 2 <= max_bytes
         self.cache: dict[int, np.ndarray] = {}
         self.bad: dict[int, str] = {}
@@ -124,7 +127,8 @@ class ImageCache:
         if i in self.bad:
             return None
         try:
-            image = load_image(self.paths[i], self.resolution, self.resize, self.multiple)
+            image = load_image(self.paths[i], self.resolution, self.resize, self.multiple,
+                               self.listed[i] if self.listed is not None else None)
         except BadImage as exc:
             self.bad[i] = exc.problem
             return None
@@ -210,7 +214,8 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         start = json.loads((checkpoint / "state.json").read_text())["step"]
         accelerator.print(f"resuming from {checkpoint} (step {start})")
     denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
-    cache = ImageCache(images["path"].tolist(), dataset["resolution"], dataset["resize"], backend.latent_factor)
+    cache = ImageCache(images["path"].tolist(), dataset["resolution"], dataset["resize"], backend.latent_factor,
+                       listed=listed_of(images))
     labels = images["label"].tolist()
     # data-dependent encoder settings (the embedded model's latent scale) from a fixed,
     # evenly spread sample: the same on every process and on every resume

@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from .data import BadImage, image_batches, to_model_input
+from .data import BadImage, image_batches, listed_of, to_model_input
 from .models import Backend
 from .shards import missing_shards, write_shard
 from .typicality import autocast, draw_noise
@@ -300,7 +300,8 @@ def compute_shard(backend: Backend, images: pd.DataFrame, targets: list[str], pr
     arrays, rows = {}, []
     records = images.to_dict("records")
     per_batch = max(1, config.batch_size // max(1, len(targets) - 1))
-    for positions, batch in image_batches([r["path"] for r in records], resolution, resize, backend.latent_factor, per_batch):
+    for positions, batch in image_batches([r["path"] for r in records], resolution, resize, backend.latent_factor, per_batch,
+                                          listed=listed_of(images)):
         if isinstance(batch, BadImage):
             r = records[positions[0]]
             rows += [dict(index=r["index"], image_id=r["image_id"], path=r["path"], source_label=r["label"],

@@ -45,6 +45,7 @@ from scipy.stats import spearmanr
 from skimage.filters import threshold_multiotsu
 
 from .atomic import read_npy, write_json
+from .data import listed_of
 from .features import FEATURE_KINDS, FeatureConfig, patch_features
 from .mining import greedy_boxes, patch_scores
 from .models import Backend
@@ -214,6 +215,7 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
     ok = store.ok()
     images = ok[ok["label"].isin(order)].reset_index(drop=True)
     paths = dict(zip(images["image_id"], images["path"]))
+    listed = dict(zip(images["image_id"], listed_of(images)))
     E = len(groups)
     best_match = np.full((len(images), E), np.nan)
     best_typicality = np.full((len(images), E), np.nan)
@@ -225,7 +227,7 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
         candidates["image_id"] = np.repeat(chunk["image_id"].to_numpy(), [len(b) for b in boxes])
         candidates["label"] = np.repeat(chunk["label"].to_numpy(), [len(b) for b in boxes])
         features = patch_features(backend, candidates, paths, prompt_of, dataset["resolution"], dataset["resize"],
-                                  feature_config, progress)
+                                  feature_config, progress, listed=listed)
         if not features.shape[1]:
             continue  # no readable image in this chunk
         similarity = features @ centroids.T  # (candidates, E)

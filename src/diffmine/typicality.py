@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import BadImage, image_batches, to_model_input
+from .data import BadImage, image_batches, listed_of, to_model_input
 from .machine import resolve_precision
 from .models import Backend
 from .shards import plan_new_shards, write_shard
@@ -337,8 +337,9 @@ def compute_shard(backend: Backend, images: pd.DataFrame, maps_of: MapsOf, condi
     maps, rows = {}, []
     records = images.to_dict("records")
     per_batch = max(1, (config.batch_size or backend.inputs_per_pass) // (conditions * config.samples))
+    # an image edited since it was listed is refused: its map would be stored under the listed fingerprint
     for positions, batch in image_batches([r["path"] for r in records], resolution, resize, backend.latent_factor,
-                                          per_batch, config.workers):
+                                          per_batch, config.workers, listed_of(images)):
         if isinstance(batch, BadImage):
             r = records[positions[0]]
             rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], label=r["label"],
