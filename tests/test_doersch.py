@@ -183,3 +183,20 @@ def test_the_plan_is_printed_before_mining_and_recorded(mined, capsys, data, tmp
     assert "ETA ~" in out and settings["eta_seconds"] >= 0
     table = pd.read_parquet(run.path / "baselines" / "doersch" / "patches.parquet")
     assert table["cluster"].nunique() <= 5
+
+
+def test_an_image_edited_since_listing_is_left_out_of_the_bank_naming_the_file(data, tmp_path):
+    """The baseline's patches of an image are its patches only while it holds the listed bytes."""
+    import shutil
+
+    from PIL import Image
+
+    from diffmine.baselines.doersch import _as_bank
+
+    images = Path(shutil.copytree(data[0], tmp_path / "data"))
+    run = _new_run(tmp_path / "run", images)
+    edited = run.images()["image_id"].iloc[0]
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(images / edited)  # same path, other bytes
+    bank = _as_bank(run, DoerschConfig(**SMALL), None, "square", progress=False)
+    assert edited not in bank.image_ids and len(bank.image_ids) == len(run.images()) - 1
+    assert [(p.image_id, "changed since `diffmine prepare`" in p.problem) for p in bank.problems] == [(edited, True)]

@@ -77,9 +77,10 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from ..atomic import write_json, write_table
-from ..data import BadImage, Dataset, Problem, iter_images
+from ..data import BadImage, Dataset, Problem, iter_images, listed_of
 from ..flags import add_config, add_run_args
 from ..rundir import Run
+from ..terminal import print_problems
 
 OUTPUT = Path("baselines") / "doersch"
 PRESETS = ("data", "paper")
@@ -251,11 +252,13 @@ class FeatureBank:
 
 
 def build_bank(paths: list[str], image_ids: list[str], labels: list[str], resolution: int, config: DoerschConfig,
-               resize: str = "square", multiple: int = 1, progress: bool = True) -> FeatureBank:
-    """Decode every image at the run's size and describe all its patches; bad images are skipped."""
+               resize: str = "square", multiple: int = 1, progress: bool = True, listed: list | None = None) -> FeatureBank:
+    """Decode every image at the run's size and describe all its patches; bad images are skipped
+    (with ``listed``, a run's (size, mtime_ns, fingerprint) per image, so are images edited since
+    they were listed: ``data.load_image``)."""
     t0 = time.time()
     feats, boxes, energies, owner, kept_ids, kept_labels, counts, problems = [], [], [], [], [], [], [], []
-    items = iter_images(paths, resolution, resize, multiple, config.workers)
+    items = iter_images(paths, resolution, resize, multiple, config.workers, listed)
     for pos, item in tqdm(items, total=len(paths), desc="doersch features", unit="img", disable=not progress):
         if isinstance(item, BadImage):
             problems.append(Problem(image_ids[pos], paths[pos], item.problem))
@@ -579,7 +582,7 @@ def _as_bank(source, config: DoerschConfig, resolution: int | None, resize: str,
         dataset = source.step_config("dataset")
         _check_size(dataset["resolution"], config)
         return build_bank(list(images["path"]), list(images["image_id"]), list(images["label"]), dataset["resolution"],
-                          config, dataset.get("resize", "square"), source.width_multiple(), progress)
+                          config, dataset.get("resize", "square"), source.width_multiple(), progress, listed_of(images))
     if isinstance(source, Dataset):
         if resolution is None:
             raise ValueError("mining a Dataset needs the image resolution")
@@ -612,6 +615,7 @@ def run_doersch(run: Run, config: DoerschConfig = DoerschConfig(), positive: str
     n_features = bank.features.nbytes
     if bank.problems:
         run.record_problems("baseline-doersch", bank.problems)
+        print_problems(bank.problems, run.path)
     mined = []
     for label in ([positive] if positive is not None else labels):
         if label not in set(bank.labels):
