@@ -411,8 +411,12 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         "adaptive": _adaptive_section(run, index),
         "links": site.keep_pages(report_links(run)),
         "scale": scale, "legend": legend}).encode())
-    # the images left out of the pages (unreadable, or changed since they were listed): one line each
-    print_problems(list(pages.images.problems.values()), run.path)
+    # the images left out of the pages (unreadable, or changed since they were listed): one line
+    # each, and recorded for `status` and the `problems` table (this render's only: fixed ones go)
+    problems = list(pages.images.problems.values())
+    if problems or "report" in set(run.problems()["step"]):
+        run.record_problems("report", problems)
+    print_problems(problems, run.path)
 
 
 def write_report(run, config: ReportConfig = ReportConfig(), evaluation: dict | None = None,
