@@ -243,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trends", help="prevalence of every element across ordered labels (eras, decades)",
                        description="For each element cluster of the run: the share of each label's images that contain "
                                    "it (their best-matching box of a grid, nearest to the cluster's DIFT centroid, in the upper group "
-                                   "that Otsu's split makes of all images' best matches, two or three groups by BIC) and the median typicality of those boxes. "
+                                   "that Otsu's split makes of all images' best matches, two or three groups by AIC) and the median typicality of those boxes. "
                                    "Output: RUN/trends/trends.json {order, elements: [{id, label, size, prevalence, "
                                    "typicality, members, trend}]}, strongest trend first, and RUN/report/trends.html. "
                                    "One feature pass per image (linear in the number of images).")
@@ -253,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     add_config(p, TrendsConfig, help={
         "min_size": "clusters with fewer members are not elements",
         "threshold": "split: an image contains the element when its best match is in the upper group of all images' "
-                     "best matches (Otsu, two or three groups by BIC); members: when it reaches --percentile of the members' own matches",
+                     "best matches (Otsu, two or three groups by AIC); members: when it reaches --percentile of the members' own matches",
         "percentile": "with --threshold members: this percentile of the members' cosine similarity to their centroid",
         "stride": "grid step of the candidate boxes in pixels (0: an eighth of the patch side)",
         "chunk": "images whose candidate boxes are held in memory at once",

@@ -62,7 +62,9 @@ LOCK_DIR = ".locks"
 ROOTS = ("listing", "model")
 # the version of each step's method, by result name (or name prefix ending in "-"); 1 if absent
 METHODS = {
-    "trends": 2,  # 2: prevalence keeps the upper of two or three groups of best matches (BIC), not Otsu's upper half
+    # 2: prevalence keeps the upper of two or three groups of best matches (BIC), not Otsu's upper half;
+    # 3: two or three groups chosen by AIC
+    "trends": 3,
 }
 
 
