@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -293,3 +294,38 @@ def test_applications_run_on_stable_diffusion(finetuned, tmp_path):
     assert len(sequences) == 6 and {"cotypicality", "cluster_rank"} <= set(sequences.columns)
     summary = run_classify(run, backend, ClassifyConfig(per_label=2, samples=2), progress=False)
     assert summary["images"] == 4 and np.sum(summary["confusion"]) == 4
+
+
+# -- the base model's fingerprint -----------------------------------------------------------------
+
+
+def test_a_trained_model_records_its_local_base_fingerprint(tmp_path, sd_folder):
+    from diffmine.models.sd import base_subfolders, fingerprint
+
+    create_backend(f"sd:{sd_folder}", [], lora_rank=2).save(tmp_path / "model")
+    spec = json.loads((tmp_path / "model" / "backend.json").read_text())
+    assert spec["base_fingerprint"] == fingerprint(sd_folder, base_subfolders(False))
+    load_backend(tmp_path / "model").save(tmp_path / "again")  # a loaded model keeps its spec, to the byte
+    assert (tmp_path / "again" / "backend.json").read_bytes() == (tmp_path / "model" / "backend.json").read_bytes()
+
+
+def test_the_fingerprint_reads_only_what_is_loaded(tmp_path, sd_folder, monkeypatch):
+    import diffmine.models.sd as sd
+    from diffmine.lineage import file_digest
+
+    parts = sd.base_subfolders(False)
+    copy = Path(shutil.copytree(sd_folder, tmp_path / "copy"))
+    expected = sd.fingerprint(sd_folder, parts)
+    (copy / "safety_checker").mkdir()
+    (copy / "safety_checker" / "model.safetensors").write_bytes(b"unused" * 1000)
+    (copy / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded: the safetensors file is")
+    (copy / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant, not loaded")
+    (copy / "README.md").write_text("a model card")
+    read = []
+    monkeypatch.setattr(sd, "file_digest", lambda path: read.append(Path(path).relative_to(copy).as_posix()) or file_digest(path))
+    assert sd.fingerprint(copy, parts) == expected  # same files, another path, unused ones beside
+    assert "unet/diffusion_pytorch_model.safetensors" in read and "scheduler/scheduler_config.json" in read
+    assert not [p for p in read if p.startswith("safety_checker") or p.endswith((".bin", ".fp16.safetensors", ".md"))]
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("0.012", "0.02"))
+    assert sd.fingerprint(copy, parts) != expected
