@@ -86,6 +86,19 @@ def encoder_subfolders(root: Path) -> list[str]:
     return ["text_encoder", "tokenizer"] if (root / "text_encoder").is_dir() else [""]
 
 
+def checked_subfolders(key: str, folder: Path, separate_text_encoder: bool) -> list[str]:
+    """The subfolders loaded from a local ``base`` or ``text_encoder`` folder (what :func:`fingerprint`
+    covers), once checked to be there: one line naming what is missing, as loading would say."""
+    if key == "base":
+        subfolders = base_subfolders(separate_text_encoder)
+    else:
+        subfolders = encoder_subfolders(folder)
+        if subfolders == [""] and not (folder / "config.json").is_file():
+            raise ModelError(f"{folder}: not a text encoder folder: no config.json (nor a text_encoder/ subfolder)")
+    _check_folder(folder, [s for s in subfolders if s])
+    return subfolders
+
+
 def loaded_files(root: Path, subfolders: list[str]) -> list[Path]:
     """The files the loaders read from ``root``'s ``subfolders`` ("" = the root itself), sorted.
 
@@ -266,11 +279,14 @@ class StableDiffusionBackend(Backend):
         return backend
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "StableDiffusionBackend":
+    def from_spec(cls, spec: dict, sources: dict | None = None) -> "StableDiffusionBackend":
         """Rebuild the architecture recorded in ``backend.json`` (LoRA adapters included) with the
-        base weights; the trained weights are loaded on top by :func:`load_backend`. The spec stays
-        the recorded one, so saving the model again writes the same bytes."""
-        backend = cls.from_pretrained(spec["base"], lora_rank=spec.get("lora_rank", 0), text_encoder=spec.get("text_encoder"))
+        base weights; the trained weights are loaded on top by :func:`load_backend`. ``sources``:
+        where the base and text encoder are read from when not at their recorded paths (a relocated
+        run); the spec stays the recorded one, so saving the model again writes the same bytes."""
+        sources = sources or {}
+        backend = cls.from_pretrained(sources.get("base", spec["base"]), lora_rank=spec.get("lora_rank", 0),
+                                      text_encoder=sources.get("text_encoder", spec.get("text_encoder")))
         backend.spec, backend.unfingerprinted = dict(spec), {}
         return backend
 
