@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -293,3 +294,151 @@ def test_applications_run_on_stable_diffusion(finetuned, tmp_path):
     assert len(sequences) == 6 and {"cotypicality", "cluster_rank"} <= set(sequences.columns)
     summary = run_classify(run, backend, ClassifyConfig(per_label=2, samples=2), progress=False)
     assert summary["images"] == 4 and np.sum(summary["confusion"]) == 4
+
+
+# -- the base model's fingerprint -----------------------------------------------------------------
+
+
+def test_a_trained_model_records_its_local_base_fingerprint(tmp_path, sd_folder):
+    from diffmine.models.sd import base_subfolders, fingerprint
+
+    create_backend(f"sd:{sd_folder}", [], lora_rank=2).save(tmp_path / "model")
+    spec = json.loads((tmp_path / "model" / "backend.json").read_text())
+    assert spec["base_fingerprint"] == fingerprint(sd_folder, base_subfolders(False))
+    load_backend(tmp_path / "model").save(tmp_path / "again")  # a loaded model keeps its spec, to the byte
+    assert (tmp_path / "again" / "backend.json").read_bytes() == (tmp_path / "model" / "backend.json").read_bytes()
+
+
+def test_the_fingerprint_reads_only_what_is_loaded(tmp_path, sd_folder, monkeypatch):
+    import diffmine.models.sd as sd
+    from diffmine.lineage import file_digest
+
+    parts = sd.base_subfolders(False)
+    copy = Path(shutil.copytree(sd_folder, tmp_path / "copy"))
+    expected = sd.fingerprint(sd_folder, parts)
+    (copy / "safety_checker").mkdir()
+    (copy / "safety_checker" / "model.safetensors").write_bytes(b"unused" * 1000)
+    (copy / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not loaded: the safetensors file is")
+    (copy / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant, not loaded")
+    (copy / "README.md").write_text("a model card")
+    read = []
+    monkeypatch.setattr(sd, "file_digest", lambda path: read.append(Path(path).relative_to(copy).as_posix()) or file_digest(path))
+    assert sd.fingerprint(copy, parts) == expected  # same files, another path, unused ones beside
+    assert "unet/diffusion_pytorch_model.safetensors" in read and "scheduler/scheduler_config.json" in read
+    assert not [p for p in read if p.startswith("safety_checker") or p.endswith((".bin", ".fp16.safetensors", ".md"))]
+    config = copy / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("0.012", "0.02"))
+    assert sd.fingerprint(copy, parts) != expected
+
+
+# -- a copied run, its base model elsewhere -----------------------------------------------------
+
+
+def _cli(*args) -> tuple[int, str]:
+    """(exit code, stderr) of `diffmine --threads 1 ARGS...`."""
+    from diffmine.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["--threads", "1", *map(str, args)])
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def moved(tmp_path_factory, data, sd_folder) -> dict:
+    """A LoRA run trained on base folder A, with its typicality; then the run copied and A moved to B."""
+    root = tmp_path_factory.mktemp("moved")
+    base = Path(shutil.copytree(sd_folder, root / "A"))
+    run = _prepare(root / "run", data, base)
+    train_step(run, TrainConfig(steps=2, batch_size=4, checkpoint_every=2, warmup_steps=1), model_options={"lora_rank": 4},
+               progress=False)
+    typicality_step(run, TYP, progress=False)
+    copy = Run(root / "copy")
+    shutil.copytree(run.path, copy.path)
+    base.rename(root / "B")
+    return {"run": run, "copy": copy, "A": base, "B": root / "B"}
+
+
+def test_a_copied_run_relocated_to_its_base_scores_the_same(moved, tmp_path):
+    from diffmine.models import LOCATION_FILE
+    from diffmine.models.sd import base_subfolders, fingerprint
+    from diffmine.pipeline import model_digest
+    from diffmine.status import status
+
+    original, copy, base = moved["run"], moved["copy"], moved["B"]
+    spec_file = copy.model_dir / "backend.json"
+    spec_bytes, identity = spec_file.read_bytes(), copy.lineage.get("model")["identity"]
+    assert json.loads(spec_bytes)["base_fingerprint"] == fingerprint(base, base_subfolders(False))
+    # A is gone: a step that needs the model stops with one line naming backend.json, A and the mend
+    code, err = _cli("typicality", "--run", copy.path)
+    assert code == 2 and err.count("\n") == 1
+    assert str(spec_file) in err and f"folder {moved['A']} is missing" in err
+    assert f"`diffmine relocate --run {copy.path} --sd-base FOLDER`" in err
+    # another SD folder of the same architecture (other random weights) is refused, naming both folders
+    other = build_sd_folder(tmp_path / "other", "tiny", seed=1)
+    code, err = _cli("relocate", "--run", copy.path, "--sd-base", other, "--force")
+    assert code == 2 and err.count("\n") == 1 and str(other) in err and str(moved["A"]) in err
+    assert not (copy.model_dir / LOCATION_FILE).exists()
+    # the moved base is accepted; the model and its identity are untouched
+    code, err = _cli("relocate", "--run", copy.path, "--sd-base", base)
+    assert code == 0, err
+    assert spec_file.read_bytes() == spec_bytes and model_digest(copy.model_dir) == identity
+    assert f"base model: loaded from {base} (relocated from {moved['A']})" in status(copy)
+    # typicality made again on the copy is the original's, bit for bit, under the same identity
+    copy.lineage.drop("typicality")
+    shutil.rmtree(copy.typicality_dir)
+    typicality_step(copy, TYP, progress=False)
+    assert copy.lineage.get("typicality")["identity"] == original.lineage.get("typicality")["identity"]
+    for image_id in original.images()["image_id"]:
+        assert np.array_equal(copy.latent_typicality_map(image_id), original.latent_typicality_map(image_id))
+    mine_step(copy, MineConfig(patch=8, per_image=2, top=20, least=4, random=4), progress=False)
+    assert copy.stale("typicality") == [] and copy.stale("mine") == []
+
+
+def test_relocating_a_run_trained_before_fingerprints_needs_force(moved, tmp_path):
+    """Its backend.json (no fingerprint) keeps its bytes: relocated unverified only with --force."""
+    from diffmine.models import LOCATION_FILE, relocations
+
+    old = Run(tmp_path / "old")
+    shutil.copytree(moved["copy"].path, old.path)
+    (old.model_dir / LOCATION_FILE).unlink(missing_ok=True)
+    spec = json.loads((old.model_dir / "backend.json").read_text())
+    del spec["base_fingerprint"]
+    (old.model_dir / "backend.json").write_text(json.dumps(spec, indent=2) + "\n")  # as diffmine 0.x wrote it
+    spec_bytes = (old.model_dir / "backend.json").read_bytes()
+    code, err = _cli("relocate", "--run", old.path, "--sd-base", moved["B"])
+    assert code == 2 and err.count("\n") == 1 and "cannot be verified" in err and "--force" in err
+    assert not (old.model_dir / LOCATION_FILE).exists()
+    code, err = _cli("relocate", "--run", old.path, "--sd-base", moved["B"], "--force")
+    assert code == 0, err
+    assert relocations(old.model_dir) == {"base": str(moved["B"]), "unverified": ["base"]}
+    backend = load_backend(old.model_dir)  # from B; its spec, saved again, is the old one to the byte
+    backend.save(tmp_path / "again")
+    assert (old.model_dir / "backend.json").read_bytes() == spec_bytes == (tmp_path / "again" / "backend.json").read_bytes()
+
+
+def test_a_separate_text_encoder_is_fingerprinted_and_relocated(tmp_path, sd_folder):
+    from diffmine.models.sd import encoder_subfolders, fingerprint
+
+    base = Path(shutil.copytree(sd_folder, tmp_path / "A"))
+    create_backend(f"sd:{base}", [], lora_rank=2, text_encoder=str(base)).save(tmp_path / "run" / "model")
+    spec = json.loads((tmp_path / "run" / "model" / "backend.json").read_text())
+    assert spec["text_encoder_fingerprint"] == fingerprint(base, encoder_subfolders(base))
+    base.rename(tmp_path / "B")
+    with pytest.raises(ModelError, match="--sd-base FOLDER"):
+        load_backend(tmp_path / "run" / "model")
+    assert _cli("relocate", "--run", tmp_path / "run", "--sd-base", tmp_path / "B")[0] == 0
+    with pytest.raises(ModelError, match=r"its text encoder folder .* is missing.*--text-encoder FOLDER"):
+        load_backend(tmp_path / "run" / "model")
+    assert _cli("relocate", "--run", tmp_path / "run", "--text-encoder", tmp_path / "B")[0] == 0
+    assert load_backend(tmp_path / "run" / "model").spec == spec
+    (tmp_path / "B").rename(tmp_path / "C")  # moved again: the relocation names the missing folder
+    with pytest.raises(ModelError, match=r"base-location.json: its base folder .*B is missing"):
+        load_backend(tmp_path / "run" / "model")
+
+
+def test_relocating_an_embedded_model_is_refused(tmp_path):
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "backend.json").write_text(json.dumps({"kind": "tiny", "config": {}}))
+    code, err = _cli("relocate", "--run", tmp_path / "run", "--sd-base", tmp_path)
+    assert code == 2 and err.count("\n") == 1 and "no base model to relocate" in err

@@ -263,6 +263,19 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what is done, what is left, which files were bad", description="Progress of a run.")
     p.add_argument("--run", required=True, type=Path, help="the run directory")
 
+    p = sub.add_parser("relocate", help="use a copied Stable Diffusion run with its base model at another path",
+                       description="Check that FOLDER holds the files the run's model was trained on (their "
+                                   "fingerprint, recorded in RUN/model/backend.json at training) and record it in "
+                                   "RUN/model/base-location.json: later steps load the base from there. The model's "
+                                   "identity, and so every result made with it, is unchanged.")
+    p.add_argument("--run", required=True, type=Path, help="the run directory (a Stable Diffusion model trained from a folder)")
+    p.add_argument("--sd-base", type=Path, default=None, metavar="FOLDER", help="the base model's folder on this machine")
+    p.add_argument("--text-encoder", type=Path, default=None, metavar="FOLDER",
+                   help="the folder of the separate text encoder (a run trained with --text-encoder FOLDER) on this machine")
+    p.add_argument("--force", action="store_true",
+                   help="use a folder that cannot be verified (a run trained before fingerprints were recorded); "
+                        "a folder whose files differ is refused even so")
+
     p = sub.add_parser("query", help="SQL (DuckDB) over the run's Parquet tables",
                        description="Tables: images, patches (clustered when available), mined, typicality, problems.")
     p.add_argument("--run", required=True, type=Path, help="the run directory")
@@ -465,6 +478,12 @@ def cmd_status(args):
     print(status(Run(args.run)))
 
 
+def cmd_relocate(args):
+    from .relocate import relocate
+
+    print("\n".join(relocate(args.run, args.sd_base, args.text_encoder, args.force)))
+
+
 def cmd_query(args):
     from .query import query
 
@@ -473,7 +492,7 @@ def cmd_query(args):
 
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "localize": cmd_localize, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
             "report": cmd_report, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status,
-            "query": cmd_query, "classify": cmd_classify, "export": cmd_export,
+            "query": cmd_query, "relocate": cmd_relocate, "classify": cmd_classify, "export": cmd_export,
             "translate": cmd_translate, "cotypicality": cmd_cotypicality, "contrast": cmd_contrast, "trends": cmd_trends}
 
 

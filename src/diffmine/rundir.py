@@ -6,6 +6,7 @@
                                root), label, split (train | holdout), size, fingerprint
       problems.parquet         images skipped and why: image_id, path, step, problem
       model/                   backend.json + trainable.safetensors (the trained model)
+        base-location.json     where this machine keeps an SD model's base (relocate.py; not its identity)
         checkpoints/step-N/    resumable training state (safetensors + JSON, no pickle)
         metrics.csv            step, loss, learning rate, images/s of every training step
       typicality/              maps at latent resolution, sharded
@@ -22,7 +23,9 @@
 
 Nothing in it names an absolute path that a copy would break: image paths are relative to the
 dataset root, itself relative to the run when it lies inside it (the demo's data), and every
-identity is a content hash. Every Parquet file can be queried with DuckDB, e.g.
+identity is a content hash. The exception, an SD model's base folder, is pointed to anew with
+``diffmine relocate`` (its files checked against a fingerprint; the identity unchanged). Every
+Parquet file can be queried with DuckDB, e.g.
 ``SELECT label, avg(typicality) FROM 'RUN/clusters/patches.parquet' GROUP BY label``.
 """
 
@@ -146,10 +149,12 @@ class Run:
         if isinstance(recorded, int) and recorded >= 1:
             return recorded
         # a run scored before the record named it, or not scored yet: the trained model's factor
+        from .models import model_sources  # torch comes with it: only here
+
         try:
             spec = json.loads((self.model_dir / "backend.json").read_text())
-            if spec.get("kind") == "sd":
-                vae = json.loads((Path(spec["base"]) / "vae" / "config.json").read_text())
+            if spec.get("kind") == "sd":  # the base where this machine keeps it (a relocated run's too)
+                vae = json.loads((Path(model_sources(self.model_dir, spec)["base"]) / "vae" / "config.json").read_text())
                 return 2 ** (len(vae["block_out_channels"]) - 1)
             return int(spec["config"]["latent_factor"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .adaptive import draws_summary
 from .lineage import command_of
 from .models.base import model_files
+from .relocate import location_lines
 from .terminal import printable
 from .train import latest_checkpoint
 
@@ -44,6 +45,7 @@ def status(run) -> str:
                              "rebuilds them from the last checkpoint where there is one)")
             else:
                 lines.append(f"train: {_state(run, name)} ({record.get('steps', '?')} steps, model {record['identity']})")
+                lines += location_lines(run.model_dir)
             continue
         if record is None:
             if name in ("typicality", "mine", "cluster", "report"):

@@ -13,9 +13,57 @@ from .base import BACKEND_FILE, WEIGHTS_FILE, Backend, Denoiser, read_weights
 
 __all__ = ["Backend", "Denoiser", "create_backend", "load_backend", "ModelError"]
 
+# in RUN/model: where this machine keeps the base model (and text encoder) the model was trained on,
+# written by `diffmine relocate`; no part of the model's identity (backend.json keeps the recorded paths)
+LOCATION_FILE = "base-location.json"
+# what each relocatable source is called: in backend.json and base-location.json, on the command line
+SOURCES = {"base": "--sd-base", "text_encoder": "--text-encoder"}
+
 
 class ModelError(ValueError):
     """A model cannot be built or loaded; the message says which and why."""
+
+
+def relocations(directory: str | Path) -> dict:
+    """``RUN/model/base-location.json``: {"base": folder, "text_encoder": folder, "unverified": [keys]},
+    each source only when relocated (unverified: relocated with --force, no fingerprint to compare);
+    {} when there is no such file.
+
+    A received run's file is only paths, checked to be absolute folder paths (never a hub id, which
+    could download): loading from one is what loading from backend.json's recorded path would be.
+    """
+    path = Path(directory) / LOCATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        location = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: unreadable ({exc}); run `diffmine relocate` again") from None
+    folders = [location.get(key, "/") for key in SOURCES] if isinstance(location, dict) else [None]
+    unverified = location.get("unverified", []) if isinstance(location, dict) else None
+    if not all(isinstance(f, str) and Path(f).is_absolute() for f in folders) or not (
+            isinstance(unverified, list) and all(isinstance(key, str) and key in SOURCES for key in unverified)):
+        raise ModelError(f"{path}: not a base location (absolute folder paths under \"base\" and \"text_encoder\", "
+                         "a list \"unverified\"); run `diffmine relocate` again")
+    return location
+
+
+def model_sources(directory: str | Path, spec: dict) -> dict[str, str]:
+    """Where an sd model's base and text encoder load from on this machine: the relocated folders
+    (:func:`relocations`), else the paths ``backend.json`` records. A local folder that is gone is
+    one line naming the file that names it, the folder and the command that mends it."""
+    directory = Path(directory)
+    moved = relocations(directory)
+    sources = {}
+    for key, flag in SOURCES.items():
+        folder, named_in = (moved[key], LOCATION_FILE) if key in moved else (spec.get(key), BACKEND_FILE)
+        if isinstance(folder, str) and Path(folder).is_absolute() and not Path(folder).exists():
+            raise ModelError(f"{directory / named_in}: its {key.replace('_', ' ')} folder {folder} is missing; "
+                             f"where it is elsewhere on this machine, run `diffmine relocate --run {directory.parent} "
+                             f"{flag} FOLDER`")
+        if folder is not None:
+            sources[key] = folder
+    return sources
 
 
 def create_backend(model: str, prompts: list[str], seed: int = 0, **options) -> Backend:
@@ -50,7 +98,7 @@ def load_backend(directory: str | Path) -> Backend:
         elif spec["kind"] == "sd":
             from .sd import StableDiffusionBackend
 
-            backend = StableDiffusionBackend.from_spec(spec)
+            backend = StableDiffusionBackend.from_spec(spec, model_sources(directory, spec))
         else:
             raise ModelError(f"{spec_path}: unknown backend kind {spec['kind']!r}")
     except (KeyError, TypeError, json.JSONDecodeError) as exc:  # edited or damaged by hand

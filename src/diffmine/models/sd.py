@@ -15,12 +15,14 @@ prompt's CLIP states are computed once per device and cached.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from ..lineage import digest, file_digest
 from . import ModelError
 from .base import Backend, Denoiser
 
@@ -32,6 +34,10 @@ SUBFOLDERS = {
     "scheduler": "scheduler_config.json",
 }
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# the weights file the loaders read, first found wins (each may be sharded: NAME.index.json + shards),
+# by subfolder: diffusers models (unet/, vae/) and transformers models (text_encoder/, a CLIP folder's root)
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -66,6 +72,75 @@ def _check_folder(root: Path, subfolders: list[str]) -> None:
             raise ModelError(f"{folder}: no {config} in it")
         if sub == "tokenizer" and not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
             raise ModelError(f"{folder}: no tokenizer files in it (tokenizer.json, or vocab.json + merges.txt)")
+
+
+def base_subfolders(separate_text_encoder: bool) -> list[str]:
+    """The subfolders of a base model that are loaded: all five, less text_encoder/ and tokenizer/
+    when another text encoder replaces them."""
+    return [s for s in SUBFOLDERS if not (separate_text_encoder and s in ("text_encoder", "tokenizer"))]
+
+
+def encoder_subfolders(root: Path) -> list[str]:
+    """The parts of a ``--text-encoder`` folder that are loaded: an SD-style folder's text_encoder/
+    and tokenizer/, else the folder itself ("", a CLIP repository); as :func:`_load_text_encoder` reads it."""
+    return ["text_encoder", "tokenizer"] if (root / "text_encoder").is_dir() else [""]
+
+
+def checked_subfolders(key: str, folder: Path, separate_text_encoder: bool) -> list[str]:
+    """The subfolders loaded from a local ``base`` or ``text_encoder`` folder (what :func:`fingerprint`
+    covers), once checked to be there: one line naming what is missing, as loading would say."""
+    if key == "base":
+        subfolders = base_subfolders(separate_text_encoder)
+    else:
+        subfolders = encoder_subfolders(folder)
+        if subfolders == [""] and not (folder / "config.json").is_file():
+            raise ModelError(f"{folder}: not a text encoder folder: no config.json (nor a text_encoder/ subfolder)")
+    _check_folder(folder, [s for s in subfolders if s])
+    return subfolders
+
+
+def loaded_files(root: Path, subfolders: list[str]) -> list[Path]:
+    """The files the loaders read from ``root``'s ``subfolders`` ("" = the root itself), sorted.
+
+    In each: its JSON and text files (configs, tokenizer files) and the one weights file (or the
+    shards of the one index) the loader picks, safetensors before .bin. Nothing else: an fp16 or
+    non-EMA variant, a .ckpt beside it, a README or an unused subfolder (safety_checker/) is not
+    read, so it neither costs time nor makes two copies of the same model differ.
+    """
+    files = []
+    for sub in subfolders:
+        folder = root / sub
+        names = DIFFUSERS_WEIGHTS if sub in ("unet", "vae") else TRANSFORMERS_WEIGHTS
+        for name in names:
+            index = folder / f"{name}.index.json"
+            if (folder / name).is_file():
+                files.append(folder / name)
+                break
+            if index.is_file():  # sharded: the index and the shards it names
+                try:
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    raise ModelError(f"{index}: not a weights index ({_short(exc)})") from None
+                files += [index] + [folder / str(shard) for shard in shards]
+                break
+        files += [f for f in folder.iterdir() if f.is_file() and f.suffix in (".json", ".txt")
+                  and not f.name.endswith(".index.json")] if folder.is_dir() else []
+    return sorted(set(files))
+
+
+def fingerprint(root: str | Path, subfolders: list[str]) -> str:
+    """A content fingerprint of what is loaded from a local model folder: a hash (SHA-256, as every
+    identity of a run) over the sorted relative paths, sizes and SHA-256 of the :func:`loaded_files`.
+
+    Recorded in ``backend.json`` when a model is trained, it lets ``diffmine relocate`` check that
+    a folder elsewhere (a copied run on another machine) holds the same base model, whatever its
+    path; only the files the loaders read count, so an unused 1 GB safety_checker/ costs nothing.
+    Reading the files is the cost: SHA-256 hashed 1.4 GB/s on one core from the page cache (the
+    2-core test machine), so about 3 s for SD 1.5's 4.3 GB (fp32 UNet, VAE, text encoder), more from a cold disk.
+    """
+    root = Path(root)
+    return digest([[path.relative_to(root).as_posix(), path.stat().st_size, file_digest(path)]
+                   for path in loaded_files(root, subfolders)])
 
 
 def _load(what: str, where: str, loader, **kwargs):
@@ -150,6 +225,8 @@ class StableDiffusionBackend(Backend):
         self.denoiser = Denoiser(unet, CLIPPromptEncoder(tokenizer, text_encoder))
         self.scheduler = scheduler
         self.spec = spec
+        # spec keys still to compute at the first save: {key: (local folder, its loaded subfolders)}
+        self.unfingerprinted: dict[str, tuple[Path, list[str]]] = {}
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -180,11 +257,11 @@ class StableDiffusionBackend(Backend):
             raise ModelError(f"lora_rank must be >= 0, got {lora_rank}")
         base, local = _locate(str(path_or_id))
         if local:
-            _check_folder(Path(base), [s for s in SUBFOLDERS if not (text_encoder and s in ("text_encoder", "tokenizer"))])
+            _check_folder(Path(base), base_subfolders(bool(text_encoder)))
         unet = _load("UNet", base, UNet2DConditionModel.from_pretrained, subfolder="unet")
         vae = _load("VAE", base, AutoencoderKL.from_pretrained, subfolder="vae")
         scheduler = _load("noise schedule", base, DDPMScheduler.from_pretrained, subfolder="scheduler")
-        encoder_source = None
+        encoder_source, encoder_local = None, False
         if text_encoder:
             encoder_source, encoder_local = _locate(str(text_encoder))
             clip, tokenizer = _load_text_encoder(encoder_source, encoder_local, CLIPTextModel, CLIPTokenizer)
@@ -192,13 +269,35 @@ class StableDiffusionBackend(Backend):
             clip = _load("text encoder", base, CLIPTextModel.from_pretrained, subfolder="text_encoder")
             tokenizer = _load("tokenizer", base, CLIPTokenizer.from_pretrained, subfolder="tokenizer")
         spec = {"kind": "sd", "base": base, "lora_rank": lora_rank, "text_encoder": encoder_source}
-        return cls(unet, vae, clip, tokenizer, scheduler, spec, lora_rank)
+        backend = cls(unet, vae, clip, tokenizer, scheduler, spec, lora_rank)
+        # fingerprinted when first saved (a trained model), not here: a model only scored with is never saved
+        if local:
+            backend.unfingerprinted["base_fingerprint"] = (Path(base), base_subfolders(bool(text_encoder)))
+        if encoder_local:
+            backend.unfingerprinted["text_encoder_fingerprint"] = (Path(encoder_source),
+                                                                   encoder_subfolders(Path(encoder_source)))
+        return backend
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "StableDiffusionBackend":
+    def from_spec(cls, spec: dict, sources: dict | None = None) -> "StableDiffusionBackend":
         """Rebuild the architecture recorded in ``backend.json`` (LoRA adapters included) with the
-        base weights; the trained weights are loaded on top by :func:`load_backend`."""
-        return cls.from_pretrained(spec["base"], lora_rank=spec.get("lora_rank", 0), text_encoder=spec.get("text_encoder"))
+        base weights; the trained weights are loaded on top by :func:`load_backend`. ``sources``:
+        where the base and text encoder are read from when not at their recorded paths (a relocated
+        run); the spec stays the recorded one, so saving the model again writes the same bytes."""
+        sources = sources or {}
+        backend = cls.from_pretrained(sources.get("base", spec["base"]), lora_rank=spec.get("lora_rank", 0),
+                                      text_encoder=sources.get("text_encoder", spec.get("text_encoder")))
+        backend.spec, backend.unfingerprinted = dict(spec), {}
+        return backend
+
+    def save(self, directory: str | Path) -> None:
+        """Also record, the first time, a fingerprint of each local folder the model was built from
+        (``base_fingerprint``, ``text_encoder_fingerprint``): ``diffmine relocate`` checks a moved
+        base against it. Hub ids get none; a loaded model keeps the spec it was saved with."""
+        for key, (folder, subfolders) in self.unfingerprinted.items():
+            self.spec[key] = fingerprint(folder, subfolders)
+        self.unfingerprinted = {}
+        super().save(directory)
 
     # -- device ---------------------------------------------------------------------------
     def to(self, device: str | torch.device) -> "StableDiffusionBackend":
