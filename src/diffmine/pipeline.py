@@ -89,6 +89,8 @@ def _resolved(run: Run, name: str, config, device: torch.device, stored: str | N
         return config
     native = resolve_precision("auto", device)
     stored = stored or ((run.lineage.get(name) or {}).get("settings") or {}).get("precision")
+    if stored == "auto":  # recorded unresolved (contrast maps did): kept so, as the result was made
+        return config
     if stored in ("fp32", "bf16", "fp16") and stored != native:
         print(f"{name}: keeping the stored result's precision {stored} (auto would pick {native} on this machine; "
               f"pass --precision {native} --force to recompute)")
@@ -543,6 +545,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     backend, model_inputs = load_model(run)
     listing = run.fresh("listing")
     name = contrast_name(a, b)
+    config = _resolved(run, name, config, default_device())  # a resume elsewhere must not mix bf16 and fp32 maps
     directory = run.contrast_dir(a, b)
     settings = {"a": a, "b": b, **result_settings(config, ("batch_size", "workers", "compile", "shard_size"))}
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
