@@ -142,6 +142,7 @@ def test_iter_images_reports_bad_files_in_order(tmp_path):
         items = list(iter_images([str(good), str(bad), str(good)], 8, workers=workers))
         assert [i for i, _ in items] == [0, 1, 2]
         assert isinstance(items[1][1], BadImage) and items[0][1].shape == (8, 8, 3)
+        assert isinstance(items[0][1], np.ndarray)  # with workers too (doersch's features need an array)
 
 
 @pytest.mark.parametrize("labels", [(0, 1), (0, "x"), ("1990-01-01", "2000-01-01")])

@@ -93,3 +93,22 @@ def test_two_processes_give_exactly_the_single_process_features(trained, tmp_pat
     np.testing.assert_array_equal(np.load(parallel.features_path), features)
     assert [p.name for p in parallel.features_path.parent.iterdir()] == ["features.npy"]  # parts gathered, removed
     pd.testing.assert_frame_equal(pd.read_parquet(parallel.clusters_path), pd.read_parquet(single.clusters_path))
+
+
+def test_a_single_process_rerun_removes_the_parts_a_killed_data_parallel_run_left(trained, tmp_path):
+    """torchrun killed after one process wrote its part: the features made again by one process
+    leave no part behind, and status no longer reports parts still to gather."""
+    from diffmine.clustering import ClusterConfig
+    from diffmine.features import FeatureConfig
+    from diffmine.status import status
+
+    run = Run(tmp_path / "run")
+    shutil.copytree(trained.path, run.path)
+    pipeline.typicality_step(run, TypicalityConfig(samples=2, shard_size=20), progress=False)
+    pipeline.mine_step(run, MineConfig(per_image=2, top=20, least=2, random=2), progress=False)
+    run.features_path.parent.mkdir(parents=True)
+    np.savez(run.features_path.parent / "part-00001-of-00002.npz", rows=np.arange(3), features=np.ones((3, 32), np.float32))
+    assert "1/2 processes' parts written" in status(run)
+    pipeline.cluster_step(run, ClusterConfig(k=3), FeatureConfig(ensemble=1), progress=False)
+    assert [p.name for p in run.features_path.parent.iterdir()] == ["features.npy"]
+    assert "parts written" not in status(run)

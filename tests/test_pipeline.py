@@ -181,6 +181,40 @@ def test_feature_batch_size_is_no_part_of_the_features(tiny_run, tmp_path):
     np.testing.assert_allclose(np.load(copy.features_path), stored, rtol=1e-4, atol=1e-5)
 
 
+def test_execution_settings_of_cotypicality_and_doersch_are_no_part_of_their_results(tiny_run, tmp_path, capsys):
+    """Another --feature-batch-size of co-typicality (it describes a scene's members in one pass) or
+    --workers of baseline doersch leaves the expensive result up to date, also when its record was
+    made while they were recorded: never a refusal whose --force recomputes the same result."""
+    from dataclasses import replace
+
+    from diffmine.baselines.doersch import DoerschConfig
+    from diffmine.cotypicality import CotypicalityConfig
+    from diffmine.features import FeatureConfig
+    from diffmine.translate import TranslateConfig
+
+    copy = Run(tmp_path / "copy")
+    shutil.copytree(tiny_run.path, copy.path)
+    pipeline.translate_step(copy, TranslateConfig(method="sdedit", steps=2), progress=False)
+    cotypicality, doersch = CotypicalityConfig(top=8, per_tuple=1, umap_dim=2, k=2, samples=2), DoerschConfig(patch=8, stride=4)
+    pipeline.cotypicality_step(copy, cotypicality, FeatureConfig(ensemble=1), progress=False)
+    pipeline.baseline_step(copy, doersch, progress=False)
+
+    def run_again():
+        capsys.readouterr()
+        pipeline.cotypicality_step(copy, cotypicality, FeatureConfig(ensemble=1, batch_size=3), progress=False)
+        pipeline.baseline_step(copy, replace(doersch, workers=1), progress=False)
+        out = capsys.readouterr().out
+        assert "cotypicality: up to date" in out and "baseline doersch: up to date" in out
+
+    run_again()
+    for name, recorded in (("cotypicality", lambda s: s["features"].update(batch_size=32)),
+                           ("baseline-doersch", lambda s: s.update(workers=0))):
+        record = copy.lineage.get(name)
+        recorded(record["settings"])  # as an earlier version recorded it
+        copy.lineage.put(name, record["settings"], record["inputs"], record["command"], identity=record["identity"])
+    run_again()
+
+
 def test_another_seed_gives_other_draws_and_settings_change_recomputes(trained_run, tmp_path):
     copy = Run(tmp_path / "copy")
     shutil.copytree(trained_run.path, copy.path)

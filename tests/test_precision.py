@@ -1,6 +1,7 @@
 """Precision per machine: ``auto`` is recorded resolved; bf16 and fp32 mine the same patches where
 bf16 is native (skipped elsewhere: emulated bf16 is 8-16x slower and not what auto picks)."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,37 @@ def test_auto_is_recorded_resolved_and_a_resume_elsewhere_keeps_the_stored_preci
     # an explicit other precision is a changed setting of an expensive result
     with pytest.raises(RunError, match="precision"):
         pipeline.typicality_step(run, TypicalityConfig(samples=4, precision=other), progress=False)
+
+
+def test_contrast_maps_record_auto_resolved_and_a_resume_elsewhere_keeps_it(tiny, tmp_path, monkeypatch, capsys):
+    """Contrast maps are resumed like typicality's: on a machine where auto resolves the other way,
+    the shards a killed run lacks are computed at the stored precision, never mixed with it."""
+    from diffmine.clustering import ClusterConfig
+    from diffmine.contrast import ContrastConfig
+    from diffmine.features import FeatureConfig
+    from diffmine.lineage import contrast_name
+    from diffmine.mining import MineConfig
+
+    copy = Run(tmp_path / "copy")
+    shutil.copytree(tiny[1].path, copy.path)
+    a, b = copy.labels
+    native = machine.resolve_precision("auto", "cpu")
+
+    def contrast():
+        pipeline.contrast_step(copy, a, b, ContrastConfig(samples=2, shard_size=2), MineConfig(top=4, least=1, random=1),
+                               ClusterConfig(k=1), FeatureConfig(ensemble=1), progress=False)
+        return copy.lineage.get(contrast_name(a, b))["settings"]["precision"]
+
+    assert contrast() == native
+    sorted(copy.contrast_dir(a, b).glob("shard-*.parquet"))[-1].unlink()  # a killed run: its last shard's index
+    monkeypatch.setattr(machine, "native_bf16", lambda device="cpu": native == "fp32")
+    capsys.readouterr()
+    assert contrast() == native
+    assert f"keeping the stored result's precision {native}" in capsys.readouterr().out
+    record = copy.lineage.get(contrast_name(a, b))  # as an earlier version recorded it: unresolved
+    copy.lineage.put(contrast_name(a, b), {**record["settings"], "precision": "auto"}, record["inputs"],
+                     record["command"], identity=record["identity"])
+    assert contrast() == "auto" and "maps up to date" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not machine.native_bf16("cpu"), reason="bf16 is not native on this CPU (no amx_bf16 / avx512_bf16)")

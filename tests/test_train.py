@@ -45,6 +45,20 @@ def test_resumed_training_equals_uninterrupted(small_data, tmp_path):
     assert any(not torch.equal(fresh[k], a[k]) for k in a)
 
 
+def test_resumed_training_with_gradient_accumulation_equals_uninterrupted(small_data, tmp_path):
+    """A checkpoint between two optimizer steps (step 3 of micro-batches accumulated in pairs)."""
+    config = dict(batch_size=4, checkpoint_every=3, grad_accumulation=2)
+    straight = _tiny_run(tmp_path / "a", small_data)
+    pipeline.train_step(straight, TrainConfig(steps=6, **config), SMALL, progress=False)
+    resumed = _tiny_run(tmp_path / "b", small_data)
+    pipeline.train_step(resumed, TrainConfig(steps=3, **config), SMALL, progress=False)
+    pipeline.train_step(resumed, TrainConfig(steps=6, **config), SMALL, progress=False)
+    a = read_weights(straight.model_dir / "trainable.safetensors")
+    b = read_weights(resumed.model_dir / "trainable.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
 def test_saved_model_loads_back_identically(small_data, tmp_path):
     run = _tiny_run(tmp_path / "r", small_data)
     pipeline.train_step(run, TrainConfig(steps=2, batch_size=4), SMALL, progress=False)

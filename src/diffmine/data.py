@@ -655,7 +655,8 @@ def iter_images(paths: list[str], resolution: int, resize: str = "square", multi
         yield from (decoder[i] for i in range(len(decoder)))
         return
     loader = torch.utils.data.DataLoader(decoder, batch_size=None, num_workers=workers, prefetch_factor=8)
-    yield from loader
+    # the loader makes tensors of the arrays: arrays again, as without workers
+    yield from ((i, item.numpy() if isinstance(item, torch.Tensor) else item) for i, item in loader)
 
 
 def image_batches(paths: list[str], resolution: int, resize: str = "square", multiple: int = 1, per_batch: int = 32,

@@ -150,13 +150,18 @@ def _gather_parts(directory: Path, num_processes: int, n_rows: int) -> np.ndarra
     for r in range(num_processes):
         with np.load(_part_path(directory, r, num_processes)) as part:
             parts.append((part["rows"], part["features"]))
-    for path in directory.glob("part-*.npz"):
-        path.unlink()
+    _remove_parts(directory)
     features = np.zeros((n_rows, max(f.shape[1] for _, f in parts)), np.float32)
     for rows, part in parts:
         if part.shape[1]:  # a process whose images were all bad knows no width
             features[rows] = part
     return features
+
+
+def _remove_parts(directory: Path) -> None:
+    """Every process's part in ``directory``: gathered, or left by a killed data-parallel run."""
+    for path in directory.glob("part-*.npz"):
+        path.unlink()
 
 
 def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = True,
@@ -185,6 +190,7 @@ def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = 
                           dict(zip(images["image_id"], listed_of(images))))
     if num_processes == 1:
         features = part
+        _remove_parts(out.parent)  # a killed data-parallel run's, which status would report as still to gather
     else:
         directory = out.parent
         write_with(_part_path(directory, process_index, num_processes),

@@ -89,11 +89,20 @@ def _resolved(run: Run, name: str, config, device: torch.device, stored: str | N
         return config
     native = resolve_precision("auto", device)
     stored = stored or ((run.lineage.get(name) or {}).get("settings") or {}).get("precision")
+    if stored == "auto":  # recorded unresolved (contrast maps did): kept so, as the result was made
+        return config
     if stored in ("fp32", "bf16", "fp16") and stored != native:
         print(f"{name}: keeping the stored result's precision {stored} (auto would pick {native} on this machine; "
               f"pass --precision {native} --force to recompute)")
         native = stored
     return replace(config, precision=native)
+
+
+def _execution_left_out(config, execution: tuple[str, ...], stored: dict) -> dict:
+    """``result_settings(config, execution)``, except that a stored record which still names some of
+    the ``execution`` settings (made before they were left out) keeps its values: it stays up to
+    date, whatever they are now."""
+    return {**result_settings(config, execution), **{k: stored[k] for k in execution if k in stored}}
 
 
 def _clear(*paths: Path) -> None:
@@ -536,6 +545,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     backend, model_inputs = load_model(run)
     listing = run.fresh("listing")
     name = contrast_name(a, b)
+    config = _resolved(run, name, config, default_device())  # a resume elsewhere must not mix bf16 and fp32 maps
     directory = run.contrast_dir(a, b)
     settings = {"a": a, "b": b, **result_settings(config, ("batch_size", "workers", "compile", "shard_size"))}
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
@@ -683,7 +693,8 @@ def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureCon
     backend, model_inputs = load_model(run)
     stored = ((run.lineage.get("cotypicality") or {}).get("settings") or {}).get("features") or {}
     features = _resolved(run, "cotypicality", features, default_device(), stored.get("precision"))
-    settings = {**result_settings(config), "features": asdict(features),
+    # the features of a sequence's members are one forward pass per scene: their batch size is unused
+    settings = {**result_settings(config), "features": _execution_left_out(features, ("batch_size",), stored),
                 "draws": result_settings(TypicalityConfig.from_settings(run.step_config("typicality")))}
     inputs = {**model_inputs, "translate": run.fresh("translate")["identity"]}
     directory = run.path / "cotypicality"
@@ -698,7 +709,10 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
     from .baselines.doersch import output_dir, run_doersch
 
     listing = run.fresh("listing")
-    settings, inputs = {**asdict(config), "positive": positive}, {"listing": listing["identity"]}
+    stored = (run.lineage.get("baseline-doersch") or {}).get("settings") or {}
+    # the decoding processes are no part of the detections
+    settings = {**_execution_left_out(config, ("workers",), stored), "positive": positive}
+    inputs = {"listing": listing["identity"]}
     with step_lock(run.path, "baseline-doersch"):
         action = _planned(run, "baseline-doersch", settings, inputs, force, expensive=True)
         if action == "done":

@@ -212,6 +212,9 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         start = json.loads((checkpoint / "state.json").read_text())["step"]
+        # a checkpoint between two optimizer steps holds the weights of the last one, not the
+        # gradients accumulated since: those micro-batches are trained again, in the same phase
+        start -= start % config.grad_accumulation
         accelerator.print(f"resuming from {checkpoint} (step {start})")
     denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
     cache = ImageCache(images["path"].tolist(), dataset["resolution"], dataset["resize"], backend.latent_factor,
