@@ -151,3 +151,24 @@ def test_classify_recognises_the_labels(trained_run, capsys):
     assert cli.main(["classify", "--run", str(trained_run.path), "--per-label", "5", "--samples", "4", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["images"] == 20 and len(printed["confusion"]) == 4
+
+
+def test_classify_made_again_is_never_under_the_old_record(trained_run, tmp_path, monkeypatch):
+    """Its two files are written one after the other: a run killed between them must not leave
+    new scores beside the old summary under the old record."""
+    import diffmine.classify
+
+    copy = Run(tmp_path / "run")
+    shutil.copytree(trained_run.path, copy.path)
+    config = ClassifyConfig(per_label=2, samples=2)
+    pipeline.classify_step(copy, config, progress=False)
+    assert copy.lineage.get("classify") is not None
+
+    def killed(run, *args, **kwargs):
+        (run.path / "classify" / "scores.parquet").write_bytes(b"half")  # the first file, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffmine.classify, "run_classify", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.classify_step(copy, ClassifyConfig(per_label=2, samples=3), progress=False)  # made again
+    assert copy.lineage.get("classify") is None

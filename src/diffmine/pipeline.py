@@ -640,6 +640,8 @@ def classify_step(run: Run, config, progress: bool = True, force: bool = False) 
         if _planned(run, "classify", settings, inputs, force) == "done":
             return json.loads(run.result_files("classify")[0].read_text())
         backend = scoring_model(run) if run.lineage.get("typicality") else load_model(run)[0]
+        # scores.parquet and summary.json are written one after the other: never under the old record
+        run.lineage.drop("classify")
         summary = run_classify(run, backend, config, progress)
         run.lineage.put("classify", settings, inputs, "classify")
         return summary
