@@ -393,6 +393,11 @@ def test_a_copied_run_relocated_to_its_base_scores_the_same(moved, tmp_path):
         assert np.array_equal(copy.latent_typicality_map(image_id), original.latent_typicality_map(image_id))
     mine_step(copy, MineConfig(patch=8, per_image=2, top=20, least=4, random=4), progress=False)
     assert copy.stale("typicality") == [] and copy.stale("mine") == []
+    # and it trains on from its checkpoint, reading the base where it is now
+    train_step(copy, TrainConfig(steps=3, batch_size=4, checkpoint_every=2, warmup_steps=1),
+               model_options={"lora_rank": 4}, progress=False)
+    assert copy.lineage.get("model")["steps"] == 3 and copy.stale("model") == []
+    assert json.loads(spec_file.read_text())["base"] == str(base) and "relocated from" not in status(copy)
 
 
 def test_relocating_a_run_trained_before_fingerprints_needs_force(moved, tmp_path):

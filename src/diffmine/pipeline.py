@@ -39,7 +39,7 @@ from .features import FEATURE_KINDS, FeatureConfig, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
 from .mining import MineConfig, run_mining
-from .models import Backend, create_backend, load_backend
+from .models import Backend, create_backend, load_backend, relocations
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError
 from .shards import result_settings
@@ -230,6 +230,18 @@ def new_backend(run: Run, model: str, seed: int, **options) -> Backend:
     return create_backend(model, all_prompts(run), seed=seed, **options)
 
 
+def _relocated(run: Run, model: str, options: dict) -> tuple[str, dict]:
+    """``sd:BASE`` and its options as this machine loads them: a copied run whose base (or separate
+    text encoder) was pointed to anew with ``diffmine relocate`` trains on from there. The recorded
+    settings keep the listing's names; only where the files are read from changes."""
+    moved = relocations(run.model_dir) if model.startswith("sd:") else {}
+    if "base" in moved:
+        model = f"sd:{moved['base']}"
+    if "text_encoder" in moved and options.get("text_encoder"):
+        options = {**options, "text_encoder": moved["text_encoder"]}
+    return model, options
+
+
 # ----------------------------------------------------------------------------------------------
 # model
 
@@ -293,7 +305,8 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
                 _clear(run.model_dir)  # results made with the old model become stale by its identity
         if rank == 0:
             run.lineage.put("model", settings, inputs, "train", identity="(training)", complete=False, steps=config.steps)
-        backend = new_backend(run, listing["settings"]["model"], config.seed, **(model_options or {}))
+        model, options = _relocated(run, listing["settings"]["model"], model_options or {})
+        backend = new_backend(run, model, config.seed, **options)
         model_dir = train(run, backend, config, progress=progress)
         if rank == 0:
             run.lineage.put("model", settings, inputs, "train", identity=model_digest(model_dir), steps=config.steps)

@@ -110,4 +110,5 @@ def location_lines(model_dir: Path) -> list[str]:
         return [f"  base: {exc}"]
     unverified = set(location.get("unverified", ()))
     return [f"  {WHAT[key]}: loaded from {location[key]} (relocated from {spec.get(key)}"
-            f"{'; unverified' if key in unverified else ''})" for key in SOURCES if key in location]
+            f"{'; unverified' if key in unverified else ''})" for key in SOURCES
+            if key in location and location[key] != spec.get(key)]  # trained on since: recorded there
