@@ -257,7 +257,7 @@ class StableDiffusionBackend(Backend):
             raise ModelError(f"lora_rank must be >= 0, got {lora_rank}")
         base, local = _locate(str(path_or_id))
         if local:
-            _check_folder(Path(base), base_subfolders(bool(text_encoder)))
+            checked_subfolders("base", Path(base), bool(text_encoder))
         unet = _load("UNet", base, UNet2DConditionModel.from_pretrained, subfolder="unet")
         vae = _load("VAE", base, AutoencoderKL.from_pretrained, subfolder="vae")
         scheduler = _load("noise schedule", base, DDPMScheduler.from_pretrained, subfolder="scheduler")
@@ -328,13 +328,9 @@ class StableDiffusionBackend(Backend):
 
 def _load_text_encoder(source: str, local: bool, model_cls, tokenizer_cls):
     """A CLIP repository (files at its root) or an SD-style one (text_encoder/, tokenizer/)."""
-    root = Path(source)
-    if local and (root / "text_encoder").is_dir():
-        _check_folder(root, ["text_encoder", "tokenizer"])
+    if local and checked_subfolders("text_encoder", Path(source), True) != [""]:  # SD-style
         return (_load("text encoder", source, model_cls.from_pretrained, subfolder="text_encoder"),
                 _load("tokenizer", source, tokenizer_cls.from_pretrained, subfolder="tokenizer"))
-    if local and not (root / "config.json").is_file():
-        raise ModelError(f"{root}: not a text encoder folder: no config.json (nor a text_encoder/ subfolder)")
     try:
         return (_load("text encoder", source, model_cls.from_pretrained),
                 _load("tokenizer", source, tokenizer_cls.from_pretrained))
