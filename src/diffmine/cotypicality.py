@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .clustering import kmeans, rank_clusters
 from .atomic import write_table, write_with
-from .data import listed_of, load_image, to_model_input
+from .data import listed_by_id, load_image, to_model_input
 from .features import FeatureConfig, dift_feature_maps, pool_boxes
 from .mining import default_patch_size, greedy_boxes, patch_scores
 from .models import Backend
@@ -200,7 +200,7 @@ def sequence_features(run, backend: Backend, sequences: pd.DataFrame, labels: li
     prompts = [run.prompt(label) for label in labels]
     images = run.images()
     paths = dict(zip(images["image_id"], images["path"]))
-    listed = dict(zip(images["image_id"], listed_of(images)))
+    listed = listed_by_id(images)
     groups = sequences.groupby("image_id", sort=False)
     for image_id, group in tqdm(groups, total=groups.ngroups, desc="sequence features", unit="scene", disable=not progress):
         members = tuple_pixels(run, image_id, paths[image_id], group["source_label"].iloc[0], labels,

@@ -759,6 +759,12 @@ def listed_of(rows) -> list[tuple[int, int, str]]:
     return list(zip(rows["size"].tolist(), rows["mtime_ns"].tolist(), rows["fingerprint"].tolist()))
 
 
+def listed_by_id(rows) -> dict[str, tuple[int, int, str]]:
+    """:func:`listed_of` keyed by each row's ``image_id``: what readers that look images up by id
+    (the report, features, trends, co-typicality) check each one against."""
+    return dict(zip(rows["image_id"], listed_of(rows)))
+
+
 def changed_since_listing(path: str, listed: tuple[int, int, str]) -> bool:
     """Whether the image at ``path`` is no longer the one a run's listing fingerprinted (``listed``:
     its (size, mtime_ns, fingerprint) there): edited or replaced since ``diffmine prepare``, or, in a

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import write_with
-from .data import BadImage, image_batches, listed_of, to_model_input
+from .data import BadImage, image_batches, listed_by_id, to_model_input
 from .models import Backend
 from .typicality import _barrier, autocast, draw_noise
 
@@ -112,7 +112,7 @@ def patch_features(backend: Backend, patches: pd.DataFrame, paths: dict[str, str
     Images go through the model in blocks of ``config.batch_size`` (see :func:`feature_blocks`).
     A bad image's patches get zero features (it is listed in typicality already); C is 0 if no
     image could be read. ``process_index``: of a data-parallel run, for its own progress bar.
-    ``listed``: each image's (size, mtime_ns, fingerprint) in the listing (``data.listed_of``): an
+    ``listed``: each image's (size, mtime_ns, fingerprint) in the listing (``data.listed_by_id``): an
     image edited since is bad, not described at boxes mined on other pixels.
     """
     backend.denoiser.eval()
@@ -187,7 +187,7 @@ def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = 
     rows = np.flatnonzero(patches["image_id"].isin(mine).to_numpy())
     part = patch_features(backend, patches.iloc[rows], paths, prompt_of, dataset["resolution"], dataset["resize"],
                           config, progress, process_index if num_processes > 1 else None,
-                          dict(zip(images["image_id"], listed_of(images))))
+                          listed_by_id(images))
     if num_processes == 1:
         features = part
         _remove_parts(out.parent)  # a killed data-parallel run's, which status would report as still to gather

@@ -10,7 +10,7 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import BadImage, Problem, listed_of, load_image
+from .data import BadImage, Problem, listed_by_id, load_image
 
 # diverging, perceptually ordered, white at 0: red = typical of the label, blue = atypical
 COLORMAP = "RdBu_r"
@@ -126,7 +126,7 @@ class RunImages:
         dataset = run.step_config("dataset")
         images = run.images()
         self.paths = dict(zip(images["image_id"], images["path"]))
-        self.listed = dict(zip(images["image_id"], listed_of(images)))
+        self.listed = listed_by_id(images)
         self.resolution, self.resize = dataset["resolution"], dataset["resize"]
         self.multiple = run.width_multiple()
         self.cache: dict[str, np.ndarray | None] = {}

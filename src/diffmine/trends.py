@@ -45,7 +45,7 @@ from scipy.stats import spearmanr
 from skimage.filters import threshold_multiotsu
 
 from .atomic import read_npy, write_json
-from .data import listed_of
+from .data import listed_by_id
 from .features import FEATURE_KINDS, FeatureConfig, patch_features
 from .mining import greedy_boxes, patch_scores
 from .models import Backend
@@ -220,7 +220,7 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
     ok = store.ok()
     images = ok[ok["label"].isin(order)].reset_index(drop=True)
     paths = dict(zip(images["image_id"], images["path"]))
-    listed = dict(zip(images["image_id"], listed_of(images)))
+    listed = listed_by_id(images)
     E = len(groups)
     best_match = np.full((len(images), E), np.nan)
     best_typicality = np.full((len(images), E), np.nan)
