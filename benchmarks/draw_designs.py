@@ -120,7 +120,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run = Run(args.out / "small-run")
-    backend, _ = pipeline.load_model(run, None, torch.device("cpu"))
+    backend, _ = pipeline.load_model(run, torch.device("cpu"))
     T = backend.scheduler.config.num_train_timesteps
     pixels, masks, labels = scenes(args.out / "small", args.images)
     size = pixels.shape[-1]

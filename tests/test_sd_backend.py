@@ -204,18 +204,72 @@ def test_typicality_with_the_pretrained_model(pretrained):
     assert pretrained.config["typicality"]["model"].startswith("sd:")
 
 
-def test_an_outside_model_given_by_a_relative_path_is_recorded_absolute(tmp_path, data, sd_folder, monkeypatch):
-    """`typicality --model sd:sd` from the folder holding it: the later steps reload the recorded
-    model from wherever they are run, so the record names the folder itself, not "sd"."""
+def test_an_outside_folder_is_named_by_its_files_not_its_path(tmp_path, data, sd_folder, monkeypatch, capsys):
+    """`typicality --model sd:FOLDER`: the record names the folder's files (a fingerprint) and keeps
+    where it was read (absolute, though given relative) outside the identity. A copy of the run on
+    a machine that keeps the folder elsewhere is the same model once typicality is given the new
+    path: nothing is recomputed, and the later steps read the model from there."""
+    from diffmine.pipeline import LOCAL, scoring_model
+    from diffmine.rundir import RunError
+
+    shutil.copytree(sd_folder, tmp_path / "models" / "sd")
+    run = _prepare(tmp_path / "run", data, sd_folder)
+    monkeypatch.chdir(tmp_path / "models")
+    typicality_step(run, TYP, model="sd:sd", progress=False)
+    record = run.lineage.get("typicality")
+    assert record["settings"]["model"] == f"sd:{LOCAL}"
+    assert record["location"] == {"base": str(tmp_path / "models" / "sd")}
+    mine_step(run, MineConfig(patch=8, per_image=2, top=20, least=4, random=4), progress=False)
+
+    copy = Run(tmp_path / "copy")
+    shutil.copytree(run.path, copy.path)
+    (tmp_path / "models" / "sd").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunError, match=r"moved|missing.*--model sd:FOLDER"):
+        scoring_model(copy)
+    capsys.readouterr()
+    shards = {p.name: p.stat().st_mtime_ns for p in copy.typicality_dir.rglob("*") if p.is_file()}
+    assert typicality_step(copy, TYP, model=f"sd:{tmp_path / 'moved'}", progress=False) == 0
+    assert "now read from" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in copy.typicality_dir.rglob("*") if p.is_file()} == shards
+    assert copy.lineage.get("typicality")["identity"] == record["identity"] and copy.stale("mine") == []
+    assert scoring_model(copy).spec["base"] == str(tmp_path / "moved")
+
+    # other files at that path are another model: the stored maps are out of date, not served
+    shutil.rmtree(tmp_path / "moved")
+    build_sd_folder(tmp_path / "moved", "tiny", seed=1)
+    with pytest.raises(RunError, match="not the files typicality used"):
+        scoring_model(copy)
+    typicality_step(copy, TYP, model=f"sd:{tmp_path / 'moved'}", progress=False)
+    assert "replacing the stored result" in capsys.readouterr().out
+    assert copy.lineage.get("typicality")["identity"] != record["identity"] and copy.stale("mine")
+
+
+def test_an_outside_text_encoder_folder_is_named_by_its_files_too(tmp_path, data, sd_folder):
+    from diffmine.pipeline import LOCAL, scoring_model
+
+    run = _prepare(tmp_path / "run", data, sd_folder)
+    typicality_step(run, TYP, model=f"sd:{sd_folder}", model_options={"text_encoder": str(sd_folder)}, progress=False)
+    record = run.lineage.get("typicality")
+    assert record["settings"]["model_options"] == {"text_encoder": LOCAL}
+    assert record["location"] == {"base": str(sd_folder.resolve()), "text_encoder": str(sd_folder.resolve())}
+    assert scoring_model(run).spec["text_encoder"] == str(sd_folder.resolve())
+
+
+def test_a_run_scored_before_outside_folders_were_fingerprinted_stays_up_to_date(tmp_path, data, sd_folder):
+    """Its record named the folder by path: the same path and options are still the same model."""
+    from diffmine.lineage import digest
     from diffmine.pipeline import scoring_model
 
     run = _prepare(tmp_path / "run", data, sd_folder)
-    monkeypatch.chdir(sd_folder.parent)
-    typicality_step(run, TypicalityConfig(samples=2, batch_size=16, shard_size=64), model=f"sd:{sd_folder.name}",
-                    progress=False)
-    assert run.step_config("typicality")["model"] == f"sd:{sd_folder.resolve()}"
-    (tmp_path / "elsewhere" / sd_folder.name).mkdir(parents=True)  # a folder of that name, no model
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    model = f"sd:{sd_folder.resolve()}"
+    typicality_step(run, TYP, model=model, progress=False)
+    record = run.lineage.get("typicality")
+    settings = {**record["settings"], "model": model, "model_options": {}}
+    run.lineage.put("typicality", settings, {**record["inputs"], "external_model": digest({"model": model, "options": {}})},
+                    "typicality", width_multiple=record["width_multiple"])
+    assert typicality_step(run, TYP, model=model, progress=False) == 0
+    assert run.lineage.get("typicality")["settings"]["model"] == model
     assert scoring_model(run).spec["base"] == str(sd_folder.resolve())
 
 
@@ -250,7 +304,7 @@ def test_lora_trains_only_adapters_and_round_trips(tmp_path, data, sd_folder):
 # -- compare ------------------------------------------------------------------------------------
 
 
-def test_compare_finetuned_against_pretrained(finetuned, pretrained, tmp_path):
+def test_compare_finetuned_against_pretrained(finetuned, pretrained, tmp_path, sd_folder):
     import argparse
 
     from diffmine.compare import add_parser, cmd_compare, compare_runs
@@ -261,6 +315,8 @@ def test_compare_finetuned_against_pretrained(finetuned, pretrained, tmp_path):
     for label in finetuned["run"].labels:
         assert label in html
     assert "Mean typicality per label" in html
+    # which model scored each run: the finetuned one, and the folder given to `typicality --model`
+    assert "(trained in this run)" in html and html.count(f"sd:{sd_folder.resolve()}") >= 2
 
     root = argparse.ArgumentParser()
     add_parser(root.add_subparsers(dest="command"))

@@ -86,12 +86,16 @@ def _fmt(x: float) -> str:
 
 
 def _model_name(run: Run) -> str:
-    model = run.config.get("typicality", {}).get("model")
-    if isinstance(model, dict):
-        if model.get("model") == "run":
-            return f"{run.config.get('dataset', {}).get('model', '?')} (trained in this run)"
-        return str(model.get("model"))
-    return str(run.config.get("dataset", {}).get("model", "?"))
+    """The model that scored the run: its own trained one, or the one given to ``typicality --model``
+    (a local folder named where the record says it was read)."""
+    record = run.lineage.get("typicality") or {}
+    model = str(record.get("settings", {}).get("model", "run"))
+    if model == "run":
+        return f"{run.step_config('dataset').get('model', '?')} (trained in this run)"
+    location = record.get("location")
+    if isinstance(location, dict) and "base" in location:
+        return f"{model.split(':', 1)[0]}:{location['base']}"
+    return model
 
 
 def _ok_index(run: Run) -> pd.DataFrame:

@@ -164,6 +164,12 @@ class Lineage:
             records[name] = record
         return record
 
+    def annotate(self, name: str, **extra) -> None:
+        """Change what record ``name`` says beside its identity (where an input was read from),
+        leaving its settings, inputs and identity as they are: nothing made from it turns stale."""
+        with self._editing() as records:
+            records[name].update(canonical(extra))
+
     def drop(self, *names: str) -> None:
         with self._editing() as records:
             for name in names:

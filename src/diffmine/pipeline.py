@@ -325,27 +325,43 @@ def adopt_model(run: Run, source: Run) -> None:
                     steps=record.get("steps"), adopted_from=str(source.path))
 
 
-def load_model(run: Run, model: str | None = None, device: torch.device | None = None,
-               **options) -> tuple[Backend, dict]:
-    """The run's trained model, or ``model`` (e.g. ``sd:PATH`` to score with pretrained weights).
+def load_model(run: Run, device: torch.device | None = None) -> tuple[Backend, dict]:
+    """The run's trained model and the lineage inputs that name it, ``{"model": weights hash}``
+    (checked against its record)."""
+    record = run.lineage.get("model")
+    if record is None or not record.get("complete"):
+        raise RunError(f"{run.path}: no trained model yet; run `diffmine train --run {run.path}` first")
+    actual = model_digest(run.model_dir)  # before loading: a damaged file is named, not decoded
+    if actual != record["identity"]:
+        raise RunError(f"{run.model_dir}: the weights differ from the ones training recorded "
+                       f"({actual} != {record['identity']}); retrain with `diffmine train --force`")
+    return load_backend(run.model_dir).to(device or default_device()), {"model": actual}
 
-    Returns the backend and the lineage inputs that name it: ``{"model": weights hash}`` for the
-    run's own (checked against its record), ``{"external_model": hash of the id and options}``.
+
+# what the typicality record says in place of the path of a local folder given to `typicality --model`
+LOCAL = "local folder"
+
+
+def load_outside_model(run: Run, model: str, options: dict, device: torch.device | None = None,
+                       by_path: bool = False) -> tuple[Backend, dict, dict, dict]:
+    """A pretrained model given to ``typicality --model`` (``sd:FOLDER`` or ``sd:HUB_ID``) and what
+    the typicality record says of it: ``(backend, settings, inputs, location)``.
+
+    A local folder is named by a fingerprint of the files loaded from it, not by its path: the
+    settings say ``sd:local folder`` and ``location`` (kept in the record, outside its identity)
+    where it was read from. A copied run whose folder lies elsewhere on another machine is then
+    the same model once given its new path, and a folder whose files changed is another model.
+    A hub id is named by its id and options. ``by_path``: so is a local folder, as in runs scored
+    before fingerprints were recorded (their results stay up to date).
     """
-    if model is None:
-        record = run.lineage.get("model")
-        if record is None or not record.get("complete"):
-            raise RunError(f"{run.path}: no trained model yet; run `diffmine train --run {run.path}` first")
-        actual = model_digest(run.model_dir)  # before loading: a damaged file is named, not decoded
-        if actual != record["identity"]:
-            raise RunError(f"{run.model_dir}: the weights differ from the ones training recorded "
-                           f"({actual} != {record['identity']}); retrain with `diffmine train --force`")
-        backend = load_backend(run.model_dir)
-        inputs = {"model": actual}
-    else:
-        backend = create_backend(model, all_prompts(run), seed=0, **options)
-        inputs = {"external_model": digest({"model": model, "options": options})}
-    return backend.to(device or default_device()), inputs
+    backend = create_backend(model, all_prompts(run), seed=0, **options).to(device or default_device())
+    local = {} if by_path else backend.local_sources()
+    kind = model.split(":", 1)[0]
+    settings = {"model": f"{kind}:{LOCAL}" if "base" in local else model,
+                "model_options": {**options, **({"text_encoder": LOCAL} if "text_encoder" in local else {})}}
+    named = {**settings, "fingerprints": {key: fingerprint for key, (_, fingerprint) in local.items()}} if local \
+        else {"model": model, "options": options}
+    return backend, settings, {"external_model": digest(named)}, {key: folder for key, (folder, _) in local.items()}
 
 
 def distributed_context() -> tuple[int, int, torch.device]:
@@ -386,13 +402,18 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
     """
     rank, world, device = distributed_context()
     config = _resolved(run, "typicality", config, device)
-    model = _located(model)
-    backend, model_inputs = load_model(run, model, device, **(model_options or {}))
+    model, model_options, location = _located(model), model_options or {}, {}
+    if model is None:
+        backend, model_inputs = load_model(run, device)
+        named = {"model": "run", "model_options": {}}
+    else:
+        stored = (run.lineage.get("typicality") or {}).get("settings", {})
+        by_path = stored.get("model") == model and stored.get("model_options") == model_options
+        backend, named, model_inputs, location = load_outside_model(run, model, model_options, device, by_path)
     listing = run.fresh("listing")
     _check_labels(run, model)
     # shards are a unit of work, not of the result: new images may come in shards of another size
-    settings = {**result_settings(config, ("batch_size", "workers", "compile", "shard_size")), "model": model or "run",
-                "model_options": model_options or {}}
+    settings = {**result_settings(config, ("batch_size", "workers", "compile", "shard_size")), **named}
     if config.estimator == "adaptive":  # where the draws go depends on what is mined
         adaptive = adaptive or AdaptiveConfig()
         settings["adaptive"] = asdict(adaptive)
@@ -404,12 +425,16 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
         _barrier(world)  # every process has planned from the same state
         if action == "done":
             if rank == 0:
-                print("typicality: up to date")
+                if location and run.lineage.get("typicality").get("location") != location:
+                    run.lineage.annotate("typicality", location=location)  # the same files, read from elsewhere
+                    print(f"typicality: up to date; its model is now read from {', '.join(location.values())}")
+                else:
+                    print("typicality: up to date")
             return 0
         if rank == 0:
             if action == "replace":
                 _clear(run.typicality_dir)
-            run.lineage.put("typicality", settings, inputs, "typicality", complete=False)
+            run.lineage.put("typicality", settings, inputs, "typicality", complete=False, location=location)
         _barrier(world)
         written = run_typicality(run, backend, config, rank, world, progress, adaptive)
         if rank == 0:
@@ -420,7 +445,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
             complete = _typicality_covers_listing(run)
             # the width keep-aspect images were resized to, for whoever shows them beside the maps
             run.lineage.put("typicality", settings, inputs, "typicality", complete=complete,
-                            width_multiple=backend.latent_factor)
+                            width_multiple=backend.latent_factor, location=location)
             if not complete:
                 done = 0 if index is None else int(index["status"].isin(["ok", "bad"]).sum())
                 left = len(run.images()) - done
@@ -500,11 +525,44 @@ def _located(model: str | None) -> str | None:
 
 
 def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
-    """The model that computed the run's typicality: features come from the same one."""
-    used = run.step_config("typicality")
+    """The model that computed the run's typicality: features come from the same one. A local
+    folder given to ``typicality --model`` is read from where the record says and must still hold
+    the files typicality used."""
+    record = run.lineage.get("typicality")
+    if record is None:
+        run.step_config("typicality")  # the one line saying to run it
+    used = record["settings"]
     if used.get("model", "run") == "run":
-        return load_model(run, device=device)[0]
-    return load_model(run, used["model"], device, **used.get("model_options", {}))[0]
+        return load_model(run, device)[0]
+    if not used["model"].endswith(f":{LOCAL}"):  # a hub id, or a folder recorded by its path (older runs)
+        return load_outside_model(run, used["model"], used.get("model_options", {}), device, by_path=True)[0]
+    model, options = _recorded_location(run, record)
+    backend, _, inputs, _ = load_outside_model(run, model, options, device)
+    if inputs["external_model"] != record["inputs"].get("external_model"):
+        raise RunError(f"{model[model.index(':') + 1:]}: not the files typicality used (the model loaded from it "
+                       f"differs); recompute with `diffmine typicality --run {run.path} --model {model}`")
+    return backend
+
+
+def _recorded_location(run: Run, record: dict) -> tuple[str, dict]:
+    """``sd:FOLDER`` and options of the local folder(s) the typicality record says it read its model
+    from. A received run's record is text anyone could have edited: only absolute folder paths are
+    read from it (never a hub id, which would download)."""
+    location, used = record.get("location"), record["settings"]
+    folders = [location.get(key) for key in ("base", *(["text_encoder"] if "text_encoder" in location else []))] \
+        if isinstance(location, dict) else [None]
+    if not all(isinstance(f, str) and Path(f).is_absolute() for f in folders):
+        raise RunError(f"{run.lineage.path}: the typicality record names no model folder; recompute with "
+                       f"`diffmine typicality --run {run.path} --model sd:FOLDER --force`")
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise RunError(f"{folder}: the model folder typicality read is missing; where it is elsewhere on this "
+                           f"machine, run `diffmine typicality --run {run.path} --model sd:FOLDER` (its files are "
+                           "checked against the ones typicality used; nothing is recomputed)")
+    kind = used["model"].split(":", 1)[0]
+    options = {**used.get("model_options", {}), **({"text_encoder": location["text_encoder"]}
+                                                    if "text_encoder" in location else {})}
+    return f"{kind}:{location['base']}", options
 
 
 def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progress: bool = True,

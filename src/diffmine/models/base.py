@@ -82,6 +82,12 @@ class Backend:
         self.denoiser.to(device)
         return self
 
+    def local_sources(self) -> dict[str, tuple[str, str]]:
+        """``{source: (local folder, fingerprint of the files loaded from it)}`` of a pretrained
+        model loaded from folders on this machine (``base``, ``text_encoder``); {} for one made
+        here or loaded by hub id. What names an outside model by its files rather than its path."""
+        return {}
+
     # -- encoders -------------------------------------------------------------------------
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> latents (B, C, H / f, W / f). Deterministic (no sampling)."""

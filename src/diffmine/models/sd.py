@@ -290,6 +290,10 @@ class StableDiffusionBackend(Backend):
         backend.spec, backend.unfingerprinted = dict(spec), {}
         return backend
 
+    def local_sources(self) -> dict[str, tuple[str, str]]:
+        return {key.removesuffix("_fingerprint"): (str(folder), fingerprint(folder, subfolders))
+                for key, (folder, subfolders) in self.unfingerprinted.items()}
+
     def save(self, directory: str | Path) -> None:
         """Also record, the first time, a fingerprint of each local folder the model was built from
         (``base_fingerprint``, ``text_encoder_fingerprint``): ``diffmine relocate`` checks a moved
