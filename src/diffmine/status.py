@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .adaptive import draws_summary
+from .leftovers import status_line as leftovers_line
 from .lineage import command_of
 from .models.base import model_files
 from .relocate import location_lines
@@ -73,6 +74,9 @@ def status(run) -> str:
     if parts:  # a data-parallel cluster step running, or killed
         world = int(parts[0].stem.rsplit("-", 1)[1])
         lines.append(f"cluster features: {len(parts)}/{world} processes' parts written, not yet gathered")
+    leftover = leftovers_line(run)
+    if leftover:
+        lines.append(leftover)
     problems = run.problems()
     lines.append(f"bad or skipped images: {len(problems)}")
     lines += [f"  {p.path or p.image_id} ({p.step}): {p.problem}" for p in problems.head(20).itertuples()]
