@@ -166,28 +166,67 @@ def test_a_map_computed_under_another_label_takes_the_images_own_draws(reference
     np.testing.assert_allclose(computed[results["key"].iloc[0]], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("where", ["round", "final"])
-def test_a_killed_adaptive_run_resumes_to_the_same_maps(trained, reference, tmp_path, monkeypatch, where):
-    run = copy_of(trained, tmp_path / "killed")
-    target = "_round_shard" if where == "round" else "_final_shard"
+def killed(run: Run, monkeypatch, target: str, dies) -> list[tuple]:
+    """Run the adaptive typicality until ``adaptive.<target>`` (``_round_shard``, ``_final_shard``) is
+    called with arguments that ``dies(args, calls so far)`` accepts: there the run is killed. Returns
+    the arguments of the calls made before; ``target`` is itself again after."""
     real = getattr(adaptive, target)
     calls = []
 
-    def dies(*args, **kwargs):
-        # round: killed at round 1's first shard (round 0 written); final: after one final shard
-        if where == "round" and args[5] == 1 or where == "final" and calls:
+    def maybe_dies(*args, **kwargs):
+        if dies(args, calls):
             raise KeyboardInterrupt
-        calls.append(1)
+        calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(adaptive, target, dies)
+    monkeypatch.setattr(adaptive, target, maybe_dies)
     with pytest.raises(KeyboardInterrupt):
         pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
-    assert (run.typicality_dir / adaptive.WORK / "plan.json").is_file()
     monkeypatch.setattr(adaptive, target, real)
+    assert (run.typicality_dir / adaptive.WORK / "plan.json").is_file()
+    return calls
+
+
+def in_round(r: int):
+    """Killed at round ``r``'s first shard (args[5] of ``_round_shard`` is the round)."""
+    return lambda args, calls: args[5] == r
+
+
+def after_calls(n: int):
+    return lambda args, calls: len(calls) == n
+
+
+@pytest.mark.parametrize("where", ["round", "final"])
+def test_a_killed_adaptive_run_resumes_to_the_same_maps(trained, reference, tmp_path, monkeypatch, where):
+    run = copy_of(trained, tmp_path / "killed")
+    # round: killed at round 1's first shard (round 0 written); final: after one final shard
+    killed(run, monkeypatch, *(("_round_shard", in_round(1)) if where == "round" else ("_final_shard", after_calls(1))))
     pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
     assert_same_maps(reference, run)
     assert not (run.typicality_dir / adaptive.WORK).exists()
+
+
+@pytest.mark.parametrize("where", ["round 0", "round 1", "final"])
+def test_status_says_how_far_the_rounds_of_a_killed_adaptive_run_got(trained, tmp_path, monkeypatch, where):
+    """Killed in round 0 (one of its 3 shards written), in round 1 (one of its shards written) or
+    while the final maps are written (one of 3): status says where it resumes, from the files."""
+    from diffmine.status import status
+
+    run = copy_of(trained, tmp_path / "killed")
+    if where == "final":
+        killed(run, monkeypatch, "_final_shard", after_calls(1))
+        expected = "every round done, final maps of 1/3 shards written; resumes there"
+    elif where == "round 0":
+        calls = killed(run, monkeypatch, "_round_shard", after_calls(1))
+        expected = f"round 0 of rounds 0-2 (4 draws per image), {len(calls[0][8])} of the 12 planned images done; resumes there"
+    else:  # killed at round 1's second shard: every image went through round 0, one shard of round 1 is written
+        calls = killed(run, monkeypatch, "_round_shard", lambda args, calls: args[5] == 1 and calls[-1][5] == 1)
+        (n,) = [len(args[8]) for args in calls if args[5] == 1]  # the images of round 1's one shard written
+        expected = (f"round 1 of rounds 0-2 (8 draws per image), {n} image{'s' * (n != 1)} refined so far, "
+                    "of at most 12 still undecided")
+    assert f"\n  adaptive rounds: {expected}" in status(run)
+    pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    assert "adaptive rounds" not in status(run)
 
 
 @pytest.mark.parametrize("change", ["nothing", "an image added"])
@@ -199,15 +238,7 @@ def test_listing_again_keeps_the_finished_rounds_of_an_interrupted_run(trained, 
     run = copy_of(trained, tmp_path / "killed")
     real = adaptive._round_shard
     computed = []  # (round, images) of each round shard computed after the new listing
-
-    def dies(*args, **kwargs):
-        if args[5] == 1:  # round 0 written, killed in round 1
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(adaptive, "_round_shard", dies)
-    with pytest.raises(KeyboardInterrupt):
-        pipeline.typicality_step(run, CONFIG, progress=False, adaptive=TARGETS)
+    killed(run, monkeypatch, "_round_shard", in_round(1))  # round 0 written, killed in round 1
     data = run.dataset_root
     if change == "an image added":
         data = tmp_path / "data"

@@ -8,7 +8,7 @@ import pytest
 from diffmine.cli import main, parser
 
 COMMANDS = ["synth", "prepare", "train", "typicality", "mine", "cluster", "report", "evaluate", "run", "demo", "status", "query",
-            "export", "relocate"]
+            "export", "relocate", "clean"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -456,6 +456,19 @@ def test_a_copied_run_relocated_to_its_base_scores_the_same(moved, tmp_path):
     assert json.loads(spec_file.read_text())["base"] == str(base) and "relocated from" not in status(copy)
 
 
+def test_relocate_writing_into_the_run_is_a_write_clean_waits_for(moved, tmp_path, monkeypatch):
+    """relocate writes base-location.json into the run outside any step: it holds a lock while it does."""
+    from diffmine import relocate
+    from diffmine.leftovers import running_steps
+
+    copy = Run(tmp_path / "copy")
+    shutil.copytree(moved["copy"].path, copy.path)
+    seen, write_json = [], relocate.write_json
+    monkeypatch.setattr(relocate, "write_json", lambda path, value: seen.append(running_steps(copy)) or write_json(path, value))
+    assert _cli("relocate", "--run", copy.path, "--sd-base", moved["B"]) == (0, "")
+    assert seen == [["relocate"]]
+
+
 def test_relocating_a_run_trained_before_fingerprints_needs_force(moved, tmp_path):
     """Its backend.json (no fingerprint) keeps its bytes: relocated unverified only with --force."""
     from diffmine.models import LOCATION_FILE, relocations

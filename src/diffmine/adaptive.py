@@ -90,6 +90,7 @@ from tqdm import tqdm
 from .atomic import write_json, write_table
 from .mining import MineConfig, default_patch_size, greedy_boxes, patch_errors, patch_scores, significant
 from .shards import plan_new_shards, shard_is_complete, write_shard
+from .terminal import counted
 from .typicality import (SHARD_SCHEMA, TypicalityConfig, _barrier, compiled, compute_shard, typicality_maps_of,
                          unit_key, upsample)
 
@@ -275,9 +276,7 @@ def _prepare_plan(run, work, config: TypicalityConfig, adaptive: AdaptiveConfig,
     images = run.images()
     path = work / "plan.json"
     if path.is_file():
-        plan = json.loads(path.read_text())
-        listed = set(zip(images["image_id"], images["fingerprint"], images["label"]))
-        if all(tuple(row) in listed for row in plan["images"]):
+        if _plan_stands(json.loads(path.read_text()), images):
             return
         shutil.rmtree(work)  # the listing changed under it: plan again
     index = run.typicality_index(missing_ok=True)
@@ -294,6 +293,37 @@ def _prepare_plan(run, work, config: TypicalityConfig, adaptive: AdaptiveConfig,
         "rounds": schedule(adaptive.first_draws, config.samples),
         "patch": adaptive.patch or default_patch_size(dataset["resolution"], dataset["resolution"]),
     })
+
+
+def _plan_stands(plan: dict, images: pd.DataFrame) -> bool:
+    """Whether every image of ``plan`` is still listed as it was when planned (``images``: the listing)."""
+    listed = set(zip(images["image_id"], images["fingerprint"], images["label"]))
+    return all(tuple(row) in listed for row in plan["images"])
+
+
+def rounds_progress(typicality_dir, images: pd.DataFrame) -> str | None:
+    """How far an interrupted adaptive typicality got (``diffmine status``), from its work folder's
+    plan and round shards' indexes (no map is read); None when there is no work folder.
+    ``images``: the run's listing. Rounds are numbered from 0, as the progress bars number them."""
+    work = typicality_dir / WORK
+    if not (work / "plan.json").is_file():
+        return None
+    plan = json.loads((work / "plan.json").read_text())
+    if not _plan_stands(plan, images):
+        return "adaptive rounds: planned before the listing changed; the next run plans them again"
+    shards = [name for name, _, _ in plan["shards"]]
+    final = sum(shard_is_complete(typicality_dir, name) for name in shards)
+    if final:  # written only once every round is done
+        return f"adaptive rounds: every round done, final maps of {final}/{len(shards)} shards written; resumes there"
+    rounds = plan["rounds"]
+    started = [r for r in range(len(rounds)) if len(_round_rows(work, r))] or [0]
+    r = started[-1]
+    reached = f"adaptive rounds: round {r} of rounds 0-{len(rounds) - 1} ({rounds[r]} draws per image), "
+    if r == 0:
+        return reached + f"{len(_round_rows(work, 0))} of the {len(plan['images'])} planned images done; resumes there"
+    # the images refined in round r are among those refined in round r - 1 (which are not final yet)
+    return reached + (f"{counted(len(_refined_in(work, r)), 'image')} refined so far, of at most "
+                      f"{len(_refined_in(work, r - 1))} still undecided; resumes there")
 
 
 def _execute(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfig, plan: dict, process_index: int,

@@ -4,23 +4,36 @@ Every file of a run directory is written through :func:`atomic_write`: into a te
 ``NAME.<random>.tmp`` beside the target, flushed, then renamed over it (a rename within one folder
 is atomic on POSIX). The temporary name is unique, so two processes writing the same file do not
 write into (or rename away) each other's temporary file: the last rename wins, whole. A killed
-process leaves at most a ``.tmp`` file, which nothing reads.
+process leaves at most a ``.tmp`` file, which nothing reads; ``diffmine status`` counts such
+leftovers (:func:`is_temporary_name`) and ``diffmine clean`` removes them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+TEMPORARY_SUFFIX = ".tmp"
+# the names mkstemp gives below: the target's name, a dot, 8 random characters (CPython's tempfile
+# draws them from a-z, 0-9 and _), the suffix. `diffmine clean` removes nothing else, so a file of
+# the user's would need all of that to be mistaken for a leftover
+TEMPORARY_NAME = re.compile(r".+\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether a file name is one :func:`atomic_write` gives its temporary files."""
+    return TEMPORARY_NAME.fullmatch(name) is not None
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp_path)`` creates the content at a temporary path, which is then renamed to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMPORARY_SUFFIX)
     os.close(handle)  # writers open the path themselves (some, like pyarrow, only take a path)
     tmp = Path(name)
     try:

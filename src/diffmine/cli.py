@@ -263,6 +263,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="what is done, what is left, which files were bad", description="Progress of a run.")
     p.add_argument("--run", required=True, type=Path, help="the run directory")
 
+    p = sub.add_parser("clean", help="remove the temporary files of interrupted writes (status counts them)",
+                       description="Remove the temporary files (NAME.<random>.tmp) that processes killed while writing "
+                                   "left in the run, and nothing else. Refused while a diffmine process runs a step of the "
+                                   "run (its temporary files may be writes in progress); steps starting meanwhile wait.")
+    p.add_argument("--run", required=True, type=Path, help="the run directory")
+
     p = sub.add_parser("relocate", help="use a copied Stable Diffusion run with its base model at another path",
                        description="Check that FOLDER holds the files the run's model was trained on (their "
                                    "fingerprint, recorded in RUN/model/backend.json at training) and record it in "
@@ -478,6 +484,12 @@ def cmd_status(args):
     print(status(Run(args.run)))
 
 
+def cmd_clean(args):
+    from .leftovers import clean
+
+    print(clean(Run(args.run)))
+
+
 def cmd_relocate(args):
     from .relocate import relocate
 
@@ -492,7 +504,7 @@ def cmd_query(args):
 
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "localize": cmd_localize, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
             "report": cmd_report, "evaluate": cmd_evaluate, "run": cmd_run, "demo": cmd_demo, "status": cmd_status,
-            "query": cmd_query, "relocate": cmd_relocate, "classify": cmd_classify, "export": cmd_export,
+            "clean": cmd_clean, "query": cmd_query, "relocate": cmd_relocate, "classify": cmd_classify, "export": cmd_export,
             "translate": cmd_translate, "cotypicality": cmd_cotypicality, "contrast": cmd_contrast, "trends": cmd_trends}
 
 

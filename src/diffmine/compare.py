@@ -23,6 +23,7 @@ from jinja2 import Environment
 from PIL import Image
 
 from .atomic import write_text
+from .lineage import step_lock
 from .images import RunImages, colorbar, map_scale, overlay, png_data_uri
 from .rundir import Run, RunError, open_run
 
@@ -183,7 +184,10 @@ def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Pa
     run_a = run_a if isinstance(run_a, Run) else open_run(run_a)
     run_b = run_b if isinstance(run_b, Run) else open_run(run_b)
     html = render(build_context(run_a, run_b, **options))
-    return write_text(Path(out) if out is not None else default_output(run_a, run_b), html)
+    if out is not None:
+        return write_text(Path(out), html)
+    with step_lock(run_a.path, "compare"):  # a write into run A: `diffmine clean` must see it
+        return write_text(default_output(run_a, run_b), html)
 
 
 # -- command line (wired into cli.py by the lead) ------------------------------------------------

@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
+from .terminal import size_text
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 # Larger images are refused rather than decoded (a 40k x 40k PNG would take GBs of RAM).
 MAX_PIXELS = 64_000_000
@@ -98,14 +100,6 @@ class Dataset:
             "path": self.paths,
             "label": self.labels,
         })
-
-
-def _size_text(n: int) -> str:
-    """512 MiB, 64 KiB, 100 bytes."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
 
 
 def _inside(real_path: str, real_root: str) -> bool:
@@ -297,7 +291,7 @@ def _member_bytes(container: str, member: str) -> bytes:
             raise KeyError(f"no member {member!r}")
         info = members[member]
         if info.size > MAX_FILE_BYTES:  # refused from the header, before any byte is read
-            raise ValueError(f"member is {info.size} bytes, over the {_size_text(MAX_FILE_BYTES)} cap")
+            raise ValueError(f"member is {info.size} bytes, over the {size_text(MAX_FILE_BYTES)} cap")
         return tar.extractfile(info).read()
     column, _, row = member.rpartition("/")
     cell = _open_arrow(container, os.getpid()).column(column)[int(row)]
@@ -306,7 +300,7 @@ def _member_bytes(container: str, member: str) -> bytes:
         raise KeyError("no image bytes stored in this row")
     size = stored.as_buffer().size  # a view into the memory map: nothing copied yet
     if size > MAX_FILE_BYTES:
-        raise ValueError(f"stored image is {size} bytes, over the {_size_text(MAX_FILE_BYTES)} cap")
+        raise ValueError(f"stored image is {size} bytes, over the {size_text(MAX_FILE_BYTES)} cap")
     return stored.as_py()
 
 
@@ -348,7 +342,7 @@ def _scan_tar(tar_path: Path, root: Path) -> tuple[list[Row], list[Problem]]:
                     if info.size > MAX_LABEL_BYTES:  # a label is a word, not a stream to hold in memory
                         labels[key] = ""
                         unreadable[key] = (f"label member {info.name} is {info.size} bytes, over the "
-                                           f"{_size_text(MAX_LABEL_BYTES)} cap (not read)")
+                                           f"{size_text(MAX_LABEL_BYTES)} cap (not read)")
                         continue
                     try:
                         labels[key] = _label_text(extension, tar.extractfile(info).read())
@@ -578,7 +572,7 @@ def load_image(path: str | Path, resolution: int, resize: str = "square", multip
         except OSError as exc:
             raise BadImage(path, f"cannot read file ({exc.strerror or exc})") from None
         if size > MAX_FILE_BYTES:
-            raise BadImage(path, f"file is {size} bytes, over the {_size_text(MAX_FILE_BYTES)} cap")
+            raise BadImage(path, f"file is {size} bytes, over the {size_text(MAX_FILE_BYTES)} cap")
         source = path
     else:
         try:

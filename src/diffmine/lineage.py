@@ -49,7 +49,7 @@ import fcntl
 import hashlib
 import json
 import shlex
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,6 +57,8 @@ from .atomic import write_json
 
 LINEAGE_FILE = "lineage.json"
 LOCK_DIR = ".locks"
+LINEAGE_LOCK = ".lineage.lock"  # in the run's root: every edit of lineage.json holds it
+GATE = "gate.lock"  # in LOCK_DIR: see step_lock and quiet_run
 # results that are identified by their content (not by what made them): a reader checks
 # freshness up to them and no further (a model is what it is, whatever it was trained on)
 ROOTS = ("listing", "model")
@@ -142,7 +144,7 @@ class Lineage:
     def _editing(self):
         """Read-modify-write under an exclusive lock: steps of parallel processes each add their record."""
         self.run_path.mkdir(parents=True, exist_ok=True)
-        with open(self.run_path / ".lineage.lock", "a") as lock:
+        with open(self.run_path / LINEAGE_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 records = self.records()
@@ -291,21 +293,73 @@ def require_fresh(lineage: Lineage, name: str) -> dict:
     return lineage.get(name)
 
 
-@contextmanager
-def step_lock(run_path: str | Path, step: str):
-    """One process per step of a run: a second one exits at once with a clear message. The lock is
-    an ``flock``, released by the kernel when the process ends, so a killed run leaves none behind.
-    Data-parallel workers take it only on process 0 (they share one step)."""
+def _lock_file(run_path: str | Path, name: str) -> Path:
     directory = Path(run_path) / LOCK_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{step.replace(' ', '-')}.lock"
-    with open(path, "a") as lock:  # opened, never written: a finished step changes no file
+    return directory / name
+
+
+@contextmanager
+def step_lock(run_path: str | Path, step: str, worker: bool = False):
+    """One process per step of a run: a second one exits at once with a clear message. The lock is
+    an ``flock``, released by the kernel when the process ends, so a killed run leaves none behind.
+    Data-parallel workers share one step: process 0 takes its lock, the others (``worker``) a lock
+    they share, ``STEP.workers.lock``, which tells :func:`quiet_run` they are alive even when
+    process 0 died before them.
+
+    A step takes its lock through the gate, which :func:`quiet_run` holds while it checks that no
+    step runs (and while ``diffmine clean`` then removes leftovers): a step starting meanwhile waits
+    there (seconds at most) instead of being refused, or of starting unseen."""
+    name = step.replace(" ", "-") + (".workers" if worker else "") + ".lock"
+    # opened, never written: a finished step changes no file
+    with open(_lock_file(run_path, GATE), "a") as gate, open(_lock_file(run_path, name), "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_SH)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, fcntl.LOCK_SH if worker else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise LineageError(f"{run_path}: another diffmine process is running {step} on this run; "
                                "wait for it to finish (or stop it)") from None
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
+def quiet_run(run_path: str | Path):
+    """Every lock of the run at once, for what must not overlap a step's writes (``diffmine clean``).
+
+    Yields ``[]`` holding the gate and every step's lock (and the lineage record's): no diffmine
+    process is in a step of the run, and none enters one until the block ends. Else yields what
+    holds a lock (``["typicality"]``): a step is running, the caller must leave the run alone.
+    Never waits on a step: only on the gate, which steps hold for an instant (and another
+    ``quiet_run`` for its block)."""
+    run_path = Path(run_path)
+    with ExitStack() as held:
+        gate = held.enter_context(open(_lock_file(run_path, GATE), "a"))
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        held.callback(fcntl.flock, gate, fcntl.LOCK_UN)
+        running = []
+        for path in sorted((run_path / LOCK_DIR).glob("*.lock")) + [run_path / LINEAGE_LOCK]:
+            if path.name == GATE or not path.is_file():
+                continue
+            lock = held.enter_context(open(path))  # read: an existing file, never created or written here
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                running.append(_holder(path.name))
+                continue
+            held.callback(fcntl.flock, lock, fcntl.LOCK_UN)
+        if running:
+            held.close()  # the caller leaves the run alone: the steps and the gate are let go at once
+        yield running
+
+
+def _holder(lock_name: str) -> str:
+    """What holds the lock file ``lock_name``, in words: the step (its data-parallel workers)."""
+    if lock_name == LINEAGE_LOCK:
+        return "an edit of lineage.json"
+    step = lock_name.removesuffix(".lock")
+    return f"{step.removesuffix('.workers')} (data-parallel workers)" if step.endswith(".workers") else step

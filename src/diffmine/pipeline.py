@@ -22,7 +22,6 @@ import shlex
 import shutil
 import string
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -75,8 +74,9 @@ def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, out
 
 
 def _locked(run: Run, name: str, rank: int = 0):
-    """The step's lock on process 0; data-parallel workers share their step."""
-    return step_lock(run.path, name) if rank == 0 else nullcontext()
+    """The step's lock on process 0; data-parallel workers share their step (and a lock that tells
+    `diffmine clean` they are still writing, should process 0 die first)."""
+    return step_lock(run.path, name, worker=rank != 0)
 
 
 def _resolved(run: Run, name: str, config, device: torch.device, stored: str | None = None):

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from .atomic import write_json
+from .lineage import step_lock
 from .models import LOCATION_FILE, SOURCES, ModelError, model_sources, relocations
 from .models.base import BACKEND_FILE
 
@@ -93,7 +94,8 @@ def relocate(run_path: str | Path, base: str | Path | None = None, text_encoder:
         lines.append(f"{WHAT[key]}: {folder} ({'same files as' if verified else 'unverified, in place of'} "
                      f"{spec[key]})")
     location["unverified"] = sorted(unverified)
-    write_json(model_dir / LOCATION_FILE, location)
+    with step_lock(run_path, "relocate"):  # a write into the run: `diffmine clean` must see it
+        write_json(model_dir / LOCATION_FILE, location)
     return lines + [f"recorded in {model_dir / LOCATION_FILE}; the model and its results are unchanged"]
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .adaptive import draws_summary
+from .adaptive import draws_summary, rounds_progress
+from .leftovers import status_line as leftovers_line
 from .lineage import command_of
 from .models.base import model_files
 from .relocate import location_lines
@@ -63,6 +64,9 @@ def status(run) -> str:
             lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
             if record["settings"].get("estimator") == "adaptive" and index is not None:
                 lines.append(f"  draws per image: {draws_summary(index)}")
+            rounds = rounds_progress(run.typicality_dir, images)  # an adaptive run interrupted mid-way
+            if rounds:
+                lines.append(f"  {rounds}")
             continue
         lines.append(f"{name}: {_state(run, name)}")
     for name in sorted(set(records) - set(ORDER)):  # contrasts (by a digest of their labels), trends
@@ -73,6 +77,9 @@ def status(run) -> str:
     if parts:  # a data-parallel cluster step running, or killed
         world = int(parts[0].stem.rsplit("-", 1)[1])
         lines.append(f"cluster features: {len(parts)}/{world} processes' parts written, not yet gathered")
+    leftover = leftovers_line(run)
+    if leftover:
+        lines.append(leftover)
     problems = run.problems()
     lines.append(f"bad or skipped images: {len(problems)}")
     lines += [f"  {p.path or p.image_id} ({p.step}): {p.problem}" for p in problems.head(20).itertuples()]

@@ -9,6 +9,19 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def size_text(n: int) -> str:
+    """512 MiB, 1.3 GiB, 64 KiB, 100 bytes."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n} bytes"
+
+
 def print_problems(problems, run_path, limit: int = 10) -> None:
     """One line per bad input (``Problem``: image_id, path, problem), the first ``limit`` of them."""
     for p in problems[:limit]:
