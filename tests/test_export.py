@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import edit_in_place, relisted_copy
+
 from diffmine import cli, export
 from diffmine.atomic import current_umask
 from diffmine.images import RunImages
@@ -78,17 +80,11 @@ def test_csv_export_and_what_is_refused(run, tmp_path, capsys):
 
 def test_an_image_edited_since_listing_is_refused_by_the_exports_and_left_out_of_the_report(run, tmp_path, capsys):
     """Its boxes and map were made from the listed bytes: never exported or shown beside others."""
-    from diffmine import pipeline
     from diffmine.report import write_report
-    from diffmine.rundir import Run
 
-    copy, data = Run(tmp_path / "run"), tmp_path / "data"
-    shutil.copytree(run.path, copy.path)
-    shutil.copytree(run.dataset_root, data)
-    pipeline.prepare(copy, data, "A scene from {label}.", "A scene.", 32)  # the same listing, from the copy
-    assert not copy.stale("cluster")
+    copy, data = relisted_copy(run, tmp_path)
     edited = pd.read_parquet(copy.clusters_path)["image_id"].iloc[0]
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / edited)  # same path, other content
+    edit_in_place(data, edited)
     capsys.readouterr()
     for fmt in ("coco", "csv"):
         extra = ["--copy-images"] if fmt == "coco" else []
