@@ -66,6 +66,9 @@ def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, out
     files = (*run.result_files(name), *outputs)
     if action == "done" and not all(path.is_file() for path in files):
         return "replace"
+    left_out = (run.lineage.get(name) or {}).get("left_out")
+    if action == "resume" and left_out and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{name}: made again, for the {left_out} image(s) it left out last time")
     if action == "replace" and rules.get("expensive") and int(os.environ.get("RANK", "0")) == 0:
         # an expensive result is replaced only on --force or because what it was made from changed
         # (then it is stale, never served again): either way, say so rather than delete in silence
