@@ -172,3 +172,33 @@ def test_classify_made_again_is_never_under_the_old_record(trained_run, tmp_path
     with pytest.raises(KeyboardInterrupt):
         pipeline.classify_step(copy, ClassifyConfig(per_label=2, samples=3), progress=False)  # made again
     assert copy.lineage.get("classify") is None
+
+
+def test_classify_names_an_image_edited_since_listing_and_scores_it_once_fixed(tiny_run, tmp_path, capsys):
+    """The edited image is left out with one line (stderr under --json: stdout is the JSON alone),
+    recorded as a problem of step classify; the next classify, the image fixed, scores it and the
+    problem goes. Its identity names what it left out: the two results are not one."""
+    from conftest import edit_in_place, relisted_copy
+
+    from diffmine.data import CHANGED
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    edited = copy.images()["image_id"].iloc[0]
+    edit_in_place(data, edited)
+    capsys.readouterr()
+    command = ["classify", "--run", str(copy.path), "--per-label", "0", "--samples", "2", "--json"]
+    assert cli.main(command) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images"] == len(copy.images()) - 1
+    assert f"skipped {data / edited}: {CHANGED}\n" in err
+    problems = copy.problems()
+    assert problems.loc[problems["step"] == "classify", "image_id"].tolist() == [edited]
+    first = copy.lineage.get("classify")
+    assert first["left_out"] == 1
+    shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
+    assert cli.main(command) == 0  # the same settings and inputs: made again for the image it left out
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images"] == len(copy.images())
+    assert "skipped" not in err and "classify" not in set(copy.problems()["step"])
+    second = copy.lineage.get("classify")
+    assert "left_out" not in second and second["identity"] != first["identity"]

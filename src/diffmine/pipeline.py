@@ -659,7 +659,7 @@ def classify_step(run: Run, config, progress: bool = True, force: bool = False) 
         # scores.parquet and summary.json are written one after the other: never under the old record
         run.lineage.drop("classify")
         summary = run_classify(run, backend, config, progress)
-        run.lineage.put("classify", settings, inputs, "classify")
+        run.lineage.put("classify", settings, inputs, "classify", left_out=run.left_out("classify"))
         return summary
 
 
