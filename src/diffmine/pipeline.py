@@ -532,7 +532,8 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
                 run.lineage.drop("features", "cluster")
             run_features(run, backend, features, progress, rank, world)
             if rank == 0:
-                run.lineage.put("features", feature_settings, feature_inputs, "cluster")
+                run.lineage.put("features", feature_settings, feature_inputs, "cluster",
+                                left_out=run.left_out("features"))
         if rank != 0:
             return None
         settings, inputs = asdict(config), {"features": run.lineage.get("features")["identity"]}
@@ -587,9 +588,11 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
             store = run.contrast_store(a, b)
             patches, k = run_mining(run, mine, progress, store, directory / "patches.parquet")
             described = patches[patches["kind"].isin(FEATURE_KINDS)].reset_index(drop=True)
-            run_features(run, backend, features, progress, patches=described, out=directory / "features.npy")
+            run_features(run, backend, features, progress, patches=described, out=directory / "features.npy",
+                         step=elements)
             run_clustering(run, cluster, described, directory / "features.npy", directory / "clusters.parquet")
-            run.lineage.put(elements, element_settings, element_inputs, command, patch=k)
+            run.lineage.put(elements, element_settings, element_inputs, command, patch=k,
+                            left_out=run.left_out(elements))
             write_contrast_page(run, a, b)
         else:
             print("contrast: elements up to date")
