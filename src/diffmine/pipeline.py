@@ -616,7 +616,7 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
         run.lineage.drop("trends")
         result = run_trends(run, scoring_model(run), list(order), config, progress)
         write_trends_page(run, result)  # before the record: a step recorded up to date has its page
-        run.lineage.put("trends", settings, inputs, "trends")
+        run.lineage.put("trends", settings, inputs, "trends", left_out=run.left_out("trends"))
         return result
 
 
