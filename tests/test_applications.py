@@ -202,3 +202,26 @@ def test_classify_names_an_image_edited_since_listing_and_scores_it_once_fixed(t
     assert "skipped" not in err and "classify" not in set(copy.problems()["step"])
     second = copy.lineage.get("classify")
     assert "left_out" not in second and second["identity"] != first["identity"]
+
+
+def test_translate_names_an_image_edited_since_listing(tiny_run, tmp_path, capsys):
+    """The edited source is not translated (its rows are bad): named in one line and recorded as a
+    problem of step translate. Its bad rows are stored in their shard, as typicality's are: fixed,
+    it is translated when the translations are made again (re-mined, or a new listing), not before."""
+    from conftest import edit_in_place, relisted_copy
+
+    from diffmine.data import CHANGED
+    from diffmine.translate import source_images
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    config = TranslateConfig(images=1, steps=2, shard_size=2)
+    edited = source_images(copy, config.images)["image_id"].iloc[0]
+    edit_in_place(data, edited)
+    capsys.readouterr()
+    pipeline.translate_step(copy, config, progress=False)
+    assert capsys.readouterr().out.splitlines() == [f"skipped {data / edited}: {CHANGED}"]
+    problems = copy.problems()
+    assert problems.loc[problems["step"] == "translate", "image_id"].tolist() == [edited]
+    shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
+    pipeline.translate_step(copy, config, progress=False)
+    assert "translate" in set(copy.problems()["step"])  # up to date: its shard is not made again
