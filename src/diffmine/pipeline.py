@@ -639,7 +639,7 @@ def report_step(run: Run, config, masks: str | Path | None = None, force: bool =
             return run.report_path
         evaluation = evaluate_run(run, masks) if masks else None
         path = write_report(run, config, evaluation, fresh=set(inputs))
-        run.lineage.put("report", settings, inputs, "report")
+        run.lineage.put("report", settings, inputs, "report", left_out=run.left_out("report"))
         return path
 
 
