@@ -114,11 +114,12 @@ def patch_features(backend: Backend, patches: pd.DataFrame, paths: dict[str, str
     the images that could not be read.
 
     Images go through the model in blocks of ``config.batch_size`` (see :func:`feature_blocks`).
-    A bad image's patches get NaN, no feature (``clustering.described``): a zero vector would join some
-    cluster (the zero patches of one image even make one of their own), its centroid pulled
-    towards nothing it shows; C is 0 if no image could be read. ``process_index``: of a data-parallel run, for its own progress bar. ``listed``: each
-    image's (size, mtime_ns, fingerprint) in the listing (``data.listed_by_id``): an image edited
-    since is bad, not described at boxes mined on other pixels.
+    A bad image's patches get NaN, no feature (``clustering.described``): a zero vector would join
+    some cluster (the zero patches of one image even make one of their own) and pull its centroid
+    towards nothing it shows; C is 0 if no image could be read. ``process_index``: of a
+    data-parallel run, for its own progress bar. ``listed``: each image's (size, mtime_ns,
+    fingerprint) in the listing (``data.listed_by_id``): an image edited since is bad, not
+    described at boxes mined on other pixels.
     """
     backend.denoiser.eval()
     image_ids = list(dict.fromkeys(patches["image_id"]))
