@@ -46,6 +46,29 @@ def barely_trained_run(out, per_label: int) -> Run:
     return run
 
 
+def relisted_copy(run: Run, out) -> tuple:
+    """``out``/run and ``out``/data: copies of a finished run and of its dataset, the copy listed
+    from the copied data (the same listing: its results stay up to date), for tests that edit an image."""
+    import shutil
+
+    copy, data = Run(out / "run"), out / "data"
+    shutil.copytree(run.path, copy.path)
+    shutil.copytree(run.dataset_root, data)
+    pipeline.prepare(copy, data, "A scene from {label}.", "A scene.", run.step_config("dataset")["resolution"])
+    assert not copy.stale("cluster")
+    return copy, data
+
+
+def edit_in_place(data, image_id: str) -> None:
+    """Overwrite image ``image_id`` of the dataset folder ``data`` with other pixels (same path and size)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(data / image_id) as image:
+        size = image.size
+    Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(data / image_id)
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")

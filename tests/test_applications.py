@@ -172,3 +172,56 @@ def test_classify_made_again_is_never_under_the_old_record(trained_run, tmp_path
     with pytest.raises(KeyboardInterrupt):
         pipeline.classify_step(copy, ClassifyConfig(per_label=2, samples=3), progress=False)  # made again
     assert copy.lineage.get("classify") is None
+
+
+def test_classify_names_an_image_edited_since_listing_and_scores_it_once_fixed(tiny_run, tmp_path, capsys):
+    """The edited image is left out with one line (stderr under --json: stdout is the JSON alone),
+    recorded as a problem of step classify; the next classify, the image fixed, scores it and the
+    problem goes. Its identity names what it left out: the two results are not one."""
+    from conftest import edit_in_place, relisted_copy
+
+    from diffmine.data import CHANGED
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    edited = copy.images()["image_id"].iloc[0]
+    edit_in_place(data, edited)
+    capsys.readouterr()
+    command = ["classify", "--run", str(copy.path), "--per-label", "0", "--samples", "2", "--json"]
+    assert cli.main(command) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images"] == len(copy.images()) - 1
+    assert f"skipped {data / edited}: {CHANGED}\n" in err
+    problems = copy.problems()
+    assert problems.loc[problems["step"] == "classify", "image_id"].tolist() == [edited]
+    first = copy.lineage.get("classify")
+    assert first["left_out"] == 1
+    shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
+    assert cli.main(command) == 0  # the same settings and inputs: made again for the image it left out
+    out, err = capsys.readouterr()
+    assert json.loads(out)["images"] == len(copy.images())
+    assert "skipped" not in err and "classify" not in set(copy.problems()["step"])
+    second = copy.lineage.get("classify")
+    assert "left_out" not in second and second["identity"] != first["identity"]
+
+
+def test_translate_names_an_image_edited_since_listing(tiny_run, tmp_path, capsys):
+    """The edited source is not translated (its rows are bad): named in one line and recorded as a
+    problem of step translate. Its bad rows are stored in their shard, as typicality's are: fixed,
+    it is translated when the translations are made again (re-mined, or a new listing), not before."""
+    from conftest import edit_in_place, relisted_copy
+
+    from diffmine.data import CHANGED
+    from diffmine.translate import source_images
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    config = TranslateConfig(images=1, steps=2, shard_size=2)
+    edited = source_images(copy, config.images)["image_id"].iloc[0]
+    edit_in_place(data, edited)
+    capsys.readouterr()
+    pipeline.translate_step(copy, config, progress=False)
+    assert capsys.readouterr().out.splitlines() == [f"skipped {data / edited}: {CHANGED}"]
+    problems = copy.problems()
+    assert problems.loc[problems["step"] == "translate", "image_id"].tolist() == [edited]
+    shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
+    pipeline.translate_step(copy, config, progress=False)
+    assert "translate" in set(copy.problems()["step"])  # up to date: its shard is not made again

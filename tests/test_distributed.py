@@ -112,3 +112,17 @@ def test_a_single_process_rerun_removes_the_parts_a_killed_data_parallel_run_lef
     pipeline.cluster_step(run, ClusterConfig(k=3), FeatureConfig(ensemble=1), progress=False)
     assert [p.name for p in run.features_path.parent.iterdir()] == ["features.npy"]
     assert "parts written" not in status(run)
+
+
+def test_the_gathered_features_keep_the_images_a_process_could_not_read(tmp_path):
+    """A process's part carries the images it skipped: process 0 names them all, and their patches
+    (a process whose images were all bad knows no feature width) have no feature, NaN, not zero."""
+    from diffmine.data import Problem
+    from diffmine.features import _gather_parts, _part_path, _save_part
+
+    bad = Problem("b/1.png", "/data/b/1.png", "cannot decode image")
+    _save_part(_part_path(tmp_path, 0, 2), np.array([0, 2]), np.ones((2, 4), np.float32), [])
+    _save_part(_part_path(tmp_path, 1, 2), np.array([1]), np.zeros((1, 0), np.float32), [bad])
+    features, skipped = _gather_parts(tmp_path, 2, 3)
+    assert skipped == [bad] and not list(tmp_path.iterdir())
+    assert np.isnan(features[1]).all() and (features[[0, 2]] == 1).all()

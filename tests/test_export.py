@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import edit_in_place, relisted_copy
+
 from diffmine import cli, export
 from diffmine.atomic import current_umask
 from diffmine.images import RunImages
@@ -79,16 +81,11 @@ def test_csv_export_and_what_is_refused(run, tmp_path, capsys):
 def test_an_image_edited_since_listing_is_refused_by_the_exports_and_left_out_of_the_report(run, tmp_path, capsys):
     """Its boxes and map were made from the listed bytes: never exported or shown beside others."""
     from diffmine import pipeline
-    from diffmine.report import write_report
-    from diffmine.rundir import Run
+    from diffmine.report import ReportConfig, write_report
 
-    copy, data = Run(tmp_path / "run"), tmp_path / "data"
-    shutil.copytree(run.path, copy.path)
-    shutil.copytree(run.dataset_root, data)
-    pipeline.prepare(copy, data, "A scene from {label}.", "A scene.", 32)  # the same listing, from the copy
-    assert not copy.stale("cluster")
+    copy, data = relisted_copy(run, tmp_path)
     edited = pd.read_parquet(copy.clusters_path)["image_id"].iloc[0]
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / edited)  # same path, other content
+    edit_in_place(data, edited)
     capsys.readouterr()
     for fmt in ("coco", "csv"):
         extra = ["--copy-images"] if fmt == "coco" else []
@@ -104,9 +101,13 @@ def test_an_image_edited_since_listing_is_refused_by_the_exports_and_left_out_of
     # recorded for `status` (where the report's "... more" line sends the reader), until fixed
     problems = copy.problems()
     assert problems.loc[problems["step"] == "report", "image_id"].tolist() == [edited]
+    copy.report_path.unlink()  # `diffmine report` renders it again: its record names the image left out
+    pipeline.report_step(copy, ReportConfig())
+    assert copy.lineage.get("report")["left_out"] == 1
     shutil.copy(run.dataset_root / edited, data / edited)  # the listed bytes back (a new mtime)
-    write_report(copy)
-    assert "report" not in set(copy.problems()["step"])
+    pipeline.report_step(copy, ReportConfig())  # the same inputs: rendered again for the image it left out
+    assert "report: made again" in capsys.readouterr().out
+    assert "report" not in set(copy.problems()["step"]) and "left_out" not in copy.lineage.get("report")
 
 
 def test_csv_cells_that_start_like_a_formula_are_written_as_text(run, tmp_path, monkeypatch):

@@ -373,3 +373,18 @@ def test_rerun_advice_never_echoes_an_edited_command():
     assert lineage.rerun_command(name, {"command": "contrast a; rm -rf ~"}) == "contrast 'a;' rm -rf '~'"
     assert lineage.rerun_command(name, {"command": "typicality ; sh"}) == "contrast"
     assert lineage.rerun_command(name, {"command": "contrast 'unclosed"}) == "contrast"
+
+
+def test_a_result_that_left_images_out_is_another_result_and_is_made_again(tmp_path):
+    """What a result left out (unreadable, or edited since listing) is part of its identity, so the
+    result made once they are fixed makes what was made from it stale; and it is never served as
+    up to date, so the next step call tries them again."""
+    record = lineage.Lineage(tmp_path)
+    settings, inputs = {"samples": 2}, {"listing": "9c1d"}
+    whole = record.put("classify", settings, inputs, "classify")
+    assert lineage.plan(record, "classify", settings, inputs) == "done" and "left_out" not in whole
+    partial = record.put("classify", settings, inputs, "classify", left_out=["b/1.png", "a/0.png"])
+    assert partial["left_out"] == 2 and partial["identity"] != whole["identity"]
+    assert lineage.plan(record, "classify", settings, inputs) == "resume"
+    again = record.put("classify", settings, inputs, "classify", left_out=["a/0.png", "b/1.png"])
+    assert again["identity"] == partial["identity"]  # the same images, in any order: the same result

@@ -181,6 +181,45 @@ def test_feature_batch_size_is_no_part_of_the_features(tiny_run, tmp_path):
     np.testing.assert_allclose(np.load(copy.features_path), stored, rtol=1e-4, atol=1e-5)
 
 
+def test_cluster_leaves_out_an_image_edited_since_listing_until_it_is_fixed(tiny_run, tmp_path, capsys):
+    """Features of an edited image would describe other pixels than its boxes were mined on, and a
+    zero feature would join some cluster: its patches get none (NaN) and are left out of the
+    clusters, the image named in one line and recorded as a problem of step features. Once it is
+    fixed, the next cluster (no --force) describes it again: the very result of the untouched run."""
+    from conftest import edit_in_place, relisted_copy
+
+    from diffmine.clustering import ClusterConfig
+    from diffmine.data import CHANGED
+    from diffmine.features import FEATURE_KINDS, FeatureConfig
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    edited = copy.patches("top")["image_id"].iloc[0]
+    edit_in_place(data, edited)
+    capsys.readouterr()
+    configs = ClusterConfig(k=2), FeatureConfig(ensemble=1)
+    copy.features_path.unlink()  # the features made again, now that the image is edited
+    pipeline.cluster_step(copy, *configs, progress=False)
+    assert f"skipped {data / edited}: {CHANGED}" in capsys.readouterr().out.splitlines()
+    problems = copy.problems()
+    assert problems.loc[problems["step"] == "features", "image_id"].tolist() == [edited]
+    of_edited = (copy.mined_patches(FEATURE_KINDS)["image_id"] == edited).to_numpy()
+    features = np.load(copy.features_path)
+    assert np.isnan(features[of_edited]).all() and np.isfinite(features[~of_edited]).all()
+    assert edited not in set(pd.read_parquet(copy.clusters_path)["image_id"])
+    # another result than the whole one (what was made from the clusters is stale), yet served
+    assert copy.lineage.get("features")["identity"] != tiny_run.lineage.get("features")["identity"]
+    assert not copy.stale("cluster")
+    shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
+    pipeline.cluster_step(copy, *configs, progress=False)
+    out = capsys.readouterr().out
+    assert "features: made again, for the 1 image(s) it left out last time" in out and "skipped" not in out
+    assert "features" not in set(copy.problems()["step"])
+    for name in ("features", "cluster"):
+        assert copy.lineage.get(name)["identity"] == tiny_run.lineage.get(name)["identity"]
+    np.testing.assert_array_equal(np.load(copy.features_path), np.load(tiny_run.features_path))
+    pd.testing.assert_frame_equal(pd.read_parquet(copy.clusters_path), pd.read_parquet(tiny_run.clusters_path))
+
+
 def test_execution_settings_of_cotypicality_and_doersch_are_no_part_of_their_results(tiny_run, tmp_path, capsys):
     """Another --feature-batch-size of co-typicality (it describes a scene's members in one pass) or
     --workers of baseline doersch leaves the expensive result up to date, also when its record was

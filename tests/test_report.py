@@ -184,6 +184,29 @@ def test_compare_draws_both_runs_on_one_colour_scale(tiny_run, monkeypatch):
         assert change_a > 3 * change_b > 0
 
 
+def test_compare_names_an_image_edited_since_listing_and_records_it_until_fixed(tiny_run, tmp_path, capsys):
+    """The compare page leaves the edited image out with one line, as the report does, and the
+    run it belongs to lists it as a problem of step compare until the listed bytes are back."""
+    from conftest import edit_in_place, relisted_copy
+
+    from diffmine.compare import compare_runs
+    from diffmine.data import CHANGED
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    top = copy.patches("top").sort_values("typicality", ascending=False)
+    edited = top["image_id"].iloc[0]  # its label's most typical patch: on the page
+    edit_in_place(data, edited)
+    capsys.readouterr()
+    compare_runs(copy, tiny_run, tmp_path / "page.html", crops=1)
+    assert capsys.readouterr().out.splitlines() == [f"skipped {data / edited}: {CHANGED}"]
+    problems = copy.problems()
+    assert problems.loc[problems["step"] == "compare", "image_id"].tolist() == [edited]
+    assert "compare" not in set(tiny_run.problems()["step"])  # the other run read its own, unchanged image
+    shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
+    compare_runs(copy, tiny_run, tmp_path / "page.html", crops=1)
+    assert capsys.readouterr().out == "" and "compare" not in set(copy.problems()["step"])
+
+
 def test_keep_aspect_images_are_shown_at_their_maps_size(tmp_path):
     """keep-aspect rounds the width to the model's latent factor (50 x 32 at height 32 -> 48 wide,
     not 50): the report and the exports must load the images at the maps' size, not their own."""

@@ -213,3 +213,31 @@ def test_the_control_label_carries_no_constant_element_and_leaves_the_eras_uncha
     assert not (masks / "constant" / "control").exists()
     carriers = [len(list((masks / element / "control").iterdir())) for element in ("growing", "fading")]
     assert carriers == [5, 5]
+
+
+def test_an_image_edited_since_listing_is_named_and_left_out_until_fixed(small, tmp_path, capsys):
+    """Its candidate boxes would be described on other pixels: the image is named in one line,
+    recorded as a problem of step trends and left out of its label's prevalence; once it is fixed,
+    the next trends (no --force) measures it again: the untouched run's document, another result."""
+    from conftest import edit_in_place, relisted_copy
+
+    from diffmine.data import CHANGED
+
+    _, run, result = small
+    copy, data = relisted_copy(run, tmp_path)
+    index = copy.typicality_index()
+    edited = index.loc[index["label"] == ORDER[0], "image_id"].iloc[0]
+    edit_in_place(data, edited)
+    (copy.path / "trends" / "trends.json").unlink()  # made again, now that the image is edited
+    capsys.readouterr()
+    left_out = pipeline.trends_step(copy, ORDER, TrendsConfig(), progress=False)
+    assert capsys.readouterr().out.splitlines().count(f"skipped {data / edited}: {CHANGED}") == 1
+    problems = copy.problems()
+    assert problems.loc[problems["step"] == "trends", "image_id"].tolist() == [edited]
+    assert left_out["images"] == {**result["images"], ORDER[0]: result["images"][ORDER[0]] - 1}
+    partial = copy.lineage.get("trends")
+    shutil.copy(run.dataset_root / edited, data / edited)  # the listed bytes back
+    assert pipeline.trends_step(copy, ORDER, TrendsConfig(), progress=False) == result
+    assert "trends" not in set(copy.problems()["step"])
+    whole = copy.lineage.get("trends")
+    assert partial["left_out"] == 1 and "left_out" not in whole and whole["identity"] != partial["identity"]

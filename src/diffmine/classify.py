@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import write_json, write_table
-from .data import BadImage, image_batches, listed_of, to_model_input
+from .data import BadImage, Problem, image_batches, listed_of, to_model_input
 from .models import Backend
 from .typicality import DEFAULT_SAMPLES, TypicalityConfig, compiled, prompt_errors
 
@@ -103,7 +103,7 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
     images = images.sort_index()
     records = images.to_dict("records")
     backend.denoiser.eval()
-    rows = []
+    rows, skipped = [], []
     # every image costs (M + 1) * K UNet inputs; batch images so a pass holds about batch_size
     per_batch = max(1, (config.batch_size or backend.inputs_per_pass) // ((len(labels) + 1) * config.samples))
     bar = tqdm(total=len(records), desc="classify", unit="img", disable=not progress)
@@ -111,7 +111,9 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
                             backend.latent_factor, per_batch, config.workers, listed_of(images))
     with compiled(backend, config.compile):
         for positions, batch in batches:
-            if not isinstance(batch, BadImage):  # bad images are listed by the typicality step
+            if isinstance(batch, BadImage):
+                skipped.append(Problem(records[positions[0]]["image_id"], batch.path, batch.problem))
+            else:
                 scores = label_scores(backend, to_model_input(batch), prompts, run.prompt(None), config)
                 for i, row in zip(positions, scores):
                     rows.extend(dict(image_id=records[i]["image_id"], label=records[i]["label"],
@@ -119,6 +121,8 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
                                 for c, s in zip(labels, row))
             bar.update(len(positions))
     bar.close()
+    # one line each, recorded as problems of step classify (this result's only: fixed ones go)
+    run.report_skipped("classify", skipped)
     if not rows:
         raise ValueError(f"{run.path}: no readable images to classify")
     scores = pd.DataFrame(rows)

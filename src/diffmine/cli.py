@@ -7,6 +7,7 @@ place; ``diffmine run`` takes every step's flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -292,6 +293,12 @@ def parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
+def _json_alone(args):
+    """With ``--json``, stdout carries the JSON document alone: what the step prints meanwhile (the
+    images it skipped, a kept precision, ...) goes to stderr, where a pipe to ``jq`` leaves it."""
+    return contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+
+
 def cmd_synth(args):
     from .synthetic import generate
 
@@ -418,7 +425,8 @@ def cmd_classify(args):
     from . import pipeline
     from .classify import format_summary
 
-    summary = pipeline.classify_step(Run(args.run), build_config(ClassifyConfig, args), force=args.force)
+    with _json_alone(args):
+        summary = pipeline.classify_step(Run(args.run), build_config(ClassifyConfig, args), force=args.force)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
@@ -468,7 +476,8 @@ def cmd_trends(args):
     from . import pipeline
 
     order = [label.strip() for label in args.order.split(",") if label.strip()]
-    result = pipeline.trends_step(Run(args.run), order, build_config(TrendsConfig, args), force=args.force)
+    with _json_alone(args):
+        result = pipeline.trends_step(Run(args.run), order, build_config(TrendsConfig, args), force=args.force)
     if args.json:
         print(json.dumps(result, indent=2))
         return

@@ -20,6 +20,10 @@ k-means on the DIFT features of each label's top (significant) patches, then:
   ``min_size`` members rank after all others, so the report, which hides them, shows ranks
   1, 2, 3... without gaps.
 
+A patch without a feature (its image unreadable, or changed since it was listed, when the features
+were made) is left out of all of it: the features step names the image, and records it in the
+features' identity, so the clusters made once it is fixed are another result.
+
 Members are ordered by distance to their centroid (nearest first; the authors' co-typicality
 code takes the farthest by mistake).
 """
@@ -168,13 +172,22 @@ def rank_clusters(assignments: np.ndarray, centroids: np.ndarray, features: np.n
     return frame[["cluster", "cluster_rank", "rank_in_cluster", "distance", *clusters.columns.drop("cluster_rank")]]
 
 
+def described(features: np.ndarray) -> np.ndarray:
+    """(N,) bool: the patches that have a feature. ``features.patch_features`` gives the patches of
+    an image it could not read NaN (and no column at all when it could read none)."""
+    return np.isfinite(features).all(1) & (features.shape[1] > 0)
+
+
 def cluster_patches(patches: pd.DataFrame, features: np.ndarray, config: ClusterConfig) -> pd.DataFrame:
     """Cluster each label's top patches separately; returns them with the cluster columns.
 
     Args:
         patches: mined patches of kinds top and rejected (a table without ``kind``: all top)
-        features: (len(patches), D) their DIFT features, unit norm
+        features: (len(patches), D) their DIFT features, unit norm; NaN for a patch whose image
+            could not be read (:func:`described`): left out, of the clusters and of coverage
     """
+    keep = described(features)
+    patches, features = patches[keep].reset_index(drop=True), features[keep]
     kind = patches["kind"] if "kind" in patches else pd.Series("top", index=patches.index)
     parts = []
     for label, group in patches[kind == "top"].groupby("label", sort=True):
@@ -201,7 +214,8 @@ def cluster_patches(patches: pd.DataFrame, features: np.ndarray, config: Cluster
 def run_clustering(run, config: ClusterConfig, patches: pd.DataFrame | None = None, features: Path | None = None,
                    out: Path | None = None) -> pd.DataFrame:
     """Cluster the run's top patches (counting coverage on the rejected ones too), or ``patches``
-    with ``features`` from that file, into ``clusters/patches.parquet`` (or ``out``)."""
+    with ``features`` from that file, into ``clusters/patches.parquet`` (or ``out``); the patches
+    without a feature are left out (their images were named by the features step)."""
     from .features import FEATURE_KINDS
 
     patches = run.mined_patches(FEATURE_KINDS) if patches is None else patches

@@ -159,6 +159,10 @@ def build_context(run_a: Run, run_b: Run, examples: int = 4, crops: int = 10, cr
         image = ex["image"]
         ex.update(image=png_data_uri(image), a=png_data_uri(overlay(image, ex["a"], scale)),
                   b=png_data_uri(overlay(image, ex["b"], scale)))
+    # the images left out of the page (unreadable, or changed since their run listed them): one line
+    # each, recorded in their own run as problems of step compare (this page's only: fixed ones go)
+    for run, images in ((run_a, images_a), (run_b, images_b)):
+        run.report_skipped("compare", list(images.problems.values()))
     return {
         "title": f"diffmine compare: {run_a.path.name} vs {run_b.path.name}",
         "a": {"path": str(run_a.path), "model": _model_name(run_a)},

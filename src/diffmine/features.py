@@ -4,6 +4,8 @@ The image is noised at t = 0.161 (of the diffusion time), the UNet runs label-co
 the output of one up-block is read with a forward hook; the forward pass stops right after that
 block (the rest of the UNet is not needed). Optionally averaged over an ensemble of noise
 draws. Each patch's feature is the mean over its box mapped to the feature grid, L2-normalised.
+A patch whose image cannot be read (or changed since it was listed) gets none (NaN): clustering
+leaves it out, and the step names the image.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .atomic import write_with
-from .data import BadImage, image_batches, listed_by_id, to_model_input
+from .data import BadImage, Problem, image_batches, listed_by_id, to_model_input
 from .models import Backend
 from .typicality import _barrier, autocast, draw_noise
 
@@ -106,56 +108,70 @@ def feature_blocks(n_images: int, batch_size: int, process_index: int = 0, num_p
 
 def patch_features(backend: Backend, patches: pd.DataFrame, paths: dict[str, str], prompt_of: dict[str, str],
                    resolution: int, resize: str, config: FeatureConfig, progress: bool = True,
-                   process_index: int | None = None, listed: dict[str, tuple] | None = None) -> np.ndarray:
-    """(len(patches), C) DIFT features, rows aligned with ``patches``; each image is run once.
+                   process_index: int | None = None,
+                   listed: dict[str, tuple] | None = None) -> tuple[np.ndarray, list[Problem]]:
+    """(len(patches), C) DIFT features, rows aligned with ``patches`` (each image is run once), and
+    the images that could not be read.
 
     Images go through the model in blocks of ``config.batch_size`` (see :func:`feature_blocks`).
-    A bad image's patches get zero features (it is listed in typicality already); C is 0 if no
-    image could be read. ``process_index``: of a data-parallel run, for its own progress bar.
-    ``listed``: each image's (size, mtime_ns, fingerprint) in the listing (``data.listed_by_id``): an
-    image edited since is bad, not described at boxes mined on other pixels.
+    A bad image's patches get NaN, no feature (``clustering.described``): a zero vector would join
+    some cluster (the zero patches of one image even make one of their own) and pull its centroid
+    towards nothing it shows; C is 0 if no image could be read. ``process_index``: of a
+    data-parallel run, for its own progress bar. ``listed``: each image's (size, mtime_ns,
+    fingerprint) in the listing (``data.listed_by_id``): an image edited since is bad, not
+    described at boxes mined on other pixels.
     """
     backend.denoiser.eval()
     image_ids = list(dict.fromkeys(patches["image_id"]))
     by_image = {i: g for i, g in patches.reset_index(drop=True).groupby("image_id")}
-    features = np.zeros((len(patches), 0), np.float32)
+    features, skipped = np.full((len(patches), 0), np.nan, np.float32), []
     bar = tqdm(total=len(image_ids), desc="features" if process_index is None else f"features [{process_index}]",
                unit="img", position=process_index or 0, disable=not progress)
     for start in range(0, len(image_ids), config.batch_size):
         block = image_ids[start:start + config.batch_size]
         for positions, batch in image_batches([paths[i] for i in block], resolution, resize, backend.latent_factor,
                                               config.batch_size, listed=[listed[i] for i in block] if listed else None):
-            if not isinstance(batch, BadImage):
+            if isinstance(batch, BadImage):
+                skipped.append(Problem(block[positions[0]], batch.path, batch.problem))
+            else:
                 prompts = [prompt_of[by_image[block[n]]["label"].iloc[0]] for n in positions]
                 maps = dift_feature_maps(backend, to_model_input(batch), prompts, config)
                 for n, feature_map in zip(positions, maps):
                     group = by_image[block[n]]
                     pooled = pool_boxes(feature_map, group[["x0", "y0", "x1", "y1"]].to_numpy(), batch.shape[1:3])
                     if not features.shape[1]:
-                        features = np.zeros((len(patches), pooled.shape[1]), np.float32)
+                        features = np.full((len(patches), pooled.shape[1]), np.nan, np.float32)
                     features[group.index.to_numpy()] = pooled
             bar.update(len(positions))
     bar.close()
-    return features
+    return features, skipped
 
 
 def _part_path(directory: Path, process_index: int, num_processes: int) -> Path:
     return directory / f"part-{process_index:05d}-of-{num_processes:05d}.npz"
 
 
-def _gather_parts(directory: Path, num_processes: int, n_rows: int) -> np.ndarray:
-    """(n_rows, C) features assembled from every process's part; the parts are removed (with
-    any left by a killed run of another number of processes)."""
-    parts = []
+def _save_part(path: Path, rows: np.ndarray, features: np.ndarray, skipped: list[Problem]) -> None:
+    """One process's features (at ``rows`` of the whole) and the images it could not read."""
+    bad = np.array([[p.image_id, p.path, p.problem] for p in skipped], dtype=str).reshape(-1, 3)
+    write_with(path, lambda f: np.savez(f, rows=rows, features=features, skipped=bad))
+
+
+def _gather_parts(directory: Path, num_processes: int, n_rows: int) -> tuple[np.ndarray, list[Problem]]:
+    """(n_rows, C) features assembled from every process's part, and the images the processes
+    could not read (in process order); the parts are removed (with any left by a killed run of
+    another number of processes)."""
+    parts, skipped = [], []
     for r in range(num_processes):
         with np.load(_part_path(directory, r, num_processes)) as part:
             parts.append((part["rows"], part["features"]))
+            skipped += [Problem(*row) for row in part["skipped"].tolist()]
     _remove_parts(directory)
-    features = np.zeros((n_rows, max(f.shape[1] for _, f in parts)), np.float32)
+    features = np.full((n_rows, max(f.shape[1] for _, f in parts)), np.nan, np.float32)
     for rows, part in parts:
         if part.shape[1]:  # a process whose images were all bad knows no width
             features[rows] = part
-    return features
+    return features, skipped
 
 
 def _remove_parts(directory: Path) -> None:
@@ -166,15 +182,16 @@ def _remove_parts(directory: Path) -> None:
 
 def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = True,
                  process_index: int = 0, num_processes: int = 1, patches: pd.DataFrame | None = None,
-                 out: Path | None = None) -> np.ndarray | None:
+                 out: Path | None = None, step: str = "features") -> np.ndarray | None:
     """DIFT features of the run's top and rejected patches -> ``features/features.npy`` (rows of
     ``run.mined_patches(FEATURE_KINDS)``: clustering clusters the top ones and counts coverage on all).
 
     Data-parallel over ``num_processes`` (torch.distributed): each process computes the images
-    of :func:`feature_blocks` and writes ``features/part-RANK-of-WORLD.npz`` (its row indices and
-    features); after a barrier process 0 gathers them. Returns the (N, C) features on process 0,
-    None on the others. ``patches`` and ``out``: other patches (a contrast's) and where their
-    features go.
+    of :func:`feature_blocks` and writes ``features/part-RANK-of-WORLD.npz`` (its row indices,
+    features and unreadable images); after a barrier process 0 gathers them. Returns the (N, C)
+    features on process 0, None on the others. ``patches``, ``out`` and ``step``: other patches (a
+    contrast's), where their features go and the step that names the images left out (one line
+    each, recorded as its problems: the patches of an image that could not be read have none).
     """
     patches = run.mined_patches(FEATURE_KINDS) if patches is None else patches
     out = run.features_path if out is None else out
@@ -185,19 +202,19 @@ def run_features(run, backend: Backend, config: FeatureConfig, progress: bool = 
     image_ids = list(dict.fromkeys(patches["image_id"]))
     mine = [image_ids[i] for i in feature_blocks(len(image_ids), config.batch_size, process_index, num_processes)]
     rows = np.flatnonzero(patches["image_id"].isin(mine).to_numpy())
-    part = patch_features(backend, patches.iloc[rows], paths, prompt_of, dataset["resolution"], dataset["resize"],
-                          config, progress, process_index if num_processes > 1 else None,
-                          listed_by_id(images))
+    part, skipped = patch_features(backend, patches.iloc[rows], paths, prompt_of, dataset["resolution"],
+                                   dataset["resize"], config, progress, process_index if num_processes > 1 else None,
+                                   listed_by_id(images))
     if num_processes == 1:
         features = part
         _remove_parts(out.parent)  # a killed data-parallel run's, which status would report as still to gather
     else:
         directory = out.parent
-        write_with(_part_path(directory, process_index, num_processes),
-                         lambda f: np.savez(f, rows=rows, features=part))
+        _save_part(_part_path(directory, process_index, num_processes), rows, part, skipped)
         _barrier(num_processes)
         if process_index != 0:
             return None
-        features = _gather_parts(directory, num_processes, len(patches))
+        features, skipped = _gather_parts(directory, num_processes, len(patches))
     write_with(out, lambda f: np.save(f, features))
+    run.report_skipped(step, skipped)
     return features

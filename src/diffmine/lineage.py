@@ -32,7 +32,8 @@ made by version 1.
 The rules every step follows (:func:`plan`):
 
 - settings and inputs equal to the record, result complete: nothing to do;
-- equal, result incomplete: resume;
+- equal, result incomplete, or made with images left out (unreadable, or changed since listing:
+  they may be fixed since): resume;
 - an input changed: the result is stale and is recomputed (for typicality a changed listing
   only adds the new images' maps);
 - an expensive result (the model, typicality, translations, co-typicality, baselines: hours of
@@ -154,14 +155,22 @@ class Lineage:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def put(self, name: str, settings: dict, inputs: dict, command: str, identity: str | None = None,
-            complete: bool = True, **extra) -> dict:
+            complete: bool = True, left_out: list[str] = (), **extra) -> dict:
         """Record result ``name``; its identity defaults to the hash of its settings and inputs (and
-        of its method version when past 1)."""
+        of its method version when past 1, and of ``left_out`` when not empty).
+
+        ``left_out``: the image ids the result had to leave out (unreadable, or changed since they
+        were listed). They are part of its identity: the result made again once they are fixed is
+        another one, and what was made from it is stale. The record counts them, and :func:`plan`
+        makes the result again rather than serve it."""
         method = method_of(name)
-        identity = identity or digest([settings, inputs] + ([method] if method > 1 else []))
+        left_out = sorted(left_out)
+        identity = identity or digest([settings, inputs] + ([method] if method > 1 else [])
+                                      + ([{"left_out": left_out}] if left_out else []))
         record = {"settings": canonical(settings), "inputs": canonical(inputs), "identity": identity,
                   "complete": complete, "command": command, "method": method,
-                  "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), **canonical(extra)}
+                  "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  **({"left_out": len(left_out)} if left_out else {}), **canonical(extra)}
         with self._editing() as records:
             records[name] = record
         return record
@@ -183,7 +192,7 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
     """What a step must do with result ``name`` given the settings and inputs it was asked for.
 
     Returns ``"new"`` (no result yet), ``"done"`` (up to date), ``"resume"`` (same settings and
-    inputs but incomplete; or only an ``incremental`` input changed) or ``"replace"`` (stale, or
+    inputs but incomplete or with images left out; or only an ``incremental`` input changed) or ``"replace"`` (stale, or
     ``force``). Raises LineageError where replacing would discard hours of work the user did not
     ask to discard: an ``expensive`` result whose own settings (or method version) changed, or a
     ``guard_inputs`` result (the model) whose inputs changed.
@@ -194,7 +203,8 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
     settings, inputs = canonical(settings), canonical(inputs)
     changed = differences(record["settings"], settings) + [f"method: {c}" for c in _method_change(record, name)]
     if not changed and record["inputs"] == inputs:
-        return "done" if record.get("complete") else "resume"
+        # a result that left images out is made again: they may be fixed since (else it leaves them out again)
+        return "done" if record.get("complete") and not record.get("left_out") else "resume"
     if force:
         return "replace"
     changed_inputs = [k for k in sorted(set(record["inputs"]) | set(inputs)) if record["inputs"].get(k) != inputs.get(k)]

@@ -65,6 +65,9 @@ def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, out
     files = (*run.result_files(name), *outputs)
     if action == "done" and not all(path.is_file() for path in files):
         return "replace"
+    left_out = (run.lineage.get(name) or {}).get("left_out")
+    if action == "resume" and left_out and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{name}: made again, for the {left_out} image(s) it left out last time")
     if action == "replace" and rules.get("expensive") and int(os.environ.get("RANK", "0")) == 0:
         # an expensive result is replaced only on --force or because what it was made from changed
         # (then it is stale, never served again): either way, say so rather than delete in silence
@@ -587,7 +590,8 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
                 run.lineage.drop("features", "cluster")
             run_features(run, backend, features, progress, rank, world)
             if rank == 0:
-                run.lineage.put("features", feature_settings, feature_inputs, "cluster")
+                run.lineage.put("features", feature_settings, feature_inputs, "cluster",
+                                left_out=run.left_out("features"))
         if rank != 0:
             return None
         settings, inputs = asdict(config), {"features": run.lineage.get("features")["identity"]}
@@ -642,9 +646,11 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
             store = run.contrast_store(a, b)
             patches, k = run_mining(run, mine, progress, store, directory / "patches.parquet")
             described = patches[patches["kind"].isin(FEATURE_KINDS)].reset_index(drop=True)
-            run_features(run, backend, features, progress, patches=described, out=directory / "features.npy")
+            run_features(run, backend, features, progress, patches=described, out=directory / "features.npy",
+                         step=elements)
             run_clustering(run, cluster, described, directory / "features.npy", directory / "clusters.parquet")
-            run.lineage.put(elements, element_settings, element_inputs, command, patch=k)
+            run.lineage.put(elements, element_settings, element_inputs, command, patch=k,
+                            left_out=run.left_out(elements))
             write_contrast_page(run, a, b)
         else:
             print("contrast: elements up to date")
@@ -668,7 +674,7 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
         run.lineage.drop("trends")
         result = run_trends(run, scoring_model(run), list(order), config, progress)
         write_trends_page(run, result)  # before the record: a step recorded up to date has its page
-        run.lineage.put("trends", settings, inputs, "trends")
+        run.lineage.put("trends", settings, inputs, "trends", left_out=run.left_out("trends"))
         return result
 
 
@@ -691,7 +697,7 @@ def report_step(run: Run, config, masks: str | Path | None = None, force: bool =
             return run.report_path
         evaluation = evaluate_run(run, masks) if masks else None
         path = write_report(run, config, evaluation, fresh=set(inputs))
-        run.lineage.put("report", settings, inputs, "report")
+        run.lineage.put("report", settings, inputs, "report", left_out=run.left_out("report"))
         return path
 
 
@@ -714,7 +720,7 @@ def classify_step(run: Run, config, progress: bool = True, force: bool = False) 
         # scores.parquet and summary.json are written one after the other: never under the old record
         run.lineage.drop("classify")
         summary = run_classify(run, backend, config, progress)
-        run.lineage.put("classify", settings, inputs, "classify")
+        run.lineage.put("classify", settings, inputs, "classify", left_out=run.left_out("classify"))
         return summary
 
 

@@ -37,7 +37,6 @@ from .atomic import write_bytes
 from .images import RunImages, colorbar, draw_boxes, figure_png, heat_colours, map_scale, overlay, png_bytes
 from .localize import report_section
 from .pages import report_links
-from .terminal import print_problems
 
 HELP = {
     "clusters": "clusters shown per label (0: all)", "per_cluster": "crops per cluster row on a label page",
@@ -413,10 +412,7 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         "scale": scale, "legend": legend}).encode())
     # the images left out of the pages (unreadable, or changed since they were listed): one line
     # each, and recorded for `status` and the `problems` table (this render's only: fixed ones go)
-    problems = list(pages.images.problems.values())
-    if problems or "report" in set(run.problems()["step"]):
-        run.record_problems("report", problems)
-    print_problems(problems, run.path)
+    run.report_skipped("report", list(pages.images.problems.values()))
 
 
 def write_report(run, config: ReportConfig = ReportConfig(), evaluation: dict | None = None,

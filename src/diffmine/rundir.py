@@ -31,6 +31,7 @@ Parquet file can be queried with DuckDB, e.g.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from functools import cached_property
@@ -44,9 +45,11 @@ import pyarrow.parquet as pq
 from .atomic import write_table
 from .data import Problem
 from .lineage import Lineage, LineageError, command_of, require_fresh, stale_reasons
+from .terminal import print_problems
 
 # in RUN/model: the image ids the trained model saw (no part of its identity: a record of its training set)
 TRAINED_ON_FILE = "trained-on.parquet"
+PROBLEM_COLUMNS = ["image_id", "path", "step", "problem"]  # of problems.parquet
 
 
 class RunError(ValueError):
@@ -226,11 +229,32 @@ class Run:
     def record_problems(self, step: str, problems: list[Problem]) -> None:
         """Append skipped images to problems.parquet (replacing earlier records of this step)."""
         path = self.path / "problems.parquet"
-        old = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["image_id", "path", "step", "problem"])
-        old = old[old["step"] != step]
-        new = pd.DataFrame([{"image_id": p.image_id, "path": p.path, "step": step, "problem": p.problem} for p in problems],
-                           columns=["image_id", "path", "step", "problem"])
-        write_table(pa.Table.from_pandas(pd.concat([old, new], ignore_index=True), preserve_index=False), path)
+        # read-modify-write under a lock: steps of one run may finish at once (each holds only its own
+        # step lock), and a lost record would lose what a result left out (see ``left_out``)
+        with open(self.path / ".problems.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
+            old = old[old["step"] != step]
+            new = pd.DataFrame([{"image_id": p.image_id, "path": p.path, "step": step, "problem": p.problem}
+                                for p in problems], columns=PROBLEM_COLUMNS)
+            write_table(pa.Table.from_pandas(pd.concat([old, new], ignore_index=True), preserve_index=False), path)
+
+    def report_skipped(self, step: str, problems: list[Problem]) -> None:
+        """The images ``step`` left out (unreadable, or changed since they were listed): one line
+        each on the terminal (the first ten), and recorded as the step's problems for `status`,
+        replacing its earlier ones, so an image fixed since is no longer named. A step that skipped
+        nothing and had nothing recorded writes nothing (a run that is only read stays unwritten)."""
+        if problems or self.left_out(step):
+            self.record_problems(step, problems)
+        print_problems(problems, self.path)
+
+    def left_out(self, step: str) -> list[str]:
+        """The image ids recorded as left out by ``step`` (:meth:`report_skipped`), sorted."""
+        path = self.path / "problems.parquet"
+        if not path.is_file():
+            return []
+        steps = pd.read_parquet(path, columns=["image_id", "step"])
+        return sorted(steps.loc[steps["step"] == step, "image_id"])
 
     def problems(self) -> pd.DataFrame:
         """Every image skipped so far, with the step and the problem."""
@@ -241,7 +265,7 @@ class Run:
             bad = index[index["status"] != "ok"]
             frames.append(pd.DataFrame({"image_id": bad["image_id"], "path": bad["path"], "step": "typicality", "problem": bad["problem"]}))
         if not frames:
-            return pd.DataFrame(columns=["image_id", "path", "step", "problem"])
+            return pd.DataFrame(columns=PROBLEM_COLUMNS)
         return pd.concat(frames, ignore_index=True).drop_duplicates(["image_id", "problem"])
 
     # -- typicality -----------------------------------------------------------------------

@@ -20,7 +20,9 @@ def _state(run, name: str) -> str:
     if gone and not reasons:
         return f"its file {gone[0]} is gone: re-run `diffmine {command_of(name)} --run {run.path}`"
     if not reasons:
-        return "done"
+        left_out = (run.lineage.get(name) or {}).get("left_out")
+        return (f"done, {left_out} image(s) left out (listed below; the next `diffmine {command_of(name)}` "
+                "tries them again)") if left_out else "done"
     reason, command = reasons[0]
     return f"out of date ({reason}): re-run `diffmine {command} --run {run.path}`"
 

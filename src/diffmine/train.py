@@ -31,7 +31,6 @@ from .data import BadImage, Problem, listed_of, load_image, to_model_input
 from .models import Backend
 from .models.base import WEIGHTS_FILE, read_weights, save_weights
 from .rundir import TRAINED_ON_FILE, RunError
-from .terminal import print_problems
 
 
 @dataclass
@@ -299,8 +298,7 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         # them otherwise, and a held-out score must not count an image the model trained on
         write_table(pa.table({"image_id": images["image_id"].tolist()}), model_dir / TRAINED_ON_FILE)
         problems = [Problem(images["image_id"][i], images["path"][i], p) for i, p in sorted(cache.bad.items())]
-        run.record_problems("train", problems)
-        print_problems(problems, run.path)
+        run.report_skipped("train", problems)
     accelerator.wait_for_everyone()
     if metrics is not None:
         metrics.close()

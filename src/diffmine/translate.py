@@ -35,7 +35,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from .data import BadImage, image_batches, listed_of, to_model_input
+from .data import BadImage, Problem, image_batches, listed_of, to_model_input
 from .models import Backend
 from .shards import missing_shards, write_shard
 from .typicality import autocast, draw_noise
@@ -350,4 +350,9 @@ def run_translate(run, backend: Backend, config: TranslateConfig, progress: bool
                                      dataset["resolution"], dataset["resize"], bar)
         write_shard(directory, name, arrays, rows, SHARD_SCHEMA)
     bar.close()
+    # the images left out (unreadable, or changed since listing: a bad row per target label), this
+    # call's shards and those of a run it resumed: one line each, recorded as problems of step translate
+    index = run.translations_index()
+    bad = index[index["status"] == "bad"].drop_duplicates("image_id")
+    run.report_skipped("translate", [Problem(r.image_id, r.path, r.problem) for r in bad.itertuples()])
     return len(todo)

@@ -45,6 +45,7 @@ from scipy.stats import spearmanr
 from skimage.filters import threshold_multiotsu
 
 from .atomic import read_npy, write_json
+from .clustering import described
 from .data import listed_by_id
 from .features import FEATURE_KINDS, FeatureConfig, patch_features
 from .mining import greedy_boxes, patch_scores
@@ -224,6 +225,7 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
     E = len(groups)
     best_match = np.full((len(images), E), np.nan)
     best_typicality = np.full((len(images), E), np.nan)
+    skipped = []  # the images that could not be read: named, and left out of the measures
     for start in range(0, len(images), config.chunk):
         chunk = images.iloc[start:start + config.chunk]
         boxes = [candidate_boxes(int(r.height), int(r.width), k, stride) if config.candidates == "grid"
@@ -231,23 +233,31 @@ def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, pr
         candidates = pd.DataFrame(np.concatenate(boxes), columns=["x0", "y0", "x1", "y1"])
         candidates["image_id"] = np.repeat(chunk["image_id"].to_numpy(), [len(b) for b in boxes])
         candidates["label"] = np.repeat(chunk["label"].to_numpy(), [len(b) for b in boxes])
-        features = patch_features(backend, candidates, paths, prompt_of, dataset["resolution"], dataset["resize"],
-                                  feature_config, progress, listed=listed)
+        features, bad = patch_features(backend, candidates, paths, prompt_of, dataset["resolution"],
+                                       dataset["resize"], feature_config, progress, listed=listed)
+        skipped += bad
         if not features.shape[1]:
             continue  # no readable image in this chunk
         similarity = features @ centroids.T  # (candidates, E)
         offsets = np.cumsum([0] + [len(b) for b in boxes])
+        readable = described(features)
         for n, r in enumerate(chunk.itertuples()):
+            if not readable[offsets[n]]:
+                continue  # left out below
             sim = similarity[offsets[n]:offsets[n + 1]]
             best = sim.argmax(0)  # (E,) the box nearest to each centroid
             best_match[start + n] = sim[best, np.arange(E)]
             scores = patch_scores(store.pixel(r.image_id), k)
             x0, y0 = boxes[n][best, 0], boxes[n][best, 1]
             best_typicality[start + n] = scores[y0, x0]
+    run.report_skipped("trends", skipped)
+    # an image that could not be read is left out: neither with the element nor without it
+    measured = ~images["image_id"].isin([p.image_id for p in skipped]).to_numpy()
+    best_match, best_typicality = best_match[measured], best_typicality[measured]
+    labels = images["label"].to_numpy()[measured]
     thresholds = element_thresholds(best_match, thresholds, config.threshold)
-    present = best_match >= thresholds  # NaN (an unreadable image) is never present
+    present = best_match >= thresholds
     elements = []
-    labels = images["label"].to_numpy()
     for e, (label, cluster, members) in enumerate(groups):
         prevalence, typicality = [], []
         for name in order:

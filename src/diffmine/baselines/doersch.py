@@ -80,7 +80,6 @@ from ..atomic import write_json, write_table
 from ..data import BadImage, Dataset, Problem, iter_images, listed_of
 from ..flags import add_config, add_run_args
 from ..rundir import Run
-from ..terminal import print_problems
 
 OUTPUT = Path("baselines") / "doersch"
 PRESETS = ("data", "paper")
@@ -613,9 +612,7 @@ def run_doersch(run: Run, config: DoerschConfig = DoerschConfig(), positive: str
     timings: dict[str, float] = {}
     bank = _as_bank(run, config, None, "square", progress)
     n_features = bank.features.nbytes
-    if bank.problems:
-        run.record_problems("baseline-doersch", bank.problems)
-        print_problems(bank.problems, run.path)
+    run.report_skipped("baseline-doersch", bank.problems)  # replacing the last run's: fixed ones go
     mined = []
     for label in ([positive] if positive is not None else labels):
         if label not in set(bank.labels):
