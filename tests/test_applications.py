@@ -225,3 +225,32 @@ def test_translate_names_an_image_edited_since_listing(tiny_run, tmp_path, capsy
     shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
     pipeline.translate_step(copy, config, progress=False)
     assert "translate" in set(copy.problems()["step"])  # up to date: its shard is not made again
+
+
+def test_a_result_that_left_out_a_corrupt_listed_image_is_not_made_again(tiny_run, tmp_path, capsys):
+    """A file listed corrupt stays so until it is listed anew (which makes every result stale
+    anyway): classify names it once, records it, and the next classify is up to date, as a run over a
+    large collection with a few broken files must be. Only a problem that may be fixed while the
+    listing stays (a file changed since listing, an unreadable one) has a result made again."""
+    from conftest import relisted_copy
+
+    from diffmine.data import CHANGED, Problem
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    broken = copy.images()["image_id"].iloc[0]
+    (data / broken).write_bytes(b"not an image")
+    pipeline.prepare(copy, data, "A scene from {label}.", "A scene.", 32)
+    assert cli.main(["typicality", "--run", str(copy.path), "--samples", "2", "--shard-size", "4"]) == 0
+    command = ["classify", "--run", str(copy.path), "--per-label", "0", "--samples", "2", "--json"]
+    capsys.readouterr()
+    assert cli.main(command) == 0
+    assert f"skipped {data / broken}" in capsys.readouterr().err
+    first = copy.lineage.get("classify")
+    assert "left_out" not in first and copy.skipped_by("classify") == [broken]
+    assert cli.main(command) == 0
+    assert "skipped" not in capsys.readouterr().err  # not read again: up to date
+    assert copy.lineage.get("classify") == first
+    # beside it, an image changed since listing is what a result records as left out
+    copy.record_problems("classify", [Problem(broken, str(data / broken), "corrupt"), Problem("b", "b", CHANGED)])
+    assert copy.skipped_by("classify") == ["b", broken] if "b" < broken else [broken, "b"]
+    assert copy.left_out("classify") == ["b"]

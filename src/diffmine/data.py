@@ -747,6 +747,12 @@ CHANGED = ("changed since `diffmine prepare` listed it (its bytes no longer matc
            "re-run `diffmine prepare` to list it anew")
 
 
+def problem_may_be_fixed(problem: str) -> bool:
+    """Whether an image's problem can go away without listing it anew: a file changed since it was
+    listed (restored), or one that could not be read (missing, unmounted, no permission)."""
+    return problem == CHANGED or problem.startswith("cannot read")
+
+
 def listed_of(rows) -> list[tuple[int, int, str]]:
     """(size, mtime_ns, fingerprint) of each row of a run's listing, or of a frame that took those
     columns from it: what :func:`load_image` checks each image against."""

@@ -59,6 +59,7 @@ from .atomic import write_json
 LINEAGE_FILE = "lineage.json"
 LOCK_DIR = ".locks"
 LINEAGE_LOCK = ".lineage.lock"  # in the run's root: every edit of lineage.json holds it
+PROBLEMS_LOCK = ".problems.lock"  # in the run's root: every edit of problems.parquet holds it
 GATE = "gate.lock"  # in LOCK_DIR: see step_lock and quiet_run
 # results that are identified by their content (not by what made them): a reader checks
 # freshness up to them and no further (a model is what it is, whatever it was trained on)
@@ -352,7 +353,7 @@ def quiet_run(run_path: str | Path):
         fcntl.flock(gate, fcntl.LOCK_EX)
         held.callback(fcntl.flock, gate, fcntl.LOCK_UN)
         running = []
-        for path in sorted((run_path / LOCK_DIR).glob("*.lock")) + [run_path / LINEAGE_LOCK]:
+        for path in sorted((run_path / LOCK_DIR).glob("*.lock")) + [run_path / LINEAGE_LOCK, run_path / PROBLEMS_LOCK]:
             if path.name == GATE or not path.is_file():
                 continue
             lock = held.enter_context(open(path))  # read: an existing file, never created or written here
@@ -369,7 +370,7 @@ def quiet_run(run_path: str | Path):
 
 def _holder(lock_name: str) -> str:
     """What holds the lock file ``lock_name``, in words: the step (its data-parallel workers)."""
-    if lock_name == LINEAGE_LOCK:
-        return "an edit of lineage.json"
+    if lock_name in (LINEAGE_LOCK, PROBLEMS_LOCK):
+        return f"an edit of {'lineage.json' if lock_name == LINEAGE_LOCK else 'problems.parquet'}"
     step = lock_name.removesuffix(".lock")
     return f"{step.removesuffix('.workers')} (data-parallel workers)" if step.endswith(".workers") else step

@@ -128,7 +128,7 @@ def write_trends_page(run, result: dict, per_element: int = 6, limit: int = 40) 
                                                "cells": list(zip(result["order"], element["prevalence"], element["typicality"]))})
     html = _render("trends.html.j2", order=result["order"], sections=sections, crop_px=CROP_PX,
                    total=len(result["elements"]), shown=min(limit, len(result["elements"])))
-    said = set(run.left_out("trends"))  # named by the measure already (run_trends): one line per image
+    said = set(run.skipped_by("trends"))  # named by the measure already (run_trends): one line per image
     print_problems([p for p in images.problems.values() if p.image_id not in said], run.path)
     return write_text(page, html)
 

@@ -43,8 +43,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import write_table
-from .data import Problem
-from .lineage import Lineage, LineageError, command_of, require_fresh, stale_reasons
+from .data import Problem, problem_may_be_fixed
+from .lineage import PROBLEMS_LOCK, Lineage, LineageError, command_of, require_fresh, stale_reasons
 from .terminal import print_problems
 
 # in RUN/model: the image ids the trained model saw (no part of its identity: a record of its training set)
@@ -231,7 +231,7 @@ class Run:
         path = self.path / "problems.parquet"
         # read-modify-write under a lock: steps of one run may finish at once (each holds only its own
         # step lock), and a lost record would lose what a result left out (see ``left_out``)
-        with open(self.path / ".problems.lock", "a") as lock:
+        with open(self.path / PROBLEMS_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
             old = old[old["step"] != step]
@@ -244,17 +244,31 @@ class Run:
         each on the terminal (the first ten), and recorded as the step's problems for `status`,
         replacing its earlier ones, so an image fixed since is no longer named. A step that skipped
         nothing and had nothing recorded writes nothing (a run that is only read stays unwritten)."""
-        if problems or self.left_out(step):
+        if problems or self.skipped_by(step):
             self.record_problems(step, problems)
         print_problems(problems, self.path)
 
-    def left_out(self, step: str) -> list[str]:
-        """The image ids recorded as left out by ``step`` (:meth:`report_skipped`), sorted."""
+    def skipped_by(self, step: str, may_be_fixed: bool = False) -> list[str]:
+        """The image ids recorded as skipped by ``step`` (:meth:`report_skipped`), sorted.
+
+        ``may_be_fixed``: only those whose problem can go away while the listing stays as it is (a
+        file changed since listing can be restored, an unreadable one mounted): a result that left
+        them out is made again by the next call of its step (``Lineage.put(left_out=...)``). A file
+        that was read as listed and cannot be used (corrupt, too large) stays so until it is listed
+        anew, which makes every result from the listing stale anyway; re-making a result for it at
+        every call would break "nothing to do twice" on any large collection."""
         path = self.path / "problems.parquet"
         if not path.is_file():
             return []
-        steps = pd.read_parquet(path, columns=["image_id", "step"])
-        return sorted(steps.loc[steps["step"] == step, "image_id"])
+        recorded = pd.read_parquet(path, columns=["image_id", "step", "problem"])
+        recorded = recorded[recorded["step"] == step]
+        if may_be_fixed:
+            recorded = recorded[np.array([problem_may_be_fixed(p) for p in recorded["problem"]], dtype=bool)]
+        return sorted(recorded["image_id"])
+
+    def left_out(self, step: str) -> list[str]:
+        """What a result of ``step`` records as left out: :meth:`skipped_by` that may be fixed."""
+        return self.skipped_by(step, may_be_fixed=True)
 
     def problems(self) -> pd.DataFrame:
         """Every image skipped so far, with the step and the problem."""
