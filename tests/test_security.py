@@ -121,6 +121,11 @@ def test_query_reads_the_run_tables(table_run):
     assert counts.to_dict("list") == {"label": ["a", "b"], "n": [1, 2]}
 
 
+def test_query_serves_an_empty_problems_table_when_nothing_was_skipped(table_run):
+    assert query(table_run, "SELECT count(*) AS n FROM problems")["n"].tolist() == [0]
+    assert query(table_run, "SELECT image_id, problem FROM problems WHERE step = 'listing'").empty
+
+
 def test_query_cannot_read_other_files(table_run, tmp_path):
     secret = tmp_path / "secret.csv"
     secret.write_text("x\n42\n")

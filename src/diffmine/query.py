@@ -23,9 +23,8 @@ def tables(run) -> dict[str, list[str] | pd.DataFrame]:
     found: dict[str, list[str] | pd.DataFrame] = {}
     if run.images_path.is_file():
         found["images"] = [str(run.images_path)]
-    problems = run.problems()  # the listing's and training's file, and the images typicality could not read
-    if len(problems):
-        found["problems"] = problems
+    # the listing's and training's file, and the images typicality could not read (empty: none)
+    found["problems"] = run.problems()
     if run.lineage.get("typicality") is not None and not [r for r, _ in run.stale("typicality")
                                                           if "listing" not in r and "incomplete" not in r]:
         index = run.typicality_index(missing_ok=True)
