@@ -83,6 +83,31 @@ def test_step_before_training_says_what_to_run(tmp_path, capsys):
     assert "diffmine typicality" in capsys.readouterr().err
 
 
+def test_an_error_line_shows_untrusted_text_escaped(tmp_path, capsys):
+    """A path (or label) in the one error line cannot send the terminal control sequences."""
+    run = tmp_path / "run\x1b]0;owned\x07"
+    assert main(["export", "--run", str(run), "--format", "csv", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "run\\x1b]0;owned\\x07" in err
+
+
+def test_output_cut_short_by_the_reader_is_no_error(tmp_path):
+    """`diffmine query ... | head -1`: the reader closes the pipe; no "error: Broken pipe" line."""
+    from diffmine.pipeline import prepare
+    from diffmine.rundir import Run
+    from diffmine.synthetic import SynthConfig, generate
+
+    data = generate(tmp_path / "data", SynthConfig(labels=2, per_label=4, size=16), progress=False)
+    prepare(Run(tmp_path / "run"), data, "A scene from {label}.", "A scene.", 16)
+    query = "SELECT * FROM images AS a, images AS b, images AS c, images AS d"  # 4,096 rows: more than a pipe holds
+    reader = subprocess.Popen(["head", "-1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    result = subprocess.run([sys.executable, "-m", "diffmine", "query", "--run", str(tmp_path / "run"), query],
+                            stdout=reader.stdin, stderr=subprocess.PIPE, text=True, timeout=120)
+    reader.stdin.close()
+    reader.wait(timeout=60)
+    assert result.returncode == 1 and result.stderr == ""
+
+
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "diffmine", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "typicality" in out.stdout
@@ -112,7 +137,10 @@ FIXED = "'paper', 'stratified', 'stratified-antithetic')"
     (["contrast", "--run", "r", "a", "b", "--estimator", "adaptive"], FIXED),
     (["run", "--data", "d", "--run", "r", "--estimator", "adaptivee"], "'stratified-antithetic', 'adaptive')"),
     (["typicality", "--run", "r", "--precision", "bf61"], "'auto', 'fp32', 'bf16', 'fp16')"),
-    (["translate", "--run", "r", "--method", "pix2pix"], "'pnp', 'sdedit')")])
+    (["translate", "--run", "r", "--method", "pix2pix"], "'pnp', 'sdedit')"),
+    # refused inside accelerate only after train had recorded it: the next valid value then needed --force
+    (["train", "--data", "d", "--run", "r", "--mixed-precision", "foo"], "'no', 'bf16', 'fp16')"),
+    (["run", "--data", "d", "--run", "r", "--lr-schedule", "cosin"], "'constant', 'cosine', 'linear')")])
 def test_a_value_a_step_does_not_take_is_refused_by_the_parser_naming_the_choices(argv, choices, capsys):
     """classify and contrast draw a fixed K per image: no adaptive estimator (their configs refuse
     it too, but the parser says so first, with the values that are taken)."""

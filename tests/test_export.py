@@ -168,13 +168,16 @@ def test_an_export_replaces_its_own_earlier_export_and_nothing_beside_it(run, tm
     out, sibling = tmp_path / "hf", tmp_path / "hf.tmp"
     sibling.mkdir()
     (sibling / "keep.txt").write_text("the user's")
-    for fmt in ("hf", "hf", "csv", "coco"):  # each over the one before
-        assert cli.main(["export", "--run", str(run.path), "--format", fmt, "--out", str(out)]) == 0
-        assert json.loads((out / export.MARKER).read_text())["format"] == fmt
+    made = {"hf": {"dataset_info.json"}, "csv": {"patches.csv"}, "coco": {"annotations.json"},
+            "coco --copy-images": {"annotations.json", "images"}}
+    for fmt in ("hf", "hf", "csv", "coco --copy-images", "csv", "coco"):  # each over the one before
+        assert cli.main(["export", "--run", str(run.path), "--format", *fmt.split(), "--out", str(out)]) == 0
+        assert json.loads((out / export.MARKER).read_text())["format"] == fmt.split()[0]
+        # an earlier export is replaced whole: no file of it stays (a coco export's images/ under a csv one)
+        assert {p.name for p in out.iterdir()} == made[fmt] | {export.MARKER}
         if fmt == "hf":
-            assert not (out / "stale.txt").exists()  # an earlier export is replaced whole
             assert json.loads((out / "dataset_info.json").read_text())["rows"] == len(pd.read_parquet(run.clusters_path))
-            (out / "stale.txt").write_text("from the earlier export")
+        (out / "stale.txt").write_text("from the earlier export")
     assert (sibling / "keep.txt").read_text() == "the user's"
     assert out.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's 0700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp"]  # no temporary folder left

@@ -140,8 +140,7 @@ def format_summary(summary: dict) -> str:
     width = max(8, *(len(label) for label in labels))
     lines = [f"{split} split: accuracy {s['accuracy']:.3f} over {s['images']} images (chance {s['chance']:.3f})"
              for split, s in summary.get("splits", {summary.get("split", "train"): summary}).items()]
-    lines += ["", f"{summary.get('split', 'train')} split,",
-             "confusion (rows: true label, columns: predicted)",
+    lines += ["", f"{summary.get('split', 'train')} split, confusion (rows: true label, columns: predicted)",
              " " * (width + 1) + " ".join(f"{label[:width]:>{width}}" for label in labels)]
     for label, counts in zip(labels, summary["confusion"]):
         lines.append(f"{label:<{width}} " + " ".join(f"{c:>{width}}" for c in counts))

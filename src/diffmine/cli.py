@@ -26,6 +26,7 @@ from .contrast import ContrastConfig
 from .localize import add_parser as add_localize
 from .localize import cmd_localize
 from .data import DatasetError
+from .terminal import printable
 from .features import FeatureConfig
 from .mining import MineConfig
 from .models import ModelError
@@ -170,7 +171,9 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
             _holdout_arg(p)
             add_config(p, SynthConfig, prefix="synth-", skip=("seed",), help=SYNTH_HELP)
-        add_run_args(p); _sd_args(p)
+        add_run_args(p)
+        if name == "run":  # demo's model is the embedded one
+            _sd_args(p)
         # demo trains longer than `train`'s default: it should show most planted elements learned,
         # and still finish in under 10 minutes on 2 cores
         add_config(p, TrainConfig, defaults={"steps": 800} if name == "demo" else None)
@@ -179,7 +182,8 @@ def parser() -> argparse.ArgumentParser:
             field = next(f for f in dataclasses.fields(TypicalityConfig) if f.name == key)
             samples = key == "samples"  # its default is None: resolved by the estimator (16, or 64 adaptive)
             p.add_argument(_flag(key), dest=key, type=int if samples else type(field.default), default=field.default,
-                           choices=CHOICES.get(key), help=HELP["typicality_samples" if samples else key])
+                           choices=CHOICES.get(key),
+                           help=HELP["typicality_samples"] if samples else f"{HELP[key]} (default: {field.default})")
         # the adaptive estimator targets the mining flags below
         add_config(p, AdaptiveConfig, prefix="adaptive-", skip=("patch", "per_image", "top", "z_min", "significance"))
         add_config(p, MineConfig)
@@ -210,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
         "to": "target labels: all, or LABEL,LABEL,...", "steps": "DDIM steps", "guidance": "classifier-free guidance scale",
         "feature_injection": "fraction of steps with the source's residual features injected",
         "attention_injection": "fraction of steps with the source's self-attention queries/keys injected",
-        "strength": "sdedit: fraction of the trajectory regenerated", "batch_size": "translations per forward pass",
+        "strength": "fraction of the trajectory regenerated (default: 1.0 with pnp, 0.6 with sdedit)", "batch_size": "translations per forward pass",
         "shard_size": "source images per stored shard"})
 
     p = sub.add_parser("cotypicality", help="co-typical elements across labels, on the translations",
@@ -539,13 +543,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         COMMANDS[args.command](args)
+    except BrokenPipeError:  # `diffmine classify --json | head`: the reader has gone, nothing to say
+        # the interpreter flushes stdout once more at exit: into /dev/null, not the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:
         message = _error_message(exc)
         if message is None:
             raise
-        # one line, whatever the message holds (DuckDB adds the query and a caret below)
+        # one line, whatever the message holds (DuckDB adds the query and a caret below); paths and
+        # labels in it are untrusted text, never terminal control sequences
         first = next((line.strip() for line in message.splitlines() if line.strip()), type(exc).__name__)
-        print(f"diffmine {args.command}: error: {first}", file=sys.stderr)
+        print(printable(f"diffmine {args.command}: error: {first}"), file=sys.stderr)
         return 2
     return 0
 

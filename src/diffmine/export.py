@@ -20,7 +20,8 @@ csv:  DIR/patches.csv, one row per patch, the same columns less the crop, plus t
 
 Every export folder holds ``diffmine-export.json`` (what wrote it). An existing folder is written
 over only when it is empty or holds that marker: a folder of the user's own (say, a ``datasets``
-folder they saved) is refused, never replaced.
+folder they saved) is refused, never replaced. An export is written whole into a new folder beside
+``--out`` and then put in its place: nothing of an earlier export stays in it.
 
 The patches come from ``run.patches()``, which refuses stale clusters. Every clustered image must
 still hold the bytes the listing fingerprinted (``data.changed_since_listing``): the boxes are its
@@ -35,6 +36,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -157,8 +159,7 @@ def csv(run: Run, out: Path) -> Path:
 
 
 def hf(run: Run, out: Path) -> Path:
-    """A ``datasets.Dataset`` saved to ``out``: written into a new folder beside it, then renamed
-    over it (``out`` is absent, empty or an earlier export: see ``check_replaceable``)."""
+    """A ``datasets.Dataset`` saved to the folder ``out``; returns it."""
     try:
         import datasets
     except ImportError:
@@ -178,21 +179,30 @@ def hf(run: Run, out: Path) -> Path:
         "rank_in_cluster": patches["rank_in_cluster"].astype(int).tolist(),
         "typicality": patches["typicality"].astype(float).tolist(),
         "box": patches[["x0", "y0", "x1", "y1"]].astype(int).to_numpy().tolist()}, features=features)
+    table.save_to_disk(str(out))
+    return out
+
+
+def _written_whole(out: Path, run: Run, fmt: str, write: Callable[[Path], Path]) -> Path:
+    """``write(folder)`` into a new folder beside ``out``, marked, then renamed over ``out`` (absent,
+    empty or an earlier export: see ``check_replaceable``), so that nothing of an earlier export
+    (a coco export's images/ under a csv one) stays, and a failed export leaves ``out`` as it was.
+    Returns what ``write`` returned, at its place in ``out``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     # a folder of our own with a unique name: nothing of the user's beside ``out`` is touched
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; an export is shared as the umask says
-        table.save_to_disk(str(tmp))
-        write_marker(tmp, run, "hf")
-        check_replaceable(out)  # again: the folder may have changed while the crops were saved
+        written = write(tmp)
+        write_marker(tmp, run, fmt)
+        check_replaceable(out)  # again: the folder may have changed while the export was written
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+    return out / written.relative_to(tmp)
 
 
 def export(run: Run, fmt: str, out: str | Path, copy_images: bool = False) -> Path:
@@ -205,7 +215,6 @@ def export(run: Run, fmt: str, out: str | Path, copy_images: bool = False) -> Pa
     if copy_images and fmt != "coco":
         raise RunError("--copy-images is for --format coco (hf holds the crops, csv the paths)")
     check_replaceable(out)
-    if fmt == "hf":
-        return hf(run, out)  # marks its own folder, which it renames into place
-    write_marker(out, run, fmt)  # first: a failed export can be written over by the next
-    return coco(run, out, copy_images) if fmt == "coco" else csv(run, out)
+    writers = {"coco": lambda folder: coco(run, folder, copy_images), "hf": lambda folder: hf(run, folder),
+               "csv": lambda folder: csv(run, folder)}
+    return _written_whole(out, run, fmt, writers[fmt])

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from .machine import PRECISIONS
+from .train import LR_SCHEDULES, MIXED_PRECISIONS
 from .translate import METHODS
 from .typicality import ESTIMATORS
 
@@ -16,7 +17,7 @@ HELP = {
     "batch_size": "images per step (training) / UNet inputs per forward pass (typicality; 0: 64 on CPU, 256 on GPU) / images per pass (features)",
     "learning_rate": "AdamW learning rate (default: the backend's)",
     "p_uncond": "probability of replacing the label prompt with the null prompt in training",
-    "mixed_precision": "no | bf16 | fp16 (accelerate)",
+    "mixed_precision": "accelerate's mixed precision of training",
     "ema_decay": "keep an EMA of the weights (e.g. 0.999; 0 = off)",
     "checkpoint_every": "save a resumable checkpoint every N steps",
     "keep_checkpoints": "how many checkpoints to keep",
@@ -115,7 +116,8 @@ def _flag(name: str, prefix: str = "") -> str:
 
 # the values a string field may take, checked by argparse before any config is built (the configs
 # check them too, for the Python API); ``add_config(choices=...)`` narrows them for one parser
-CHOICES = {"estimator": ESTIMATORS, "precision": PRECISIONS, "method": METHODS}
+CHOICES = {"estimator": ESTIMATORS, "precision": PRECISIONS, "method": METHODS, "mixed_precision": MIXED_PRECISIONS,
+           "lr_schedule": LR_SCHEDULES}
 
 
 def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple[str, ...] = ("seed",),
@@ -138,9 +140,12 @@ def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tup
             parser.add_argument(_flag(field.name, prefix), dest=dest, type=type(default[0]), nargs="+",
                                 default=list(default), help=f"{help_text} (default: {' '.join(map(str, default))})")
         else:
+            # a help text may say the default in words (a None resolved later)
+            said = any(words in help_text for words in ("(default:", "(not given:", "(None:"))
+            shown = "" if said else f" (default: {default})"
             parser.add_argument(_flag(field.name, prefix), dest=dest, type=kind or str, default=default,
                                 choices=(choices or {}).get(field.name, CHOICES.get(field.name)),
-                                help=f"{help_text} (default: {default})".strip())
+                                help=f"{help_text}{shown}".strip())
 
 
 def build_config(cls, args: argparse.Namespace, prefix: str = ""):

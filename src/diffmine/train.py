@@ -66,9 +66,13 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.snr_gamma < 0:
             raise ValueError(f"snr_gamma must be >= 0 (0: off), got {self.snr_gamma}")
+        # checked here, before the step records its settings: accelerate would refuse it only after
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}")
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")  # accelerate's names
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
