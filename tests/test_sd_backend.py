@@ -227,6 +227,8 @@ def test_an_outside_folder_is_named_by_its_files_not_its_path(tmp_path, data, sd
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RunError, match=r"moved|missing.*--model sd:FOLDER"):
         scoring_model(copy)
+    from diffmine.status import status
+    assert f"its model folder {tmp_path / 'models' / 'sd'} is missing" in status(copy)
     capsys.readouterr()
     shards = {p.name: p.stat().st_mtime_ns for p in copy.typicality_dir.rglob("*") if p.is_file()}
     assert typicality_step(copy, TYP, model=f"sd:{tmp_path / 'moved'}", progress=False) == 0
@@ -234,6 +236,7 @@ def test_an_outside_folder_is_named_by_its_files_not_its_path(tmp_path, data, sd
     assert {p.name: p.stat().st_mtime_ns for p in copy.typicality_dir.rglob("*") if p.is_file()} == shards
     assert copy.lineage.get("typicality")["identity"] == record["identity"] and copy.stale("mine") == []
     assert scoring_model(copy).spec["base"] == str(tmp_path / "moved")
+    assert f"scored with the model in {tmp_path / 'moved'}" in status(copy)
 
     # other files at that path are another model: the stored maps are out of date, not served
     shutil.rmtree(tmp_path / "moved")

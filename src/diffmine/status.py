@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .adaptive import draws_summary, rounds_progress
 from .leftovers import status_line as leftovers_line
 from .lineage import command_of
@@ -25,6 +27,20 @@ def _state(run, name: str) -> str:
                 "tries them again)") if left_out else "done"
     reason, command = reasons[0]
     return f"out of date ({reason}): re-run `diffmine {command} --run {run.path}`"
+
+
+def _outside_model_lines(run, record: dict) -> list[str]:
+    """Where the model given to ``typicality --model sd:FOLDER`` is read from, and what to do when
+    that folder is gone (a copied run). Nothing for the run's own model or a hub id."""
+    location = record.get("location")
+    if not isinstance(location, dict) or not isinstance(location.get("base"), str):
+        return []
+    kind = str(record["settings"].get("model", "sd:")).split(":", 1)[0]
+    missing = [folder for folder in location.values() if isinstance(folder, str) and not Path(folder).is_dir()]
+    if not missing:
+        return [f"  scored with the model in {location['base']} (`typicality --model`)"]
+    return [f"  its model folder {missing[0]} is missing: where it is elsewhere on this machine, run "
+            f"`diffmine typicality --run {run.path} --model {kind}:FOLDER` (its files are checked; nothing is recomputed)"]
 
 
 def status(run) -> str:
@@ -69,6 +85,7 @@ def status(run) -> str:
             rounds = rounds_progress(run.typicality_dir, images)  # an adaptive run interrupted mid-way
             if rounds:
                 lines.append(f"  {rounds}")
+            lines += _outside_model_lines(run, record)
             continue
         lines.append(f"{name}: {_state(run, name)}")
     for name in sorted(set(records) - set(ORDER)):  # contrasts (by a digest of their labels), trends
