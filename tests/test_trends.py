@@ -157,8 +157,10 @@ def test_cli_prints_json_and_refuses_unknown_labels(small, capsys):
     _, run, result = small
     assert cli.main(["trends", "--run", str(run.path), "--order", ",".join(ORDER), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["elements"] == json.loads(json.dumps(result))["elements"]
+    stored = run.lineage.get("trends")
     assert cli.main(["trends", "--run", str(run.path), "--order", "era1,nowhere"]) == 2
     assert "nowhere" in capsys.readouterr().err
+    assert run.lineage.get("trends") == stored  # a refused order leaves the stored result as it was
 
 
 def test_candidate_boxes_cover_the_image_and_strength_signs():

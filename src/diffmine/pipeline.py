@@ -661,8 +661,9 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     """Prevalence and typicality of every element cluster of the run in each label of ``order``
     (RUN/trends/trends.json) and its report page; returns the JSON document."""
     from .pages import trends_page_path, write_trends_page
-    from .trends import run_trends
+    from .trends import check_order, run_trends
 
+    check_order(run, order)  # before anything: a refused --order leaves the stored trends as they are
     clusters = run.fresh("cluster")
     settings = {"order": list(order), **asdict(config)}
     inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}

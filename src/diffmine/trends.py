@@ -200,12 +200,17 @@ def trend_strength(prevalence: np.ndarray) -> float:
     return float(np.nan_to_num(rho) * np.ptp(prevalence))
 
 
-def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, progress: bool = True) -> dict:
-    """Measure every element in every label of ``order``; writes RUN/trends/trends.json."""
+def check_order(run, order: list[str]) -> None:
+    """ValueError unless ``order`` is two or more distinct labels of the run."""
     unknown = [label for label in order if label not in run.labels]
     if len(order) < 2 or unknown or len(set(order)) != len(order):
         raise ValueError(f"--order needs two or more distinct labels of the run ({', '.join(run.labels)}); "
                          f"got {', '.join(map(repr, order))}")
+
+
+def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, progress: bool = True) -> dict:
+    """Measure every element in every label of ``order``; writes RUN/trends/trends.json."""
+    check_order(run, order)
     # rows of features.npy are those of the mined patches that got a feature (top, then rejected)
     mined = run.mined_patches(FEATURE_KINDS).assign(row=lambda f: np.arange(len(f)))
     mined = mined[mined["kind"] == "top"]
