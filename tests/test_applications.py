@@ -227,6 +227,38 @@ def test_translate_names_an_image_edited_since_listing(tiny_run, tmp_path, capsy
     assert "translate" in set(copy.problems()["step"])  # up to date: its shard is not made again
 
 
+def test_cotypicality_leaves_out_a_scene_whose_source_changed_and_goes_on(tiny_run, tmp_path, capsys, monkeypatch):
+    """One edited source never stops the step: a scene edited before it is scored is stored as left
+    out; one edited after its scores were stored (a resumed run) loses its sequences, whose members
+    can no longer be described. Both are named in one line each and recorded as problems."""
+    from conftest import edit_in_place, relisted_copy
+
+    import diffmine.cotypicality
+    from diffmine.data import CHANGED
+    from diffmine.translate import source_images
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    pipeline.translate_step(copy, TranslateConfig(images=2, steps=2, shard_size=2), progress=False)
+    first, later = source_images(copy, 2)["image_id"].iloc[[0, -1]]
+    edit_in_place(data, first)
+    config = CotypicalityConfig(top=12, per_tuple=3, umap_dim=2, k=2, samples=2)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after every scene was scored
+    monkeypatch.setattr(diffmine.cotypicality, "top_sequences", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.cotypicality_step(copy, config, FeatureConfig(ensemble=1), progress=False)
+    monkeypatch.undo()
+    edit_in_place(data, later)
+    capsys.readouterr()
+    sequences = pipeline.cotypicality_step(copy, config, FeatureConfig(ensemble=1), progress=False)
+    out = capsys.readouterr().out
+    assert f"skipped {data / first}: {CHANGED}" in out and f"skipped {data / later}: {CHANGED}" in out
+    assert not sequences.empty and not set(sequences["image_id"]) & {first, later}
+    problems = copy.problems()
+    assert sorted(problems.loc[problems["step"] == "cotypicality", "image_id"]) == sorted([first, later])
+
+
 def test_a_result_that_left_out_a_corrupt_listed_image_is_not_made_again(tiny_run, tmp_path, capsys):
     """A file listed corrupt stays so until it is listed anew (which makes every result stale
     anyway): classify names it once, records it, and the next classify is up to date, as a run over a

@@ -32,11 +32,11 @@ from tqdm import tqdm
 
 from .clustering import kmeans, rank_clusters
 from .atomic import write_table, write_with
-from .data import listed_by_id, load_image, to_model_input
+from .data import BadImage, Problem, listed_by_id, load_image, to_model_input
 from .features import FeatureConfig, dift_feature_maps, pool_boxes
 from .mining import default_patch_size, greedy_boxes, patch_scores
 from .models import Backend
-from .shards import missing_shards, read_array, write_shard
+from .shards import missing_shards, read_array, read_index, write_shard
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
 
 
@@ -152,18 +152,35 @@ def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features
     for name, chunk in todo:
         arrays, rows = {}, []
         for n, r in enumerate(scenes.iloc[chunk].itertuples()):
-            members = tuple_pixels(run, r.image_id, r.path, r.label, labels, dataset["resolution"], dataset["resize"],
-                                   backend.latent_factor, (r.size, r.mtime_ns, r.fingerprint))
+            row = dict(index=int(r.index), image_id=r.image_id, source_label=r.label, labels=",".join(labels),
+                       height=0, width=0, key=str(n), status="ok", problem=None)
+            try:
+                members = tuple_pixels(run, r.image_id, r.path, r.label, labels, dataset["resolution"],
+                                       dataset["resize"], backend.latent_factor, (r.size, r.mtime_ns, r.fingerprint))
+            except BadImage as exc:  # one scene left out (stored as such, as typicality's bad images), not the step
+                rows.append({**row, "status": "bad", "problem": exc.problem})
+                bar.update()
+                continue
             maps = typicality_latent_maps(backend, to_model_input(members), prompts, null, draws)
             arrays[str(n)] = maps.cpu().numpy().astype(np.float16)
-            rows.append(dict(index=int(r.index), image_id=r.image_id, source_label=r.label, labels=",".join(labels),
-                             height=members.shape[1], width=members.shape[2], key=str(n), status="ok", problem=None))
+            rows.append({**row, "height": members.shape[1], "width": members.shape[2]})
             bar.update()
         write_shard(directory, name, arrays, rows, SHARD_SCHEMA)
     bar.close()
 
     sequences = top_sequences(run, directory, labels, config)
-    described = sequence_features(run, backend, sequences, labels, features, dataset, progress)
+    described, unread = sequence_features(run, backend, sequences, labels, features, dataset, progress)
+    # the scenes left out, scored in this call or an earlier one, and those whose source changed since
+    # it was scored (its sequences go: their members cannot be described): one line each, recorded
+    index = read_index(directory)
+    bad = index[index["status"] == "bad"]
+    run.report_skipped("cotypicality", [Problem(r.image_id, r.path, r.problem) for r in
+                                        bad.merge(run.images()[["image_id", "path"]], on="image_id").itertuples()]
+                       + unread)
+    kept = ~sequences["image_id"].isin([p.image_id for p in unread]).to_numpy()
+    if not kept.any():
+        raise ValueError(f"{run.path}: no co-typical sequence left to cluster (every scene was left out)")
+    sequences, described = sequences[kept].reset_index(drop=True), [block[kept] for block in described]
     reduced = reduce_blocks(described, config.umap_dim, config.seed)
     assignments, centroids = kmeans(reduced, config.k, config.seed)
     ranked = rank_clusters(assignments, centroids, reduced, sequences["cotypicality"].to_numpy())
@@ -182,6 +199,8 @@ def top_sequences(run, directory, labels: list[str], config: CotypicalityConfig)
     for shard in sorted(directory.glob("shard-*.parquet")):
         rows = []
         for r in pd.read_parquet(shard).itertuples():
+            if r.status != "ok":
+                continue  # a scene left out: no maps
             pixel_maps = upsample(read_array(directory, shard.stem, r.key), (r.height, r.width))
             side = k or default_patch_size(r.height, r.width)
             for y, x, score, members in cotypical_boxes(pixel_maps, side, config.per_tuple):
@@ -194,17 +213,23 @@ def top_sequences(run, directory, labels: list[str], config: CotypicalityConfig)
 
 
 def sequence_features(run, backend: Backend, sequences: pd.DataFrame, labels: list[str], config: FeatureConfig,
-                      dataset: dict, progress: bool) -> list[np.ndarray]:
-    """Per label, (N, C) DIFT features of each sequence's member of that label, under its prompt."""
+                      dataset: dict, progress: bool) -> tuple[list[np.ndarray], list[Problem]]:
+    """Per label, (N, C) DIFT features of each sequence's member of that label, under its prompt;
+    and the scenes that could not be read (their rows stay zero: the caller leaves them out)."""
     blocks: list[np.ndarray | None] = [None] * len(labels)
+    unread = []
     prompts = [run.prompt(label) for label in labels]
     images = run.images()
     paths = dict(zip(images["image_id"], images["path"]))
     listed = listed_by_id(images)
     groups = sequences.groupby("image_id", sort=False)
     for image_id, group in tqdm(groups, total=groups.ngroups, desc="sequence features", unit="scene", disable=not progress):
-        members = tuple_pixels(run, image_id, paths[image_id], group["source_label"].iloc[0], labels,
-                               dataset["resolution"], dataset["resize"], backend.latent_factor, listed[image_id])
+        try:
+            members = tuple_pixels(run, image_id, paths[image_id], group["source_label"].iloc[0], labels,
+                                   dataset["resolution"], dataset["resize"], backend.latent_factor, listed[image_id])
+        except BadImage as exc:
+            unread.append(Problem(image_id, paths[image_id], exc.problem))
+            continue
         maps = dift_feature_maps(backend, to_model_input(members), prompts, config)  # (M, C, hf, wf)
         boxes = group[["x0", "y0", "x1", "y1"]].to_numpy()
         for m in range(len(labels)):
@@ -212,4 +237,4 @@ def sequence_features(run, backend: Backend, sequences: pd.DataFrame, labels: li
             if blocks[m] is None:
                 blocks[m] = np.zeros((len(sequences), pooled.shape[1]), np.float32)
             blocks[m][group.index.to_numpy()] = pooled
-    return blocks
+    return blocks, unread
