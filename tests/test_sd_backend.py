@@ -470,6 +470,11 @@ def test_relocate_writing_into_the_run_is_a_write_clean_waits_for(moved, tmp_pat
     monkeypatch.setattr(relocate, "write_json", lambda path, value: seen.append(running_steps(copy)) or write_json(path, value))
     assert _cli("relocate", "--run", copy.path, "--sd-base", moved["B"]) == (0, "")
     assert seen == [["relocate"]]
+    # and it reads what it rewrites under that lock: a second relocate at once is refused, not lost
+    from diffmine.lineage import step_lock
+    with step_lock(copy.path, "relocate"):
+        code, err = _cli("relocate", "--run", copy.path, "--text-encoder", moved["B"])
+    assert code == 2 and "another diffmine process is running relocate" in err
 
 
 def test_relocating_a_run_trained_before_fingerprints_needs_force(moved, tmp_path):

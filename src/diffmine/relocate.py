@@ -80,6 +80,13 @@ def relocate(run_path: str | Path, base: str | Path | None = None, text_encoder:
              if folder is not None}
     if not given:
         raise ModelError("give --sd-base FOLDER, --text-encoder FOLDER or both")
+    # read, checked and written under one lock: a second relocate at once is refused, not lost, and
+    # `diffmine clean` sees the write
+    with step_lock(run_path, "relocate"):
+        return _relocated(model_dir, spec, given, force)
+
+
+def _relocated(model_dir: Path, spec: dict, given: dict[str, Path], force: bool) -> list[str]:
     try:
         location = relocations(model_dir)
     except ModelError:  # damaged: replaced by this one
@@ -94,8 +101,7 @@ def relocate(run_path: str | Path, base: str | Path | None = None, text_encoder:
         lines.append(f"{WHAT[key]}: {folder} ({'same files as' if verified else 'unverified, in place of'} "
                      f"{spec[key]})")
     location["unverified"] = sorted(unverified)
-    with step_lock(run_path, "relocate"):  # a write into the run: `diffmine clean` must see it
-        write_json(model_dir / LOCATION_FILE, location)
+    write_json(model_dir / LOCATION_FILE, location)
     return lines + [f"recorded in {model_dir / LOCATION_FILE}; the model and its results are unchanged"]
 
 
