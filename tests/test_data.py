@@ -83,6 +83,25 @@ def test_truncated_file_is_bad(tmp_path):
         load_image(path, 16)
 
 
+def test_a_file_that_cannot_be_opened_is_unreadable_not_corrupt(tmp_path, monkeypatch):
+    """No permission on a listed file (or an I/O error): a problem of reading it, which may be fixed
+    while the listing stays (typicality retries it, a result that left it out is made again), not
+    of its content ("cannot decode image (PermissionError: ...)" was kept for good)."""
+    from diffmine.typicality import bad_status
+
+    path = tmp_path / "a.png"
+    _png(path, np.zeros((16, 16, 3), np.uint8))
+
+    def denied(source, *args, **kwargs):  # what opening a file without read permission raises (not as root)
+        raise PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr(data.Image, "open", denied)
+    with pytest.raises(BadImage) as info:
+        load_image(path, 16)
+    assert info.value.problem == "cannot read file (Permission denied)"
+    assert data.problem_may_be_fixed(info.value.problem) and bad_status(info.value) == "unreachable"
+
+
 def test_huge_image_is_refused_without_decoding(tmp_path, monkeypatch):
     import diffmine.data as data
 

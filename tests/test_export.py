@@ -181,3 +181,21 @@ def test_an_export_replaces_its_own_earlier_export_and_nothing_beside_it(run, tm
     assert (sibling / "keep.txt").read_text() == "the user's"
     assert out.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's 0700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.tmp"]  # no temporary folder left
+
+
+def test_an_export_to_the_current_folder_or_through_a_link_replaces_the_folder_itself(run, tmp_path, monkeypatch):
+    """``--out .`` (an earlier export: it was removed, and nothing written; an empty folder: refused
+    as not empty) and ``--out LINK`` (a link to an earlier export: refused) name the folder itself."""
+    out, link = tmp_path / "out", tmp_path / "link"
+    assert cli.main(["export", "--run", str(run.path), "--format", "csv", "--out", str(out)]) == 0
+    monkeypatch.chdir(out)
+    assert cli.main(["export", "--run", str(run.path), "--format", "coco", "--out", "."]) == 0
+    assert {p.name for p in out.iterdir()} == {"annotations.json", export.MARKER}
+    link.symlink_to(out)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["export", "--run", str(run.path), "--format", "csv", "--out", "link"]) == 0
+    assert link.is_symlink() and {p.name for p in out.iterdir()} == {"patches.csv", export.MARKER}
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    assert cli.main(["export", "--run", str(run.path), "--format", "csv", "--out", "."]) == 0
+    assert {p.name for p in (tmp_path / "empty").iterdir()} == {"patches.csv", export.MARKER}

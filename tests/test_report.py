@@ -207,6 +207,27 @@ def test_compare_names_an_image_edited_since_listing_and_records_it_until_fixed(
     assert capsys.readouterr().out == "" and "compare" not in set(copy.problems()["step"])
 
 
+def test_compare_against_a_run_it_cannot_write_names_the_images_it_left_out(tiny_run, tmp_path, capsys, monkeypatch):
+    """Run B is only read: one it may not write (a read-only reference) still gets its page made with
+    --out, its left-out images named, not recorded (recording them stopped the command)."""
+    from conftest import edit_in_place, relisted_copy
+
+    from diffmine.compare import compare_runs
+    from diffmine.data import CHANGED
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    edited = copy.patches("top").sort_values("typicality", ascending=False)["image_id"].iloc[0]
+    edit_in_place(data, edited)
+
+    def read_only(step, problems):
+        raise PermissionError(13, "Permission denied", str(copy.path / ".problems.lock"))
+
+    monkeypatch.setattr(copy, "record_problems", read_only)
+    capsys.readouterr()
+    assert compare_runs(tiny_run, copy, tmp_path / "page.html", crops=1).is_file()
+    assert capsys.readouterr().out.splitlines() == [f"skipped {data / edited}: {CHANGED}"]
+
+
 def test_keep_aspect_images_are_shown_at_their_maps_size(tmp_path):
     """keep-aspect rounds the width to the model's latent factor (50 x 32 at height 32 -> 48 wide,
     not 50): the report and the exports must load the images at the maps' size, not their own."""

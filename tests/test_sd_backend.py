@@ -259,6 +259,39 @@ def test_an_outside_text_encoder_folder_is_named_by_its_files_too(tmp_path, data
     assert scoring_model(run).spec["text_encoder"] == str(sd_folder.resolve())
 
 
+def test_a_hub_model_with_an_outside_text_encoder_folder_is_read_from_that_folder(tmp_path, data, sd_folder,
+                                                                                monkeypatch):
+    """`typicality --model sd:HUB_ID --text-encoder FOLDER`: the later steps load the hub model with
+    the text encoder from where the record says (they were given the record's placeholder, "local
+    folder", as a folder), and a copy whose text encoder folder moved is pointed to its new place."""
+    from diffmine import pipeline
+    from diffmine.status import status
+
+    real = pipeline.create_backend
+
+    def from_hub(model, prompts, seed=0, **options):  # offline: sd:org/tiny-sd is the tiny folder, loaded as a hub id
+        if model != "sd:org/tiny-sd":
+            return real(model, prompts, seed=seed, **options)
+        backend = real(f"sd:{sd_folder}", prompts, seed=seed, **options)
+        backend.unfingerprinted.pop("base_fingerprint")  # a hub id's files are not fingerprinted
+        return backend
+
+    monkeypatch.setattr(pipeline, "create_backend", from_hub)
+    shutil.copytree(sd_folder, tmp_path / "clip")
+    run = _prepare(tmp_path / "run", data, sd_folder)
+    typicality_step(run, TYP, model="sd:org/tiny-sd", model_options={"text_encoder": str(tmp_path / "clip")},
+                    progress=False)
+    assert run.lineage.get("typicality")["location"] == {"text_encoder": str(tmp_path / "clip")}
+    assert pipeline.scoring_model(run).spec["text_encoder"] == str(tmp_path / "clip")
+    assert f"scored with the model in {tmp_path / 'clip'}" in status(run)
+
+    (tmp_path / "clip").rename(tmp_path / "moved")
+    assert "--model sd:org/tiny-sd --text-encoder TEXT_ENCODER_FOLDER" in status(run)
+    assert typicality_step(run, TYP, model="sd:org/tiny-sd", model_options={"text_encoder": str(tmp_path / "moved")},
+                           progress=False) == 0
+    assert pipeline.scoring_model(run).spec["text_encoder"] == str(tmp_path / "moved")
+
+
 def test_a_run_scored_before_outside_folders_were_fingerprinted_stays_up_to_date(tmp_path, data, sd_folder):
     """Its record named the folder by path: the same path and options are still the same model."""
     from diffmine.lineage import digest

@@ -26,6 +26,7 @@ from .atomic import write_text
 from .lineage import step_lock
 from .images import RunImages, colorbar, map_scale, overlay, png_data_uri
 from .rundir import Run, RunError, open_run
+from .terminal import print_problems
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -162,7 +163,11 @@ def build_context(run_a: Run, run_b: Run, examples: int = 4, crops: int = 10, cr
     # the images left out of the page (unreadable, or changed since their run listed them): one line
     # each, recorded in their own run as problems of step compare (this page's only: fixed ones go)
     for run, images in ((run_a, images_a), (run_b, images_b)):
-        run.report_skipped("compare", list(images.problems.values()))
+        problems = list(images.problems.values())
+        try:
+            run.report_skipped("compare", problems)
+        except OSError:  # a run compare only reads may be one it cannot write (a shared reference): named only
+            print_problems(problems, run.path)
     return {
         "title": f"diffmine compare: {run_a.path.name} vs {run_b.path.name}",
         "a": {"path": str(run_a.path), "model": _model_name(run_a)},

@@ -598,6 +598,9 @@ def load_image(path: str | Path, resolution: int, resize: str = "square", multip
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(path, f"image too large (over {MAX_PIXELS} pixels)") from None
     except Exception as exc:  # PIL raises many types for broken files
+        if isinstance(exc, OSError) and exc.errno is not None:  # opening or reading the file failed (no
+            # permission, an I/O error), not decoding it: it may be fixed while the listing stays
+            raise BadImage(path, f"cannot read file ({exc.strerror or exc})") from None
         message = str(exc).replace(repr(source), "the data")  # not "<_io.BytesIO object at 0x...>"
         raise BadImage(path, f"cannot decode image ({type(exc).__name__}: {message})") from None
     w, h = target_size(rgb.width, rgb.height, resolution, resize, multiple)

@@ -207,7 +207,9 @@ def _written_whole(out: Path, run: Run, fmt: str, write: Callable[[Path], Path])
 
 def export(run: Run, fmt: str, out: str | Path, copy_images: bool = False) -> Path:
     """Write the run's clustered patches to ``out`` in format ``fmt`` (coco | hf | csv)."""
-    out = Path(out)
+    # the folder itself, named from outside it: the export is swapped in beside it (``--out .`` had
+    # its temporary folder inside, and removed an earlier export with it; a link is no folder to replace)
+    out = Path(out).resolve()
     if out.resolve().is_relative_to(run.path.resolve()):
         raise RunError(f"{out}: an export goes outside the run directory {run.path}")
     if fmt not in FORMATS:

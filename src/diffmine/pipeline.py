@@ -529,43 +529,67 @@ def _located(model: str | None) -> str | None:
 
 def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
     """The model that computed the run's typicality: features come from the same one. A local
-    folder given to ``typicality --model`` is read from where the record says and must still hold
-    the files typicality used."""
+    folder given to ``typicality --model`` (or ``--text-encoder``) is read from where the record
+    says and must still hold the files typicality used."""
     record = run.lineage.get("typicality")
     if record is None:
         run.step_config("typicality")  # the one line saying to run it
     used = record["settings"]
     if used.get("model", "run") == "run":
         return load_model(run, device)[0]
-    if not used["model"].endswith(f":{LOCAL}"):  # a hub id, or a folder recorded by its path (older runs)
+    if not local_parts(used):  # hub ids, or folders recorded by their paths (older runs)
         return load_outside_model(run, used["model"], used.get("model_options", {}), device, by_path=True)[0]
     model, options = _recorded_location(run, record)
     backend, _, inputs, _ = load_outside_model(run, model, options, device)
     if inputs["external_model"] != record["inputs"].get("external_model"):
-        raise RunError(f"{model[model.index(':') + 1:]}: not the files typicality used (the model loaded from it "
-                       f"differs); recompute with `diffmine typicality --run {run.path} --model {model}`")
+        folders = ", ".join(record["location"][key] for key in local_parts(used))
+        raise RunError(f"{folders}: not the files typicality used (the model loaded from it differs); recompute "
+                       f"with `{pointing_command(run, used, {'base': model, **options})}`")
     return backend
 
 
+def local_parts(settings: dict) -> list[str]:
+    """The parts (``base``, ``text_encoder``) of the model given to ``typicality --model`` that its
+    record names as a local folder, by its files (:data:`LOCAL`): read from the record's ``location``.
+    A hub base may come with a local text encoder folder, and the other way round."""
+    named = {"base": str(settings.get("model", "")).split(":", 1)[-1],
+             "text_encoder": (settings.get("model_options") or {}).get("text_encoder")}
+    return [key for key, name in named.items() if name == LOCAL]
+
+
+def pointing_command(run: Run, settings: dict, folders: dict | None = None) -> str:
+    """The ``diffmine typicality`` command that gives a copied run the new place of its local model
+    folder(s) (``folders``: by part; placeholders where not given) and names the rest as recorded:
+    the same settings, so nothing is recomputed."""
+    folders, local = folders or {}, local_parts(settings)
+    kind = str(settings["model"]).split(":", 1)[0]
+    model = folders.get("base", f"{kind}:FOLDER") if "base" in local else settings["model"]
+    encoder = (settings.get("model_options") or {}).get("text_encoder")
+    if "text_encoder" in local:
+        encoder = folders.get("text_encoder", "TEXT_ENCODER_FOLDER")
+    return f"diffmine typicality --run {run.path} --model {model}" + (f" --text-encoder {encoder}" if encoder else "")
+
+
 def _recorded_location(run: Run, record: dict) -> tuple[str, dict]:
-    """``sd:FOLDER`` and options of the local folder(s) the typicality record says it read its model
-    from. A received run's record is text anyone could have edited: only absolute folder paths are
-    read from it (never a hub id, which would download)."""
+    """``sd:BASE`` and options of the model typicality read, its local folder(s) where the record
+    says it read them from. A received run's record is text anyone could have edited: only absolute
+    folder paths are read from its ``location`` (never a hub id there, which would download)."""
     location, used = record.get("location"), record["settings"]
-    folders = [location.get(key) for key in ("base", *(["text_encoder"] if "text_encoder" in location else []))] \
-        if isinstance(location, dict) else [None]
+    local = local_parts(used)
+    folders = [location.get(key) for key in local] if isinstance(location, dict) else [None]
     if not all(isinstance(f, str) and Path(f).is_absolute() for f in folders):
         raise RunError(f"{run.lineage.path}: the typicality record names no model folder; recompute with "
-                       f"`diffmine typicality --run {run.path} --model sd:FOLDER --force`")
+                       f"`{pointing_command(run, used)} --force`")
     for folder in folders:
         if not Path(folder).is_dir():
             raise RunError(f"{folder}: the model folder typicality read is missing; where it is elsewhere on this "
-                           f"machine, run `diffmine typicality --run {run.path} --model sd:FOLDER` (its files are "
-                           "checked against the ones typicality used; nothing is recomputed)")
+                           f"machine, run `{pointing_command(run, used)}` (its files are checked against the ones "
+                           "typicality used; nothing is recomputed)")
     kind = used["model"].split(":", 1)[0]
-    options = {**used.get("model_options", {}), **({"text_encoder": location["text_encoder"]}
-                                                    if "text_encoder" in location else {})}
-    return f"{kind}:{location['base']}", options
+    model = f"{kind}:{location['base']}" if "base" in local else used["model"]
+    options = {**used.get("model_options", {}),
+               **({"text_encoder": location["text_encoder"]} if "text_encoder" in local else {})}
+    return model, options
 
 
 def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progress: bool = True,

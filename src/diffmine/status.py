@@ -30,17 +30,21 @@ def _state(run, name: str) -> str:
 
 
 def _outside_model_lines(run, record: dict) -> list[str]:
-    """Where the model given to ``typicality --model sd:FOLDER`` is read from, and what to do when
-    that folder is gone (a copied run). Nothing for the run's own model or a hub id."""
-    location = record.get("location")
-    if not isinstance(location, dict) or not isinstance(location.get("base"), str):
+    """Where the model given to ``typicality --model sd:FOLDER`` (or its ``--text-encoder FOLDER``)
+    is read from, and what to do when a folder is gone (a copied run). Nothing for the run's own
+    model or hub ids."""
+    from .pipeline import local_parts, pointing_command
+
+    location, settings = record.get("location"), record["settings"]
+    folders = [location.get(key) for key in local_parts(settings)] if isinstance(location, dict) else []
+    folders = list(dict.fromkeys(folder for folder in folders if isinstance(folder, str)))
+    if not folders:
         return []
-    kind = str(record["settings"].get("model", "sd:")).split(":", 1)[0]
-    missing = [folder for folder in location.values() if isinstance(folder, str) and not Path(folder).is_dir()]
+    missing = [folder for folder in folders if not Path(folder).is_dir()]
     if not missing:
-        return [f"  scored with the model in {location['base']} (`typicality --model`)"]
+        return [f"  scored with the model in {', '.join(folders)} (`typicality --model`)"]
     return [f"  its model folder {missing[0]} is missing: where it is elsewhere on this machine, run "
-            f"`diffmine typicality --run {run.path} --model {kind}:FOLDER` (its files are checked; nothing is recomputed)"]
+            f"`{pointing_command(run, settings)}` (its files are checked; nothing is recomputed)"]
 
 
 def status(run) -> str:
