@@ -238,12 +238,16 @@ def test_an_outside_folder_is_named_by_its_files_not_its_path(tmp_path, data, sd
     assert scoring_model(copy).spec["base"] == str(tmp_path / "moved")
     assert f"scored with the model in {tmp_path / 'moved'}" in status(copy)
 
-    # other files at that path are another model: the stored maps are out of date, not served
+    # other files at that path are another model: the later steps refuse it, and typicality replaces
+    # its maps only with --force (a wrong path must not throw hours of maps away)
     shutil.rmtree(tmp_path / "moved")
     build_sd_folder(tmp_path / "moved", "tiny", seed=1)
     with pytest.raises(RunError, match="not the files typicality used"):
         scoring_model(copy)
-    typicality_step(copy, TYP, model=f"sd:{tmp_path / 'moved'}", progress=False)
+    with pytest.raises(RunError, match="external_model changed.*--force"):
+        typicality_step(copy, TYP, model=f"sd:{tmp_path / 'moved'}", progress=False)
+    assert copy.lineage.get("typicality")["identity"] == record["identity"]
+    typicality_step(copy, TYP, model=f"sd:{tmp_path / 'moved'}", progress=False, force=True)
     assert "replacing the stored result" in capsys.readouterr().out
     assert copy.lineage.get("typicality")["identity"] != record["identity"] and copy.stale("mine")
 

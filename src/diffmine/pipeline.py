@@ -422,7 +422,10 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
         settings["adaptive"] = asdict(adaptive)
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
     with _locked(run, "typicality", rank):
-        action = _planned(run, "typicality", settings, inputs, force, expensive=True, incremental=("listing",))
+        # a folder given to --model holding other files (a wrong path, a re-download) would replace hours
+        # of maps: refused without --force, as another hub id is by the settings
+        action = _planned(run, "typicality", settings, inputs, force, expensive=True, incremental=("listing",),
+                          guard_inputs=model is not None)
         if action == "done" and not _typicality_covers_listing(run):
             action = "resume"  # shards lost since (deleted, or a copy that missed some)
         _barrier(world)  # every process has planned from the same state
@@ -544,7 +547,7 @@ def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
     if inputs["external_model"] != record["inputs"].get("external_model"):
         folders = ", ".join(record["location"][key] for key in local_parts(used))
         raise RunError(f"{folders}: not the files typicality used (the model loaded from it differs); recompute "
-                       f"with `{pointing_command(run, used, {'base': model, **options})}`")
+                       f"with `{pointing_command(run, used, {'base': model, **options})} --force`")
     return backend
 
 
