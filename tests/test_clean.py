@@ -66,7 +66,7 @@ def killed_write(target: Path) -> Path:
     """The temporary file a process killed while writing ``target`` left beside it."""
     result = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(target)], env=ENV, timeout=60)
     assert result.returncode == -9
-    (leftover,) = target.parent.glob(f"{target.name}.*.tmp")
+    (leftover,) = target.parent.glob(f"{target.name}.*.diffmine.tmp")
     return leftover
 
 
@@ -82,10 +82,11 @@ def test_status_reports_a_killed_write_and_clean_removes_it_and_nothing_else(run
     outside = tmp_path / "outside.txt"
     outside.write_text("the user's")
     kept = [run.path / "notes.tmp", run.path / "typicality" / "shard-00000.parquet.ABCDEFGH.tmp",
-            run.path / "report" / "x.abc.tmp", data / "norland" / "img.12345678.tmp"]
+            run.path / "report" / "x.abc.tmp", data / "norland" / "img.12345678.diffmine.tmp",
+            run.path / "notes.20241231.tmp"]  # a name of the user's that the pattern once took
     for path in kept:
         path.write_text("the user's")
-    link = run.path / "link.abcdefgh.tmp"
+    link = run.path / "link.abcdefgh.diffmine.tmp"
     link.symlink_to(outside)
 
     lines = [line for line in status(run).splitlines() if line.startswith("leftovers:")]
@@ -150,7 +151,7 @@ def test_the_page_compare_writes_into_run_a_is_a_write_clean_waits_for(run, monk
 
 
 def test_clean_refuses_a_folder_that_is_no_run(tmp_path, capsys):
-    (tmp_path / "notes.txt.abcdefgh.tmp").write_text("the user's")
+    (tmp_path / "notes.txt.abcdefgh.diffmine.tmp").write_text("the user's")
     assert main(["clean", "--run", str(tmp_path)]) == 2
     assert "not a diffmine run (no lineage.json)" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt.abcdefgh.tmp"]  # no lock folder made either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt.abcdefgh.diffmine.tmp"]  # no lock folder made either

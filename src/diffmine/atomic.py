@@ -1,7 +1,7 @@
 """Atomic file writes: a reader (or a resumed run) never sees half a file.
 
 Every file of a run directory is written through :func:`atomic_write`: into a temporary file
-``NAME.<random>.tmp`` beside the target, flushed, then renamed over it (a rename within one folder
+``NAME.<random>.diffmine.tmp`` beside the target, flushed, then renamed over it (a rename within one folder
 is atomic on POSIX). The temporary name is unique, so two processes writing the same file do not
 write into (or rename away) each other's temporary file: the last rename wins, whole. A killed
 process leaves at most a ``.tmp`` file, which nothing reads; ``diffmine status`` counts such
@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-TEMPORARY_SUFFIX = ".tmp"
+# ".diffmine" before ".tmp": a user's own "notes.20241231.tmp" in a run is never taken for a leftover
+TEMPORARY_SUFFIX = ".diffmine.tmp"
 # the names mkstemp gives below: the target's name, a dot, 8 random characters (CPython's tempfile
 # draws them from a-z, 0-9 and _), the suffix. `diffmine clean` removes nothing else, so a file of
 # the user's would need all of that to be mistaken for a leftover

@@ -269,7 +269,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, type=Path, help="the run directory")
 
     p = sub.add_parser("clean", help="remove the temporary files of interrupted writes (status counts them)",
-                       description="Remove the temporary files (NAME.<random>.tmp) that processes killed while writing "
+                       description="Remove the temporary files (NAME.<random>.diffmine.tmp) that processes killed while writing "
                                    "left in the run, and nothing else. Refused while a diffmine process runs a step of the "
                                    "run (its temporary files may be writes in progress); steps starting meanwhile wait.")
     p.add_argument("--run", required=True, type=Path, help="the run directory")

@@ -1,6 +1,6 @@
 """Leftovers of interrupted writes: the temporary files that killed processes left in a run.
 
-Every file of a run is written through ``atomic.atomic_write``: into ``NAME.<random>.tmp`` beside
+Every file of a run is written through ``atomic.atomic_write``: into ``NAME.<random>.diffmine.tmp`` beside
 it, then renamed over it. A process killed mid-write (SIGKILL, the out-of-memory killer, a power
 cut) leaves that temporary file, which nothing reads and nothing removes: for a Stable Diffusion
 run, a half-written UNet of gigabytes. ``diffmine status`` counts them, ``diffmine clean`` removes
@@ -62,7 +62,7 @@ def _dataset_inside(run: Run) -> str | None:
 
 
 def describe(run: Run, paths: list[Path]) -> str:
-    """``2 temporary files of interrupted writes, 1.3 GiB: model/a.safetensors.x1y2z3w4.tmp, ...``"""
+    """``2 temporary files of interrupted writes, 1.3 GiB: model/a.safetensors.x1y2z3w4.diffmine.tmp, ...``"""
     total = sum(_size(path) or 0 for path in paths)
     shown = ", ".join(str(path.relative_to(run.path)) for path in paths[:SHOWN])
     more = f" and {len(paths) - SHOWN} more" if len(paths) > SHOWN else ""
