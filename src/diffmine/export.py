@@ -210,7 +210,7 @@ def export(run: Run, fmt: str, out: str | Path, copy_images: bool = False) -> Pa
     # the folder itself, named from outside it: the export is swapped in beside it (``--out .`` had
     # its temporary folder inside, and removed an earlier export with it; a link is no folder to replace)
     out = Path(out).resolve()
-    if out.resolve().is_relative_to(run.path.resolve()):
+    if out.is_relative_to(run.path.resolve()):
         raise RunError(f"{out}: an export goes outside the run directory {run.path}")
     if fmt not in FORMATS:
         raise RunError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
