@@ -205,3 +205,24 @@ def test_a_new_model_makes_the_contrast_stale(tiny, tmp_path):
     with pytest.raises(RunError, match="contrast"):
         Run(copy.path).contrast_map("norland/img_0000.png", "norland", ODD)
     assert json.loads((copy.path / "lineage.json").read_text())[contrast_name("norland", ODD)]["command"].startswith("contrast")
+
+
+def test_an_image_a_contrast_left_out_is_a_problem_of_that_contrast(tiny, tmp_path):
+    """The contrast maps keep their bad rows in their own shards, as typicality does: `status`, the
+    report's problems page and `query` name them under the contrast, beside every other step that
+    left the same image out (one row per image and step; the headline counts images)."""
+    from conftest import edit_in_place, relisted_copy
+    from diffmine.status import status
+
+    copy, data = relisted_copy(tiny, tmp_path)
+    edited = "norland/img_0001.png"
+    edit_in_place(data, edited)
+    assert tiny_contrast(copy, "norland", "eastland") == 0
+    name = contrast_name("norland", "eastland")
+    problems = copy.problems()
+    assert problems.loc[problems["step"] == name, "image_id"].tolist() == [edited]
+    copy.record_problems("report", problems[problems["step"] == name].itertuples())  # a second step, same image
+    problems = copy.problems()
+    assert sorted(problems.loc[problems["image_id"] == edited, "step"]) == sorted([name, "report"])
+    lines = status(copy)
+    assert "bad or skipped images: 1" in lines and f"({name}): changed since" in lines

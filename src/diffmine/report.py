@@ -398,14 +398,16 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         if section is not None:
             site.put(f"{name}.html", render(f"{name}.html.j2", {**common, name: section}).encode())
     site.put("problems.html", render("problems.html.j2", {**common, "problems": problems.head(200).to_dict("records"),
-                                                          "problem_count": len(problems)}).encode())
+                                                          "problem_count": problems["image_id"].nunique(),
+                                                          "problem_rows": len(problems)}).encode())
     # the report's own record is written after the site: shown, it would make every render differ
     records = {name: record for name, record in run.lineage.records().items() if name != "report"}
     site.put("settings.html", render("settings.html.j2", {**common, "settings": json.dumps(records, indent=2,
                                                                                           default=str)}).encode())
     site.put("index.html", render("index.html.j2", {
         **common, "title": f"diffmine report: {run.path.name}", "labels": labels, "model": model_section(run, site, fresh),
-        "evaluation": json.dumps(evaluation, indent=2) if evaluation else None, "problem_count": len(problems),
+        "evaluation": json.dumps(evaluation, indent=2) if evaluation else None,
+        "problem_count": problems["image_id"].nunique(),
         "sections": {name: section is not None for name, section in extra.items()}, "images_shown": len(views),
         "adaptive": _adaptive_section(run, index),
         "links": site.keep_pages(report_links(run)),

@@ -271,16 +271,27 @@ class Run:
         return self.skipped_by(step, may_be_fixed=True)
 
     def problems(self) -> pd.DataFrame:
-        """Every image skipped so far, with the step and the problem."""
+        """Every image skipped so far: one row per image and step that left it out, with the problem.
+
+        The map steps (typicality, each contrast) keep their bad rows in their own shards; the
+        other steps record theirs in problems.parquet (:meth:`report_skipped`)."""
+        from .shards import read_index
+
         path = self.path / "problems.parquet"
         frames = [pd.read_parquet(path)] if path.is_file() else []
-        index = self.typicality_index(missing_ok=True)
-        if index is not None and len(index):
-            bad = index[index["status"] != "ok"]
-            frames.append(pd.DataFrame({"image_id": bad["image_id"], "path": bad["path"], "step": "typicality", "problem": bad["problem"]}))
+        map_indexes = {"typicality": self.typicality_index(missing_ok=True)}
+        for name, record in sorted(self.lineage.records().items()):
+            if name.startswith("contrast-") and "a" in record["settings"]:  # the maps, not the elements
+                index = read_index(self.contrast_dir(record["settings"]["a"], record["settings"]["b"]))
+                map_indexes[name] = None if index is None else current_rows(index, self.images())
+        for step, index in map_indexes.items():
+            if index is not None and len(index):
+                bad = index[index["status"] != "ok"]
+                frames.append(pd.DataFrame({"image_id": bad["image_id"], "path": bad["path"], "step": step,
+                                            "problem": bad["problem"]}))
         if not frames:
             return pd.DataFrame(columns=PROBLEM_COLUMNS)
-        return pd.concat(frames, ignore_index=True).drop_duplicates(["image_id", "problem"])
+        return pd.concat(frames, ignore_index=True).drop_duplicates(["image_id", "step", "problem"], ignore_index=True)
 
     # -- typicality -----------------------------------------------------------------------
     def typicality_shards(self) -> list[Path]:

@@ -104,7 +104,7 @@ def status(run) -> str:
     if leftover:
         lines.append(leftover)
     problems = run.problems()
-    lines.append(f"bad or skipped images: {len(problems)}")
+    lines.append(f"bad or skipped images: {problems['image_id'].nunique()}")  # below: one line per image and step
     lines += [f"  {p.path or p.image_id} ({p.step}): {p.problem}" for p in problems.head(20).itertuples()]
     if len(problems) > 20:
         lines.append(f"  ... {len(problems) - 20} more: diffmine query --run {run.path} \"SELECT * FROM problems\"")
