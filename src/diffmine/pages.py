@@ -18,7 +18,6 @@ from PIL import Image
 from .atomic import write_bytes, write_text
 from .images import RunImages, overlay
 from .lineage import contrast_key, contrast_name
-from .terminal import print_problems
 
 CROP_PX = 72
 
@@ -87,7 +86,7 @@ def write_contrast_page(run, a: str, b: str | None, clusters: int = 8, per_clust
     html = _render("contrast.html.j2", a=a, b=b if b is not None else "every other label", clusters=rows,
                    examples=shown, crop_px=CROP_PX, samples=record["settings"].get("samples"),
                    images=record["settings"].get("images"))
-    print_problems(list(images.problems.values()), run.path)
+    run.add_skipped(contrast_name(a, b) + "-elements", list(images.problems.values()))  # beside its features' skips
     return write_text(page, html)
 
 
@@ -128,8 +127,7 @@ def write_trends_page(run, result: dict, per_element: int = 6, limit: int = 40) 
                                                "cells": list(zip(result["order"], element["prevalence"], element["typicality"]))})
     html = _render("trends.html.j2", order=result["order"], sections=sections, crop_px=CROP_PX,
                    total=len(result["elements"]), shown=min(limit, len(result["elements"])))
-    said = set(run.skipped_by("trends"))  # named by the measure already (run_trends): one line per image
-    print_problems([p for p in images.problems.values() if p.image_id not in said], run.path)
+    run.add_skipped("trends", list(images.problems.values()))  # beside those its measure named
     return write_text(page, html)
 
 

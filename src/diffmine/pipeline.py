@@ -676,9 +676,9 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
             run_features(run, backend, features, progress, patches=described, out=directory / "features.npy",
                          step=elements)
             run_clustering(run, cluster, described, directory / "features.npy", directory / "clusters.parquet")
+            write_contrast_page(run, a, b)  # before the record: it may leave out more images
             run.lineage.put(elements, element_settings, element_inputs, command, patch=k,
                             left_out=run.left_out(elements))
-            write_contrast_page(run, a, b)
         else:
             print("contrast: elements up to date")
         return page

@@ -248,6 +248,17 @@ class Run:
             self.record_problems(step, problems)
         print_problems(problems, self.path)
 
+    def add_skipped(self, step: str, problems: list[Problem]) -> None:
+        """More images ``step`` left out (a page it writes after its measure): those not yet
+        recorded for the step get their line and join its records, which are kept."""
+        said = set(self.skipped_by(step))
+        new = [p for p in problems if p.image_id not in said]
+        if new:
+            path = self.path / "problems.parquet"
+            recorded = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
+            self.record_problems(step, [*recorded[recorded["step"] == step].itertuples(), *new])
+        print_problems(new, self.path)
+
     def skipped_by(self, step: str, may_be_fixed: bool = False) -> list[str]:
         """The image ids recorded as skipped by ``step`` (:meth:`report_skipped`), sorted.
 
