@@ -146,6 +146,25 @@ def test_notebook_helpers_show_a_cluster_an_image_and_the_run(run):
         run.show_cluster(label, 9)
 
 
+def test_a_cluster_grid_names_the_members_it_cannot_show(run, tmp_path, capsys):
+    from conftest import edit_in_place, relisted_copy
+
+    copy, data = relisted_copy(run, tmp_path)
+    clusters = pd.read_parquet(copy.clusters_path)
+    label = copy.labels[0]
+    members = clusters[(clusters["label"] == label) & (clusters["cluster_rank"] == 0)]
+    images = members.sort_values("rank_in_cluster")["image_id"].drop_duplicates().tolist()
+    edit_in_place(data, images[0])
+    capsys.readouterr()
+    shown = len(members) - (members["image_id"] == images[0]).sum()
+    assert copy.show_cluster(label, 0, size=40).size == (min(shown, 8) * 42, -(-shown // 8) * 42)
+    assert f"skipped {data / images[0]}: changed since" in capsys.readouterr().out
+    for image_id in images[1:]:
+        edit_in_place(data, image_id)
+    with pytest.raises(ValueError, match="none of the images of cluster 0"):
+        copy.show_cluster(label, 0, size=40)
+
+
 @pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o077, 0o600)])
 def test_run_files_follow_the_umask(tmp_path, umask, mode):
     import torch

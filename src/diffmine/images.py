@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .data import BadImage, Problem, listed_by_id, load_image
+from .terminal import print_problems
 
 # diverging, perceptually ordered, white at 0: red = typical of the label, blue = atypical
 COLORMAP = "RdBu_r"
@@ -174,6 +175,9 @@ def cluster_grid(run, label: str, rank: int, n: int = 16, size: int = 96, contex
         raise KeyError(f"no cluster {rank} of label {label!r} in {run.path}")
     images = RunImages(run)
     crops = [c for c in (images.crop_array(r, size, context) for r in members.head(n).itertuples()) if c is not None]
+    print_problems(list(images.problems.values()), run.path)  # left out of the grid: one line each
+    if not crops:
+        raise ValueError(f"none of the images of cluster {rank} of label {label!r} can be read (listed above)")
     columns = min(len(crops), 8)
     rows = -(-len(crops) // columns)
     grid = np.full((rows * (size + 2), columns * (size + 2), 3), 255, np.uint8)
