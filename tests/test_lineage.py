@@ -158,7 +158,11 @@ def test_unreachable_images_are_retried(tiny, tmp_path, capsys):
                      "A scene from {label}.", "--null-prompt", "A scene."]) == 0
     # the same images at another path: the same listing, every result still valid
     assert not Run(copy).stale("cluster")
+    shards = {p.name: p.stat().st_mtime_ns for p in (copy / "typicality").glob("shard-*")}
+    capsys.readouterr()
     assert cli.main(["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4", "--force"]) == 0
+    assert "up to date with these settings and inputs; --force replaces only" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (copy / "typicality").glob("shard-*")} == shards  # kept
     data.rename(tmp_path / "away")  # the disk is unmounted...
     shutil.rmtree(copy / "typicality")
     Run(copy).lineage.drop("typicality")

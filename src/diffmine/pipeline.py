@@ -65,6 +65,10 @@ def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, out
     files = (*run.result_files(name), *outputs)
     if action == "done" and not all(path.is_file() for path in files):
         return "replace"
+    if action == "done" and force and int(os.environ.get("RANK", "0")) == 0:
+        # every step is deterministic for its settings: making an up-to-date result again would
+        # write the same bytes, so --force keeps it rather than spend the compute
+        print(f"{name}: up to date with these settings and inputs; --force replaces only a result made differently")
     left_out = (run.lineage.get(name) or {}).get("left_out")
     if action == "resume" and left_out and int(os.environ.get("RANK", "0")) == 0:
         print(f"{name}: made again, for the {left_out} image(s) it left out last time")
