@@ -217,6 +217,7 @@ def test_translate_names_an_image_edited_since_listing_and_translates_it_once_fi
     import diffmine.translate
     from diffmine.data import CHANGED
     from diffmine.shards import read_array
+    from diffmine.status import status
     from diffmine.translate import source_images
 
     copy, data = relisted_copy(tiny_run, tmp_path)
@@ -241,6 +242,7 @@ def test_translate_names_an_image_edited_since_listing_and_translates_it_once_fi
     assert copy.left_out("translate") == [edited]
     first = copy.lineage.get("translate")
     assert first["left_out"] == 1
+    assert "translate: done, 1 image(s) left out (listed below; the next `diffmine translate` tries them again)" in status(copy)
     assert {image for image, _ in stored()} == {image for image, _ in reference} - {edited}
     pipeline.cotypicality_step(copy, *cotypicality, progress=False)
     assert edited not in set(pd.read_parquet(copy.path / "cotypicality" / "shard-00000.parquet")["image_id"])
