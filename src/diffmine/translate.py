@@ -374,10 +374,16 @@ def retry_in_shard(directory, name: str, images: pd.DataFrame, retried: set[str]
     arrays, rows = translate(images[images["image_id"].isin(retried)])
     kept_arrays, kept_rows = read_shard(directory, name, keep=lambda row: row["image_id"] not in retried)
     _, old_rows = read_shard(directory, name, keep=lambda row: row["image_id"] in retried)
-    if sorted(old_rows, key=row_order) == rows:
+    if outcomes(old_rows) == outcomes(rows):
         return False  # still unreadable, for the same reason: nothing to rewrite
     write_shard(directory, name, {**kept_arrays, **arrays}, sorted(kept_rows + rows, key=row_order), SHARD_SCHEMA)
     return True
+
+
+def outcomes(rows: list[dict]) -> list[tuple]:
+    """What index rows say was made of each translation (not where its source was read from: a run
+    listed from another folder since reads the same images under other paths)."""
+    return sorted((row["image_id"], row["target_label"], row["status"], row["problem"]) for row in rows)
 
 
 def run_translate(run, backend: Backend, config: TranslateConfig, progress: bool = True) -> int:
