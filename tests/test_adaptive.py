@@ -42,8 +42,8 @@ def copy_of(run: Run, path) -> Run:
 
 def assert_same_maps(a: Run, b: Run) -> None:
     ia, ib = a.typicality_index(), b.typicality_index()
-    assert ia["draws"].tolist() == ib["draws"].tolist()
-    for image_id in ia["image_id"]:
+    assert ia["draws"].tolist() == ib["draws"].tolist() and ia["status"].tolist() == ib["status"].tolist()
+    for image_id in ia.loc[ia["status"] == "ok", "image_id"]:
         np.testing.assert_array_equal(a.latent_typicality_map(image_id), b.latent_typicality_map(image_id))
 
 
@@ -295,3 +295,48 @@ def test_contrast_and_classify_refuse_the_adaptive_estimator():
             cls(estimator="adaptive")
     with pytest.raises(ValueError, match="even"):
         TypicalityConfig(samples=15, estimator="adaptive")
+
+
+@pytest.mark.parametrize("relisted", [True, False])
+@pytest.mark.parametrize("round", [1, 2])
+def test_an_image_edited_under_an_interrupted_adaptive_run_redoes_only_what_it_changes(trained, tmp_path, monkeypatch,
+                                                                                      relisted, round):
+    """Killed in round 1 or 2 (of 0-2), then one image edited (listed anew, or not): the resumed run
+    scores round 0 again only for the edited image's shard, and ends with the maps an uninterrupted
+    run makes on the final files (the edited image's own map, or its problem when it was not listed anew)."""
+    from conftest import edit_in_place
+
+    data = tmp_path / "data"
+    shutil.copytree(trained.dataset_root, data)
+    run, uninterrupted = copy_of(trained, tmp_path / "killed"), copy_of(trained, tmp_path / "uninterrupted")
+    for each in (run, uninterrupted):
+        pipeline.prepare(each, data, "A scene from {label}.", "A scene.", 32)
+    killed(run, monkeypatch, "_round_shard", in_round(round))  # the rounds before written
+    # the image with round 0's best candidate, made black: the bars of later rounds move
+    first = adaptive._round_rows(run.typicality_dir / adaptive.WORK, 0)
+    edited = first.loc[first["cand_s"].map(max).idxmax(), "image_id"]
+    place = run.images()["image_id"].tolist().index(edited)
+    shard = run.images()["image_id"].iloc[place // 4 * 4:place // 4 * 4 + 4].tolist()  # 3 shards of 4, in listing order
+    edit_in_place(data, edited)
+    if relisted:
+        from diffmine.status import status
+
+        for each in (run, uninterrupted):
+            pipeline.prepare(each, data, "A scene from {label}.", "A scene.", 32)
+        assert ("\n  adaptive rounds: 1 image listed anew since the rounds were planned; the next run scores their shards "
+                "again from round 0 and keeps the other shards' rounds") in status(run)
+    real = adaptive._round_shard
+    computed = {"uninterrupted": [], "resumed": []}  # (round, images) of each round shard computed
+
+    def scored(which: str) -> list[tuple]:
+        monkeypatch.setattr(adaptive, "_round_shard", lambda *a, **kw: computed[which].append(
+            (a[5], tuple(a[8]["image_id"]))) or real(*a, **kw))
+        pipeline.typicality_step(run if which == "resumed" else uninterrupted, CONFIG, progress=False, adaptive=TARGETS)
+        return computed[which]
+
+    full, resumed = scored("uninterrupted"), scored("resumed")
+    assert [images for r, images in resumed if r == 0] == [tuple(shard)]
+    assert set(resumed) < set(full)  # the other shards' rounds were kept
+    assert_same_maps(uninterrupted, run)
+    index = run.typicality_index().set_index("image_id")
+    assert (index.loc[edited, "status"] == "ok") == relisted

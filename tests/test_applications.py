@@ -204,27 +204,87 @@ def test_classify_names_an_image_edited_since_listing_and_scores_it_once_fixed(t
     assert "left_out" not in second and second["identity"] != first["identity"]
 
 
-def test_translate_names_an_image_edited_since_listing(tiny_run, tmp_path, capsys):
+def test_translate_names_an_image_edited_since_listing_and_translates_it_once_fixed(tiny_run, tmp_path, capsys,
+                                                                                     monkeypatch):
     """The edited source is not translated (its rows are bad): named in one line and recorded as a
-    problem of step translate. Its bad rows are stored in their shard, as typicality's are: fixed,
-    it is translated when the translations are made again (re-mined, or a new listing), not before."""
+    problem of step translate, and as left out by the result. With the listed bytes back, the next
+    translate translates it alone: its rows replace the bad ones in their shard, the other image's
+    translations there are kept as stored, the other shard is not rewritten, and the shard holds
+    what an uninterrupted run on the restored files makes. The translations changed, so
+    co-typicality made from them is stale, and made again with the scene."""
     from conftest import edit_in_place, relisted_copy
 
+    import diffmine.translate
     from diffmine.data import CHANGED
+    from diffmine.shards import read_array
+    from diffmine.status import status
     from diffmine.translate import source_images
 
     copy, data = relisted_copy(tiny_run, tmp_path)
-    config = TranslateConfig(images=1, steps=2, shard_size=2)
+    config = TranslateConfig(images=2, steps=2, shard_size=2)  # 4 sources, 2 shards
+    cotypicality = (CotypicalityConfig(top=12, per_tuple=3, umap_dim=2, k=2, samples=2), FeatureConfig(ensemble=1))
+    directory = copy.translations_dir
+    pipeline.translate_step(copy, config, progress=False)  # the reference: every file as listed
+
+    def stored():
+        index = copy.translations_index()
+        return {(r.image_id, r.target_label): read_array(directory, r.shard, r.key)
+                for r in index[index["status"] == "ok"].itertuples()}
+
+    reference = stored()
+    shutil.rmtree(directory)
+    copy.lineage.drop("translate")
     edited = source_images(copy, config.images)["image_id"].iloc[0]
     edit_in_place(data, edited)
     capsys.readouterr()
     pipeline.translate_step(copy, config, progress=False)
     assert capsys.readouterr().out.splitlines() == [f"skipped {data / edited}: {CHANGED}"]
-    problems = copy.problems()
-    assert problems.loc[problems["step"] == "translate", "image_id"].tolist() == [edited]
+    assert copy.left_out("translate") == [edited]
+    first = copy.lineage.get("translate")
+    assert first["left_out"] == 1
+    assert "translate: done, 1 image(s) left out (listed below; the next `diffmine translate` tries them again)" in status(copy)
+    assert {image for image, _ in stored()} == {image for image, _ in reference} - {edited}
+    pipeline.cotypicality_step(copy, *cotypicality, progress=False)
+    assert edited not in set(pd.read_parquet(copy.path / "cotypicality" / "shard-00000.parquet")["image_id"])
+
+    def files(shard):
+        return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in directory.glob(f"{shard}.*")}
+
+    untouched = files("shard-00001")
+    with_bad_rows = files("shard-00000")
+    capsys.readouterr()
+    assert pipeline.translate_step(copy, config, progress=False) == 0  # still edited: retried, nothing rewritten
+    assert capsys.readouterr().out.splitlines() == ["translate: made again, for the 1 image(s) it left out last time",
+                                                    f"skipped {data / edited}: {CHANGED}"]
+    assert files("shard-00000") == with_bad_rows and copy.lineage.get("translate")["identity"] == first["identity"]
+    assert not copy.stale("cotypicality")
+
     shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
-    pipeline.translate_step(copy, config, progress=False)
-    assert "translate" in set(copy.problems()["step"])  # up to date: its shard is not made again
+    translated = []
+    translate_pixels = diffmine.translate.translate_pixels
+    monkeypatch.setattr(diffmine.translate, "translate_pixels",
+                        lambda backend, pixels, *args: translated.append(len(pixels)) or translate_pixels(backend, pixels, *args))
+    assert pipeline.translate_step(copy, config, progress=False) == 1  # shard-00000 rewritten
+    assert translated == [len(copy.labels) - 1]  # the fixed image alone, to every other label
+    assert capsys.readouterr().out.splitlines() == ["translate: made again, for the 1 image(s) it left out last time"]
+    again = stored()
+    assert again.keys() == reference.keys()
+    for pair, image in reference.items():
+        assert np.array_equal(again[pair], image), pair
+    assert (copy.translations_index()["status"] == "ok").all()
+    assert files("shard-00001") == untouched
+    assert "translate" not in set(copy.problems()["step"])
+    second = copy.lineage.get("translate")
+    assert "left_out" not in second and second["identity"] != first["identity"]
+    assert copy.stale("cotypicality")  # made from the translations without the scene
+    pipeline.cotypicality_step(copy, *cotypicality, progress=False)
+    assert edited in set(pd.read_parquet(copy.path / "cotypicality" / "shard-00000.parquet")["image_id"])
+    assert not copy.stale("cotypicality")
+
+    capsys.readouterr()
+    assert pipeline.translate_step(copy, config, progress=False) == 0
+    assert capsys.readouterr().out.splitlines() == ["translate: up to date"]
+    assert copy.lineage.get("translate") == second
 
 
 def test_cotypicality_leaves_out_a_scene_whose_source_changed_and_goes_on(tiny_run, tmp_path, capsys, monkeypatch):

@@ -97,3 +97,44 @@ def test_summarize_confusion_matrix():
     assert summary["accuracy"] == 0.75
     assert summary["confusion"] == [[1, 1], [0, 2]]
     assert summary["per_label"] == {"a": 0.5, "b": 1.0}
+
+
+def test_a_retry_killed_between_its_two_files_leaves_a_complete_shard_that_is_retried_again(tmp_path, monkeypatch):
+    """retry_in_shard writes the shard's arrays, then its index: killed between the two, the old
+    index still finds every key it lists (the kept ones, as stored), so the shard is complete and
+    its bad rows are retried by the next call, which puts the fixed image's rows in their place."""
+    import diffmine.shards
+    from diffmine.data import CHANGED
+    from diffmine.shards import read_array, shard_is_complete, write_shard
+    from diffmine.translate import SHARD_SCHEMA, images_to_retry, retry_in_shard
+
+    def row(place, image_id, status, problem=None):
+        return dict(index=place, image_id=image_id, path=f"/data/{image_id}", source_label="a", target_label="b",
+                    height=2 if status == "ok" else 0, width=2 if status == "ok" else 0,
+                    key=f"{place}/b" if status == "ok" else "", status=status, problem=problem)
+
+    kept = np.full((2, 2, 3), 7, np.uint8)
+    write_shard(tmp_path, "shard-00000", {"0/b": kept}, [row(0, "x.png", "ok"), row(1, "y.png", "bad", CHANGED)],
+                SHARD_SCHEMA)
+    images = pd.DataFrame({"index": [0, 1], "image_id": ["x.png", "y.png"]})
+    retried = []
+
+    def translate(frame):  # the fixed image, as compute_shard gives it: under its place in the shard
+        retried.append(frame.index.tolist())
+        return {"1/b": np.full((2, 2, 3), 9, np.uint8)}, [row(1, "y.png", "ok")]
+
+    assert images_to_retry(tmp_path) == {"shard-00000": {"y.png"}}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(diffmine.shards, "write_table", killed)  # the index is never written
+    with pytest.raises(KeyboardInterrupt):
+        retry_in_shard(tmp_path, "shard-00000", images, {"y.png"}, translate)
+    monkeypatch.undo()
+    assert shard_is_complete(tmp_path, "shard-00000") and images_to_retry(tmp_path) == {"shard-00000": {"y.png"}}
+    assert retry_in_shard(tmp_path, "shard-00000", images, {"y.png"}, translate)
+    assert retried == [[1], [1]] and images_to_retry(tmp_path) == {}
+    index = pd.read_parquet(tmp_path / "shard-00000.parquet")
+    assert index["status"].tolist() == ["ok", "ok"] and index["key"].tolist() == ["0/b", "1/b"]
+    np.testing.assert_array_equal(read_array(tmp_path, "shard-00000", "0/b"), kept)
+    assert int(read_array(tmp_path, "shard-00000", "1/b")[0, 0, 0]) == 9

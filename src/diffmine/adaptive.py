@@ -65,7 +65,14 @@ one file pair per shard (``r<R>-shard-N``: the new units of its refined images a
 candidates), dealt round-robin to processes and written atomically; between rounds a barrier,
 then every process computes the same refined set from the files on disk (a pure function of all
 images' results of the previous rounds). So the result does not depend on the number of
-processes, and a killed run resumes at the round and shard where it stopped. At the end each
+processes, and a killed run resumes at the round and shard where it stopped. An image edited
+while the run was stopped (listed anew or not), or one left out that reads as listed again, costs
+its shard's rounds, not the run's (:func:`_resume_plan`): that shard is scored again from round 0,
+and a later round's file is kept only while it holds the images the round now refines (the moved
+bars may refine others), so the resumed run writes what an uninterrupted run on the files as they
+are now writes, bit for bit (the test checks it). Planned again whole: a plan one of whose images
+is no longer listed or has another label, and one whose final shards have begun, when an image of
+it was listed anew. At the end each
 shard's final maps are written in the standard format (the mean map, ``KEY/units`` with one unit
 per antithetic pair of the image's draws, ``draws`` in the index) and the work folder is removed.
 Beside each final shard, ``typicality/candidates/shard-N.parquet`` keeps its images' candidates
@@ -88,6 +95,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from .atomic import write_json, write_table
+from .data import listed_by_id, problem_may_be_fixed, read_as_listed
 from .mining import MineConfig, default_patch_size, greedy_boxes, patch_errors, patch_scores, significant
 from .shards import plan_new_shards, shard_is_complete, write_shard
 from .terminal import counted
@@ -271,14 +279,14 @@ def run_adaptive(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfi
 
 
 def _prepare_plan(run, work, config: TypicalityConfig, adaptive: AdaptiveConfig, attempted: set) -> None:
-    """Keep a plan whose images are all still listed as they were; else plan the images lacking maps
-    (less those ``attempted`` already)."""
+    """Keep a plan whose images are all still listed under their labels (:func:`_resume_plan`);
+    else plan the images lacking maps (less those ``attempted`` already)."""
     images = run.images()
     path = work / "plan.json"
     if path.is_file():
-        if _plan_stands(json.loads(path.read_text()), images):
+        if _resume_plan(run.typicality_dir, json.loads(path.read_text()), images):
             return
-        shutil.rmtree(work)  # the listing changed under it: plan again
+        shutil.rmtree(work)  # images of it no longer listed, or under another label: plan again
     index = run.typicality_index(missing_ok=True)
     done = set() if index is None else set(index.loc[index["status"] != "unreachable", "image_id"])
     todo = images[~images["image_id"].isin(done | attempted)]
@@ -295,10 +303,63 @@ def _prepare_plan(run, work, config: TypicalityConfig, adaptive: AdaptiveConfig,
     })
 
 
-def _plan_stands(plan: dict, images: pd.DataFrame) -> bool:
-    """Whether every image of ``plan`` is still listed as it was when planned (``images``: the listing)."""
-    listed = set(zip(images["image_id"], images["fingerprint"], images["label"]))
-    return all(tuple(row) in listed for row in plan["images"])
+def _relisted(plan: dict, images: pd.DataFrame) -> set | None:
+    """The images of ``plan`` listed with other content since it was made (``images``: the
+    listing); None when one of them is no longer listed, or listed under another label."""
+    listed = dict(zip(images["image_id"], zip(images["fingerprint"], images["label"])))
+    if not all(listed.get(image_id, (None, None))[1] == label for image_id, _, label in plan["images"]):
+        return None
+    return {image_id for image_id, fingerprint, _ in plan["images"] if listed[image_id][0] != fingerprint}
+
+
+def _resume_plan(typicality_dir, plan: dict, images: pd.DataFrame) -> bool:
+    """Whether an interrupted run resumes ``plan`` (``images``: the listing), after making its
+    work folder what an uninterrupted run on the files as they are now would have written so far.
+
+    Every image's rounds are a function of its own bytes and of which rounds refine it, so an image
+    edited under the interrupted run (listed anew, or not) changes only its shard's rounds, and
+    then possibly which images later rounds refine, which :func:`_execute` checks round by round
+    (:func:`_drop_rounds_of_others`). The images listed anew take their new fingerprints into the
+    plan; the round files of their shards, and of the shards where round 0 read a file that no
+    longer reads so (:func:`_round_zero_disagrees`), go, to be scored again from round 0; the
+    other shards keep their rounds. A plan whose images are not all listed under their labels any
+    more is not resumed (planned again whole), nor one with a final shard written and an image
+    listed anew: the rounds are over, and their final maps are what they decided."""
+    relisted = _relisted(plan, images)
+    if relisted is None:
+        return False
+    if any(shard_is_complete(typicality_dir, name) for name, _, _ in plan["shards"]):
+        return not relisted
+    work = typicality_dir / WORK
+    stale = relisted | _round_zero_disagrees(work, images)
+    if not stale:
+        return True
+    planned = [image_id for image_id, _, _ in plan["images"]]
+    for name, start, stop in plan["shards"]:
+        if stale & set(planned[start:stop]):
+            _drop_rounds(work, name, 0)
+    fingerprint = dict(zip(images["image_id"], images["fingerprint"]))
+    plan["images"] = [[image_id, fingerprint[image_id], label] for image_id, _, label in plan["images"]]
+    write_json(work / "plan.json", plan)
+    return True
+
+
+def _round_zero_disagrees(work, images: pd.DataFrame) -> set:
+    """The images whose round-0 row no longer says what reading their file says (``images``: the
+    listing): scored, and no longer readable as listed (edited in place, gone); or left out with a
+    problem that may be fixed (``data.problem_may_be_fixed``), and readable as listed now."""
+    listed, path = listed_by_id(images), dict(zip(images["image_id"], images["path"]))
+    return {r.image_id for r in _round_rows(work, 0).itertuples()
+            if (r.status == "ok" or problem_may_be_fixed(r.problem))
+            and (r.status == "ok") != read_as_listed(path[r.image_id], listed[r.image_id])}
+
+
+def _drop_rounds(work, name: str, first: int) -> None:
+    """Remove shard ``name``'s round files from round ``first`` on (each index before its arrays)."""
+    for index in work.glob(f"r*-{name}.parquet"):
+        if int(index.name.split("-", 1)[0][1:]) >= first:
+            index.unlink()
+            index.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
 def rounds_progress(typicality_dir, images: pd.DataFrame) -> str | None:
@@ -309,8 +370,12 @@ def rounds_progress(typicality_dir, images: pd.DataFrame) -> str | None:
     if not (work / "plan.json").is_file():
         return None
     plan = json.loads((work / "plan.json").read_text())
-    if not _plan_stands(plan, images):
+    relisted = _relisted(plan, images)
+    if relisted is None:
         return "adaptive rounds: planned before the listing changed; the next run plans them again"
+    if relisted:
+        return (f"adaptive rounds: {counted(len(relisted), 'image')} listed anew since the rounds were planned; the next run "
+                "scores their shards again from round 0 and keeps the other shards' rounds")
     shards = [name for name, _, _ in plan["shards"]]
     final = sum(shard_is_complete(typicality_dir, name) for name in shards)
     if final:  # written only once every round is done
@@ -345,9 +410,12 @@ def _execute(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfig, p
                 latest = pd.concat([final, planned], ignore_index=True)
                 active = refine(latest, _refined_in(work, r - 1), adaptive, config.samples,
                                 budget_left(adaptive, planned["draws"]))
-                if not active:
-                    break
             todo = [(name, frame[frame["image_id"].isin(active)]) for name, frame in shards]
+            if process_index == 0:
+                _drop_rounds_of_others(work, r, todo)
+            _barrier(num_processes)  # before anyone counts the round's shards done
+            if not active:
+                break
             mine = [(name, frame) for name, frame in todo if len(frame)][process_index::num_processes]
             mine = [(name, frame) for name, frame in mine if not shard_is_complete(work, f"r{r}-{name}")]
             bar = tqdm(total=sum(len(frame) for _, frame in mine), unit="img", position=process_index,
@@ -364,6 +432,18 @@ def _execute(run, backend, config: TypicalityConfig, adaptive: AdaptiveConfig, p
             _final_shard(run, config, work, len(rounds), name, frame, k, adaptive.per_image)
             written += 1
     return written
+
+
+def _drop_rounds_of_others(work, r: int, todo: list[tuple[str, pd.DataFrame]]) -> None:
+    """Round ``r``'s files (and the later rounds') of each shard whose stored round ``r`` refined
+    other images than ``todo`` (name, the shard's images refined in round ``r``) names: after a
+    shard was scored again on resume (:func:`_resume_plan`), its new candidates may move the bars.
+    A round file is kept only when an uninterrupted run would have written it as it is: the same
+    images, with the same earlier draws."""
+    for name, frame in todo:
+        stored = _round_rows(work, r, name)
+        if len(stored) and set(stored["image_id"]) != set(frame["image_id"]):
+            _drop_rounds(work, name, r)
 
 
 def _keys(frame: pd.DataFrame) -> dict[str, str]:

@@ -768,6 +768,21 @@ def listed_by_id(rows) -> dict[str, tuple[int, int, str]]:
     return dict(zip(rows["image_id"], listed_of(rows)))
 
 
+def read_as_listed(path: str, listed: tuple[int, int, str]) -> bool:
+    """Whether the image at ``path`` can be read and holds the bytes a run's listing fingerprinted
+    (``listed``: its (size, mtime_ns, fingerprint) there): one stat, and a hash only when its size
+    or mtime differ from the listed ones, as :func:`changed_since_listing`, which holds an unreadable
+    file unchanged."""
+    now = _fingerprint_now(path, listed)
+    return bool(now) and now == listed[2]
+
+
+def _fingerprint_now(path: str, listed: tuple[int, int, str]) -> str:
+    """The image's fingerprint: the listed one while its size and mtime are the listed ones, else
+    its bytes hashed ("" if unreadable)."""
+    return _recorded(_stat_key(path), listed) or content_fingerprint(path)
+
+
 def changed_since_listing(path: str, listed: tuple[int, int, str]) -> bool:
     """Whether the image at ``path`` is no longer the one a run's listing fingerprinted (``listed``:
     its (size, mtime_ns, fingerprint) there): edited or replaced since ``diffmine prepare``, or, in a
@@ -779,7 +794,5 @@ def changed_since_listing(path: str, listed: tuple[int, int, str]) -> bool:
     nanosecond). An unreadable file is not "changed": decoding it names that problem (and
     typicality retries it).
     """
-    if _recorded(_stat_key(path), listed) is not None:
-        return False
-    now = content_fingerprint(path)
+    now = _fingerprint_now(path, listed)
     return bool(now) and now != listed[2]

@@ -770,9 +770,11 @@ def localize_step(run: Run, boxes=None, masks=None, blur: float = 0.0, before=No
 
 
 def _sharded_step(run: Run, name: str, settings: dict, inputs: dict, force: bool, missing, clear: tuple[Path, ...],
-                  compute, stored):
+                  compute, stored, left_out=lambda: ()):
     """An expensive, sharded, resumable step: up to date (and every shard there) -> ``stored()``;
-    else clear a stale result, mark it incomplete, ``compute()``, mark it complete."""
+    else clear a stale result, mark it incomplete, ``compute()``, mark it complete, with what
+    ``left_out()`` names as left out (``Lineage.put``: the next call retries them, for a ``compute``
+    that does)."""
     with step_lock(run.path, name):
         action = _planned(run, name, settings, inputs, force, expensive=True)
         if action == "done" and missing():
@@ -784,18 +786,21 @@ def _sharded_step(run: Run, name: str, settings: dict, inputs: dict, force: bool
             _clear(*clear)
         run.lineage.put(name, settings, inputs, name, complete=False)
         result = compute()
-        run.lineage.put(name, settings, inputs, name)
+        run.lineage.put(name, settings, inputs, name, left_out=left_out())
         return result
 
 
 def translate_step(run: Run, config: TranslateConfig, progress: bool = True, force: bool = False) -> int:
     """Translate the run's mined images to other labels with the run's trained model; returns the
-    number of shards written."""
+    number of shards written (or rewritten: a shard whose images left out were translated once fixed).
+    Its identity names the images it left out that may be fixed: once they are translated,
+    co-typicality made from the translations without them is stale."""
     backend, model_inputs = load_model(run)
     settings, inputs = result_settings(config), {**model_inputs, "mine": run.fresh("mine")["identity"]}
     return _sharded_step(run, "translate", settings, inputs, force, lambda: missing_translations(run, config),
                          (run.translations_dir, run.path / "cotypicality"),
-                         lambda: run_translate(run, backend, config, progress), lambda: 0)
+                         lambda: run_translate(run, backend, config, progress), lambda: 0,
+                         left_out=lambda: run.left_out("translate"))
 
 
 def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureConfig, progress: bool = True,

@@ -420,6 +420,11 @@ class Run:
         ok = index[index["status"] == "ok"]
         return {(r.image_id, r.target_label): (r.shard, r.key) for r in ok.itertuples()}
 
+    def forget_translations(self) -> None:
+        """Drop the translations looked up so far: ``run_translate`` wrote shards since, which may
+        hold translations of images that had none (a source fixed since it was left out)."""
+        self.__dict__.pop("_translation_lookup", None)
+
     def translation(self, image_id: str, label: str) -> np.ndarray:
         """(H, W, 3) uint8: image ``image_id`` translated to ``label``.
 

@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .atomic import atomic_write, write_table
 
@@ -31,13 +33,19 @@ def shard_count(items: int, shard_size: int) -> int:
     return math.ceil(items / shard_size)
 
 
+def positional_shards(items: int, shard_size: int) -> list[tuple[str, slice]]:
+    """Every shard of an item list cut in order, as (name, rows of the item list): shard s holds
+    rows s * shard_size onwards."""
+    return [(shard_name(s), slice(s * shard_size, min((s + 1) * shard_size, items)))
+            for s in range(shard_count(items, shard_size))]
+
+
 def missing_shards(directory: Path, items: int, shard_size: int, process_index: int = 0,
                    num_processes: int = 1) -> list[tuple[str, slice]]:
     """The shards still to compute, as (name, rows of the item list), of this process's share:
     shards are dealt round-robin to processes, each computed whole by one of them."""
-    return [(shard_name(s), slice(s * shard_size, min((s + 1) * shard_size, items)))
-            for s in range(process_index, shard_count(items, shard_size), num_processes)
-            if not shard_is_complete(directory, shard_name(s))]
+    return [(name, rows) for name, rows in positional_shards(items, shard_size)[process_index::num_processes]
+            if not shard_is_complete(directory, name)]
 
 
 def plan_new_shards(directory: Path, items: int, shard_size: int) -> list[tuple[str, slice]]:
@@ -74,6 +82,20 @@ def write_shard(directory: Path, name: str, arrays: dict[str, np.ndarray], rows:
         atomic_write(directory / f"{name}.safetensors",
                      lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp)))
     write_table(pa.Table.from_pylist(rows, schema=schema), directory / f"{name}.parquet")
+
+
+def read_shard(directory: Path, name: str, keep: Callable[[dict], bool]) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """The index rows of shard ``name`` that ``keep`` keeps, and the arrays of those among them that
+    are ok, as stored (read with safetensors: nothing is unpickled): what a rewrite of the shard
+    that replaces its other rows carries over."""
+    from safetensors import safe_open
+
+    rows = [row for row in pq.read_table(directory / f"{name}.parquet").to_pylist() if keep(row)]
+    keys = [row["key"] for row in rows if row["status"] == "ok"]
+    if not keys:
+        return {}, rows
+    with safe_open(str(directory / f"{name}.safetensors"), "np") as f:
+        return {key: f.get_tensor(key) for key in keys}, rows
 
 
 def read_index(directory: Path) -> pd.DataFrame | None:

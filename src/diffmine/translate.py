@@ -19,8 +19,19 @@ trajectory and sample back under the target prompt; no inversion, no source bran
 Both are deterministic: DDIM with eta = 0, and SDEdit's noise is drawn from the seed and the
 latent shape only. Results are stored in shards like typicality (resumable):
 
-    RUN/translations/shard-00000.safetensors   one (H, W, 3) uint8 image per key
+    RUN/translations/shard-00000.safetensors   one (H, W, 3) uint8 image per key PLACE/LABEL
     RUN/translations/shard-00000.parquet       image_id, source_label, target_label, key, status
+
+Shard s holds source images s * shard_size onwards (``source_images`` order), PLACE an image's
+place in it. A source that could not be read, or changed since listing, gets a bad row per target
+label. Such a problem may be fixed while the listing stays (``data.problem_may_be_fixed``): the
+result records those images as left out, so the next ``diffmine translate`` retries them
+(:func:`retry_in_shard`): each one now readable as listed is translated under the key it would
+have had, and its shard rewritten with its rows in place of the bad ones, every other row and
+array kept as stored. The shard then holds what a run on the fixed files makes (the test checks
+it bit for bit on the CPU). Unlike typicality, which retries only unreadable images, in new
+shards that readers prefer to the failed rows (``rundir.current_rows``), translations keep one
+row per translation, in the shard its place names.
 """
 
 from __future__ import annotations
@@ -35,9 +46,9 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from .data import BadImage, Problem, image_batches, listed_of, to_model_input
+from .data import BadImage, Problem, image_batches, listed_of, problem_may_be_fixed, to_model_input
 from .models import Backend
-from .shards import missing_shards, write_shard
+from .shards import missing_shards, positional_shards, read_index, read_shard, write_shard
 from .typicality import autocast, draw_noise
 
 METHODS = ("pnp", "sdedit")
@@ -296,9 +307,13 @@ def source_images(run, per_label: int) -> pd.DataFrame:
 
 def compute_shard(backend: Backend, images: pd.DataFrame, targets: list[str], prompt_of: dict[str, str],
                   null_prompt: str, config: TranslateConfig, resolution: int, resize: str, progress=None):
-    """Translations of one shard's images to every target label but their own. Returns (arrays, rows)."""
+    """Translations of one shard's images to every target label but their own. Returns (arrays, rows).
+
+    ``images``: rows of the listing, indexed by their place in the shard, which names their
+    arrays (``PLACE/LABEL``): a shard's image translated on its own gets the key it gets with the others."""
     arrays, rows = {}, []
     records = images.to_dict("records")
+    places = images.index.tolist()
     per_batch = max(1, config.batch_size // max(1, len(targets) - 1))
     for positions, batch in image_batches([r["path"] for r in records], resolution, resize, backend.latent_factor, per_batch,
                                           listed=listed_of(images)):
@@ -315,15 +330,20 @@ def compute_shard(backend: Backend, images: pd.DataFrame, targets: list[str], pr
                 out = translate_pixels(backend, pixels, sources, [prompt_of[c] for _, c in pairs], null_prompt, config)
                 for (n, c), image in zip(pairs, out):
                     r = records[positions[n]]
-                    key = f"{positions[n]}/{c}"
+                    key = f"{places[positions[n]]}/{c}"
                     arrays[key] = image
                     rows.append(dict(index=r["index"], image_id=r["image_id"], path=r["path"], source_label=r["label"],
                                      target_label=c, height=image.shape[0], width=image.shape[1], key=key,
                                      status="ok", problem=None))
         if progress is not None:
             progress.update(len(positions))
-    rows.sort(key=lambda r: (r["index"], r["target_label"]))
+    rows.sort(key=row_order)
     return arrays, rows
+
+
+def row_order(row: dict) -> tuple:
+    """The order of a shard's index rows: by source image (listing order), then target label."""
+    return row["index"], row["target_label"]
 
 
 def missing_translations(run, config: TranslateConfig) -> list[tuple[str, slice]]:
@@ -331,28 +351,78 @@ def missing_translations(run, config: TranslateConfig) -> list[tuple[str, slice]
     return missing_shards(run.translations_dir, len(source_images(run, config.images)), config.shard_size)
 
 
+def images_to_retry(directory) -> dict[str, set[str]]:
+    """Per complete shard, the images whose rows are bad with a problem that may be fixed since
+    (``data.problem_may_be_fixed``: a file changed since listing and put back, an unreadable one mounted)."""
+    index = read_index(directory)
+    if index is None:
+        return {}
+    bad = index[index["status"] == "bad"]
+    bad = bad[bad["problem"].map(problem_may_be_fixed).astype(bool)]
+    return {shard: set(rows["image_id"]) for shard, rows in bad.groupby("shard")}
+
+
+def retry_in_shard(directory, name: str, images: pd.DataFrame, retried: set[str], translate) -> bool:
+    """Translate again the ``retried`` images of shard ``name`` (``images``: the shard's listing
+    rows, indexed by place) with ``translate(frame) -> (arrays, rows)``; where anything changed,
+    rewrite the shard with their new rows in place of the old ones. The other rows and their arrays
+    are kept as stored, never recomputed. Returns whether the shard was rewritten.
+
+    Both files are replaced atomically, arrays first: a write killed between them leaves the old
+    index, whose keys the new arrays file still holds (the shard stays complete, its bad rows are
+    retried again)."""
+    arrays, rows = translate(images[images["image_id"].isin(retried)])
+    kept_arrays, kept_rows = read_shard(directory, name, keep=lambda row: row["image_id"] not in retried)
+    _, old_rows = read_shard(directory, name, keep=lambda row: row["image_id"] in retried)
+    if outcomes(old_rows) == outcomes(rows):
+        return False  # still unreadable, for the same reason: nothing to rewrite
+    write_shard(directory, name, {**kept_arrays, **arrays}, sorted(kept_rows + rows, key=row_order), SHARD_SCHEMA)
+    return True
+
+
+def outcomes(rows: list[dict]) -> list[tuple]:
+    """What index rows say was made of each translation (not where its source was read from: a run
+    listed from another folder since reads the same images under other paths)."""
+    return sorted((row["image_id"], row["target_label"], row["status"], row["problem"]) for row in rows)
+
+
 def run_translate(run, backend: Backend, config: TranslateConfig, progress: bool = True) -> int:
     """Translate the run's (mined) images to the target labels; returns the number of shards written.
 
     Resumable: the shards already in RUN/translations belong to these settings (the pipeline's
-    lineage record clears them when settings, model or mining change)."""
+    lineage record clears them when settings, model or mining change). The images a shard left out
+    with a problem that may be fixed since are retried first (:func:`retry_in_shard`): those now
+    readable as listed are translated and their rows replace the bad ones; no other image is
+    translated again."""
     dataset = run.step_config("dataset")
     targets = target_labels(dataset["labels"], config.to)
     directory = run.translations_dir
     images = source_images(run, config.images)
     prompt_of = {label: run.prompt(label) for label in dataset["labels"]}
+    retry = images_to_retry(directory)
     todo = missing_translations(run, config)
     backend.denoiser.eval()
-    bar = tqdm(total=sum(rows.stop - rows.start for _, rows in todo), desc=f"translate ({config.method})", unit="img",
-               disable=not progress)
+    bar = tqdm(total=sum(map(len, retry.values())) + sum(rows.stop - rows.start for _, rows in todo),
+               desc=f"translate ({config.method})", unit="img", disable=not progress)
+
+    def translate(shard_images: pd.DataFrame):
+        return compute_shard(backend, shard_images, targets, prompt_of, run.prompt(None), config,
+                             dataset["resolution"], dataset["resize"], bar)
+
+    def shard_images(chunk: slice) -> pd.DataFrame:
+        return images.iloc[chunk].reset_index(drop=True)  # indexed by place in the shard
+
+    shards = dict(positional_shards(len(images), config.shard_size))
+    rewritten = sum(retry_in_shard(directory, name, shard_images(shards[name]), retried, translate)
+                    for name, retried in retry.items())
     for name, chunk in todo:
-        arrays, rows = compute_shard(backend, images.iloc[chunk], targets, prompt_of, run.prompt(None), config,
-                                     dataset["resolution"], dataset["resize"], bar)
+        arrays, rows = translate(shard_images(chunk))
         write_shard(directory, name, arrays, rows, SHARD_SCHEMA)
     bar.close()
+    run.forget_translations()
     # the images left out (unreadable, or changed since listing: a bad row per target label), this
     # call's shards and those of a run it resumed: one line each, recorded as problems of step translate
     index = run.translations_index()
     bad = index[index["status"] == "bad"].drop_duplicates("image_id")
     run.report_skipped("translate", [Problem(r.image_id, r.path, r.problem) for r in bad.itertuples()])
-    return len(todo)
+    return rewritten + len(todo)
