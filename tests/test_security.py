@@ -439,3 +439,21 @@ def test_damaged_run_files_are_one_line_naming_the_file(tmp_path):
     (tmp_path / "features.npy").write_bytes(data[:100])
     with pytest.raises(ValueError, match="features.npy: unreadable array"):
         read_npy(tmp_path / "features.npy")
+
+
+@pytest.mark.parametrize("link", ["report", "report/assets"])
+def test_a_received_report_folder_that_is_a_link_is_never_written_nor_emptied(tiny_run, tmp_path, capsys, link):
+    """cp -r, rsync and tar keep links: a received run's report/ (or a folder in it) may lead to
+    the user's own files, and writing the site removes every file there that it did not write."""
+    received, home = tmp_path / "received", tmp_path / "home"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    (home / "thesis").mkdir(parents=True)
+    (home / "thesis" / "draft.tex").write_text("years of work")
+    shutil.rmtree(received / "report")
+    (received / link).parent.mkdir(parents=True, exist_ok=True)
+    (received / link).symlink_to(os.path.relpath(home, (received / link).parent))  # wherever the run is unpacked
+    assert main(["report", "--run", str(received)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{received / link}: leads through a link to {home}" in err
+    assert [p.relative_to(home).as_posix() for p in sorted(home.rglob("*"))] == ["thesis", "thesis/draft.tex"]
+    assert (home / "thesis" / "draft.tex").read_text() == "years of work"

@@ -124,6 +124,13 @@ class Run:
     def report_path(self) -> Path:
         return self.path / "report" / "index.html"
 
+    def own_path(self, path: Path) -> Path:
+        """``path`` (a folder or file under the run), checked to be reached from the run's folder
+        through no link. A received run is data anyone could have made, links included (``cp -r``,
+        rsync and tar keep them): its ``report`` may lead to the user's home, where an update of the
+        site would remove every file it did not write. RunError naming the link otherwise."""
+        return unlinked(self.path, path)
+
     def result_files(self, name: str) -> tuple[Path, ...]:
         """The files a cheap result ``name`` lives in (none listed: a sharded result checks its own
         shards, the model its weights). A record whose files are gone is made again, not read."""
@@ -410,6 +417,18 @@ class Run:
         except KeyError:
             raise KeyError(f"no translation of {image_id!r} to {label!r} in {self.path}") from None
         return read_array(self.translations_dir, shard, key)
+
+
+def unlinked(root: Path, path: Path) -> Path:
+    """``path`` (under ``root``) when no link lies on the way to it from ``root`` (the part of it
+    that exists: what is not there yet is no link); else RunError naming where the link leads.
+    ``root`` itself may be reached through links (a run under a linked home folder)."""
+    expected = os.path.normpath(os.path.join(os.path.realpath(root), os.path.relpath(path, root)))
+    actual = os.path.realpath(path)
+    if actual != expected:
+        raise RunError(f"{path}: leads through a link to {actual}; diffmine writes only into the run's own "
+                       "folders (a received run may hold links anywhere): remove the link")
+    return path
 
 
 def current_rows(index: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
