@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import tarfile
 
@@ -457,3 +458,31 @@ def test_a_received_report_folder_that_is_a_link_is_never_written_nor_emptied(ti
     assert err.count("\n") == 1 and f"{received / link}: leads through a link to {home}" in err
     assert [p.relative_to(home).as_posix() for p in sorted(home.rglob("*"))] == ["thesis", "thesis/draft.tex"]
     assert (home / "thesis" / "draft.tex").read_text() == "years of work"
+
+
+def _hold_step_lock(run):
+    from diffmine.lineage import step_lock
+
+    with step_lock(run.path, "report"):
+        pass
+
+
+@pytest.mark.parametrize("lock, use", [
+    (".lineage.lock", lambda run: run.lineage.put("mine", {}, {}, "mine")),
+    (".problems.lock", lambda run: run.record_problems("report", [])),
+    (".locks/gate.lock", _hold_step_lock), (".locks/report.lock", _hold_step_lock), (".locks", _hold_step_lock)])
+def test_a_received_run_lock_file_that_is_a_link_creates_no_file(tmp_path, lock, use):
+    """Opening a lock file that is a link to a path that does not exist would create a file there
+    (an empty /etc/nologin locks users out): a run's lock files are never opened through a link."""
+    from diffmine.lineage import LineageError
+
+    run, elsewhere = Run(tmp_path / "run"), tmp_path / "elsewhere"
+    (run.path / ".locks").mkdir(parents=True)
+    elsewhere.mkdir()
+    link = run.path / lock
+    if link.is_dir():
+        link.rmdir()
+    link.symlink_to(elsewhere if lock == ".locks" else elsewhere / "created")
+    with pytest.raises(LineageError, match=f"^{link}: a link, not [^\n]*$"):
+        use(run)
+    assert list(elsewhere.iterdir()) == []

@@ -46,9 +46,11 @@ serve a result whose inputs changed: they name the step to re-run.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import os
 import shlex
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
@@ -146,7 +148,7 @@ class Lineage:
     def _editing(self):
         """Read-modify-write under an exclusive lock: steps of parallel processes each add their record."""
         self.run_path.mkdir(parents=True, exist_ok=True)
-        with open(self.run_path / LINEAGE_LOCK, "a") as lock:
+        with open_lock(self.run_path / LINEAGE_LOCK) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 records = self.records()
@@ -304,8 +306,25 @@ def require_fresh(lineage: Lineage, name: str) -> dict:
     return lineage.get(name)
 
 
+def open_lock(path: Path):
+    """The lock file ``path`` opened to ``flock`` it, created empty where absent and never written,
+    never through a link: a received run's ``.lineage.lock`` may be a link to any path (opening it
+    as a file would create an empty file there, e.g. ``/etc/nologin``)."""
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LineageError(f"{path}: a link, not a lock file of the run (a received run may hold links "
+                               "anywhere): remove it") from None
+        raise
+    return os.fdopen(handle, "ab")
+
+
 def _lock_file(run_path: str | Path, name: str) -> Path:
     directory = Path(run_path) / LOCK_DIR
+    if directory.is_symlink():  # its lock files would be created wherever it leads
+        raise LineageError(f"{directory}: a link, not the run's folder of lock files (a received run may hold "
+                           "links anywhere): remove it")
     directory.mkdir(parents=True, exist_ok=True)
     return directory / name
 
@@ -323,7 +342,7 @@ def step_lock(run_path: str | Path, step: str, worker: bool = False):
     there (seconds at most) instead of being refused, or of starting unseen."""
     name = step.replace(" ", "-") + (".workers" if worker else "") + ".lock"
     # opened, never written: a finished step changes no file
-    with open(_lock_file(run_path, GATE), "a") as gate, open(_lock_file(run_path, name), "a") as lock:
+    with open_lock(_lock_file(run_path, GATE)) as gate, open_lock(_lock_file(run_path, name)) as lock:
         fcntl.flock(gate, fcntl.LOCK_SH)
         try:
             fcntl.flock(lock, fcntl.LOCK_SH if worker else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -349,7 +368,7 @@ def quiet_run(run_path: str | Path):
     ``quiet_run`` for its block)."""
     run_path = Path(run_path)
     with ExitStack() as held:
-        gate = held.enter_context(open(_lock_file(run_path, GATE), "a"))
+        gate = held.enter_context(open_lock(_lock_file(run_path, GATE)))
         fcntl.flock(gate, fcntl.LOCK_EX)
         held.callback(fcntl.flock, gate, fcntl.LOCK_UN)
         running = []

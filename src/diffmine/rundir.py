@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from .atomic import write_table
 from .data import Problem, problem_may_be_fixed
-from .lineage import PROBLEMS_LOCK, Lineage, LineageError, command_of, require_fresh, stale_reasons
+from .lineage import PROBLEMS_LOCK, Lineage, LineageError, command_of, open_lock, require_fresh, stale_reasons
 from .terminal import print_problems
 
 # in RUN/model: the image ids the trained model saw (no part of its identity: a record of its training set)
@@ -238,7 +238,7 @@ class Run:
         path = self.path / "problems.parquet"
         # read-modify-write under a lock: steps of one run may finish at once (each holds only its own
         # step lock), and a lost record would lose what a result left out (see ``left_out``)
-        with open(self.path / PROBLEMS_LOCK, "a") as lock:
+        with open_lock(self.path / PROBLEMS_LOCK) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
             old = old[old["step"] != step]
