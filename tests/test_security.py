@@ -486,3 +486,17 @@ def test_a_received_run_lock_file_that_is_a_link_creates_no_file(tmp_path, lock,
     with pytest.raises(LineageError, match=f"^{link}: a link, not [^\n]*$"):
         use(run)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_command_output_escapes_control_characters(table_run, capsys):
+    """Labels and query results are untrusted text: an ESC in them must not reach the terminal
+    (it clears the screen, sets the title, writes the clipboard), nor a newline forge a table row."""
+    from diffmine.classify import format_summary
+
+    assert main(["query", "--run", str(table_run.path), "SELECT chr(27) || '[2J' || label AS label FROM images"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2Ja" in out
+    forged = "ok\nb                 9   9\x1b[2J"
+    table = format_summary({"labels": [forged, "b"], "confusion": [[1, 0], [0, 1]], "accuracy": 1.0, "images": 2,
+                            "chance": 0.5})
+    assert "\x1b" not in table and len(table.splitlines()) == 6 and "ok\\nb" in table

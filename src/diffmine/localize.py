@@ -48,6 +48,7 @@ from .flags import add_run_args
 from .images import overlay, png_data_uri
 from .rundir import Run, open_run
 from .shards import read_array, write_shard
+from .terminal import printable
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
 
 METRICS = ("auc_pr", "random", "inside", "outside")
@@ -356,10 +357,10 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for label in labels + ["overall"]:
         after_stats = result["overall"] if label == "overall" else result["per_label"].get(label, {})
         if before is None:
-            rows.append([label] + [fmt(after_stats.get(m), m) for m in metrics])
+            rows.append([printable(label)] + [fmt(after_stats.get(m), m) for m in metrics])
         else:
             before_stats = before["overall"] if label == "overall" else before["per_label"].get(label, {})
-            rows.append([label] + [fmt(stats.get(m), m) for m in metrics for stats in (before_stats, after_stats)])
+            rows.append([printable(label)] + [fmt(stats.get(m), m) for m in metrics for stats in (before_stats, after_stats)])
     return header, rows
 
 
