@@ -500,3 +500,24 @@ def test_command_output_escapes_control_characters(table_run, capsys):
     table = format_summary({"labels": [forged, "b"], "confusion": [[1, 0], [0, 1]], "accuracy": 1.0, "images": 2,
                             "chance": 0.5})
     assert "\x1b" not in table and len(table.splitlines()) == 6 and "ok\\nb" in table
+
+
+def test_a_model_named_by_a_received_record_is_never_a_folder_that_came_with_the_run(tmp_path, monkeypatch):
+    """Training records a local base folder by its absolute path, so a name in backend.json or the
+    typicality record that is not absolute is a hub id: a folder of that name under the current
+    directory (shipped inside a received run, with a .bin to unpickle) must not be loaded instead."""
+    from sd_fixtures import build_sd_folder
+
+    from diffmine.models import ModelError, load_backend
+
+    monkeypatch.chdir(tmp_path)
+    build_sd_folder(tmp_path / "received" / "base")
+    run = Run(tmp_path / "received")
+    (run.model_dir).mkdir()
+    (run.model_dir / "backend.json").write_text(json.dumps({"kind": "sd", "base": "received/base", "lora_rank": 0,
+                                                            "text_encoder": None}))
+    with pytest.raises(ModelError, match="backend.json: names the model 'received/base', a hub id, but a folder"):
+        load_backend(run.model_dir)
+    run.lineage.put("typicality", {"model": "sd:received/base", "model_options": {}}, {}, "typicality")
+    with pytest.raises(ModelError, match="lineage.json: names the model 'received/base', a hub id, but a folder"):
+        pipeline.scoring_model(run, torch.device("cpu"))

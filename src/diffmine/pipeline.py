@@ -38,7 +38,7 @@ from .features import FEATURE_KINDS, FeatureConfig, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
 from .mining import MineConfig, run_mining
-from .models import Backend, create_backend, load_backend, relocations
+from .models import Backend, create_backend, load_backend, recorded_source, relocations
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError
 from .shards import result_settings
@@ -541,7 +541,11 @@ def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
     if used.get("model", "run") == "run":
         return load_model(run, device)[0]
     if not local_parts(used):  # hub ids, or folders recorded by their paths (older runs)
-        return load_outside_model(run, used["model"], used.get("model_options", {}), device, by_path=True)[0]
+        options = used.get("model_options", {})
+        base = used["model"][3:] if str(used["model"]).startswith("sd:") else None
+        for name in (base, options.get("text_encoder")):
+            recorded_source(name, run.lineage.path)
+        return load_outside_model(run, used["model"], options, device, by_path=True)[0]
     model, options = _recorded_location(run, record)
     backend, _, inputs, _ = load_outside_model(run, model, options, device)
     if inputs["external_model"] != record["inputs"].get("external_model"):

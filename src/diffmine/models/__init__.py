@@ -48,6 +48,18 @@ def relocations(directory: str | Path) -> dict:
     return location
 
 
+def recorded_source(name, record: str | Path):
+    """A model folder or hub id that ``record`` (a run's file) names, checked: a local folder is
+    recorded by its absolute path, so a name that is not one is a hub id, and a folder of that
+    name under the current directory (``runs/x/base``: one that came with a received run) must
+    not stand in for it: its weights would be loaded, a .bin unpickled."""
+    if isinstance(name, str) and not Path(name).is_absolute() and Path(name).expanduser().exists():
+        raise ModelError(f"{record}: names the model {name!r}, a hub id, but a folder of that name is here "
+                         f"({Path(name).expanduser().resolve()}); diffmine loads only the folders a run names by "
+                         "absolute path: run it from another directory")
+    return name
+
+
 def model_sources(directory: str | Path, spec: dict) -> dict[str, str]:
     """Where an sd model's base and text encoder load from on this machine: the relocated folders
     (:func:`relocations`), else the paths ``backend.json`` records. A local folder that is gone is
@@ -62,7 +74,7 @@ def model_sources(directory: str | Path, spec: dict) -> dict[str, str]:
                              f"where it is elsewhere on this machine, run `diffmine relocate --run {directory.parent} "
                              f"{flag} FOLDER`")
         if folder is not None:
-            sources[key] = folder
+            sources[key] = recorded_source(folder, directory / named_in)
     return sources
 
 
