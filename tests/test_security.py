@@ -521,3 +521,18 @@ def test_a_model_named_by_a_received_record_is_never_a_folder_that_came_with_the
     run.lineage.put("typicality", {"model": "sd:received/base", "model_options": {}}, {}, "typicality")
     with pytest.raises(ModelError, match="lineage.json: names the model 'received/base', a hub id, but a folder"):
         pipeline.scoring_model(run, torch.device("cpu"))
+
+
+def test_a_received_result_folder_that_is_a_link_is_never_written(tiny_run, tmp_path, capsys):
+    """A step writes its result files into its folder (and removes old ones): a received run's
+    clusters/ leading to the user's own folder would put patches.parquet there, or replace theirs."""
+    received, home = tmp_path / "received", tmp_path / "home"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    home.mkdir()
+    (home / "notes.txt").write_text("the user's own notes")
+    shutil.rmtree(received / "clusters")
+    (received / "clusters").symlink_to("../home")
+    assert main(["cluster", "--run", str(received), "--k", "2", "--feature-ensemble", "1", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{received / 'clusters'}: leads through a link to {home}" in err
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]

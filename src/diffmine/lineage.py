@@ -63,6 +63,10 @@ LOCK_DIR = ".locks"
 LINEAGE_LOCK = ".lineage.lock"  # in the run's root: every edit of lineage.json holds it
 PROBLEMS_LOCK = ".problems.lock"  # in the run's root: every edit of problems.parquet holds it
 GATE = "gate.lock"  # in LOCK_DIR: see step_lock and quiet_run
+# the run's folders its steps write into and remove from (rundir.py's layout): each must be the run's
+# own, never a link (checked by step_lock: a received run's clusters/ may lead into the user's files)
+RESULT_FOLDERS = ("model", "typicality", "mining", "features", "clusters", "classify", "translations", "cotypicality",
+                  "localize", "baselines", "contrast", "trends", "report", "compare")
 # results that are identified by their content (not by what made them): a reader checks
 # freshness up to them and no further (a model is what it is, whatever it was trained on)
 ROOTS = ("listing", "model")
@@ -306,6 +310,18 @@ def require_fresh(lineage: Lineage, name: str) -> dict:
     return lineage.get(name)
 
 
+def unlinked(root: Path, path: Path) -> Path:
+    """``path`` (under ``root``) when no link lies on the way to it from ``root`` (the part of it
+    that exists: what is not there yet is no link); else LineageError naming where the link leads.
+    ``root`` itself may be reached through links (a run under a linked home folder)."""
+    expected = os.path.normpath(os.path.join(os.path.realpath(root), os.path.relpath(path, root)))
+    actual = os.path.realpath(path)
+    if actual != expected:
+        raise LineageError(f"{path}: leads through a link to {actual}; diffmine writes only into the run's own "
+                           "folders (a received run may hold links anywhere): remove the link")
+    return path
+
+
 def open_lock(path: Path):
     """The lock file ``path`` opened to ``flock`` it, created empty where absent and never written,
     never through a link: a received run's ``.lineage.lock`` may be a link to any path (opening it
@@ -341,6 +357,8 @@ def step_lock(run_path: str | Path, step: str, worker: bool = False):
     step runs (and while ``diffmine clean`` then removes leftovers): a step starting meanwhile waits
     there (seconds at most) instead of being refused, or of starting unseen."""
     name = step.replace(" ", "-") + (".workers" if worker else "") + ".lock"
+    for folder in RESULT_FOLDERS:
+        unlinked(Path(run_path), Path(run_path) / folder)
     # opened, never written: a finished step changes no file
     with open_lock(_lock_file(run_path, GATE)) as gate, open_lock(_lock_file(run_path, name)) as lock:
         fcntl.flock(gate, fcntl.LOCK_SH)

@@ -37,7 +37,7 @@ from .atomic import write_bytes
 from .images import RunImages, colorbar, draw_boxes, figure_png, heat_colours, map_scale, overlay, png_bytes
 from .localize import report_section
 from .pages import report_links
-from .rundir import unlinked
+from .lineage import unlinked
 
 HELP = {
     "clusters": "clusters shown per label (0: all)", "per_cluster": "crops per cluster row on a label page",

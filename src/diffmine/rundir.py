@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from .atomic import write_table
 from .data import Problem, problem_may_be_fixed
-from .lineage import PROBLEMS_LOCK, Lineage, LineageError, command_of, open_lock, require_fresh, stale_reasons
+from .lineage import PROBLEMS_LOCK, Lineage, LineageError, command_of, open_lock, require_fresh, stale_reasons, unlinked
 from .terminal import print_problems
 
 # in RUN/model: the image ids the trained model saw (no part of its identity: a record of its training set)
@@ -128,7 +128,7 @@ class Run:
         """``path`` (a folder or file under the run), checked to be reached from the run's folder
         through no link. A received run is data anyone could have made, links included (``cp -r``,
         rsync and tar keep them): its ``report`` may lead to the user's home, where an update of the
-        site would remove every file it did not write. RunError naming the link otherwise."""
+        site would remove every file it did not write. An error naming the link otherwise."""
         return unlinked(self.path, path)
 
     def result_files(self, name: str) -> tuple[Path, ...]:
@@ -417,18 +417,6 @@ class Run:
         except KeyError:
             raise KeyError(f"no translation of {image_id!r} to {label!r} in {self.path}") from None
         return read_array(self.translations_dir, shard, key)
-
-
-def unlinked(root: Path, path: Path) -> Path:
-    """``path`` (under ``root``) when no link lies on the way to it from ``root`` (the part of it
-    that exists: what is not there yet is no link); else RunError naming where the link leads.
-    ``root`` itself may be reached through links (a run under a linked home folder)."""
-    expected = os.path.normpath(os.path.join(os.path.realpath(root), os.path.relpath(path, root)))
-    actual = os.path.realpath(path)
-    if actual != expected:
-        raise RunError(f"{path}: leads through a link to {actual}; diffmine writes only into the run's own "
-                       "folders (a received run may hold links anywhere): remove the link")
-    return path
 
 
 def current_rows(index: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
