@@ -536,3 +536,19 @@ def test_a_received_result_folder_that_is_a_link_is_never_written(tiny_run, tmp_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{received / 'clusters'}: leads through a link to {home}" in err
     assert [p.name for p in home.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("shard", ["../secret.safetensors", "/dev/zero"])
+def test_a_weights_index_naming_a_file_elsewhere_is_refused_not_read(tmp_path, shard):
+    """A model folder's weights index lists its shards: a name leading elsewhere would have the
+    fingerprint (relocate, typicality --model) hash another file, or read /dev/zero forever."""
+    from diffmine.models import ModelError
+    from diffmine.models.sd import fingerprint
+
+    (tmp_path / "secret.safetensors").write_text("not the model's")
+    index = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index.parent.mkdir(parents=True)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"conv_in.weight": shard}}))
+    (index.parent / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=f"{re.escape(str(index))}: names '{re.escape(shard)}', not a file beside it"):
+        fingerprint(tmp_path / "model", ["unet"])
