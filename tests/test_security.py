@@ -552,3 +552,22 @@ def test_a_weights_index_naming_a_file_elsewhere_is_refused_not_read(tmp_path, s
     (index.parent / "config.json").write_text("{}")
     with pytest.raises(ModelError, match=f"{re.escape(str(index))}: names '{re.escape(shard)}', not a file beside it"):
         fingerprint(tmp_path / "model", ["unet"])
+
+
+@pytest.mark.parametrize("prompt", ["A {label:>999999999999}.", "A {label.__class__.__mro__[1].__subclasses__}.",
+                                    "A {label!r}."])
+def test_a_received_prompt_fills_in_nothing_but_the_label(tmp_path, prompt):
+    """The listing's prompt is a format string from a file anyone could have edited: a format spec
+    built a string of a terabyte (MemoryError), a field name reached into Python's objects."""
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / label / "0.png")
+    run = Run(tmp_path / "run")
+    pipeline.prepare(run, tmp_path / "data", "A {label}.", "A thing.", 8)
+    records = json.loads(run.lineage.path.read_text())
+    records["listing"]["settings"]["prompt"] = prompt
+    run.lineage.path.write_text(json.dumps(records))
+    with pytest.raises(RunError, match="lineage.json: the listing's prompt .* is not one diffmine writes"):
+        run.prompt("a")
+    with pytest.raises(data.DatasetError, match="invalid --prompt"):
+        pipeline.prepare(Run(tmp_path / "other"), tmp_path / "data", prompt, "A thing.", 8)

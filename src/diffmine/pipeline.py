@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import shutil
-import string
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -40,7 +39,7 @@ from .machine import resolve_precision
 from .mining import MineConfig, run_mining
 from .models import Backend, create_backend, load_backend, recorded_source, relocations
 from .models.base import BACKEND_FILE, model_files
-from .rundir import Run, RunError
+from .rundir import Run, RunError, prompt_problem
 from .shards import result_settings
 from .terminal import print_problems
 from .train import TrainConfig, latest_checkpoint, train
@@ -127,13 +126,10 @@ MODEL_SETTINGS = ("labels", "prompt", "null_prompt", "resolution", "resize", "mo
 
 
 def check_prompt(prompt: str) -> None:
-    """The label prompt must contain ``{label}`` and no other replacement field."""
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
-    except ValueError as exc:
-        raise DatasetError(f"invalid --prompt {prompt!r}: {exc}") from None
-    if fields != {"label"}:
-        raise DatasetError(f"the prompt must contain '{{label}}' and no other {{...}} field, got {prompt!r}")
+    """The label prompt must contain ``{label}`` and no other replacement field (:func:`prompt_problem`)."""
+    problem = prompt_problem(prompt)
+    if problem:
+        raise DatasetError(f"invalid --prompt {prompt!r}: {problem}")
 
 
 def holdout_split(image_ids: list[str], labels: list[str], fraction: float, seed: int) -> list[str]:
