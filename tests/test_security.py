@@ -571,3 +571,30 @@ def test_a_received_prompt_fills_in_nothing_but_the_label(tmp_path, prompt):
         run.prompt("a")
     with pytest.raises(data.DatasetError, match="invalid --prompt"):
         pipeline.prepare(Run(tmp_path / "other"), tmp_path / "data", prompt, "A thing.", 8)
+
+
+@pytest.mark.parametrize("special", ["device", "pipe"])
+def test_a_received_model_file_that_is_no_regular_file_is_refused_not_read_forever(tiny_run, tmp_path, special):
+    """The model's identity is a hash of its files: a received run's weights file that is a link to
+    /dev/zero was read forever, and a pipe waited forever to be opened."""
+    import signal
+
+    from diffmine.lineage import LineageError
+
+    received = tmp_path / "received"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    weights = received / "model" / "trainable.safetensors"
+    weights.unlink()
+    weights.symlink_to("/dev/zero") if special == "device" else os.mkfifo(weights)
+
+    def hung(*_):
+        raise TimeoutError("still reading the model's files")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(LineageError, match=f"^{re.escape(str(weights))}: not a regular file"):
+            pipeline.load_model(Run(received), torch.device("cpu"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

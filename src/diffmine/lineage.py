@@ -52,6 +52,7 @@ import hashlib
 import json
 import os
 import shlex
+import stat
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -110,6 +111,10 @@ def file_digest(*paths: str | Path, chunk: int = 1 << 20) -> str:
     """SHA-256 of the files' bytes, in order (streamed: a 3 GB UNet is never held in memory)."""
     h = hashlib.sha256()
     for path in paths:
+        # a received run's model/trainable.safetensors may be a link to /dev/zero (read forever) or a pipe
+        # (opening it waits forever): only a regular file has an end
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise LineageError(f"{path}: not a regular file (a link to a device or a pipe?), so not a model's file")
         with open(path, "rb") as f:
             while block := f.read(chunk):
                 h.update(block)
