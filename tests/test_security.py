@@ -598,3 +598,25 @@ def test_a_received_model_file_that_is_no_regular_file_is_refused_not_read_forev
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_adopting_a_received_model_copies_nothing_through_its_links(tiny_run, tmp_path):
+    """adopt_model copies a source run's model folder into the user's run (which they may send on):
+    a link in the source (to ~/.ssh/id_rsa) must not bring the file it leads to along."""
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    received = Run(tmp_path / "received")
+    shutil.copytree(tiny_run.path, received.path, symlinks=True)
+    (received.model_dir / "notes").symlink_to(secret)
+    dataset = tiny_run.step_config("dataset")
+    run = Run(tmp_path / "mine")
+    pipeline.prepare(run, tiny_run.dataset_root, dataset["prompt"], dataset["null_prompt"], dataset["resolution"])
+    pipeline.adopt_model(run, received)
+    assert (run.model_dir / "notes").is_symlink()
+    assert not [p for p in run.model_dir.rglob("*") if p.is_file() and not p.is_symlink()
+                and p.read_bytes() == b"PRIVATE KEY"]
+    shutil.rmtree(received.model_dir)
+    received.model_dir.symlink_to(secret.parent)
+    with pytest.raises(ValueError, match="model: leads through a link to"):
+        pipeline.adopt_model(Run(tmp_path / "mine"), received)

@@ -322,8 +322,8 @@ def unlinked(root: Path, path: Path) -> Path:
     expected = os.path.normpath(os.path.join(os.path.realpath(root), os.path.relpath(path, root)))
     actual = os.path.realpath(path)
     if actual != expected:
-        raise LineageError(f"{path}: leads through a link to {actual}; diffmine writes only into the run's own "
-                           "folders (a received run may hold links anywhere): remove the link")
+        raise LineageError(f"{path}: leads through a link to {actual}; diffmine uses only a run's own folders, "
+                           "never links (a received run may hold links anywhere): remove the link")
     return path
 
 

@@ -319,7 +319,10 @@ def adopt_model(run: Run, source: Run) -> None:
     if prompts_digest(run) != prompts_digest(source):
         raise RunError(f"{run.path}: its labels, prompts or image size differ from {source.path}'s model")
     _clear(run.model_dir)
-    shutil.copytree(source.model_dir, run.model_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    # a received source's model/, or a file in it, may be a link to the user's own files: copied as
+    # the link it is (read from nowhere), never as a copy of what it leads to
+    shutil.copytree(source.own_path(source.model_dir), run.model_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("checkpoints"))
     run.lineage.put("model", record["settings"], record["inputs"], "train", identity=record["identity"],
                     steps=record.get("steps"), adopted_from=str(source.path))
 
