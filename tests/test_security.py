@@ -620,3 +620,31 @@ def test_adopting_a_received_model_copies_nothing_through_its_links(tiny_run, tm
     received.model_dir.symlink_to(secret.parent)
     with pytest.raises(ValueError, match="model: leads through a link to"):
         pipeline.adopt_model(Run(tmp_path / "mine"), received)
+
+
+@pytest.mark.parametrize("record", ["backend.json", "base-location.json", "typicality location"])
+def test_a_model_folder_inside_a_received_run_is_never_loaded(tmp_path, record):
+    """A received run can bring a model folder of its own (a .bin in it is unpickled by torch.load)
+    and name it by absolute path where it will be unpacked: a folder inside the run is never a
+    model's source, whichever record names it."""
+    from sd_fixtures import build_sd_folder
+
+    from diffmine.models import ModelError, load_backend
+
+    run = Run(tmp_path / "received")
+    inside = build_sd_folder(run.path / "base")
+    run.model_dir.mkdir()
+    spec = {"kind": "sd", "base": str(inside), "lora_rank": 0, "text_encoder": None}
+    if record == "base-location.json":
+        outside = tmp_path / "sd15"
+        spec["base"] = str(outside)
+        outside.mkdir()
+        (run.model_dir / "base-location.json").write_text(json.dumps({"base": str(inside), "unverified": []}))
+    (run.model_dir / "backend.json").write_text(json.dumps(spec))
+    with pytest.raises((ModelError, RunError), match=f"names the model folder {re.escape(str(inside))}, inside the run"):
+        if record == "typicality location":
+            run.lineage.put("typicality", {"model": f"sd:{pipeline.LOCAL}", "model_options": {}}, {}, "typicality",
+                            location={"base": str(inside)})
+            pipeline.scoring_model(run, torch.device("cpu"))
+        else:
+            load_backend(run.model_dir)

@@ -241,6 +241,15 @@ def _relocated(run: Run, model: str, options: dict) -> tuple[str, dict]:
     return model, options
 
 
+def _given_folders_outside(run: Run, model: str | None, options: dict) -> None:
+    """A local model folder given for the run (``sd:FOLDER``, ``text_encoder``) is refused where the
+    later steps would refuse to load it from the record (``models.recorded_source``): inside the run."""
+    base = model[3:] if model and model.startswith("sd:") else None
+    for name in (base, options.get("text_encoder")):
+        if isinstance(name, str) and Path(name).expanduser().is_dir():
+            recorded_source(str(Path(name).expanduser().resolve()), "--model", run.path)
+
+
 # ----------------------------------------------------------------------------------------------
 # model
 
@@ -305,6 +314,7 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
         if rank == 0:
             run.lineage.put("model", settings, inputs, "train", identity="(training)", complete=False, steps=config.steps)
         model, options = _relocated(run, listing["settings"]["model"], model_options or {})
+        _given_folders_outside(run, model, options)
         backend = new_backend(run, model, config.seed, **options)
         model_dir = train(run, backend, config, progress=progress)
         if rank == 0:
@@ -405,6 +415,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
     rank, world, device = distributed_context()
     config = _resolved(run, "typicality", config, device)
     model, model_options, location = _located(model), model_options or {}, {}
+    _given_folders_outside(run, model, model_options)
     if model is None:
         backend, model_inputs = load_model(run, device)
         named = {"model": "run", "model_options": {}}
@@ -543,7 +554,7 @@ def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
         options = used.get("model_options", {})
         base = used["model"][3:] if str(used["model"]).startswith("sd:") else None
         for name in (base, options.get("text_encoder")):
-            recorded_source(name, run.lineage.path)
+            recorded_source(name, run.lineage.path, run.path)
         return load_outside_model(run, used["model"], options, device, by_path=True)[0]
     model, options = _recorded_location(run, record)
     backend, _, inputs, _ = load_outside_model(run, model, options, device)
@@ -587,6 +598,7 @@ def _recorded_location(run: Run, record: dict) -> tuple[str, dict]:
         raise RunError(f"{run.lineage.path}: the typicality record names no model folder; recompute with "
                        f"`{pointing_command(run, used)} --force`")
     for folder in folders:
+        recorded_source(folder, run.lineage.path, run.path)
         if not Path(folder).is_dir():
             raise RunError(f"{folder}: the model folder typicality read is missing; where it is elsewhere on this "
                            f"machine, run `{pointing_command(run, used)}` (its files are checked against the ones "
