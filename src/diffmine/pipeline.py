@@ -241,11 +241,15 @@ def _relocated(run: Run, model: str, options: dict) -> tuple[str, dict]:
     return model, options
 
 
+def _sources(model: str | None, options: dict) -> tuple:
+    """The base folder or hub id of an ``sd:`` model and its text encoder's (None where not named)."""
+    return (model[3:] if isinstance(model, str) and model.startswith("sd:") else None), options.get("text_encoder")
+
+
 def _given_folders_outside(run: Run, model: str | None, options: dict) -> None:
     """A local model folder given for the run (``sd:FOLDER``, ``text_encoder``) is refused where the
     later steps would refuse to load it from the record (``models.recorded_source``): inside the run."""
-    base = model[3:] if model and model.startswith("sd:") else None
-    for name in (base, options.get("text_encoder")):
+    for name in _sources(model, options):
         if isinstance(name, str) and Path(name).expanduser().is_dir():
             recorded_source(str(Path(name).expanduser().resolve()), "--model", run.path)
 
@@ -552,8 +556,7 @@ def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
         return load_model(run, device)[0]
     if not local_parts(used):  # hub ids, or folders recorded by their paths (older runs)
         options = used.get("model_options", {})
-        base = used["model"][3:] if str(used["model"]).startswith("sd:") else None
-        for name in (base, options.get("text_encoder")):
+        for name in _sources(used["model"], options):
             recorded_source(name, run.lineage.path, run.path)
         return load_outside_model(run, used["model"], options, device, by_path=True)[0]
     model, options = _recorded_location(run, record)
