@@ -500,6 +500,11 @@ def test_command_output_escapes_control_characters(table_run, capsys):
     table = format_summary({"labels": [forged, "b"], "confusion": [[1, 0], [0, 1]], "accuracy": 1.0, "images": 2,
                             "chance": 0.5})
     assert "\x1b" not in table and len(table.splitlines()) == 6 and "ok\\nb" in table
+    # stderr is left alone (progress bars move the cursor): what it says of a record is escaped there
+    from diffmine.mining import MineConfig
+
+    pipeline._check_adaptive_targets({"top": "\x1b]52;c;aGVsbG8=\x07"}, MineConfig())
+    assert "\x1b" not in capsys.readouterr().err
 
 
 def test_a_model_named_by_a_received_record_is_never_a_folder_that_came_with_the_run(tmp_path, monkeypatch):

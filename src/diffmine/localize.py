@@ -442,8 +442,8 @@ def add_parser(subparsers):
 
 def _note_unmatched(run: Run, unmatched: list[str]) -> None:
     if unmatched:
-        print(f"{len(unmatched)} entries match no image with typicality in {run.path}, e.g. "
-              f"{', '.join(unmatched[:SHOW_UNMATCHED])}", file=sys.stderr)
+        print(printable(f"{len(unmatched)} entries match no image with typicality in {run.path}, e.g. "
+                        f"{', '.join(unmatched[:SHOW_UNMATCHED])}"), file=sys.stderr)  # names from the boxes file
 
 
 def localize_run(run: Run, boxes=None, masks=None, blur: float = 0.0, before=None) -> tuple[dict, dict]:

@@ -41,7 +41,7 @@ from .models import Backend, create_backend, load_backend, recorded_source, relo
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError, prompt_problem
 from .shards import result_settings
-from .terminal import print_problems
+from .terminal import print_problems, printable
 from .train import TrainConfig, latest_checkpoint, train
 from .translate import TranslateConfig, missing_translations, run_translate
 from .adaptive import AdaptiveConfig
@@ -524,10 +524,10 @@ def _check_adaptive_targets(targets: dict | None, config: MineConfig) -> None:
     differ = [f"--{name.replace('_', '-')} {getattr(config, name)} (typicality targeted {targets[name]})"
               for name in ("top", "per_image", "patch", "z_min", "significance")
               if targets.get(name) is not None and getattr(config, name) != targets[name]]
-    if differ:
-        print("mine: the adaptive typicality refined the draws for other mining settings: " + "; ".join(differ)
-              + ". The patches beyond its targets are ranked with fewer draws; recompute typicality with "
-              "these settings (--force) for the same precision", file=sys.stderr)
+    if differ:  # the record's values are untrusted text, and stderr is not escaped as stdout is (progress bars)
+        print(printable("mine: the adaptive typicality refined the draws for other mining settings: " + "; ".join(differ)
+                        + ". The patches beyond its targets are ranked with fewer draws; recompute typicality with "
+                        "these settings (--force) for the same precision"), file=sys.stderr)
 
 
 def scoring_inputs(run: Run) -> dict:
