@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import tarfile
 
@@ -439,3 +440,216 @@ def test_damaged_run_files_are_one_line_naming_the_file(tmp_path):
     (tmp_path / "features.npy").write_bytes(data[:100])
     with pytest.raises(ValueError, match="features.npy: unreadable array"):
         read_npy(tmp_path / "features.npy")
+
+
+@pytest.mark.parametrize("link", ["report", "report/assets"])
+def test_a_received_report_folder_that_is_a_link_is_never_written_nor_emptied(tiny_run, tmp_path, capsys, link):
+    """cp -r, rsync and tar keep links: a received run's report/ (or a folder in it) may lead to
+    the user's own files, and writing the site removes every file there that it did not write."""
+    received, home = tmp_path / "received", tmp_path / "home"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    (home / "thesis").mkdir(parents=True)
+    (home / "thesis" / "draft.tex").write_text("years of work")
+    shutil.rmtree(received / "report")
+    (received / link).parent.mkdir(parents=True, exist_ok=True)
+    (received / link).symlink_to(os.path.relpath(home, (received / link).parent))  # wherever the run is unpacked
+    assert main(["report", "--run", str(received)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{received / link}: leads through a link to {home}" in err
+    assert [p.relative_to(home).as_posix() for p in sorted(home.rglob("*"))] == ["thesis", "thesis/draft.tex"]
+    assert (home / "thesis" / "draft.tex").read_text() == "years of work"
+
+
+def _hold_step_lock(run):
+    from diffmine.lineage import step_lock
+
+    with step_lock(run.path, "report"):
+        pass
+
+
+@pytest.mark.parametrize("lock, use", [
+    (".lineage.lock", lambda run: run.lineage.put("mine", {}, {}, "mine")),
+    (".problems.lock", lambda run: run.record_problems("report", [])),
+    (".locks/gate.lock", _hold_step_lock), (".locks/report.lock", _hold_step_lock), (".locks", _hold_step_lock)])
+def test_a_received_run_lock_file_that_is_a_link_creates_no_file(tmp_path, lock, use):
+    """Opening a lock file that is a link to a path that does not exist would create a file there
+    (an empty /etc/nologin locks users out): a run's lock files are never opened through a link."""
+    from diffmine.lineage import LineageError
+
+    run, elsewhere = Run(tmp_path / "run"), tmp_path / "elsewhere"
+    (run.path / ".locks").mkdir(parents=True)
+    elsewhere.mkdir()
+    link = run.path / lock
+    if link.is_dir():
+        link.rmdir()
+    link.symlink_to(elsewhere if lock == ".locks" else elsewhere / "created")
+    with pytest.raises(LineageError, match=f"^{link}: a link, not [^\n]*$"):
+        use(run)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_command_output_escapes_control_characters(table_run, capsys):
+    """Labels and query results are untrusted text: an ESC in them must not reach the terminal
+    (it clears the screen, sets the title, writes the clipboard), nor a newline forge a table row."""
+    from diffmine.classify import format_summary
+
+    assert main(["query", "--run", str(table_run.path), "SELECT chr(27) || '[2J' || label AS label FROM images"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\\x1b[2Ja" in out
+    forged = "ok\nb                 9   9\x1b[2J"
+    table = format_summary({"labels": [forged, "b"], "confusion": [[1, 0], [0, 1]], "accuracy": 1.0, "images": 2,
+                            "chance": 0.5})
+    assert "\x1b" not in table and len(table.splitlines()) == 6 and "ok\\nb" in table
+    # stderr is left alone (progress bars move the cursor): what it says of a record is escaped there
+    from diffmine.mining import MineConfig
+
+    pipeline._check_adaptive_targets({"top": "\x1b]52;c;aGVsbG8=\x07"}, MineConfig())
+    assert "\x1b" not in capsys.readouterr().err
+
+
+def test_a_model_named_by_a_received_record_is_never_a_folder_that_came_with_the_run(tmp_path, monkeypatch):
+    """Training records a local base folder by its absolute path, so a name in backend.json or the
+    typicality record that is not absolute is a hub id: a folder of that name under the current
+    directory (shipped inside a received run, with a .bin to unpickle) must not be loaded instead."""
+    from sd_fixtures import build_sd_folder
+
+    from diffmine.models import ModelError, load_backend
+
+    monkeypatch.chdir(tmp_path)
+    build_sd_folder(tmp_path / "received" / "base")
+    run = Run(tmp_path / "received")
+    (run.model_dir).mkdir()
+    (run.model_dir / "backend.json").write_text(json.dumps({"kind": "sd", "base": "received/base", "lora_rank": 0,
+                                                            "text_encoder": None}))
+    with pytest.raises(ModelError, match="backend.json: names the model 'received/base', a hub id, but a folder"):
+        load_backend(run.model_dir)
+    run.lineage.put("typicality", {"model": "sd:received/base", "model_options": {}}, {}, "typicality")
+    with pytest.raises(ModelError, match="lineage.json: names the model 'received/base', a hub id, but a folder"):
+        pipeline.scoring_model(run, torch.device("cpu"))
+
+
+def test_a_received_result_folder_that_is_a_link_is_never_written(tiny_run, tmp_path, capsys):
+    """A step writes its result files into its folder (and removes old ones): a received run's
+    clusters/ leading to the user's own folder would put patches.parquet there, or replace theirs."""
+    received, home = tmp_path / "received", tmp_path / "home"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    home.mkdir()
+    (home / "notes.txt").write_text("the user's own notes")
+    shutil.rmtree(received / "clusters")
+    (received / "clusters").symlink_to("../home")
+    assert main(["cluster", "--run", str(received), "--k", "2", "--feature-ensemble", "1", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{received / 'clusters'}: leads through a link to {home}" in err
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("shard", ["../secret.safetensors", "/dev/zero"])
+def test_a_weights_index_naming_a_file_elsewhere_is_refused_not_read(tmp_path, shard):
+    """A model folder's weights index lists its shards: a name leading elsewhere would have the
+    fingerprint (relocate, typicality --model) hash another file, or read /dev/zero forever."""
+    from diffmine.models import ModelError
+    from diffmine.models.sd import fingerprint
+
+    (tmp_path / "secret.safetensors").write_text("not the model's")
+    index = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    index.parent.mkdir(parents=True)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {"conv_in.weight": shard}}))
+    (index.parent / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match=f"{re.escape(str(index))}: names '{re.escape(shard)}', not a file beside it"):
+        fingerprint(tmp_path / "model", ["unet"])
+
+
+@pytest.mark.parametrize("prompt", ["A {label:>999999999999}.", "A {label.__class__.__mro__[1].__subclasses__}.",
+                                    "A {label!r}."])
+def test_a_received_prompt_fills_in_nothing_but_the_label(tmp_path, prompt):
+    """The listing's prompt is a format string from a file anyone could have edited: a format spec
+    built a string of a terabyte (MemoryError), a field name reached into Python's objects."""
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / label / "0.png")
+    run = Run(tmp_path / "run")
+    pipeline.prepare(run, tmp_path / "data", "A {label}.", "A thing.", 8)
+    records = json.loads(run.lineage.path.read_text())
+    records["listing"]["settings"]["prompt"] = prompt
+    run.lineage.path.write_text(json.dumps(records))
+    with pytest.raises(RunError, match="lineage.json: the listing's prompt .* is not one diffmine writes"):
+        run.prompt("a")
+    with pytest.raises(data.DatasetError, match="invalid --prompt"):
+        pipeline.prepare(Run(tmp_path / "other"), tmp_path / "data", prompt, "A thing.", 8)
+
+
+@pytest.mark.parametrize("special", ["device", "pipe"])
+def test_a_received_model_file_that_is_no_regular_file_is_refused_not_read_forever(tiny_run, tmp_path, special):
+    """The model's identity is a hash of its files: a received run's weights file that is a link to
+    /dev/zero was read forever, and a pipe waited forever to be opened."""
+    import signal
+
+    from diffmine.lineage import LineageError
+
+    received = tmp_path / "received"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    weights = received / "model" / "trainable.safetensors"
+    weights.unlink()
+    weights.symlink_to("/dev/zero") if special == "device" else os.mkfifo(weights)
+
+    def hung(*_):
+        raise TimeoutError("still reading the model's files")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(LineageError, match=f"^{re.escape(str(weights))}: not a regular file"):
+            pipeline.load_model(Run(received), torch.device("cpu"))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_adopting_a_received_model_copies_nothing_through_its_links(tiny_run, tmp_path):
+    """adopt_model copies a source run's model folder into the user's run (which they may send on):
+    a link in the source (to ~/.ssh/id_rsa) must not bring the file it leads to along."""
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    received = Run(tmp_path / "received")
+    shutil.copytree(tiny_run.path, received.path, symlinks=True)
+    (received.model_dir / "notes").symlink_to(secret)
+    dataset = tiny_run.step_config("dataset")
+    run = Run(tmp_path / "mine")
+    pipeline.prepare(run, tiny_run.dataset_root, dataset["prompt"], dataset["null_prompt"], dataset["resolution"])
+    pipeline.adopt_model(run, received)
+    assert (run.model_dir / "notes").is_symlink()
+    assert not [p for p in run.model_dir.rglob("*") if p.is_file() and not p.is_symlink()
+                and p.read_bytes() == b"PRIVATE KEY"]
+    shutil.rmtree(received.model_dir)
+    received.model_dir.symlink_to(secret.parent)
+    with pytest.raises(ValueError, match="model: leads through a link to"):
+        pipeline.adopt_model(Run(tmp_path / "mine"), received)
+
+
+@pytest.mark.parametrize("record", ["backend.json", "base-location.json", "typicality location"])
+def test_a_model_folder_inside_a_received_run_is_never_loaded(tmp_path, record):
+    """A received run can bring a model folder of its own (a .bin in it is unpickled by torch.load)
+    and name it by absolute path where it will be unpacked: a folder inside the run is never a
+    model's source, whichever record names it."""
+    from sd_fixtures import build_sd_folder
+
+    from diffmine.models import ModelError, load_backend
+
+    run = Run(tmp_path / "received")
+    inside = build_sd_folder(run.path / "base")
+    run.model_dir.mkdir()
+    spec = {"kind": "sd", "base": str(inside), "lora_rank": 0, "text_encoder": None}
+    if record == "base-location.json":
+        outside = tmp_path / "sd15"
+        spec["base"] = str(outside)
+        outside.mkdir()
+        (run.model_dir / "base-location.json").write_text(json.dumps({"base": str(inside), "unverified": []}))
+    (run.model_dir / "backend.json").write_text(json.dumps(spec))
+    with pytest.raises((ModelError, RunError), match=f"names the model folder {re.escape(str(inside))}, inside the run"):
+        if record == "typicality location":
+            run.lineage.put("typicality", {"model": f"sd:{pipeline.LOCAL}", "model_options": {}}, {}, "typicality",
+                            location={"base": str(inside)})
+            pipeline.scoring_model(run, torch.device("cpu"))
+        else:
+            load_backend(run.model_dir)

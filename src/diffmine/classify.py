@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .atomic import write_json, write_table
 from .data import BadImage, Problem, image_batches, listed_of, to_model_input
 from .models import Backend
+from .terminal import printable
 from .typicality import DEFAULT_SAMPLES, TypicalityConfig, compiled, prompt_errors
 
 
@@ -136,7 +137,7 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
 
 
 def format_summary(summary: dict) -> str:
-    labels = summary["labels"]
+    labels = [printable(label) for label in summary["labels"]]  # a newline in a label would forge a row
     width = max(8, *(len(label) for label in labels))
     lines = [f"{split} split: accuracy {s['accuracy']:.3f} over {s['images']} images (chance {s['chance']:.3f})"
              for split, s in summary.get("splits", {summary.get("split", "train"): summary}).items()]

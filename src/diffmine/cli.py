@@ -26,7 +26,7 @@ from .contrast import ContrastConfig
 from .localize import add_parser as add_localize
 from .localize import cmd_localize
 from .data import DatasetError
-from .terminal import printable
+from .terminal import PrintableOutput, printable
 from .features import FeatureConfig
 from .mining import MineConfig
 from .models import ModelError
@@ -486,7 +486,7 @@ def cmd_trends(args):
         print(json.dumps(result, indent=2))
         return
     for el in result["elements"][:10]:
-        print(f"#{el['id']:<3} {el['direction']:<7} trend {el['trend']:+.3f}  {el['label']}/{el['cluster']} "
+        print(f"#{el['id']:<3} {el['direction']:<7} trend {el['trend']:+.3f}  {printable(el['label'])}/{el['cluster']} "
               f"({el['size']}): " + " ".join(f"{p:.2f}" for p in el["prevalence"]))
     print(f"{len(result['elements'])} elements -> {args.run / 'trends' / 'trends.json'}")
 
@@ -539,10 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     set_threads(args.threads)  # before any work: torch's default oversubscribes shared or quota-limited CPUs
     if args.debug:
-        COMMANDS[args.command](args)
+        with contextlib.redirect_stdout(PrintableOutput(sys.stdout)):
+            COMMANDS[args.command](args)
         return 0
     try:
-        COMMANDS[args.command](args)
+        # what the commands print holds labels, paths and query results: untrusted text
+        with contextlib.redirect_stdout(PrintableOutput(sys.stdout)):
+            COMMANDS[args.command](args)
     except BrokenPipeError:  # `diffmine classify --json | head`: the reader has gone, nothing to say
         # the interpreter flushes stdout once more at exit: into /dev/null, not the closed pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

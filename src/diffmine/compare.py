@@ -196,7 +196,7 @@ def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Pa
     if out is not None:
         return write_text(Path(out), html)
     with step_lock(run_a.path, "compare"):  # a write into run A: `diffmine clean` must see it
-        return write_text(default_output(run_a, run_b), html)
+        return write_text(run_a.own_path(default_output(run_a, run_b)), html)
 
 
 # -- command line (wired into cli.py by the lead) ------------------------------------------------

@@ -30,6 +30,8 @@ import pandas as pd
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
+from .terminal import printable
+
 HIT_SHARE = 0.5
 # Depth of the fixed-depth top1: the crops per cluster row on a label page (ReportConfig.per_cluster)
 # and the detections a Doersch detector writes (DoerschConfig.examples)
@@ -194,7 +196,7 @@ def format_result(result: dict) -> str:
         if label == "overall" and result.get("clusters"):
             purity = float(np.mean([c["purity"] for c in result["clusters"].values()]))
         fmt = lambda v: f"{v:.3f}" if v is not None and np.isfinite(v) else "-"
-        lines.append(f"{label:<16} {fmt(s['auc_pr']):>8} {fmt(s['random']):>8} {fmt(top):>9} {fmt(rnd):>9} {fmt(purity):>7}")
+        lines.append(f"{printable(label):<16} {fmt(s['auc_pr']):>8} {fmt(s['random']):>8} {fmt(top):>9} {fmt(rnd):>9} {fmt(purity):>7}")
     lines += summary_lines("summary (clusters of >= 2 members)", result.get("clusters", {}))
     for name, baseline in result.get("baselines", {}).items():
         lines += summary_lines(f"baseline {name}", baseline.get("clusters", {}))
@@ -212,7 +214,7 @@ def summary_lines(title: str, clusters: dict) -> list[str]:
                     f"{'clusters':>9}"]
     for label, c in clusters.items():
         first = c.get("first_element_rank")
-        lines.append(f"{label:<16} {fmt(c.get('top_cluster_hit_rate')):>9} {fmt(c.get('top_shown_hit_rate')):>9} "
+        lines.append(f"{printable(label):<16} {fmt(c.get('top_cluster_hit_rate')):>9} {fmt(c.get('top_shown_hit_rate')):>9} "
                      f"{c.get('top_cluster_size', 0):>9} {fmt(c.get('top3_hit_rate')):>9} "
                      f"{'-' if first is None else first:>9} {c.get('clusters', 0):>9}")
     return lines

@@ -46,10 +46,13 @@ serve a result whose inputs changed: they name the step to re-run.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import os
 import shlex
+import stat
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,6 +64,10 @@ LOCK_DIR = ".locks"
 LINEAGE_LOCK = ".lineage.lock"  # in the run's root: every edit of lineage.json holds it
 PROBLEMS_LOCK = ".problems.lock"  # in the run's root: every edit of problems.parquet holds it
 GATE = "gate.lock"  # in LOCK_DIR: see step_lock and quiet_run
+# the run's folders its steps write into and remove from (rundir.py's layout): each must be the run's
+# own, never a link (checked by step_lock: a received run's clusters/ may lead into the user's files)
+RESULT_FOLDERS = ("model", "typicality", "mining", "features", "clusters", "classify", "translations", "cotypicality",
+                  "localize", "baselines", "contrast", "trends", "report", "compare")
 # results that are identified by their content (not by what made them): a reader checks
 # freshness up to them and no further (a model is what it is, whatever it was trained on)
 ROOTS = ("listing", "model")
@@ -104,6 +111,10 @@ def file_digest(*paths: str | Path, chunk: int = 1 << 20) -> str:
     """SHA-256 of the files' bytes, in order (streamed: a 3 GB UNet is never held in memory)."""
     h = hashlib.sha256()
     for path in paths:
+        # a received run's model/trainable.safetensors may be a link to /dev/zero (read forever) or a pipe
+        # (opening it waits forever): only a regular file has an end
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise LineageError(f"{path}: not a regular file (a link to a device or a pipe?), so not a model's file")
         with open(path, "rb") as f:
             while block := f.read(chunk):
                 h.update(block)
@@ -146,7 +157,7 @@ class Lineage:
     def _editing(self):
         """Read-modify-write under an exclusive lock: steps of parallel processes each add their record."""
         self.run_path.mkdir(parents=True, exist_ok=True)
-        with open(self.run_path / LINEAGE_LOCK, "a") as lock:
+        with open_lock(self.run_path / LINEAGE_LOCK) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 records = self.records()
@@ -304,8 +315,37 @@ def require_fresh(lineage: Lineage, name: str) -> dict:
     return lineage.get(name)
 
 
+def unlinked(root: Path, path: Path) -> Path:
+    """``path`` (under ``root``) when no link lies on the way to it from ``root`` (the part of it
+    that exists: what is not there yet is no link); else LineageError naming where the link leads.
+    ``root`` itself may be reached through links (a run under a linked home folder)."""
+    expected = os.path.normpath(os.path.join(os.path.realpath(root), os.path.relpath(path, root)))
+    actual = os.path.realpath(path)
+    if actual != expected:
+        raise LineageError(f"{path}: leads through a link to {actual}; diffmine uses only a run's own folders, "
+                           "never links (a received run may hold links anywhere): remove the link")
+    return path
+
+
+def open_lock(path: Path):
+    """The lock file ``path`` opened to ``flock`` it, created empty where absent and never written,
+    never through a link: a received run's ``.lineage.lock`` may be a link to any path (opening it
+    as a file would create an empty file there, e.g. ``/etc/nologin``)."""
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LineageError(f"{path}: a link, not a lock file of the run (a received run may hold links "
+                               "anywhere): remove it") from None
+        raise
+    return os.fdopen(handle, "ab")
+
+
 def _lock_file(run_path: str | Path, name: str) -> Path:
     directory = Path(run_path) / LOCK_DIR
+    if directory.is_symlink():  # its lock files would be created wherever it leads
+        raise LineageError(f"{directory}: a link, not the run's folder of lock files (a received run may hold "
+                           "links anywhere): remove it")
     directory.mkdir(parents=True, exist_ok=True)
     return directory / name
 
@@ -322,8 +362,10 @@ def step_lock(run_path: str | Path, step: str, worker: bool = False):
     step runs (and while ``diffmine clean`` then removes leftovers): a step starting meanwhile waits
     there (seconds at most) instead of being refused, or of starting unseen."""
     name = step.replace(" ", "-") + (".workers" if worker else "") + ".lock"
+    for folder in RESULT_FOLDERS:
+        unlinked(Path(run_path), Path(run_path) / folder)
     # opened, never written: a finished step changes no file
-    with open(_lock_file(run_path, GATE), "a") as gate, open(_lock_file(run_path, name), "a") as lock:
+    with open_lock(_lock_file(run_path, GATE)) as gate, open_lock(_lock_file(run_path, name)) as lock:
         fcntl.flock(gate, fcntl.LOCK_SH)
         try:
             fcntl.flock(lock, fcntl.LOCK_SH if worker else fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -349,7 +391,7 @@ def quiet_run(run_path: str | Path):
     ``quiet_run`` for its block)."""
     run_path = Path(run_path)
     with ExitStack() as held:
-        gate = held.enter_context(open(_lock_file(run_path, GATE), "a"))
+        gate = held.enter_context(open_lock(_lock_file(run_path, GATE)))
         fcntl.flock(gate, fcntl.LOCK_EX)
         held.callback(fcntl.flock, gate, fcntl.LOCK_UN)
         running = []

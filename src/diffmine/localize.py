@@ -48,6 +48,7 @@ from .flags import add_run_args
 from .images import overlay, png_data_uri
 from .rundir import Run, open_run
 from .shards import read_array, write_shard
+from .terminal import printable
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
 
 METRICS = ("auc_pr", "random", "inside", "outside")
@@ -356,10 +357,10 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for label in labels + ["overall"]:
         after_stats = result["overall"] if label == "overall" else result["per_label"].get(label, {})
         if before is None:
-            rows.append([label] + [fmt(after_stats.get(m), m) for m in metrics])
+            rows.append([printable(label)] + [fmt(after_stats.get(m), m) for m in metrics])
         else:
             before_stats = before["overall"] if label == "overall" else before["per_label"].get(label, {})
-            rows.append([label] + [fmt(stats.get(m), m) for m in metrics for stats in (before_stats, after_stats)])
+            rows.append([printable(label)] + [fmt(stats.get(m), m) for m in metrics for stats in (before_stats, after_stats)])
     return header, rows
 
 
@@ -441,8 +442,8 @@ def add_parser(subparsers):
 
 def _note_unmatched(run: Run, unmatched: list[str]) -> None:
     if unmatched:
-        print(f"{len(unmatched)} entries match no image with typicality in {run.path}, e.g. "
-              f"{', '.join(unmatched[:SHOW_UNMATCHED])}", file=sys.stderr)
+        print(printable(f"{len(unmatched)} entries match no image with typicality in {run.path}, e.g. "
+                        f"{', '.join(unmatched[:SHOW_UNMATCHED])}"), file=sys.stderr)  # names from the boxes file
 
 
 def localize_run(run: Run, boxes=None, masks=None, blur: float = 0.0, before=None) -> tuple[dict, dict]:

@@ -65,7 +65,7 @@ def write_contrast_page(run, a: str, b: str | None, clusters: int = 8, per_clust
     (most contrasting cluster first) and contrast overlays of example images."""
     directory = run.contrast_dir(a, b)
     clustered = pd.read_parquet(directory / "clusters.parquet")
-    page = contrast_page_path(run, a, b)
+    page = run.own_path(contrast_page_path(run, a, b))  # its folder of images is removed and written anew
     assets, images = _Assets(page), RunImages(run)
     rows = []
     for rank, group in clustered.groupby("cluster_rank", sort=True):
@@ -117,7 +117,7 @@ def trends_page_path(run) -> Path:
 
 def write_trends_page(run, result: dict, per_element: int = 6, limit: int = 40) -> Path:
     """Per element: its crops and its prevalence over the order; rising, then falling, then flat."""
-    page = trends_page_path(run)
+    page = run.own_path(trends_page_path(run))  # its folder of images is removed and written anew
     assets, images = _Assets(page), RunImages(run)
     sections = {"rising": [], "falling": [], "flat": []}
     for element in result["elements"][:limit]:

@@ -20,7 +20,6 @@ import json
 import os
 import shlex
 import shutil
-import string
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -38,11 +37,11 @@ from .features import FEATURE_KINDS, FeatureConfig, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
 from .mining import MineConfig, run_mining
-from .models import Backend, create_backend, load_backend, relocations
+from .models import Backend, create_backend, load_backend, recorded_source, relocations
 from .models.base import BACKEND_FILE, model_files
-from .rundir import Run, RunError
+from .rundir import Run, RunError, prompt_problem
 from .shards import result_settings
-from .terminal import print_problems
+from .terminal import print_problems, printable
 from .train import TrainConfig, latest_checkpoint, train
 from .translate import TranslateConfig, missing_translations, run_translate
 from .adaptive import AdaptiveConfig
@@ -131,13 +130,10 @@ MODEL_SETTINGS = ("labels", "prompt", "null_prompt", "resolution", "resize", "mo
 
 
 def check_prompt(prompt: str) -> None:
-    """The label prompt must contain ``{label}`` and no other replacement field."""
-    try:
-        fields = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
-    except ValueError as exc:
-        raise DatasetError(f"invalid --prompt {prompt!r}: {exc}") from None
-    if fields != {"label"}:
-        raise DatasetError(f"the prompt must contain '{{label}}' and no other {{...}} field, got {prompt!r}")
+    """The label prompt must contain ``{label}`` and no other replacement field (:func:`prompt_problem`)."""
+    problem = prompt_problem(prompt)
+    if problem:
+        raise DatasetError(f"invalid --prompt {prompt!r}: {problem}")
 
 
 def holdout_split(image_ids: list[str], labels: list[str], fraction: float, seed: int) -> list[str]:
@@ -249,6 +245,19 @@ def _relocated(run: Run, model: str, options: dict) -> tuple[str, dict]:
     return model, options
 
 
+def _sources(model: str | None, options: dict) -> tuple:
+    """The base folder or hub id of an ``sd:`` model and its text encoder's (None where not named)."""
+    return (model[3:] if isinstance(model, str) and model.startswith("sd:") else None), options.get("text_encoder")
+
+
+def _given_folders_outside(run: Run, model: str | None, options: dict) -> None:
+    """A local model folder given for the run (``sd:FOLDER``, ``text_encoder``) is refused where the
+    later steps would refuse to load it from the record (``models.recorded_source``): inside the run."""
+    for name in _sources(model, options):
+        if isinstance(name, str) and Path(name).expanduser().is_dir():
+            recorded_source(str(Path(name).expanduser().resolve()), "--model", run.path)
+
+
 # ----------------------------------------------------------------------------------------------
 # model
 
@@ -313,6 +322,7 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
         if rank == 0:
             run.lineage.put("model", settings, inputs, "train", identity="(training)", complete=False, steps=config.steps)
         model, options = _relocated(run, listing["settings"]["model"], model_options or {})
+        _given_folders_outside(run, model, options)
         backend = new_backend(run, model, config.seed, **options)
         model_dir = train(run, backend, config, progress=progress)
         if rank == 0:
@@ -327,7 +337,10 @@ def adopt_model(run: Run, source: Run) -> None:
     if prompts_digest(run) != prompts_digest(source):
         raise RunError(f"{run.path}: its labels, prompts or image size differ from {source.path}'s model")
     _clear(run.model_dir)
-    shutil.copytree(source.model_dir, run.model_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    # a received source's model/, or a file in it, may be a link to the user's own files: copied as
+    # the link it is (read from nowhere), never as a copy of what it leads to
+    shutil.copytree(source.own_path(source.model_dir), run.model_dir, symlinks=True,
+                    ignore=shutil.ignore_patterns("checkpoints"))
     run.lineage.put("model", record["settings"], record["inputs"], "train", identity=record["identity"],
                     steps=record.get("steps"), adopted_from=str(source.path))
 
@@ -410,6 +423,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
     rank, world, device = distributed_context()
     config = _resolved(run, "typicality", config, device)
     model, model_options, location = _located(model), model_options or {}, {}
+    _given_folders_outside(run, model, model_options)
     if model is None:
         backend, model_inputs = load_model(run, device)
         named = {"model": "run", "model_options": {}}
@@ -514,10 +528,10 @@ def _check_adaptive_targets(targets: dict | None, config: MineConfig) -> None:
     differ = [f"--{name.replace('_', '-')} {getattr(config, name)} (typicality targeted {targets[name]})"
               for name in ("top", "per_image", "patch", "z_min", "significance")
               if targets.get(name) is not None and getattr(config, name) != targets[name]]
-    if differ:
-        print("mine: the adaptive typicality refined the draws for other mining settings: " + "; ".join(differ)
-              + ". The patches beyond its targets are ranked with fewer draws; recompute typicality with "
-              "these settings (--force) for the same precision", file=sys.stderr)
+    if differ:  # the record's values are untrusted text, and stderr is not escaped as stdout is (progress bars)
+        print(printable("mine: the adaptive typicality refined the draws for other mining settings: " + "; ".join(differ)
+                        + ". The patches beyond its targets are ranked with fewer draws; recompute typicality with "
+                        "these settings (--force) for the same precision"), file=sys.stderr)
 
 
 def scoring_inputs(run: Run) -> dict:
@@ -545,7 +559,10 @@ def scoring_model(run: Run, device: torch.device | None = None) -> Backend:
     if used.get("model", "run") == "run":
         return load_model(run, device)[0]
     if not local_parts(used):  # hub ids, or folders recorded by their paths (older runs)
-        return load_outside_model(run, used["model"], used.get("model_options", {}), device, by_path=True)[0]
+        options = used.get("model_options", {})
+        for name in _sources(used["model"], options):
+            recorded_source(name, run.lineage.path, run.path)
+        return load_outside_model(run, used["model"], options, device, by_path=True)[0]
     model, options = _recorded_location(run, record)
     backend, _, inputs, _ = load_outside_model(run, model, options, device)
     if inputs["external_model"] != record["inputs"].get("external_model"):
@@ -588,6 +605,7 @@ def _recorded_location(run: Run, record: dict) -> tuple[str, dict]:
         raise RunError(f"{run.lineage.path}: the typicality record names no model folder; recompute with "
                        f"`{pointing_command(run, used)} --force`")
     for folder in folders:
+        recorded_source(folder, run.lineage.path, run.path)
         if not Path(folder).is_dir():
             raise RunError(f"{folder}: the model folder typicality read is missing; where it is elsewhere on this "
                            f"machine, run `{pointing_command(run, used)}` (its files are checked against the ones "

@@ -37,6 +37,7 @@ from .atomic import write_bytes
 from .images import RunImages, colorbar, draw_boxes, figure_png, heat_colours, map_scale, overlay, png_bytes
 from .localize import report_section
 from .pages import report_links
+from .lineage import unlinked
 
 HELP = {
     "clusters": "clusters shown per label (0: all)", "per_cluster": "crops per cluster row on a label page",
@@ -74,6 +75,7 @@ class Site:
 
     def put(self, relative: str, data: bytes) -> str:
         path = self.root / relative
+        unlinked(self.root, path.parent)  # a received site's assets/ may be a link out of the run
         if not (path.is_file() and path.read_bytes() == data):
             write_bytes(path, data)
         self.written.add(relative)
@@ -423,7 +425,7 @@ def write_report(run, config: ReportConfig = ReportConfig(), evaluation: dict | 
     date) into RUN/report/; returns its index.html."""
     if fresh is None:
         fresh = {name for name in run.lineage.records() if not run.stale(name)}
-    site = Site(run.report_path.parent)
+    site = Site(run.own_path(run.report_path.parent))  # finish() removes what it did not write
     build_site(run, site, config, evaluation, fresh)
     site.finish()
     return run.report_path

@@ -34,7 +34,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from functools import cached_property
+import string
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +45,27 @@ import pyarrow.parquet as pq
 
 from .atomic import write_table
 from .data import Problem, problem_may_be_fixed
-from .lineage import PROBLEMS_LOCK, Lineage, LineageError, command_of, require_fresh, stale_reasons
+from .lineage import PROBLEMS_LOCK, Lineage, LineageError, command_of, open_lock, require_fresh, stale_reasons, unlinked
 from .terminal import print_problems
 
 # in RUN/model: the image ids the trained model saw (no part of its identity: a record of its training set)
 TRAINED_ON_FILE = "trained-on.parquet"
 PROBLEM_COLUMNS = ["image_id", "path", "step", "problem"]  # of problems.parquet
+
+
+@lru_cache(maxsize=64)  # asked for every image's prompt
+def prompt_problem(prompt) -> str | None:
+    """What is wrong with a label prompt; None when it holds ``{label}``, bare, as its only replacement
+    field. Nothing else is filled in: "{label.__class__}" would reach into Python's objects, and
+    "{label:>999999999999}" build a string of a terabyte."""
+    try:
+        fields = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(str(prompt))
+                  if name is not None]
+    except ValueError as exc:
+        return str(exc)
+    if not isinstance(prompt, str) or not fields or any(field != ("label", None, "") for field in fields):
+        return "it must contain '{label}' and no other {...} field, nor a conversion or format spec"
+    return None
 
 
 class RunError(ValueError):
@@ -123,6 +139,13 @@ class Run:
     @property
     def report_path(self) -> Path:
         return self.path / "report" / "index.html"
+
+    def own_path(self, path: Path) -> Path:
+        """``path`` (a folder or file under the run), checked to be reached from the run's folder
+        through no link. A received run is data anyone could have made, links included (``cp -r``,
+        rsync and tar keep them): its ``report`` may lead to the user's home, where an update of the
+        site would remove every file it did not write. An error naming the link otherwise."""
+        return unlinked(self.path, path)
 
     def result_files(self, name: str) -> tuple[Path, ...]:
         """The files a cheap result ``name`` lives in (none listed: a sharded result checks its own
@@ -223,7 +246,13 @@ class Run:
     def prompt(self, label: str | None) -> str:
         """The exact prompt string for ``label`` (None: the null prompt), as trained."""
         prompts = self.step_config("dataset")
-        return prompts["null_prompt"] if label is None else prompts["prompt"].format(label=label)
+        if label is None:
+            return prompts["null_prompt"]
+        problem = prompt_problem(prompts["prompt"])  # a received run's record is text anyone could have edited
+        if problem:
+            raise RunError(f"{self.lineage.path}: the listing's prompt {prompts['prompt']!r} is not one diffmine "
+                           f"writes ({problem}); list the data again with `diffmine prepare --force`")
+        return prompts["prompt"].format(label=label)
 
     # -- problems -------------------------------------------------------------------------
     def record_problems(self, step: str, problems: list[Problem]) -> None:
@@ -231,7 +260,7 @@ class Run:
         path = self.path / "problems.parquet"
         # read-modify-write under a lock: steps of one run may finish at once (each holds only its own
         # step lock), and a lost record would lose what a result left out (see ``left_out``)
-        with open(self.path / PROBLEMS_LOCK, "a") as lock:
+        with open_lock(self.path / PROBLEMS_LOCK) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             old = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
             old = old[old["step"] != step]

@@ -9,6 +9,22 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(text))
 
 
+class PrintableOutput:
+    """A text stream (the commands' stdout) that writes every line :func:`printable`: tables of
+    labels (``classify``, ``evaluate``, ``query``, ...) show an ESC in a label as ``\\x1b``, never
+    pass it on to drive the terminal. Newlines are kept: they end the lines."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write("\n".join(printable(line) for line in text.split("\n")))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding ...: the stream's own
+        return getattr(self.stream, name)
+
+
 def counted(n: int, noun: str) -> str:
     """``1 image``, ``2 images``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"

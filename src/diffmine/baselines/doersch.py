@@ -80,6 +80,7 @@ from ..atomic import write_json, write_table
 from ..data import BadImage, Dataset, Problem, iter_images, listed_of
 from ..flags import add_config, add_run_args
 from ..rundir import Run
+from ..terminal import printable
 
 OUTPUT = Path("baselines") / "doersch"
 PRESETS = ("data", "paper")
@@ -506,7 +507,7 @@ def estimate_seconds(bank: FeatureBank, plans: dict[str, dict], config: DoerschC
 
 def print_plan(plans: dict[str, dict], eta: dict, config: DoerschConfig) -> None:
     for label, p in plans.items():
-        print(f"doersch plan: {label}: {p['positive_patches']} positive patches -> {p['seeds']} seeds, "
+        print(f"doersch plan: {printable(label)}: {p['positive_patches']} positive patches -> {p['seeds']} seeds, "
               f"<= {p['detectors']} detectors, <= {p['svms']} SVMs ({p['detectors']} x {config.folds} folds)")
     svms = sum(p["svms"] for p in plans.values())
     print(f"doersch plan: <= {svms} SVMs in all (preset {config.preset}); ETA ~{eta['total'] / 60:.1f} min "

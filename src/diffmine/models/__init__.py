@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .base import BACKEND_FILE, WEIGHTS_FILE, Backend, Denoiser, read_weights
@@ -48,6 +49,25 @@ def relocations(directory: str | Path) -> dict:
     return location
 
 
+def recorded_source(name, record: str | Path, run_path: str | Path):
+    """A model folder or hub id that ``record`` (a file of the run at ``run_path``) names, checked
+    never to be a folder that came with a received run, whose weights would be loaded (a .bin
+    unpickled): a local folder is recorded by its absolute path, so a name that is not one is a hub
+    id, which a folder of that name under the current directory (``runs/x/base``) must not stand
+    in for; and a folder the run holds is no model's source (the base stays outside the run)."""
+    if not isinstance(name, str):
+        return name
+    path = Path(name).expanduser()
+    if not path.is_absolute() and path.exists():
+        raise ModelError(f"{record}: names the model {name!r}, a hub id, but a folder of that name is here "
+                         f"({path.resolve()}); diffmine loads only the folders a run names by absolute path: run "
+                         "it from another directory")
+    if path.is_absolute() and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(run_path)):
+        raise ModelError(f"{record}: names the model folder {name}, inside the run: a run never holds the model "
+                         "it was made with (a received run could bring its own); keep that folder outside the run")
+    return name
+
+
 def model_sources(directory: str | Path, spec: dict) -> dict[str, str]:
     """Where an sd model's base and text encoder load from on this machine: the relocated folders
     (:func:`relocations`), else the paths ``backend.json`` records. A local folder that is gone is
@@ -62,7 +82,7 @@ def model_sources(directory: str | Path, spec: dict) -> dict[str, str]:
                              f"where it is elsewhere on this machine, run `diffmine relocate --run {directory.parent} "
                              f"{flag} FOLDER`")
         if folder is not None:
-            sources[key] = folder
+            sources[key] = recorded_source(folder, directory / named_in, directory.parent)
     return sources
 
 

@@ -121,6 +121,12 @@ def loaded_files(root: Path, subfolders: list[str]) -> list[Path]:
                     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
                 except (ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise ModelError(f"{index}: not a weights index ({_short(exc)})") from None
+                # a shard is a file beside its index (as diffusers and transformers load them): a name
+                # like "../x" or "/dev/zero" would have the fingerprint read another file, or never end
+                outside = [shard for shard in shards if not isinstance(shard, str) or Path(shard).name != shard
+                           or shard in ("", ".", "..")]
+                if outside:
+                    raise ModelError(f"{index}: names {outside[0]!r}, not a file beside it")
                 files += [index] + [folder / str(shard) for shard in shards]
                 break
         files += [f for f in folder.iterdir() if f.is_file() and f.suffix in (".json", ".txt")
