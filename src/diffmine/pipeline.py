@@ -41,7 +41,7 @@ from .models import Backend, create_backend, load_backend, recorded_source, relo
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError, prompt_problem
 from .shards import result_settings
-from .terminal import print_problems, printable
+from .terminal import counted, print_problems, printable
 from .train import TrainConfig, latest_checkpoint, train
 from .translate import TranslateConfig, missing_translations, run_translate
 from .adaptive import AdaptiveConfig
@@ -463,25 +463,32 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
         written = run_typicality(run, backend, config, rank, world, progress, adaptive)
         if rank == 0:
             index = run.typicality_index(missing_ok=True)
+            left_out = _left_out_maps(index)
             if index is not None:
-                print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] == "bad"].itertuples()],
+                print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] != "ok"].itertuples()],
                                run.path)
-            complete = _typicality_covers_listing(run)
             # the width keep-aspect images were resized to, for whoever shows them beside the maps
-            run.lineage.put("typicality", settings, inputs, "typicality", complete=complete,
-                            width_multiple=backend.latent_factor, location=location)
-            if not complete:
-                done = 0 if index is None else int(index["status"].isin(["ok", "bad"]).sum())
-                left = len(run.images()) - done
-                print(f"typicality: {left} images could not be read; run `diffmine typicality --run {run.path}` "
-                      "again once they can (they are retried)")
+            run.lineage.put("typicality", settings, inputs, "typicality", complete=_typicality_covers_listing(run),
+                            left_out=left_out, width_multiple=backend.latent_factor, location=location)
+            if left_out:
+                print(f"typicality: {counted(len(left_out), 'image')} left out for now (unreadable, or changed since "
+                      f"listing); the later steps go on without them, and `diffmine typicality --run {run.path}` "
+                      "retries them once they are fixed (or list the data again without them)")
         return written
 
 
+def _left_out_maps(index: pd.DataFrame | None) -> list[str]:
+    """The images a map step (typicality, a contrast) left out with a problem that may be fixed
+    (status "unreachable", ``typicality.bad_status``): its record names them (``Lineage.put``), so
+    the steps after it go on without them, the next call of the step retries them, and once they
+    have their maps what was made without them is stale."""
+    return [] if index is None else sorted(index.loc[index["status"] == "unreachable", "image_id"])
+
+
 def _typicality_covers_listing(run: Run) -> bool:
-    """Every listed image has a map, or a problem that retrying cannot cure."""
+    """Every listed image has a map, or a problem (retried by the next call where it may be fixed)."""
     index = run.typicality_index(missing_ok=True)
-    return index is not None and len(index) == len(run.images()) and not (index["status"] == "unreachable").any()
+    return index is not None and len(index) == len(run.images())
 
 
 def _check_labels(run: Run, model: str | None) -> None:
@@ -661,7 +668,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     listing) and ``contrast-<digest>-elements`` (patches, features, clusters). The labels are kept
     inside the records, never in a file or record name.
     """
-    from .contrast import missing_contrast, other_labels, run_contrast
+    from .contrast import contrast_index, missing_contrast, other_labels, run_contrast
     from .lineage import contrast_name
     from .pages import contrast_page_path, write_contrast_page
 
@@ -685,7 +692,8 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
                 _clear(directory)
             run.lineage.put(name, settings, inputs, command, complete=False)
             run_contrast(run, backend, config, a, b, progress)
-            run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images))
+            run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images),
+                            left_out=_left_out_maps(contrast_index(run, a, b, config.images)))
         elements = name + "-elements"
         element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
         element_inputs = {name: run.fresh(name)["identity"]}

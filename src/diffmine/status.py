@@ -76,13 +76,10 @@ def status(run) -> str:
             continue
         if name == "typicality":
             index = run.typicality_index(missing_ok=True)
-            counts = index["status"].value_counts() if index is not None else {}
-            done = int(counts.get("ok", 0)) + int(counts.get("bad", 0))
-            unreachable = int(counts.get("unreachable", 0))
+            done = 0 if index is None else len(index)  # a map, or a problem (retried where it may be fixed)
             left = len(images) - done
-            state = _state(run, name) if left == 0 else f"{left} images left" + \
-                (f" ({unreachable} unreadable last time, retried)" if unreachable else "") + \
-                f": re-run `diffmine typicality --run {run.path}`"
+            state = _state(run, name) if left == 0 else \
+                f"{left} images left: re-run `diffmine typicality --run {run.path}`"
             lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
             if record["settings"].get("estimator") == "adaptive" and index is not None:
                 lines.append(f"  draws per image: {draws_summary(index)}")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import BadImage, image_batches, listed_of, to_model_input
+from .data import BadImage, image_batches, listed_of, problem_may_be_fixed, to_model_input
 from .machine import resolve_precision
 from .models import Backend
 from .shards import plan_new_shards, write_shard
@@ -370,9 +370,10 @@ def unit_key(key: str) -> str:
 
 
 def bad_status(problem: BadImage) -> str:
-    """"unreachable" for an image that could not be read (missing, unmounted, no permission): it is
-    retried by the next run; "bad" for one that was read and cannot be used (corrupt, too large)."""
-    return "unreachable" if problem.problem.startswith("cannot read") else "bad"
+    """"unreachable" for an image whose problem may be fixed while the listing stays (could not be
+    read: missing, unmounted, no permission; or changed since listing: put back): it is retried by
+    the next run; "bad" for one that was read as listed and cannot be used (corrupt, too large)."""
+    return "unreachable" if problem_may_be_fixed(problem.problem) else "bad"
 
 
 def run_typicality(run, backend: Backend, config: TypicalityConfig, process_index: int = 0, num_processes: int = 1,
