@@ -616,7 +616,10 @@ def to_model_input(images: np.ndarray) -> "torch.Tensor":
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], the range diffusion models expect."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # e.g. decoded translations read back from a shard: torch warns, and would share it
+        images = images.copy()
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 class _Decoder:
