@@ -243,6 +243,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_with_the_same_table(mined, 
     from diffmine.baselines.doersch import part_path
     from diffmine.leftovers import leftovers
     from diffmine.rundir import RunError
+    from diffmine.status import status
 
     uninterrupted, _, _ = mined
     run = _new_run(tmp_path / "run", data[0])
@@ -255,6 +256,7 @@ def test_an_interrupted_run_resumes_where_it_stopped_with_the_same_table(mined, 
     assert not (run.path / "baselines" / "doersch" / "patches.parquet").exists()
     assert [reason for reason, _ in run.stale("baseline-doersch")] == ["baseline-doersch is incomplete"]
     assert leftovers(run) == []  # a part is a result, no temporary file for `clean` to remove
+    assert "  1 of 3 labels mined before it stopped: the same call again mines only the others" in status(run)
     with pytest.raises(RunError, match="--force"):  # the parts are hours of SVMs: other settings are refused
         pipeline.baseline_step(run, replace(config, seed=1), progress=False)
 
@@ -313,23 +315,31 @@ def test_a_part_made_otherwise_is_never_reused(data, tmp_path, monkeypatch, caps
 
 
 def test_positive_runs_read_and_write_the_parts_of_a_full_run(mined, data, tmp_path, monkeypatch, capsys):
-    """A label mined alone is reused by the full run after it, and the other way round."""
+    """A label mined alone is reused by the full run after it, and the other way round. Either
+    replaces the stored result, so it takes --force, as before: it mines nothing twice."""
+    from diffmine import pipeline
+    from diffmine.rundir import RunError
+
     uninterrupted, full, _ = mined
     run = _new_run(tmp_path / "run", data[0])
     config = DoerschConfig(**SMALL, seed=0)
     mining = _record_mined(monkeypatch)
     last = run.labels[-1]
-    alone = run_doersch(run, config, positive=last, progress=False)
+    alone = pipeline.baseline_step(run, config, positive=last, progress=False)
     pd.testing.assert_frame_equal(alone, full[full["label"] == last].reset_index(drop=True), check_exact=True)
 
-    run_doersch(run, config, progress=False)
+    with pytest.raises(RunError, match="positive.*--force"):
+        pipeline.baseline_step(run, config, progress=False)
+    capsys.readouterr()
+    pipeline.baseline_step(run, config, progress=False, force=True)
     assert mining == [last] + run.labels[:-1] and "resuming: 1 of 3 labels" in capsys.readouterr().out
     assert _patches_bytes(run) == _patches_bytes(uninterrupted)
 
     mining.clear()
-    again = run_doersch(run, config, positive=last, progress=False)
+    again = pipeline.baseline_step(run, config, positive=last, progress=False, force=True)
     assert mining == [] and "resuming: 1 of 1 labels" in capsys.readouterr().out
     pd.testing.assert_frame_equal(again, alone, check_exact=True)
+    assert run.lineage.get("baseline-doersch")["settings"]["positive"] == last
 
 
 def test_labels_of_any_text_are_safe_part_names(data, tmp_path, monkeypatch, capsys):

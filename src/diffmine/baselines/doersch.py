@@ -62,16 +62,18 @@ digest of the label: a label is untrusted text), stamped in the file's Parquet m
 label and with what they were made from (:func:`part_identity`): the identity the lineage record
 gives the result of every label with these settings from this listing, and the images the
 feature bank left out. An interrupted run (Ctrl-C, a killed job) loses only the label it was
-mining; the next call rebuilds the feature bank (seconds to minutes: one decode and HOG pass,
-against hours of SVMs), reads every label whose part carries the identity it has now, prints
-``doersch: resuming: N of M labels already mined`` and mines the others: the same table, bit for
-bit, as a run never interrupted. A part made with other settings, from another listing or from
-another bank (an image unreadable then, read now) is never reused; it is mined again, and the
-parts of other identities are removed once the result is written (the pipeline replaces a result
-made otherwise only on ``--force`` or once its listing changed). ``patches.parquet`` is the parts
-in label order; they are kept beside it: ``--positive LABEL`` reads and writes the same parts (a
-part's identity leaves ``--positive`` out), so a full run reuses the labels mined one by one, and
-``--positive LABEL`` after a full run reads its label's.
+mining. The next call rebuilds the feature bank, reads every label whose part carries the
+identity it has now, prints ``doersch: resuming: N of M labels already mined`` and mines the
+others: the same table, bit for bit, as a run never interrupted. Rebuilding the bank is one
+decode and HOG pass: for the 120 images listed at 256 px above (preset data, 1 thread on a busy
+2-core machine), 20-21 s of a resume that took 61-81 s after 3 of 4 labels, where the whole run
+took 222-237 s, 181-203 s of it SVMs (benchmarks/README.md, ``doersch_resume.py``). A part made with other settings, from another listing or from another
+bank (an image unreadable then, read now) is never reused: it is mined again, and the parts of
+other identities are removed once the result is written (the pipeline replaces a result made
+otherwise only on ``--force`` or once its listing changed). ``patches.parquet`` is the parts in
+label order; they are kept beside it, because ``--positive LABEL`` reads and writes the same
+parts (a part's identity leaves ``--positive`` out): a full run reuses the labels mined one by
+one, and ``--positive LABEL`` after a full run reads its label's.
 
 Memory: the patch features of every image are held in memory, float32:
 images x positions per image x dims x 4 bytes (e.g. 3,200 images of 256 px at the defaults,
@@ -100,7 +102,6 @@ from ..data import BadImage, Dataset, Problem, iter_images, listed_of
 from ..flags import add_config, add_run_args
 from ..lineage import digest, identity_of
 from ..rundir import Run
-from ..shards import result_settings
 
 OUTPUT = Path("baselines") / "doersch"
 PARTS = "labels"  # RUN/baselines/doersch/labels/: one finished label's detections per file (module doc, Resume)
@@ -626,15 +627,15 @@ def output_dir(run: Run) -> Path:
     return run.path / OUTPUT
 
 
-def part_identity(run: Run, config: DoerschConfig, bank: FeatureBank) -> str:
+def part_identity(settings: dict, listing: str, left_out: list[str]) -> str:
     """What a label's part is made from: the identity the lineage record gives the result of every
-    label (no ``--positive``) with these settings from this listing, and of the images the bank left
-    out (unreadable, changed since listing, too small): another bank holds other negatives.
+    label (no ``--positive``) made with ``settings`` (how it is executed aside) from the listing
+    ``listing``, and of the images the feature bank left out (unreadable, changed since listing, too
+    small): another bank holds other negatives.
 
     Without ``--positive`` and with nothing left out it is the record's own identity."""
-    settings = {**result_settings(config, EXECUTION), "positive": None}
-    inputs = {"listing": run.fresh("listing")["identity"]}
-    return identity_of(RESULT, settings, inputs, left_out=[problem.image_id for problem in bank.problems])
+    settings = {**{k: v for k, v in settings.items() if k not in EXECUTION}, "positive": None}
+    return identity_of(RESULT, settings, {"listing": listing}, left_out)
 
 
 def part_path(run: Run, label: str) -> Path:
@@ -656,9 +657,10 @@ def read_part(path: Path) -> tuple[dict, pa.Table] | None:
 
     try:
         table = pq.read_table(path)
-        return json.loads((table.schema.metadata or {})[PART_METADATA]), table
+        stamp = json.loads((table.schema.metadata or {})[PART_METADATA])
     except (OSError, ValueError, KeyError):  # gone, damaged, or not a part: mined again
         return None
+    return (stamp, table) if isinstance(stamp, dict) else None
 
 
 def mined_part(run: Run, label: str, identity: str) -> pd.DataFrame | None:
@@ -667,6 +669,16 @@ def mined_part(run: Run, label: str, identity: str) -> pd.DataFrame | None:
     if part is None or part[0] != {"identity": identity, "label": label}:
         return None
     return part[1].to_pandas()
+
+
+def kept_labels(run: Run) -> tuple[int, int]:
+    """For ``diffmine status``: (labels the recorded call, made again, would read from their parts,
+    labels it mines), from the record and the images its feature bank left out last time."""
+    record = run.lineage.get(RESULT)
+    identity = part_identity(record["settings"], record["inputs"].get("listing"), run.skipped_by(RESULT))
+    positive = record["settings"].get("positive")
+    labels = [positive] if positive is not None else run.labels
+    return sum(mined_part(run, label, identity) is not None for label in labels), len(labels)
 
 
 def remove_other_parts(run: Run, identity: str) -> None:
@@ -702,7 +714,7 @@ def run_doersch(run: Run, config: DoerschConfig = DoerschConfig(), positive: str
             print(f"doersch: no usable image of {label!r}; skipped")
             continue
         mined.append(label)
-    identity = part_identity(run, config, bank)
+    identity = part_identity(asdict(config), run.fresh("listing")["identity"], [p.image_id for p in bank.problems])
     frames = {label: part for label in mined if (part := mined_part(run, label, identity)) is not None}
     if frames:
         print(f"doersch: resuming: {len(frames)} of {len(mined)} labels already mined")
