@@ -4,10 +4,12 @@ the cluster-table schema, it is deterministic, and small configs stay fast."""
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from diffmine.cli import cmd_baseline
@@ -200,3 +202,168 @@ def test_an_image_edited_since_listing_is_left_out_of_the_bank_naming_the_file(d
     bank = _as_bank(run, DoerschConfig(**SMALL), None, "square", progress=False)
     assert edited not in bank.image_ids and len(bank.image_ids) == len(run.images()) - 1
     assert [(p.image_id, "changed since `diffmine prepare`" in p.problem) for p in bank.problems] == [(edited, True)]
+
+
+# --------------------------------------------------------------------------------------------
+# resume: a finished label is kept, an interrupted run mines only the labels left
+
+
+def _interrupt_on_label(monkeypatch, n: int) -> None:
+    """``mine_doersch`` raises KeyboardInterrupt (Ctrl-C) when it is asked for its ``n``-th label."""
+    from diffmine.baselines import doersch
+
+    real, calls = doersch.mine_doersch, []
+
+    def mine(bank, label, *args, **kwargs):
+        calls.append(label)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(bank, label, *args, **kwargs)
+
+    monkeypatch.setattr(doersch, "mine_doersch", mine)
+
+
+def _record_mined(monkeypatch) -> list[str]:
+    """The labels ``mine_doersch`` is asked for from now on (it mines them)."""
+    from diffmine.baselines import doersch
+
+    real, calls = doersch.mine_doersch, []
+    monkeypatch.setattr(doersch, "mine_doersch", lambda bank, label, *a, **k: calls.append(label) or real(bank, label, *a, **k))
+    return calls
+
+
+def _patches_bytes(run: Run) -> bytes:
+    return (run.path / "baselines" / "doersch" / "patches.parquet").read_bytes()
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_with_the_same_table(mined, data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C on the second label keeps the first one's detections; the same call again mines only
+    the labels left, and writes the table of a run never interrupted, byte for byte."""
+    from diffmine import pipeline
+    from diffmine.baselines.doersch import part_path
+    from diffmine.leftovers import leftovers
+    from diffmine.rundir import RunError
+    from diffmine.status import status
+
+    uninterrupted, _, _ = mined
+    run = _new_run(tmp_path / "run", data[0])
+    config = DoerschConfig(**SMALL, seed=0)
+    _interrupt_on_label(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.baseline_step(run, config, progress=False)
+    first = run.labels[0]
+    assert [path.name for path in (run.path / "baselines" / "doersch" / "labels").iterdir()] == [part_path(run, first).name]
+    assert not (run.path / "baselines" / "doersch" / "patches.parquet").exists()
+    assert [reason for reason, _ in run.stale("baseline-doersch")] == ["baseline-doersch is incomplete"]
+    assert leftovers(run) == []  # a part is a result, no temporary file for `clean` to remove
+    assert "  1 of 3 labels mined before it stopped: the same call again mines only the others" in status(run)
+    with pytest.raises(RunError, match="--force"):  # the parts are hours of SVMs: other settings are refused
+        pipeline.baseline_step(run, replace(config, seed=1), progress=False)
+
+    mining = _record_mined(monkeypatch)
+    capsys.readouterr()
+    table = pipeline.baseline_step(run, config, progress=False)
+    assert "doersch: resuming: 1 of 3 labels already mined" in capsys.readouterr().out
+    assert mining == run.labels[1:]
+    assert _patches_bytes(run) == _patches_bytes(uninterrupted)
+    pd.testing.assert_frame_equal(table, pd.read_parquet(uninterrupted.path / "baselines" / "doersch" / "patches.parquet"),
+                                  check_exact=True)
+    record = run.lineage.get("baseline-doersch")
+    assert record["complete"] and run.stale("baseline-doersch") == []
+    # a part carries the identity of the whole result it belongs to
+    stamp = pq.read_schema(part_path(run, first)).metadata[b"diffmine.doersch"]
+    assert json.loads(stamp) == {"identity": record["identity"], "label": first}
+    settings = json.loads((run.path / "baselines" / "doersch" / "settings.json").read_text())
+    assert settings["resumed"] == 1 and settings["seconds"]["features"] > 0
+
+
+def test_a_part_made_otherwise_is_never_reused(data, tmp_path, monkeypatch, capsys):
+    """Other settings, another bank (an image changed since listing is left out of it) or a part
+    stamped for another label: every label is mined again, and the stale parts go."""
+    import shutil
+
+    from PIL import Image
+
+    from diffmine.baselines.doersch import part_path
+
+    images = Path(shutil.copytree(data[0], tmp_path / "data"))
+    run = _new_run(tmp_path / "run", images)
+    config = DoerschConfig(**SMALL, seed=0)
+    _interrupt_on_label(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_doersch(run, config, progress=False)
+    first = part_path(run, run.labels[0])
+    made_with_seed_0 = first.read_bytes()
+
+    mining = _record_mined(monkeypatch)
+    run_doersch(run, replace(config, seed=1), progress=False)
+    assert mining == run.labels and "resuming" not in capsys.readouterr().out
+    assert first.read_bytes() != made_with_seed_0
+
+    mining.clear()
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(images / run.images()["image_id"].iloc[-1])
+    run_doersch(run, replace(config, seed=1), progress=False)  # the same settings, a bank without that image
+    assert mining == run.labels and "resuming" not in capsys.readouterr().out
+
+    mining.clear()
+    second = part_path(run, run.labels[1])
+    second.write_bytes(first.read_bytes())  # label 0's detections under label 1's name
+    (run.path / "baselines" / "doersch" / "labels" / "unreadable.parquet").write_text("not parquet")
+    run_doersch(run, replace(config, seed=1), progress=False)
+    assert mining == [run.labels[1]] and "resuming: 2 of 3" in capsys.readouterr().out
+    assert sorted((run.path / "baselines" / "doersch" / "labels").iterdir()) == sorted(part_path(run, l) for l in run.labels)
+
+
+def test_positive_runs_read_and_write_the_parts_of_a_full_run(mined, data, tmp_path, monkeypatch, capsys):
+    """A label mined alone is reused by the full run after it, and the other way round. Either
+    replaces the stored result, so it takes --force, as before: it mines nothing twice."""
+    from diffmine import pipeline
+    from diffmine.rundir import RunError
+
+    uninterrupted, full, _ = mined
+    run = _new_run(tmp_path / "run", data[0])
+    config = DoerschConfig(**SMALL, seed=0)
+    mining = _record_mined(monkeypatch)
+    last = run.labels[-1]
+    alone = pipeline.baseline_step(run, config, positive=last, progress=False)
+    pd.testing.assert_frame_equal(alone, full[full["label"] == last].reset_index(drop=True), check_exact=True)
+
+    with pytest.raises(RunError, match="positive.*--force"):
+        pipeline.baseline_step(run, config, progress=False)
+    capsys.readouterr()
+    pipeline.baseline_step(run, config, progress=False, force=True)
+    assert mining == [last] + run.labels[:-1] and "resuming: 1 of 3 labels" in capsys.readouterr().out
+    assert _patches_bytes(run) == _patches_bytes(uninterrupted)
+
+    mining.clear()
+    again = pipeline.baseline_step(run, config, positive=last, progress=False, force=True)
+    assert mining == [] and "resuming: 1 of 1 labels" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(again, alone, check_exact=True)
+    assert run.lineage.get("baseline-doersch")["settings"]["positive"] == last
+
+
+def test_labels_of_any_text_are_safe_part_names(data, tmp_path, monkeypatch, capsys):
+    """A label is untrusted text ("../", "/", spaces, unicode): its part is named by a digest, inside
+    the parts folder, and read back on resume."""
+    import shutil
+
+    from diffmine.baselines.doersch import part_path
+
+    images = Path(shutil.copytree(data[0], tmp_path / "data"))
+    odd = dict(zip(sorted(p.name for p in images.iterdir()), ["../up", "a/b c", "ünï cödé"]))
+    rows = [f"{path.relative_to(images)},{odd[path.parent.name]}" for path in sorted(images.glob("*/*.png"))]
+    (images / "manifest.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    run = Run(tmp_path / "run")
+    prepare(run, images / "manifest.csv", "A scene from {label}.", "A scene.", SIZE)
+    assert sorted(run.labels) == sorted(odd.values())
+    run_doersch(run, DoerschConfig(**SMALL, seed=0), progress=False)
+    parts = sorted((run.path / "baselines" / "doersch" / "labels").iterdir())
+    assert parts == sorted(part_path(run, label) for label in odd.values())
+    assert all(len(path.stem) == 20 and int(path.stem, 16) >= 0 for path in parts)
+    assert sorted(p.relative_to(run.path).as_posix() for p in (run.path / "baselines").rglob("*")) == sorted(
+        ["baselines/doersch", "baselines/doersch/labels", "baselines/doersch/patches.parquet",
+         "baselines/doersch/settings.json"] + [p.relative_to(run.path).as_posix() for p in parts])
+    mining = _record_mined(monkeypatch)
+    capsys.readouterr()
+    run_doersch(run, DoerschConfig(**SMALL, seed=0), progress=False)
+    assert mining == [] and "resuming: 3 of 3 labels" in capsys.readouterr().out

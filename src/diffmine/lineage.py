@@ -128,6 +128,14 @@ def differences(old: dict, new: dict) -> list[str]:
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def identity_of(name: str, settings: dict, inputs: dict, left_out=()) -> str:
+    """The identity :meth:`Lineage.put` gives result ``name`` made with ``settings`` from ``inputs``
+    (leaving out the images ``left_out``): a hash of them and of its method version when past 1.
+    A part of a result kept for a resume (a label of baseline doersch) carries it too."""
+    method, left_out = method_of(name), sorted(left_out)
+    return digest([settings, inputs] + ([method] if method > 1 else []) + ([{"left_out": left_out}] if left_out else []))
+
+
 class Lineage:
     """The records of one run directory (read fresh on every call: other processes write too)."""
 
@@ -175,12 +183,10 @@ class Lineage:
         were listed). They are part of its identity: the result made again once they are fixed is
         another one, and what was made from it is stale. The record counts them, and :func:`plan`
         makes the result again rather than serve it."""
-        method = method_of(name)
         left_out = sorted(left_out)
-        identity = identity or digest([settings, inputs] + ([method] if method > 1 else [])
-                                      + ([{"left_out": left_out}] if left_out else []))
+        identity = identity or identity_of(name, settings, inputs, left_out)
         record = {"settings": canonical(settings), "inputs": canonical(inputs), "identity": identity,
-                  "complete": complete, "command": command, "method": method,
+                  "complete": complete, "command": command, "method": method_of(name),
                   "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   **({"left_out": len(left_out)} if left_out else {}), **canonical(extra)}
         with self._editing() as records:

@@ -847,22 +847,27 @@ def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureCon
 
 def baseline_step(run: Run, config, positive: str | None = None, progress: bool = True,
                   force: bool = False) -> pd.DataFrame:
-    """The Doersch et al. (2013) baseline on the run's listing (RUN/baselines/doersch/)."""
-    from .baselines.doersch import output_dir, run_doersch
+    """The Doersch et al. (2013) baseline on the run's listing (RUN/baselines/doersch/).
+
+    Resumable: an interrupted call leaves its record incomplete (never served) and each finished
+    label's part; the same call again mines only the labels left (``doersch.py``, Resume). Other
+    settings are refused while that record stands, as for a complete result: its parts are hours
+    of SVMs."""
+    from .baselines.doersch import EXECUTION, RESULT, output_dir, run_doersch
 
     listing = run.fresh("listing")
-    stored = (run.lineage.get("baseline-doersch") or {}).get("settings") or {}
+    stored = (run.lineage.get(RESULT) or {}).get("settings") or {}
     # the decoding processes are no part of the detections
-    settings = {**_execution_left_out(config, ("workers",), stored), "positive": positive}
+    settings = {**_execution_left_out(config, EXECUTION, stored), "positive": positive}
     inputs = {"listing": listing["identity"]}
-    with step_lock(run.path, "baseline-doersch"):
-        action = _planned(run, "baseline-doersch", settings, inputs, force, expensive=True)
+    with step_lock(run.path, RESULT):
+        action = _planned(run, RESULT, settings, inputs, force, expensive=True)
         if action == "done":
             print("baseline doersch: up to date")
             return pd.read_parquet(output_dir(run) / "patches.parquet")
-        run.lineage.drop("baseline-doersch")
+        run.lineage.put(RESULT, settings, inputs, "baseline doersch", complete=False)
         table = run_doersch(run, config, positive, progress)
-        run.lineage.put("baseline-doersch", settings, inputs, "baseline doersch")
+        run.lineage.put(RESULT, settings, inputs, "baseline doersch")
         return table
 
 

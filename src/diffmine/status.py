@@ -89,6 +89,11 @@ def status(run) -> str:
             lines += _outside_model_lines(run, record)
             continue
         lines.append(f"{name}: {_state(run, name)}")
+        if name == "baseline-doersch" and not record.get("complete"):
+            from .baselines.doersch import kept_labels
+
+            kept, labels = kept_labels(run)
+            lines.append(f"  {kept} of {labels} labels mined before it stopped: the same call again mines only the others")
     for name in sorted(set(records) - set(ORDER)):  # contrasts (by a digest of their labels), trends
         settings = records[name]["settings"]
         what = f" ({settings['a']} vs {settings.get('b') or 'all'})" if "a" in settings else ""
