@@ -277,6 +277,23 @@ def test_an_interrupted_run_resumes_where_it_stopped_with_the_same_table(mined, 
     assert settings["resumed"] == 1 and settings["seconds"]["features"] > 0
 
 
+def test_a_table_deleted_by_hand_is_rebuilt_from_the_labels_parts(mined, data, tmp_path, monkeypatch, capsys):
+    """Recorded as done, its table gone (deleted, or left out of a copy): made again, not read
+    (it crashed in read_parquet), and from the labels' parts: no SVM is fitted again."""
+    import shutil
+
+    from diffmine import pipeline
+
+    uninterrupted, _, _ = mined
+    run = Run(shutil.copytree(uninterrupted.path, tmp_path / "copy"))
+    pipeline.baseline_step(run, DoerschConfig(**SMALL, seed=0), progress=False)  # recorded
+    assert run.lineage.get("baseline-doersch")["complete"]
+    (run.path / "baselines" / "doersch" / "patches.parquet").unlink()
+    mining = _record_mined(monkeypatch)
+    pipeline.baseline_step(run, DoerschConfig(**SMALL, seed=0), progress=False)
+    assert mining == [] and _patches_bytes(run) == _patches_bytes(uninterrupted)
+
+
 def test_a_part_made_otherwise_is_never_reused(data, tmp_path, monkeypatch, capsys):
     """Other settings, another bank (an image changed since listing is left out of it) or a part
     stamped for another label: every label is mined again, and the stale parts go."""

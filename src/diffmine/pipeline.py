@@ -861,7 +861,9 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
     settings = {**_execution_left_out(config, EXECUTION, stored), "positive": positive}
     inputs = {"listing": listing["identity"]}
     with step_lock(run.path, RESULT):
-        action = _planned(run, RESULT, settings, inputs, force, expensive=True)
+        # its table deleted by hand (or left out of a copy): made again, from the labels' parts where they stand
+        action = _planned(run, RESULT, settings, inputs, force, expensive=True,
+                          outputs=(output_dir(run) / "patches.parquet",))
         if action == "done":
             print("baseline doersch: up to date")
             return pd.read_parquet(output_dir(run) / "patches.parquet")
