@@ -76,8 +76,8 @@ parts (a part's identity leaves ``--positive`` out): a full run reuses the label
 one, and ``--positive LABEL`` after a full run reads its label's.
 
 Memory: the patch features of every image are held in memory, float32:
-images x positions per image x dims x 4 bytes (e.g. 3,200 images of 256 px at the defaults,
-25 positions x 2,112 dims: 680 MB). Time: the seeding search is seeds x all patches; training is
+images x positions per image x dims x 4 bytes (e.g. 120 images of 256 px at the defaults,
+625 positions (25 x 25) x 2,112 dims: 604 MiB; 3,200 such images would need 16 GiB). Time: the seeding search is seeds x all patches; training is
 detectors x folds SVMs of at most ``negatives_max + top_positives`` samples each.
 """
 
