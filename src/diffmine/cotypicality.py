@@ -19,6 +19,18 @@ clusters ranked by median co-typicality and their members by distance to the cen
                                                cotypicality, typicality_<label>..., cluster,
                                                cluster_rank, rank_in_cluster
     RUN/cotypicality/features.npy              the reduced, concatenated features per sequence
+
+Shard s holds the scenes s * shard_size onwards (:func:`tuples` order: the scenes translated to
+every label), a scene's key its place in the shard. A scene whose source cannot be read, or
+changed since listing, is left out: a bad row when it is scored, or its sequences dropped when its
+members are described (an edit after its maps were stored). Such a problem may be fixed while the
+listing stays (``data.problem_may_be_fixed``): the result records those scenes as left out, so the
+next ``diffmine cotypicality`` retries them as translate retries its images
+(``shards.retry_in_shard``): each scene with a bad row that is now readable as listed is scored
+under the key it would have had and its shard rewritten with its row in place of the bad one, every
+other row and map kept as stored (a scene still unreadable rewrites nothing); then the sequences,
+features and clusters are made again from every shard (cheap beside the scoring). The result then
+equals what a run on the fixed files makes (the test checks it bit for bit on the CPU).
 """
 
 from __future__ import annotations
