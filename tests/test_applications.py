@@ -387,7 +387,8 @@ def test_cotypicality_names_a_scene_whose_source_changed_and_scores_it_once_fixe
                         lambda backend, pixels, *args: scored.append(len(pixels)) or latent_maps(backend, pixels, *args))
     pipeline.cotypicality_step(copy, *config, progress=False)
     assert scored == [len(copy.labels)]  # the fixed scene alone: its source and its translations
-    assert capsys.readouterr().out.splitlines() == ["cotypicality: made again, for the 1 image(s) it left out last time"]
+    retried = "cotypicality: made again, for the 1 image(s) it left out last time"
+    assert capsys.readouterr().out.splitlines() == [retried]
     again = stored()
     assert again.keys() == reference.keys()
     for name, value in reference.items():  # shards, sequences and features: bit for bit
