@@ -290,7 +290,8 @@ def test_translate_names_an_image_edited_since_listing_and_translates_it_once_fi
 def test_cotypicality_leaves_out_a_scene_whose_source_changed_and_goes_on(tiny_run, tmp_path, capsys, monkeypatch):
     """One edited source never stops the step: a scene edited before it is scored is stored as left
     out; one edited after its scores were stored (a resumed run) loses its sequences, whose members
-    can no longer be described. Both are named in one line each and recorded as problems."""
+    can no longer be described. Both are named in one line each and recorded as problems, and as
+    left out by the result: the call after their bytes are put back has both in."""
     from conftest import edit_in_place, relisted_copy
 
     import diffmine.cotypicality
@@ -317,6 +318,98 @@ def test_cotypicality_leaves_out_a_scene_whose_source_changed_and_goes_on(tiny_r
     assert not sequences.empty and not set(sequences["image_id"]) & {first, later}
     problems = copy.problems()
     assert sorted(problems.loc[problems["step"] == "cotypicality", "image_id"]) == sorted([first, later])
+    assert copy.lineage.get("cotypicality")["left_out"] == 2
+    for image_id in (first, later):  # the listed bytes back: the first is scored, both are described
+        shutil.copy(tiny_run.dataset_root / image_id, data / image_id)
+    sequences = pipeline.cotypicality_step(copy, config, FeatureConfig(ensemble=1), progress=False)
+    assert len(sequences) == 12 and {first, later} <= set(sequences["image_id"])  # 4 scenes x 3 boxes
+    assert "cotypicality" not in set(copy.problems()["step"]) and "left_out" not in copy.lineage.get("cotypicality")
+
+
+def test_cotypicality_names_a_scene_whose_source_changed_and_scores_it_once_fixed(tiny_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """The scene whose source was edited is left out (a bad row in its shard), named in one line,
+    recorded as a problem of step cotypicality and as left out by the result. A call while it is
+    still edited rewrites no shard and keeps the identity (nothing made from it turns stale). With
+    the listed bytes back, the next call scores that scene alone: its shard holds what an
+    uninterrupted run makes, the other shard is not rewritten, the sequences are made again, and
+    the result is the uninterrupted run's, identity included."""
+    from conftest import edit_in_place, relisted_copy
+    from safetensors.numpy import load_file
+
+    import diffmine.cotypicality
+    from diffmine.cotypicality import tuples
+    from diffmine.data import CHANGED
+    from diffmine.status import status
+
+    copy, data = relisted_copy(tiny_run, tmp_path)
+    pipeline.translate_step(copy, TranslateConfig(images=2, steps=2, shard_size=2), progress=False)
+    config = (CotypicalityConfig(top=12, per_tuple=3, umap_dim=2, k=2, samples=2, shard_size=2),
+              FeatureConfig(ensemble=1))  # 4 scenes, 2 shards
+    directory = copy.path / "cotypicality"
+
+    def stored():
+        return {path.name: pd.read_parquet(path) if path.suffix == ".parquet" else
+                load_file(path) if path.suffix == ".safetensors" else np.load(path)
+                for path in sorted(directory.iterdir())}
+
+    def files(shard):
+        return {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in directory.glob(f"{shard}.*")}
+
+    pipeline.cotypicality_step(copy, *config, progress=False)  # the reference: every file as listed
+    reference, reference_record = stored(), copy.lineage.get("cotypicality")
+    shutil.rmtree(directory)
+    copy.lineage.drop("cotypicality")
+    edited = tuples(copy)[0]["image_id"].iloc[0]  # the first scene of shard-00000
+    edit_in_place(data, edited)
+    capsys.readouterr()
+    pipeline.cotypicality_step(copy, *config, progress=False)
+    assert capsys.readouterr().out.splitlines() == [f"skipped {data / edited}: {CHANGED}"]
+    index = pd.read_parquet(directory / "shard-00000.parquet").set_index("image_id")
+    assert index.loc[edited, "status"] == "bad" and index.loc[edited, "problem"] == CHANGED
+    assert copy.left_out("cotypicality") == [edited]
+    first = copy.lineage.get("cotypicality")
+    assert first["left_out"] == 1
+    assert ("cotypicality: done, 1 image(s) left out (listed below; the next `diffmine cotypicality` tries them again)"
+            in status(copy))
+
+    with_bad_row, untouched = files("shard-00000"), files("shard-00001")
+    pipeline.cotypicality_step(copy, *config, progress=False)  # still edited: retried, nothing rewritten
+    assert capsys.readouterr().out.splitlines() == [
+        "cotypicality: made again, for the 1 image(s) it left out last time", f"skipped {data / edited}: {CHANGED}"]
+    assert files("shard-00000") == with_bad_row and files("shard-00001") == untouched
+    assert copy.lineage.get("cotypicality")["identity"] == first["identity"]
+
+    shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
+    scored = []
+    latent_maps = diffmine.cotypicality.typicality_latent_maps
+    monkeypatch.setattr(diffmine.cotypicality, "typicality_latent_maps",
+                        lambda backend, pixels, *args: scored.append(len(pixels)) or latent_maps(backend, pixels, *args))
+    pipeline.cotypicality_step(copy, *config, progress=False)
+    assert scored == [len(copy.labels)]  # the fixed scene alone: its source and its translations
+    retried = "cotypicality: made again, for the 1 image(s) it left out last time"
+    assert capsys.readouterr().out.splitlines() == [retried]
+    again = stored()
+    assert again.keys() == reference.keys()
+    for name, value in reference.items():  # shards, sequences and features: bit for bit
+        if isinstance(value, pd.DataFrame):
+            pd.testing.assert_frame_equal(again[name], value, check_exact=True)
+        elif isinstance(value, dict):
+            assert value.keys() == again[name].keys()
+            for key, array in value.items():
+                np.testing.assert_array_equal(again[name][key], array)
+        else:
+            np.testing.assert_array_equal(again[name], value)
+    assert files("shard-00001") == untouched
+    assert "cotypicality" not in set(copy.problems()["step"])
+    second = copy.lineage.get("cotypicality")
+    assert "left_out" not in second and second["identity"] != first["identity"]
+    assert second["identity"] == reference_record["identity"]
+    assert "cotypicality: done\n" in status(copy)
+
+    pipeline.cotypicality_step(copy, *config, progress=False)
+    assert capsys.readouterr().out.splitlines() == ["cotypicality: up to date"]
+    assert copy.lineage.get("cotypicality") == second
 
 
 def test_a_result_that_left_out_a_corrupt_listed_image_is_not_made_again(tiny_run, tmp_path, capsys):

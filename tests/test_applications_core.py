@@ -105,8 +105,8 @@ def test_a_retry_killed_between_its_two_files_leaves_a_complete_shard_that_is_re
     its bad rows are retried by the next call, which puts the fixed image's rows in their place."""
     import diffmine.shards
     from diffmine.data import CHANGED
-    from diffmine.shards import read_array, shard_is_complete, write_shard
-    from diffmine.translate import SHARD_SCHEMA, images_to_retry, retry_in_shard
+    from diffmine.shards import images_to_retry, read_array, retry_in_shard, shard_is_complete, write_shard
+    from diffmine.translate import SHARD_SCHEMA, row_order
 
     def row(place, image_id, status, problem=None):
         return dict(index=place, image_id=image_id, path=f"/data/{image_id}", source_label="a", target_label="b",
@@ -129,10 +129,10 @@ def test_a_retry_killed_between_its_two_files_leaves_a_complete_shard_that_is_re
         raise KeyboardInterrupt
     monkeypatch.setattr(diffmine.shards, "write_table", killed)  # the index is never written
     with pytest.raises(KeyboardInterrupt):
-        retry_in_shard(tmp_path, "shard-00000", images, {"y.png"}, translate)
+        retry_in_shard(tmp_path, "shard-00000", images, {"y.png"}, translate, SHARD_SCHEMA, row_order)
     monkeypatch.undo()
     assert shard_is_complete(tmp_path, "shard-00000") and images_to_retry(tmp_path) == {"shard-00000": {"y.png"}}
-    assert retry_in_shard(tmp_path, "shard-00000", images, {"y.png"}, translate)
+    assert retry_in_shard(tmp_path, "shard-00000", images, {"y.png"}, translate, SHARD_SCHEMA, row_order)
     assert retried == [[1], [1]] and images_to_retry(tmp_path) == {}
     index = pd.read_parquet(tmp_path / "shard-00000.parquet")
     assert index["status"].tolist() == ["ok", "ok"] and index["key"].tolist() == ["0/b", "1/b"]

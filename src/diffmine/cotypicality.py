@@ -19,6 +19,18 @@ clusters ranked by median co-typicality and their members by distance to the cen
                                                cotypicality, typicality_<label>..., cluster,
                                                cluster_rank, rank_in_cluster
     RUN/cotypicality/features.npy              the reduced, concatenated features per sequence
+
+Shard s holds the scenes s * shard_size onwards (:func:`tuples` order: the scenes translated to
+every label), a scene's key its place in the shard. A scene whose source cannot be read, or
+changed since listing, is left out: a bad row when it is scored, or its sequences dropped when its
+members are described (an edit after its maps were stored). Such a problem may be fixed while the
+listing stays (``data.problem_may_be_fixed``): the result records those scenes as left out, so the
+next ``diffmine cotypicality`` retries them as translate retries its images
+(``shards.retry_in_shard``): each scene with a bad row that is now readable as listed is scored
+under the key it would have had and its shard rewritten with its row in place of the bad one, every
+other row and map kept as stored (a scene still unreadable rewrites nothing); then the sequences,
+features and clusters are made again from every shard (cheap beside the scoring). The result then
+equals what a run on the fixed files makes (the test checks it bit for bit on the CPU).
 """
 
 from __future__ import annotations
@@ -36,7 +48,8 @@ from .data import BadImage, Problem, listed_by_id, load_image, to_model_input
 from .features import FeatureConfig, dift_feature_maps, pool_boxes
 from .mining import default_patch_size, greedy_boxes, patch_scores
 from .models import Backend
-from .shards import missing_shards, read_array, read_index, write_shard
+from .shards import (images_to_retry, missing_shards, positional_shards, read_array, read_index, retry_in_shard,
+                     write_shard)
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
 
 
@@ -134,38 +147,70 @@ def missing_cotypicality(run, config: CotypicalityConfig) -> list[tuple[str, sli
     return todo
 
 
+def score_scenes(run, backend: Backend, scenes: pd.DataFrame, labels: list[str], draws: TypicalityConfig, dataset: dict,
+                 progress=None) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Each scene's members scored under their own labels: a shard's (arrays, rows).
+
+    ``scenes``: rows of :func:`tuples`, indexed by their place in the shard, which keys their maps:
+    a scene scored on its own (a retry) gets the key it gets with the others. A scene whose source
+    cannot be read as listed gets a bad row, no maps."""
+    prompts = [run.prompt(label) for label in labels]
+    null = run.prompt(None)
+    arrays, rows = {}, []
+    for place, r in zip(scenes.index, scenes.itertuples()):
+        row = dict(index=int(r.index), image_id=r.image_id, source_label=r.label, labels=",".join(labels),
+                   height=0, width=0, key=str(place), status="ok", problem=None)
+        try:
+            members = tuple_pixels(run, r.image_id, r.path, r.label, labels, dataset["resolution"],
+                                   dataset["resize"], backend.latent_factor, (r.size, r.mtime_ns, r.fingerprint))
+        except BadImage as exc:  # one scene left out (stored as such, as typicality's bad images), not the step
+            rows.append({**row, "status": "bad", "problem": exc.problem})
+        else:
+            maps = typicality_latent_maps(backend, to_model_input(members), prompts, null, draws)
+            arrays[str(place)] = maps.cpu().numpy().astype(np.float16)
+            rows.append({**row, "height": members.shape[1], "width": members.shape[2]})
+        if progress is not None:
+            progress.update()
+    return arrays, rows
+
+
+def place_order(row: dict) -> int:
+    """The order of a shard's index rows: by the scene's place in the shard (its key)."""
+    return int(row["key"])
+
+
 def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features: FeatureConfig,
                      progress: bool = True) -> pd.DataFrame:
-    """Score every tuple, keep the top sequences, describe and cluster them; returns the sequences."""
+    """Score every tuple, keep the top sequences, describe and cluster them; returns the sequences.
+
+    Resumable: the shards already in RUN/cotypicality belong to these settings and translations
+    (the pipeline's lineage record clears them when those change). The scenes a shard left out
+    with a problem that may be fixed since are retried first (``shards.retry_in_shard``): those
+    whose source is now readable as listed are scored and their rows replace the bad ones, the
+    other rows and maps kept as stored; then the sequences are made again from every shard."""
     dataset = run.step_config("dataset")
     scenes, labels = tuples(run)
     if len(labels) < 2 or scenes.empty:
         raise ValueError(f"{run.path}: co-typicality needs images translated to at least one other label")
     draws = TypicalityConfig.from_settings(run.config.get("typicality", {}), samples=config.samples, seed=config.seed)
     directory = run.path / "cotypicality"  # cleared by the pipeline when its lineage changes
-    prompts = [run.prompt(label) for label in labels]
-    null = run.prompt(None)
+    retry = images_to_retry(directory)
     todo = missing_shards(directory, len(scenes), config.shard_size)
     backend.denoiser.eval()
-    bar = tqdm(total=sum(rows.stop - rows.start for _, rows in todo), desc="co-typicality", unit="scene",
-               disable=not progress)
+    bar = tqdm(total=sum(map(len, retry.values())) + sum(rows.stop - rows.start for _, rows in todo),
+               desc="co-typicality", unit="scene", disable=not progress)
+
+    def score(shard_scenes: pd.DataFrame):
+        return score_scenes(run, backend, shard_scenes, labels, draws, dataset, bar)
+
+    def shard_scenes(chunk: slice) -> pd.DataFrame:
+        return scenes.iloc[chunk].reset_index(drop=True)  # indexed by place in the shard
+
+    shards = dict(positional_shards(len(scenes), config.shard_size))
+    for name, retried in retry.items():
+        retry_in_shard(directory, name, shard_scenes(shards[name]), retried, score, SHARD_SCHEMA, place_order)
     for name, chunk in todo:
-        arrays, rows = {}, []
-        for n, r in enumerate(scenes.iloc[chunk].itertuples()):
-            row = dict(index=int(r.index), image_id=r.image_id, source_label=r.label, labels=",".join(labels),
-                       height=0, width=0, key=str(n), status="ok", problem=None)
-            try:
-                members = tuple_pixels(run, r.image_id, r.path, r.label, labels, dataset["resolution"],
-                                       dataset["resize"], backend.latent_factor, (r.size, r.mtime_ns, r.fingerprint))
-            except BadImage as exc:  # one scene left out (stored as such, as typicality's bad images), not the step
-                rows.append({**row, "status": "bad", "problem": exc.problem})
-                bar.update()
-                continue
-            maps = typicality_latent_maps(backend, to_model_input(members), prompts, null, draws)
-            arrays[str(n)] = maps.cpu().numpy().astype(np.float16)
-            rows.append({**row, "height": members.shape[1], "width": members.shape[2]})
-            bar.update()
-        write_shard(directory, name, arrays, rows, SHARD_SCHEMA)
+        write_shard(directory, name, *score(shard_scenes(chunk)), SHARD_SCHEMA)
     bar.close()
 
     sequences = top_sequences(run, directory, labels, config)

@@ -831,7 +831,10 @@ def translate_step(run: Run, config: TranslateConfig, progress: bool = True, for
 
 def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureConfig, progress: bool = True,
                       force: bool = False) -> pd.DataFrame:
-    """Co-typicality of the translated scenes, scored and described by the run's trained model."""
+    """Co-typicality of the translated scenes, scored and described by the run's trained model.
+    Its identity names the scenes it left out that may be fixed (a source changed since listing,
+    or unreadable): the next call retries them, scoring only those whose shards left them out,
+    and what was made from the result without them turns stale once they are in."""
     backend, model_inputs = load_model(run)
     stored = ((run.lineage.get("cotypicality") or {}).get("settings") or {}).get("features") or {}
     features = _resolved(run, "cotypicality", features, default_device(), stored.get("precision"))
@@ -842,7 +845,8 @@ def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureCon
     directory = run.path / "cotypicality"
     return _sharded_step(run, "cotypicality", settings, inputs, force, lambda: missing_cotypicality(run, config),
                          (directory,), lambda: run_cotypicality(run, backend, config, features, progress),
-                         lambda: pd.read_parquet(directory / "sequences.parquet"))
+                         lambda: pd.read_parquet(directory / "sequences.parquet"),
+                         left_out=lambda: run.left_out("cotypicality"))
 
 
 def baseline_step(run: Run, config, positive: str | None = None, progress: bool = True,

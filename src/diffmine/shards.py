@@ -1,18 +1,24 @@
-"""Sharded results: the storage unit of every per-image step (typicality, translations).
+"""Sharded results: the storage unit of every per-image step (typicality, translations, co-typicality).
 
 A shard is a pair of files written atomically, arrays first, index last:
 
     NAME.safetensors   one array per key (any shape and dtype)
-    NAME.parquet       one row per item, with the ``key`` of its array ("" for a skipped item)
+    NAME.parquet       one row per item, with the ``key`` of its array (none for a skipped item)
                        and a ``status`` ("ok", "bad", or "unreachable": retried by the next run)
 
 The index's presence marks the shard complete; a shard whose index is missing or unreadable, or
 lists a key its arrays file lacks (a write killed half-way), is redone by the next run.
+
+Translations and co-typicality cut their items into shards by position (:func:`positional_shards`)
+and retry an image left out with a problem that may be fixed in its own shard
+(:func:`images_to_retry`, :func:`retry_in_shard`): its rows replace the bad ones, the others are
+kept as stored.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
@@ -23,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write, write_table
+from .data import problem_may_be_fixed
 
 
 def shard_name(i: int) -> str:
@@ -96,6 +103,44 @@ def read_shard(directory: Path, name: str, keep: Callable[[dict], bool]) -> tupl
         return {}, rows
     with safe_open(str(directory / f"{name}.safetensors"), "np") as f:
         return {key: f.get_tensor(key) for key in keys}, rows
+
+
+def images_to_retry(directory: Path) -> dict[str, set[str]]:
+    """Per complete shard, the images whose rows are bad with a problem that may be fixed since
+    (``data.problem_may_be_fixed``: a file changed since listing and put back, an unreadable one mounted)."""
+    index = read_index(directory)
+    if index is None:
+        return {}
+    bad = index[index["status"] == "bad"]
+    bad = bad[bad["problem"].map(problem_may_be_fixed).astype(bool)]
+    return {shard: set(rows["image_id"]) for shard, rows in bad.groupby("shard")}
+
+
+def retry_in_shard(directory: Path, name: str, images: pd.DataFrame, retried: set[str],
+                   compute: Callable[[pd.DataFrame], tuple[dict[str, np.ndarray], list[dict]]], schema: pa.Schema,
+                   order: Callable[[dict], object]) -> bool:
+    """Compute again the ``retried`` images of shard ``name`` (``images``: the shard's items, indexed
+    by their place in it) with ``compute(frame) -> (arrays, rows)``, which keys their arrays as a
+    whole shard's computation does; where what their rows say changed, rewrite the shard with their
+    new rows in place of the old ones, rows sorted by ``order``. The other rows and their arrays are
+    kept as stored, never recomputed. Returns whether the shard was rewritten.
+
+    Both files are replaced atomically, arrays first: a write killed between them leaves the old
+    index, whose keys the new arrays file still holds (the shard stays complete, its bad rows are
+    retried again)."""
+    arrays, rows = compute(images[images["image_id"].isin(retried)])
+    kept_arrays, kept_rows = read_shard(directory, name, keep=lambda row: row["image_id"] not in retried)
+    _, old_rows = read_shard(directory, name, keep=lambda row: row["image_id"] in retried)
+    if outcomes(old_rows) == outcomes(rows):
+        return False  # still unreadable, for the same reason: nothing to rewrite
+    write_shard(directory, name, {**kept_arrays, **arrays}, sorted(kept_rows + rows, key=order), schema)
+    return True
+
+
+def outcomes(rows: list[dict]) -> Counter:
+    """What index rows say was made of each item, less where its source was read from (``path``: a
+    run listed from another folder since reads the same images under other paths)."""
+    return Counter(tuple(sorted((k, v) for k, v in row.items() if k != "path")) for row in rows)
 
 
 def read_index(directory: Path) -> pd.DataFrame | None:

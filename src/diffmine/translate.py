@@ -26,12 +26,12 @@ Shard s holds source images s * shard_size onwards (``source_images`` order), PL
 place in it. A source that could not be read, or changed since listing, gets a bad row per target
 label. Such a problem may be fixed while the listing stays (``data.problem_may_be_fixed``): the
 result records those images as left out, so the next ``diffmine translate`` retries them
-(:func:`retry_in_shard`): each one now readable as listed is translated under the key it would
-have had, and its shard rewritten with its rows in place of the bad ones, every other row and
-array kept as stored. The shard then holds what a run on the fixed files makes (the test checks
-it bit for bit on the CPU). Unlike typicality, which retries such images in new shards that readers prefer to the failed
-rows (``rundir.current_rows``), translations keep one row per translation, in the shard its place
-names.
+(``shards.retry_in_shard``, as co-typicality retries its scenes): each one now readable as listed
+is translated under the key it would have had, and its shard rewritten with its rows in place of
+the bad ones, every other row and array kept as stored. The shard then holds what a run on the
+fixed files makes (the test checks it bit for bit on the CPU). Unlike typicality, which retries
+such images in new shards that readers prefer to the failed rows (``rundir.current_rows``),
+translations keep one row per translation, in the shard its place names.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from .data import BadImage, Problem, image_batches, listed_of, problem_may_be_fixed, to_model_input
+from .data import BadImage, Problem, image_batches, listed_of, to_model_input
 from .models import Backend
-from .shards import missing_shards, positional_shards, read_index, read_shard, write_shard
+from .shards import images_to_retry, missing_shards, positional_shards, retry_in_shard, write_shard
 from .typicality import autocast, draw_noise
 
 METHODS = ("pnp", "sdedit")
@@ -351,47 +351,12 @@ def missing_translations(run, config: TranslateConfig) -> list[tuple[str, slice]
     return missing_shards(run.translations_dir, len(source_images(run, config.images)), config.shard_size)
 
 
-def images_to_retry(directory) -> dict[str, set[str]]:
-    """Per complete shard, the images whose rows are bad with a problem that may be fixed since
-    (``data.problem_may_be_fixed``: a file changed since listing and put back, an unreadable one mounted)."""
-    index = read_index(directory)
-    if index is None:
-        return {}
-    bad = index[index["status"] == "bad"]
-    bad = bad[bad["problem"].map(problem_may_be_fixed).astype(bool)]
-    return {shard: set(rows["image_id"]) for shard, rows in bad.groupby("shard")}
-
-
-def retry_in_shard(directory, name: str, images: pd.DataFrame, retried: set[str], translate) -> bool:
-    """Translate again the ``retried`` images of shard ``name`` (``images``: the shard's listing
-    rows, indexed by place) with ``translate(frame) -> (arrays, rows)``; where anything changed,
-    rewrite the shard with their new rows in place of the old ones. The other rows and their arrays
-    are kept as stored, never recomputed. Returns whether the shard was rewritten.
-
-    Both files are replaced atomically, arrays first: a write killed between them leaves the old
-    index, whose keys the new arrays file still holds (the shard stays complete, its bad rows are
-    retried again)."""
-    arrays, rows = translate(images[images["image_id"].isin(retried)])
-    kept_arrays, kept_rows = read_shard(directory, name, keep=lambda row: row["image_id"] not in retried)
-    _, old_rows = read_shard(directory, name, keep=lambda row: row["image_id"] in retried)
-    if outcomes(old_rows) == outcomes(rows):
-        return False  # still unreadable, for the same reason: nothing to rewrite
-    write_shard(directory, name, {**kept_arrays, **arrays}, sorted(kept_rows + rows, key=row_order), SHARD_SCHEMA)
-    return True
-
-
-def outcomes(rows: list[dict]) -> list[tuple]:
-    """What index rows say was made of each translation (not where its source was read from: a run
-    listed from another folder since reads the same images under other paths)."""
-    return sorted((row["image_id"], row["target_label"], row["status"], row["problem"]) for row in rows)
-
-
 def run_translate(run, backend: Backend, config: TranslateConfig, progress: bool = True) -> int:
     """Translate the run's (mined) images to the target labels; returns the number of shards written.
 
     Resumable: the shards already in RUN/translations belong to these settings (the pipeline's
     lineage record clears them when settings, model or mining change). The images a shard left out
-    with a problem that may be fixed since are retried first (:func:`retry_in_shard`): those now
+    with a problem that may be fixed since are retried first (``shards.retry_in_shard``): those now
     readable as listed are translated and their rows replace the bad ones; no other image is
     translated again."""
     dataset = run.step_config("dataset")
@@ -413,8 +378,8 @@ def run_translate(run, backend: Backend, config: TranslateConfig, progress: bool
         return images.iloc[chunk].reset_index(drop=True)  # indexed by place in the shard
 
     shards = dict(positional_shards(len(images), config.shard_size))
-    rewritten = sum(retry_in_shard(directory, name, shard_images(shards[name]), retried, translate)
-                    for name, retried in retry.items())
+    rewritten = sum(retry_in_shard(directory, name, shard_images(shards[name]), retried, translate, SHARD_SCHEMA,
+                                   row_order) for name, retried in retry.items())
     for name, chunk in todo:
         arrays, rows = translate(shard_images(chunk))
         write_shard(directory, name, arrays, rows, SHARD_SCHEMA)
