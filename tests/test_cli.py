@@ -153,3 +153,42 @@ def test_a_value_a_step_does_not_take_is_refused_by_the_parser_naming_the_choice
 def test_the_parser_takes_every_estimator_where_the_step_does():
     assert parser().parse_args(["typicality", "--run", "r", "--estimator", "adaptive"]).estimator == "adaptive"
     assert parser().parse_args(["classify", "--run", "r", "--estimator", "paper"]).estimator == "paper"
+
+
+# ----------------------------------------------------------------------------------------------
+# flags at their boundaries: one clear line (exit 2), and the run left as it was
+
+
+def _copied(run, tmp_path):
+    """A copy of the session's tiny run (a refusal under test must not spoil it for the other tests)."""
+    import shutil
+
+    return shutil.copytree(run.path, tmp_path / "run")
+
+
+def _files(path):
+    """Every file of a run and its bytes, the step locks aside (taking a lock is no change)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and ".locks" not in p.parts}
+
+
+def _refused(argv, capsys, *names):
+    """Run ``argv``: exit 2, one line naming each of ``names``, no traceback; returns the line."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if " error: " in line]  # progress bars aside
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(name in lines[0] for name in names), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [["mine", "--patch", "33"],
+                                  ["contrast", "norland", "sudland", "--samples", "2", "--patch", "33"]])
+def test_a_patch_larger_than_the_images_is_refused_leaving_the_run(argv, tiny_run, tmp_path, capsys):
+    """It said "No objects to concatenate", after dropping the mined patches' record (contrast:
+    after computing the maps)."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused([argv[0], "--run", str(run), *argv[1:]], capsys, "--patch 33", "32 px")
+    assert _files(run) == before

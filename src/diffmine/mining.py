@@ -79,6 +79,14 @@ class MineConfig:
             raise ValueError("per_image and top must be >= 1, least and random >= 0")
 
 
+def check_patch(run, patch: int | None, flag: str = "--patch") -> None:
+    """ValueError when ``--patch`` exceeds the side of the run's images (their height is the listed
+    resolution): one line before a step drops its record or computes anything."""
+    side = run.step_config("dataset")["resolution"]
+    if patch is not None and patch > side:
+        raise ValueError(f"{flag} {patch} exceeds the images' side ({side} px, the run's --resolution)")
+
+
 def default_patch_size(height: int, width: int) -> int:
     """About a fifth of the shorter side: the paper's 50 px at 256 and 64 px at 512."""
     return max(4, round(min(height, width) / 5))
@@ -257,6 +265,8 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
         rejected.add(best[~keep])
         least.add(pd.DataFrame(worst_rows))
     bar.close()
+    if not top.frames and not rejected.frames:  # every image narrower than the patch (keep-aspect)
+        raise ValueError(f"{store.directory}: no image is {k} px wide or more; mine with a smaller --patch")
     columns = ["image_id", "label", "y0", "x0", "typicality", "se"]
     frames = [top.result().assign(kind="top"), rejected.result().assign(kind="rejected"),
               least.result().assign(kind="least"), pd.DataFrame(randoms, columns=columns).assign(kind="random")]

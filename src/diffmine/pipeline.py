@@ -36,7 +36,7 @@ from .data import DatasetError, Problem, fingerprint_images, scan_dataset
 from .features import FEATURE_KINDS, FeatureConfig, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
-from .mining import MineConfig, run_mining
+from .mining import MineConfig, check_patch, run_mining
 from .models import Backend, create_backend, load_backend, recorded_source, relocations
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError, prompt_problem
@@ -437,6 +437,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
     settings = {**result_settings(config, ("batch_size", "workers", "compile", "shard_size")), **named}
     if config.estimator == "adaptive":  # where the draws go depends on what is mined
         adaptive = adaptive or AdaptiveConfig()
+        check_patch(run, adaptive.patch, "--adaptive-patch")
         settings["adaptive"] = asdict(adaptive)
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
     with _locked(run, "typicality", rank):
@@ -517,6 +518,7 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool =
     typicality = run.fresh("typicality")
     settings, inputs = asdict(config), {"typicality": typicality["identity"]}
     _check_adaptive_targets(typicality["settings"].get("adaptive"), config)
+    check_patch(run, config.patch)  # before the record is dropped: a refused --patch leaves the mined patches
     with step_lock(run.path, "mine"):
         if _planned(run, "mine", settings, inputs, force) == "done":
             print("mine: up to date")
@@ -673,6 +675,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     from .pages import contrast_page_path, write_contrast_page
 
     other_labels(run.labels, a, b)  # unknown labels: one line, before any model is loaded
+    check_patch(run, mine.patch)  # before the maps are computed
     backend, model_inputs = load_model(run)
     listing = run.fresh("listing")
     name = contrast_name(a, b)
