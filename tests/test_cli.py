@@ -192,3 +192,18 @@ def test_a_patch_larger_than_the_images_is_refused_leaving_the_run(argv, tiny_ru
     before = _files(run)
     _refused([argv[0], "--run", str(run), *argv[1:]], capsys, "--patch 33", "32 px")
     assert _files(run) == before
+
+
+@pytest.mark.parametrize("to", ["bogus", "norland,norland", ","])
+def test_translate_refuses_an_unknown_repeated_or_empty_to_before_recording_it(to, tiny_run, tmp_path, capsys):
+    """An unknown label was refused only after an incomplete translate record naming it was
+    written (the next translate then asked for --force); a repeated one or none was taken."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused(["translate", "--run", str(run), "--images", "1", "--steps", "2", "--to", to], capsys, repr(to) if to != "bogus" else "bogus")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--images", "-1"), ("--guidance", "nan"), ("--batch-size", "0")])
+def test_translate_refuses_nonsense_numbers(flag, value, tiny_run, tmp_path, capsys):
+    _refused(["translate", "--run", str(_copied(tiny_run, tmp_path)), flag, value], capsys, flag[2:].replace("-", "_"))
