@@ -207,3 +207,27 @@ def test_translate_refuses_an_unknown_repeated_or_empty_to_before_recording_it(t
 @pytest.mark.parametrize("flag, value", [("--images", "-1"), ("--guidance", "nan"), ("--batch-size", "0")])
 def test_translate_refuses_nonsense_numbers(flag, value, tiny_run, tmp_path, capsys):
     _refused(["translate", "--run", str(_copied(tiny_run, tmp_path)), flag, value], capsys, flag[2:].replace("-", "_"))
+
+
+@pytest.mark.parametrize("flag, value", [("--feature-t", "nan"), ("--feature-t", "-0.1"), ("--feature-t", "1.5"),
+                                         ("--feature-ensemble", "0"), ("--feature-batch-size", "0"),
+                                         ("--feature-batch-size", "-1"), ("--feature-block", "-1"),
+                                         ("--feature-block", "99")])
+def test_cluster_refuses_feature_flags_out_of_range_leaving_the_run(flag, value, tiny_run, tmp_path, capsys):
+    """Tracebacks (ensemble 0, block 99), "range() arg 3 must not be zero", "cannot convert float
+    NaN to integer", an empty features.npy (batch size -1), each after the features' and clusters'
+    records were dropped; t outside [0, 1] was taken (a negative t indexed the schedule from its end)."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused(["cluster", "--run", str(run), flag, value], capsys, flag)
+    assert _files(run) == before
+
+
+def test_trends_refuses_a_min_size_no_cluster_reaches_keeping_the_stored_trends(tiny_run, tmp_path, capsys):
+    """The refusal came after the stored trends' record was dropped."""
+    run = _copied(tiny_run, tmp_path)
+    labels = ",".join(sorted(tiny_run.labels))
+    assert main(["trends", "--run", str(run), "--order", labels, "--min-size", "2"]) == 0
+    before = _files(run)
+    _refused(["trends", "--run", str(run), "--order", labels, "--min-size", "100000"], capsys, "--min-size")
+    assert _files(run) == before

@@ -33,7 +33,7 @@ from .atomic import write_table
 from .clustering import ClusterConfig, run_clustering
 from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
 from .data import DatasetError, Problem, fingerprint_images, scan_dataset
-from .features import FEATURE_KINDS, FeatureConfig, run_features
+from .features import FEATURE_KINDS, FeatureConfig, check_block, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
 from .mining import MineConfig, check_patch, run_mining
@@ -644,6 +644,7 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
         _barrier(world)
         if action != "done":
             backend = scoring_model(run, device)
+            check_block(backend, features)
             if rank == 0:
                 run.lineage.drop("features", "cluster")
             run_features(run, backend, features, progress, rank, world)
@@ -677,6 +678,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     other_labels(run.labels, a, b)  # unknown labels: one line, before any model is loaded
     check_patch(run, mine.patch)  # before the maps are computed
     backend, model_inputs = load_model(run)
+    check_block(backend, features)
     listing = run.fresh("listing")
     name = contrast_name(a, b)
     config = _resolved(run, name, config, default_device())  # a resume elsewhere must not mix bf16 and fp32 maps
@@ -721,10 +723,11 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     """Prevalence and typicality of every element cluster of the run in each label of ``order``
     (RUN/trends/trends.json) and its report page; returns the JSON document."""
     from .pages import trends_page_path, write_trends_page
-    from .trends import check_order, run_trends
+    from .trends import check_min_size, check_order, run_trends
 
     check_order(run, order)  # before anything: a refused --order leaves the stored trends as they are
     clusters = run.fresh("cluster")
+    check_min_size(run, config.min_size)  # so does a --min-size no cluster reaches
     settings = {"order": list(order), **asdict(config)}
     inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
     path = run.result_files("trends")[0]
