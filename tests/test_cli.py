@@ -231,3 +231,9 @@ def test_trends_refuses_a_min_size_no_cluster_reaches_keeping_the_stored_trends(
     before = _files(run)
     _refused(["trends", "--run", str(run), "--order", labels, "--min-size", "100000"], capsys, "--min-size")
     assert _files(run) == before
+
+
+@pytest.mark.parametrize("sql", ["", "  ", "-- a comment"])
+def test_query_without_a_statement_is_one_clear_line(sql, tiny_run, capsys):
+    """It was a traceback (AttributeError: 'NoneType' object has no attribute 'df')."""
+    _refused(["query", "--run", str(tiny_run.path), sql], capsys, "no SQL statement")
