@@ -237,3 +237,47 @@ def test_trends_refuses_a_min_size_no_cluster_reaches_keeping_the_stored_trends(
 def test_query_without_a_statement_is_one_clear_line(sql, tiny_run, capsys):
     """It was a traceback (AttributeError: 'NoneType' object has no attribute 'df')."""
     _refused(["query", "--run", str(tiny_run.path), sql], capsys, "no SQL statement")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["mine", "--z-min", "nan"], "z_min"),  # kept no patch, stored as done
+    (["mine", "--z-min=-inf"], "z_min"),
+    (["typicality", "--estimator", "adaptive", "--samples", "4", "--adaptive-bound", "nan"], "NaN"),
+    (["typicality", "--estimator", "adaptive", "--samples", "4", "--adaptive-z-min", "inf"], "z_min"),
+    (["cluster", "--merge", "nan"], "merge"),
+    (["cluster", "--min-size", "-1"], "min_size"),
+    (["classify", "--per-label", "-1"], "per_label"),
+    (["cotypicality", "--k", "0"], "k"),
+    (["localize", "--masks", "MASKS", "--blur", "nan"], "blur"),
+    (["report", "--clusters", "-1"], "clusters"),  # each was taken, and the report rendered with it
+    (["report", "--per-cluster", "0"], "per_cluster"),
+    (["report", "--examples", "-1"], "examples"),
+    (["report", "--context", "nan"], "context"),
+    (["report", "--view-px", "0"], "view_px"),
+    (["train", "--ema-decay", "1"], "ema_decay"),  # an EMA that never moves: the untrained weights
+    (["train", "--grad-clip", "nan"], "grad_clip"),
+    (["train", "--grad-clip", "0"], "grad_clip"),
+    (["train", "--learning-rate", "0"], "learning_rate"),
+    (["train", "--warmup-steps", "-1"], "warmup_steps"),
+    (["train", "--random-crop", "1"], "random_crop"),
+])
+def test_a_setting_out_of_range_is_refused_in_one_line_leaving_the_run(argv, named, tiny_run, tmp_path, capsys):
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    extra = ["--data", str(tiny_run.dataset_root), "--resolution", "32", "--prompt", "A scene from {label}.",
+             "--null-prompt", "A scene."] if argv[0] == "train" else []
+    argv = [str(tiny_run.dataset_root.parent / "masks") if a == "MASKS" else a for a in argv]
+    _refused([argv[0], "--run", str(run), *extra, *argv[1:]], capsys, named)
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--per-label", "0"], "per_label"),  # an empty dataset, "written"
+    (["--distractors", "-1"], "distractors"),
+    (["--size", "0"], "size"),  # "high - low < 0"
+    (["--size", "32", "--element-scale", "100"], "element_scale"),  # "high - low < 0"
+    (["--element-scale", "0"], "element_scale"),  # no element planted
+])
+def test_synth_refuses_a_dataset_it_cannot_draw(argv, named, tmp_path, capsys):
+    _refused(["synth", "--out", str(tmp_path / "data"), "--labels", "2", *argv], capsys, named)
+    assert not (tmp_path / "data").exists()

@@ -37,6 +37,7 @@ lists, so memory does not grow with the number of images.
 from __future__ import annotations
 
 import sys
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,8 @@ class MineConfig:
             raise ValueError(f"patch must be >= 1, got {self.patch}")
         if self.per_image < 1 or self.top < 1 or self.least < 0 or self.random < 0:
             raise ValueError("per_image and top must be >= 1, least and random >= 0")
+        if not math.isfinite(self.z_min):  # NaN or inf kept no patch, -inf every one (--no-significance says so)
+            raise ValueError(f"z_min must be a finite number, got {self.z_min}")
 
 
 def check_patch(run, patch: int | None, flag: str = "--patch") -> None:
