@@ -281,3 +281,12 @@ def test_a_setting_out_of_range_is_refused_in_one_line_leaving_the_run(argv, nam
 def test_synth_refuses_a_dataset_it_cannot_draw(argv, named, tmp_path, capsys):
     _refused(["synth", "--out", str(tmp_path / "data"), "--labels", "2", *argv], capsys, named)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("argv, named", [(["--resolution", "30"], "--resolution 30"),  # a traceback from pixel_unshuffle
+                                         (["--lora-rank", "4"], "--lora-rank"),  # a traceback (TinyConfig's TypeError)
+                                         (["--text-encoder", "x"], "--text-encoder")])
+def test_train_refuses_what_the_embedded_model_cannot_take_before_listing(argv, named, tiny_run, tmp_path, capsys):
+    _refused(["train", "--data", str(tiny_run.dataset_root), "--run", str(tmp_path / "run"), "--steps", "1", *argv],
+             capsys, named)
+    assert not (tmp_path / "run").exists()

@@ -319,7 +319,9 @@ def _prepare(args, run):
 
 def _train(args, run):
     from . import pipeline
+    from .models import check_options
 
+    check_options(args.model, _model_options(args))  # before the dataset is listed into the run
     _prepare(args, run)
     pipeline.train_step(run, build_config(TrainConfig, args), _model_options(args), force=args.force)
 

@@ -37,7 +37,7 @@ from .features import FEATURE_KINDS, FeatureConfig, check_block, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
 from .mining import MineConfig, check_patch, run_mining
-from .models import Backend, create_backend, load_backend, recorded_source, relocations
+from .models import Backend, create_backend, latent_factor, load_backend, recorded_source, relocations
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError, prompt_problem
 from .shards import result_settings
@@ -165,6 +165,9 @@ def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolutio
     check_prompt(prompt)
     if resolution <= 0:
         raise DatasetError(f"--resolution must be > 0, got {resolution}")
+    if resolution % latent_factor(model):
+        raise DatasetError(f"--resolution {resolution} is not a multiple of {latent_factor(model)}, the pixels per "
+                           f"latent pixel of the {model.split(':')[0]} model")
     if not 0.0 <= holdout < 1.0:
         raise DatasetError(f"--holdout must be in [0, 1), got {holdout}")
     dataset = scan_dataset(data)
