@@ -290,3 +290,17 @@ def test_train_refuses_what_the_embedded_model_cannot_take_before_listing(argv, 
     _refused(["train", "--data", str(tiny_run.dataset_root), "--run", str(tmp_path / "run"), "--steps", "1", *argv],
              capsys, named)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["query", "SELECT 1"], ["mine"], ["export", "--format", "csv", "--out", "OUT"],
+                                     ["trends", "--order", "a,b"]])
+@pytest.mark.parametrize("where", ["missing", "file"])
+def test_a_run_path_that_is_no_folder_is_named_so(command, where, tmp_path, capsys):
+    """A mistyped --run: status said "nothing yet: start with diffmine train", query answered,
+    mine said to re-run typicality, export to run mine."""
+    run = tmp_path / "run"
+    if where == "file":
+        run.write_text("")
+    argv = [command[0], "--run", str(run), *[str(tmp_path / "out") if a == "OUT" else a for a in command[1:]]]
+    _refused(argv, capsys, f"{run}: no such run directory")
+    assert not (tmp_path / "out").exists()

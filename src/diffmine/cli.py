@@ -33,7 +33,7 @@ from .models import ModelError
 from .export import FORMATS
 from .report import HELP as REPORT_HELP
 from .report import ReportConfig
-from .rundir import Run, RunError
+from .rundir import Run, RunError, open_run
 from .synthetic import SynthConfig
 from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
@@ -342,21 +342,21 @@ def cmd_typicality(args, prefix=""):
 
     config = build_config(TypicalityConfig, args, prefix)
     model = getattr(args, "model", None) if not prefix else None
-    pipeline.typicality_step(Run(args.run), config, model, _model_options(args) if model else None, force=args.force,
+    pipeline.typicality_step(open_run(args.run), config, model, _model_options(args) if model else None, force=args.force,
                              adaptive=build_config(AdaptiveConfig, args, "adaptive-"))
 
 
 def cmd_mine(args):
     from . import pipeline
 
-    patches = pipeline.mine_step(Run(args.run), build_config(MineConfig, args), force=args.force)
+    patches = pipeline.mine_step(open_run(args.run), build_config(MineConfig, args), force=args.force)
     print(f"mined {int((patches['kind'] == 'top').sum())} top patches -> {args.run / 'mining' / 'patches.parquet'}")
 
 
 def cmd_cluster(args):
     from . import pipeline
 
-    clustered = pipeline.cluster_step(Run(args.run), build_config(ClusterConfig, args),
+    clustered = pipeline.cluster_step(open_run(args.run), build_config(ClusterConfig, args),
                                       build_config(FeatureConfig, args, "feature-"), force=args.force)
     if clustered is None:  # another process of a data-parallel run: process 0 clusters
         return
@@ -367,7 +367,7 @@ def cmd_report(args):
     from . import pipeline
 
     config = build_config(ReportConfig, args) if hasattr(args, "examples") else ReportConfig()
-    path = pipeline.report_step(Run(args.run), config, getattr(args, "masks", None), force=args.force)
+    path = pipeline.report_step(open_run(args.run), config, getattr(args, "masks", None), force=args.force)
     print(f"report: {path.resolve()}")
     return path
 
@@ -375,7 +375,7 @@ def cmd_report(args):
 def cmd_export(args):
     from . import pipeline
 
-    path = pipeline.export_step(Run(args.run), args.format, args.out, args.copy_images)
+    path = pipeline.export_step(open_run(args.run), args.format, args.out, args.copy_images)
     print(f"export ({args.format}): {path.resolve()}")
     return path
 
@@ -383,7 +383,7 @@ def cmd_export(args):
 def cmd_evaluate(args):
     from .evaluate import evaluate_run, format_result
 
-    result = evaluate_run(Run(args.run), args.masks)
+    result = evaluate_run(open_run(args.run), args.masks)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return result
 
@@ -432,21 +432,21 @@ def cmd_classify(args):
     from .classify import format_summary
 
     with _json_alone(args):
-        summary = pipeline.classify_step(Run(args.run), build_config(ClassifyConfig, args), force=args.force)
+        summary = pipeline.classify_step(open_run(args.run), build_config(ClassifyConfig, args), force=args.force)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
 def cmd_translate(args):
     from . import pipeline
 
-    written = pipeline.translate_step(Run(args.run), build_config(TranslateConfig, args), force=args.force)
+    written = pipeline.translate_step(open_run(args.run), build_config(TranslateConfig, args), force=args.force)
     print(f"{written} shards written -> {args.run / 'translations'}")
 
 
 def cmd_cotypicality(args):
     from . import pipeline
 
-    sequences = pipeline.cotypicality_step(Run(args.run), build_config(CotypicalityConfig, args),
+    sequences = pipeline.cotypicality_step(open_run(args.run), build_config(CotypicalityConfig, args),
                                            build_config(FeatureConfig, args, "feature-"), force=args.force)
     print(f"{len(sequences)} sequences in {sequences['cluster'].nunique()} clusters -> "
           f"{args.run / 'cotypicality' / 'sequences.parquet'}")
@@ -472,7 +472,7 @@ def cmd_contrast(args):
 
     if (args.vs is None) == (args.b is None):
         raise ValueError("give either a label B or --vs all")
-    page = pipeline.contrast_step(Run(args.run), args.a, args.b, build_config(ContrastConfig, args),
+    page = pipeline.contrast_step(open_run(args.run), args.a, args.b, build_config(ContrastConfig, args),
                                   build_config(MineConfig, args), build_config(ClusterConfig, args),
                                   build_config(FeatureConfig, args, "feature-"), force=args.force)
     print(f"contrast -> {page.parent.parent / 'contrast'}; page: {page.resolve()}")
@@ -483,7 +483,7 @@ def cmd_trends(args):
 
     order = [label.strip() for label in args.order.split(",") if label.strip()]
     with _json_alone(args):
-        result = pipeline.trends_step(Run(args.run), order, build_config(TrendsConfig, args), force=args.force)
+        result = pipeline.trends_step(open_run(args.run), order, build_config(TrendsConfig, args), force=args.force)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -496,7 +496,7 @@ def cmd_trends(args):
 def cmd_status(args):
     from .status import status
 
-    print(status(Run(args.run)))
+    print(status(open_run(args.run)))
 
 
 def cmd_clean(args):
@@ -514,7 +514,7 @@ def cmd_relocate(args):
 def cmd_query(args):
     from .query import query
 
-    print(query(Run(args.run), args.sql).to_string(index=False))
+    print(query(open_run(args.run), args.sql).to_string(index=False))
 
 
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "localize": cmd_localize, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,
