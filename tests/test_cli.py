@@ -304,3 +304,11 @@ def test_a_run_path_that_is_no_folder_is_named_so(command, where, tmp_path, caps
     argv = [command[0], "--run", str(run), *[str(tmp_path / "out") if a == "OUT" else a for a in command[1:]]]
     _refused(argv, capsys, f"{run}: no such run directory")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--examples", "--crops"])
+def test_compare_refuses_a_negative_count(flag, tiny_run, tmp_path, capsys):
+    """--examples -1 was taken (a slice that left out the last image)."""
+    _refused(["compare", "--run", str(tiny_run.path), "--run", str(tiny_run.path), "--out", str(tmp_path / "c.html"),
+              flag, "-1"], capsys, flag)
+    assert not (tmp_path / "c.html").exists()
