@@ -175,7 +175,11 @@ def _files(path):
 def _refused(argv, capsys, *names):
     """Run ``argv``: exit 2, one line naming each of ``names``, no traceback; returns the line."""
     capsys.readouterr()
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # the parser's refusals
+        code = exc.code
+    assert code == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if " error: " in line]  # progress bars aside
     assert len(lines) == 1 and "Traceback" not in err, err
@@ -312,3 +316,14 @@ def test_compare_refuses_a_negative_count(flag, tiny_run, tmp_path, capsys):
     _refused(["compare", "--run", str(tiny_run.path), "--run", str(tiny_run.path), "--out", str(tmp_path / "c.html"),
               flag, "-1"], capsys, flag)
     assert not (tmp_path / "c.html").exists()
+
+
+@pytest.mark.parametrize("argv, named", [(["--threads", "0", "status", "--run", "RUN"], "--threads"),  # a traceback
+                                         (["--threads", "100000", "status", "--run", "RUN"], "--threads"),  # ArrowMemoryError
+                                         (["mine", "--run", "RUN", "--seed", "-1"], "--seed"),  # after mine's record was dropped
+                                         (["synth", "--out", "RUN/synth", "--seed", "-1"], "--seed")])
+def test_threads_and_seed_out_of_range_are_refused_by_the_parser(argv, named, tiny_run, tmp_path, capsys):
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused([str(run) + a[3:] if a.startswith("RUN") else a for a in argv], capsys, named)
+    assert _files(run) == before

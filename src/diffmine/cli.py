@@ -78,6 +78,17 @@ def _sd_args(p):
     p.add_argument("--text-encoder", default=None, help="SD only: another CLIP text encoder (folder or hub id)")
 
 
+def _threads(text: str) -> int:
+    """argparse type of ``--threads``: at least 1, and no more than 4 per CPU of the machine (100,000
+    threads failed with a memory error)."""
+    value, cpus = int(text), os.cpu_count() or 1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value > 4 * cpus:
+        raise argparse.ArgumentTypeError(f"{value} is more than 4 per CPU of this machine ({cpus} CPUs)")
+    return value
+
+
 def _version() -> str:
     """The installed distribution's version; the package's own when run from a source tree."""
     from importlib.metadata import PackageNotFoundError, version
@@ -96,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"diffmine {_version()}", help="print the version and exit")
     root.add_argument("--debug", action="store_true", default=os.environ.get("DIFFMINE_DEBUG", "") == "1",
                       help="let errors propagate with their traceback (also DIFFMINE_DEBUG=1)")
-    root.add_argument("--threads", type=int, default=None,
+    root.add_argument("--threads", type=_threads, default=None,
                       help="torch threads on this machine, split between data-parallel processes (default: the CPUs "
                            "this process may use, from its affinity and cgroup quota; or OMP_NUM_THREADS if set)")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
