@@ -327,3 +327,19 @@ def test_threads_and_seed_out_of_range_are_refused_by_the_parser(argv, named, ti
     before = _files(run)
     _refused([str(run) + a[3:] if a.startswith("RUN") else a for a in argv], capsys, named)
     assert _files(run) == before
+
+
+def test_baseline_refuses_an_unknown_positive_label_before_force_clears_the_stored_one(tiny_run, tmp_path, capsys):
+    """With --force the stored baseline was dropped first, then the label refused."""
+    run = _copied(tiny_run, tmp_path)
+    small = ["--patch", "8", "--stride", "2"]
+    assert main(["baseline", "doersch", "--run", str(run), *small]) == 0
+    before = _files(run)
+    _refused(["baseline", "doersch", "--run", str(run), *small, "--positive", "bogus", "--force"], capsys, "'bogus'")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--svm-max-iter", "0"), ("--workers", "-1"), ("--c", "nan")])
+def test_baseline_refuses_nonsense_numbers(flag, value, tiny_run, tmp_path, capsys):
+    _refused(["baseline", "doersch", "--run", str(_copied(tiny_run, tmp_path)), flag, value], capsys,
+             {"--c": "C >"}.get(flag, flag[2:].replace("-", "_")))

@@ -872,6 +872,8 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
     from .baselines.doersch import EXECUTION, RESULT, output_dir, run_doersch
 
     listing = run.fresh("listing")
+    if positive is not None and positive not in run.labels:  # before --force clears the stored baseline
+        raise ValueError(f"unknown label {positive!r}; the run has {run.labels}")
     stored = (run.lineage.get(RESULT) or {}).get("settings") or {}
     # the decoding processes are no part of the detections
     settings = {**_execution_left_out(config, EXECUTION, stored), "positive": positive}
