@@ -153,3 +153,193 @@ def test_a_value_a_step_does_not_take_is_refused_by_the_parser_naming_the_choice
 def test_the_parser_takes_every_estimator_where_the_step_does():
     assert parser().parse_args(["typicality", "--run", "r", "--estimator", "adaptive"]).estimator == "adaptive"
     assert parser().parse_args(["classify", "--run", "r", "--estimator", "paper"]).estimator == "paper"
+
+
+# ----------------------------------------------------------------------------------------------
+# flags at their boundaries: one clear line (exit 2), and the run left as it was
+
+
+def _copied(run, tmp_path):
+    """A copy of the session's tiny run (a refusal under test must not spoil it for the other tests)."""
+    import shutil
+
+    return shutil.copytree(run.path, tmp_path / "run")
+
+
+def _files(path):
+    """Every file of a run and its bytes, the step locks aside (taking a lock is no change)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and ".locks" not in p.parts}
+
+
+def _refused(argv, capsys, *names):
+    """Run ``argv``: exit 2, one line naming each of ``names``, no traceback; returns the line."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # the parser's refusals
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if " error: " in line]  # progress bars aside
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(name in lines[0] for name in names), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [["mine", "--patch", "33"],
+                                  ["contrast", "norland", "sudland", "--samples", "2", "--patch", "33"]])
+def test_a_patch_larger_than_the_images_is_refused_leaving_the_run(argv, tiny_run, tmp_path, capsys):
+    """It said "No objects to concatenate", after dropping the mined patches' record (contrast:
+    after computing the maps)."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused([argv[0], "--run", str(run), *argv[1:]], capsys, "--patch 33", "32 px")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("to", ["bogus", "norland,norland", ","])
+def test_translate_refuses_an_unknown_repeated_or_empty_to_before_recording_it(to, tiny_run, tmp_path, capsys):
+    """An unknown label was refused only after an incomplete translate record naming it was
+    written (the next translate then asked for --force); a repeated one or none was taken."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused(["translate", "--run", str(run), "--images", "1", "--steps", "2", "--to", to], capsys, repr(to) if to != "bogus" else "bogus")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--images", "-1"), ("--guidance", "nan"), ("--batch-size", "0")])
+def test_translate_refuses_nonsense_numbers(flag, value, tiny_run, tmp_path, capsys):
+    _refused(["translate", "--run", str(_copied(tiny_run, tmp_path)), flag, value], capsys, flag[2:].replace("-", "_"))
+
+
+@pytest.mark.parametrize("flag, value", [("--feature-t", "nan"), ("--feature-t", "-0.1"), ("--feature-t", "1.5"),
+                                         ("--feature-ensemble", "0"), ("--feature-batch-size", "0"),
+                                         ("--feature-batch-size", "-1"), ("--feature-block", "-1"),
+                                         ("--feature-block", "99")])
+def test_cluster_refuses_feature_flags_out_of_range_leaving_the_run(flag, value, tiny_run, tmp_path, capsys):
+    """Tracebacks (ensemble 0, block 99), "range() arg 3 must not be zero", "cannot convert float
+    NaN to integer", an empty features.npy (batch size -1), each after the features' and clusters'
+    records were dropped; t outside [0, 1] was taken (a negative t indexed the schedule from its end)."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused(["cluster", "--run", str(run), flag, value], capsys, flag)
+    assert _files(run) == before
+
+
+def test_trends_refuses_a_min_size_no_cluster_reaches_keeping_the_stored_trends(tiny_run, tmp_path, capsys):
+    """The refusal came after the stored trends' record was dropped."""
+    run = _copied(tiny_run, tmp_path)
+    labels = ",".join(sorted(tiny_run.labels))
+    assert main(["trends", "--run", str(run), "--order", labels, "--min-size", "2"]) == 0
+    before = _files(run)
+    _refused(["trends", "--run", str(run), "--order", labels, "--min-size", "100000"], capsys, "--min-size")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("sql", ["", "  ", "-- a comment"])
+def test_query_without_a_statement_is_one_clear_line(sql, tiny_run, capsys):
+    """It was a traceback (AttributeError: 'NoneType' object has no attribute 'df')."""
+    _refused(["query", "--run", str(tiny_run.path), sql], capsys, "no SQL statement")
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["mine", "--z-min", "nan"], "z_min"),  # kept no patch, stored as done
+    (["mine", "--z-min=-inf"], "z_min"),
+    (["typicality", "--estimator", "adaptive", "--samples", "4", "--adaptive-bound", "nan"], "NaN"),
+    (["typicality", "--estimator", "adaptive", "--samples", "4", "--adaptive-z-min", "inf"], "z_min"),
+    (["cluster", "--merge", "nan"], "merge"),
+    (["cluster", "--min-size", "-1"], "min_size"),
+    (["classify", "--per-label", "-1"], "per_label"),
+    (["cotypicality", "--k", "0"], "k"),
+    (["localize", "--masks", "MASKS", "--blur", "nan"], "blur"),
+    (["report", "--clusters", "-1"], "clusters"),  # each was taken, and the report rendered with it
+    (["report", "--per-cluster", "0"], "per_cluster"),
+    (["report", "--examples", "-1"], "examples"),
+    (["report", "--context", "nan"], "context"),
+    (["report", "--view-px", "0"], "view_px"),
+    (["train", "--ema-decay", "1"], "ema_decay"),  # an EMA that never moves: the untrained weights
+    (["train", "--grad-clip", "nan"], "grad_clip"),
+    (["train", "--grad-clip", "0"], "grad_clip"),
+    (["train", "--learning-rate", "0"], "learning_rate"),
+    (["train", "--warmup-steps", "-1"], "warmup_steps"),
+    (["train", "--random-crop", "1"], "random_crop"),
+])
+def test_a_setting_out_of_range_is_refused_in_one_line_leaving_the_run(argv, named, tiny_run, tmp_path, capsys):
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    extra = ["--data", str(tiny_run.dataset_root), "--resolution", "32", "--prompt", "A scene from {label}.",
+             "--null-prompt", "A scene."] if argv[0] == "train" else []
+    argv = [str(tiny_run.dataset_root.parent / "masks") if a == "MASKS" else a for a in argv]
+    _refused([argv[0], "--run", str(run), *extra, *argv[1:]], capsys, named)
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--per-label", "0"], "per_label"),  # an empty dataset, "written"
+    (["--distractors", "-1"], "distractors"),
+    (["--size", "0"], "size"),  # "high - low < 0"
+    (["--size", "32", "--element-scale", "100"], "element_scale"),  # "high - low < 0"
+    (["--element-scale", "0"], "element_scale"),  # no element planted
+])
+def test_synth_refuses_a_dataset_it_cannot_draw(argv, named, tmp_path, capsys):
+    _refused(["synth", "--out", str(tmp_path / "data"), "--labels", "2", *argv], capsys, named)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("argv, named", [(["--resolution", "30"], "--resolution 30"),  # a traceback from pixel_unshuffle
+                                         (["--lora-rank", "4"], "--lora-rank"),  # a traceback (TinyConfig's TypeError)
+                                         (["--text-encoder", "x"], "--text-encoder")])
+def test_train_refuses_what_the_embedded_model_cannot_take_before_listing(argv, named, tiny_run, tmp_path, capsys):
+    _refused(["train", "--data", str(tiny_run.dataset_root), "--run", str(tmp_path / "run"), "--steps", "1", *argv],
+             capsys, named)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["query", "SELECT 1"], ["mine"], ["export", "--format", "csv", "--out", "OUT"],
+                                     ["trends", "--order", "a,b"]])
+@pytest.mark.parametrize("where", ["missing", "file"])
+def test_a_run_path_that_is_no_folder_is_named_so(command, where, tmp_path, capsys):
+    """A mistyped --run: status said "nothing yet: start with diffmine train", query answered,
+    mine said to re-run typicality, export to run mine."""
+    run = tmp_path / "run"
+    if where == "file":
+        run.write_text("")
+    argv = [command[0], "--run", str(run), *[str(tmp_path / "out") if a == "OUT" else a for a in command[1:]]]
+    _refused(argv, capsys, f"{run}: no such run directory")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--examples", "--crops"])
+def test_compare_refuses_a_negative_count(flag, tiny_run, tmp_path, capsys):
+    """--examples -1 was taken (a slice that left out the last image)."""
+    _refused(["compare", "--run", str(tiny_run.path), "--run", str(tiny_run.path), "--out", str(tmp_path / "c.html"),
+              flag, "-1"], capsys, flag)
+    assert not (tmp_path / "c.html").exists()
+
+
+@pytest.mark.parametrize("argv, named", [(["--threads", "0", "status", "--run", "RUN"], "--threads"),  # a traceback
+                                         (["--threads", "100000", "status", "--run", "RUN"], "--threads"),  # ArrowMemoryError
+                                         (["mine", "--run", "RUN", "--seed", "-1"], "--seed"),  # after mine's record was dropped
+                                         (["synth", "--out", "RUN/synth", "--seed", "-1"], "--seed")])
+def test_threads_and_seed_out_of_range_are_refused_by_the_parser(argv, named, tiny_run, tmp_path, capsys):
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused([str(run) + a[3:] if a.startswith("RUN") else a for a in argv], capsys, named)
+    assert _files(run) == before
+
+
+def test_baseline_refuses_an_unknown_positive_label_before_force_clears_the_stored_one(tiny_run, tmp_path, capsys):
+    """With --force the stored baseline was dropped first, then the label refused."""
+    run = _copied(tiny_run, tmp_path)
+    small = ["--patch", "8", "--stride", "2"]
+    assert main(["baseline", "doersch", "--run", str(run), *small]) == 0
+    before = _files(run)
+    _refused(["baseline", "doersch", "--run", str(run), *small, "--positive", "bogus", "--force"], capsys, "'bogus'")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("flag, value", [("--svm-max-iter", "0"), ("--workers", "-1"), ("--c", "nan")])
+def test_baseline_refuses_nonsense_numbers(flag, value, tiny_run, tmp_path, capsys):
+    _refused(["baseline", "doersch", "--run", str(_copied(tiny_run, tmp_path)), flag, value], capsys,
+             {"--c": "C >"}.get(flag, flag[2:].replace("-", "_")))

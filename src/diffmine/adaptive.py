@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -146,6 +147,10 @@ class AdaptiveConfig:
             raise ValueError(f"first_draws must be even and >= 4 (2 antithetic pairs), got {self.first_draws}")
         if min(self.bound, self.bound_out, self.tight_bound, self.tight_bound_out) < 0 or self.per_image < 1 or self.top < 1 or (self.patch is not None and self.patch < 1):
             raise ValueError("the bounds must be >= 0, per_image and top >= 1, patch >= 1 or None")
+        if any(math.isnan(x) for x in (self.bound, self.bound_out, self.tight_bound, self.tight_bound_out, self.budget)):
+            raise ValueError("the bounds and the budget must be numbers, got NaN")
+        if not math.isfinite(self.z_min):
+            raise ValueError(f"z_min must be a finite number, got {self.z_min}")
         if self.budget and self.budget < self.first_draws:
             raise ValueError(f"budget (mean draws per image) must be 0 (none) or >= first_draws ({self.first_draws}), "
                              f"got {self.budget}")

@@ -41,6 +41,8 @@ class ClassifyConfig(TypicalityConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.per_label < 0:
+            raise ValueError(f"per_label must be >= 0 (0: all), got {self.per_label}")
         if self.estimator == "adaptive":
             raise ValueError("classify has no adaptive estimator (it targets typicality's mining); use stratified-antithetic")
 

@@ -33,7 +33,7 @@ from .models import ModelError
 from .export import FORMATS
 from .report import HELP as REPORT_HELP
 from .report import ReportConfig
-from .rundir import Run, RunError
+from .rundir import Run, RunError, open_run
 from .synthetic import SynthConfig
 from .train import TrainConfig
 from .translate import METHODS, TranslateConfig
@@ -78,6 +78,17 @@ def _sd_args(p):
     p.add_argument("--text-encoder", default=None, help="SD only: another CLIP text encoder (folder or hub id)")
 
 
+def _threads(text: str) -> int:
+    """argparse type of ``--threads``: at least 1, and no more than 4 per CPU of the machine (100,000
+    threads failed with a memory error)."""
+    value, cpus = int(text), os.cpu_count() or 1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value > 4 * cpus:
+        raise argparse.ArgumentTypeError(f"{value} is more than 4 per CPU of this machine ({cpus} CPUs)")
+    return value
+
+
 def _version() -> str:
     """The installed distribution's version; the package's own when run from a source tree."""
     from importlib.metadata import PackageNotFoundError, version
@@ -96,7 +107,7 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--version", action="version", version=f"diffmine {_version()}", help="print the version and exit")
     root.add_argument("--debug", action="store_true", default=os.environ.get("DIFFMINE_DEBUG", "") == "1",
                       help="let errors propagate with their traceback (also DIFFMINE_DEBUG=1)")
-    root.add_argument("--threads", type=int, default=None,
+    root.add_argument("--threads", type=_threads, default=None,
                       help="torch threads on this machine, split between data-parallel processes (default: the CPUs "
                            "this process may use, from its affinity and cgroup quota; or OMP_NUM_THREADS if set)")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -319,7 +330,9 @@ def _prepare(args, run):
 
 def _train(args, run):
     from . import pipeline
+    from .models import check_options
 
+    check_options(args.model, _model_options(args))  # before the dataset is listed into the run
     _prepare(args, run)
     pipeline.train_step(run, build_config(TrainConfig, args), _model_options(args), force=args.force)
 
@@ -340,21 +353,21 @@ def cmd_typicality(args, prefix=""):
 
     config = build_config(TypicalityConfig, args, prefix)
     model = getattr(args, "model", None) if not prefix else None
-    pipeline.typicality_step(Run(args.run), config, model, _model_options(args) if model else None, force=args.force,
+    pipeline.typicality_step(open_run(args.run), config, model, _model_options(args) if model else None, force=args.force,
                              adaptive=build_config(AdaptiveConfig, args, "adaptive-"))
 
 
 def cmd_mine(args):
     from . import pipeline
 
-    patches = pipeline.mine_step(Run(args.run), build_config(MineConfig, args), force=args.force)
+    patches = pipeline.mine_step(open_run(args.run), build_config(MineConfig, args), force=args.force)
     print(f"mined {int((patches['kind'] == 'top').sum())} top patches -> {args.run / 'mining' / 'patches.parquet'}")
 
 
 def cmd_cluster(args):
     from . import pipeline
 
-    clustered = pipeline.cluster_step(Run(args.run), build_config(ClusterConfig, args),
+    clustered = pipeline.cluster_step(open_run(args.run), build_config(ClusterConfig, args),
                                       build_config(FeatureConfig, args, "feature-"), force=args.force)
     if clustered is None:  # another process of a data-parallel run: process 0 clusters
         return
@@ -365,7 +378,7 @@ def cmd_report(args):
     from . import pipeline
 
     config = build_config(ReportConfig, args) if hasattr(args, "examples") else ReportConfig()
-    path = pipeline.report_step(Run(args.run), config, getattr(args, "masks", None), force=args.force)
+    path = pipeline.report_step(open_run(args.run), config, getattr(args, "masks", None), force=args.force)
     print(f"report: {path.resolve()}")
     return path
 
@@ -373,7 +386,7 @@ def cmd_report(args):
 def cmd_export(args):
     from . import pipeline
 
-    path = pipeline.export_step(Run(args.run), args.format, args.out, args.copy_images)
+    path = pipeline.export_step(open_run(args.run), args.format, args.out, args.copy_images)
     print(f"export ({args.format}): {path.resolve()}")
     return path
 
@@ -381,7 +394,7 @@ def cmd_export(args):
 def cmd_evaluate(args):
     from .evaluate import evaluate_run, format_result
 
-    result = evaluate_run(Run(args.run), args.masks)
+    result = evaluate_run(open_run(args.run), args.masks)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return result
 
@@ -430,21 +443,21 @@ def cmd_classify(args):
     from .classify import format_summary
 
     with _json_alone(args):
-        summary = pipeline.classify_step(Run(args.run), build_config(ClassifyConfig, args), force=args.force)
+        summary = pipeline.classify_step(open_run(args.run), build_config(ClassifyConfig, args), force=args.force)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
 
 def cmd_translate(args):
     from . import pipeline
 
-    written = pipeline.translate_step(Run(args.run), build_config(TranslateConfig, args), force=args.force)
+    written = pipeline.translate_step(open_run(args.run), build_config(TranslateConfig, args), force=args.force)
     print(f"{written} shards written -> {args.run / 'translations'}")
 
 
 def cmd_cotypicality(args):
     from . import pipeline
 
-    sequences = pipeline.cotypicality_step(Run(args.run), build_config(CotypicalityConfig, args),
+    sequences = pipeline.cotypicality_step(open_run(args.run), build_config(CotypicalityConfig, args),
                                            build_config(FeatureConfig, args, "feature-"), force=args.force)
     print(f"{len(sequences)} sequences in {sequences['cluster'].nunique()} clusters -> "
           f"{args.run / 'cotypicality' / 'sequences.parquet'}")
@@ -470,7 +483,7 @@ def cmd_contrast(args):
 
     if (args.vs is None) == (args.b is None):
         raise ValueError("give either a label B or --vs all")
-    page = pipeline.contrast_step(Run(args.run), args.a, args.b, build_config(ContrastConfig, args),
+    page = pipeline.contrast_step(open_run(args.run), args.a, args.b, build_config(ContrastConfig, args),
                                   build_config(MineConfig, args), build_config(ClusterConfig, args),
                                   build_config(FeatureConfig, args, "feature-"), force=args.force)
     print(f"contrast -> {page.parent.parent / 'contrast'}; page: {page.resolve()}")
@@ -481,7 +494,7 @@ def cmd_trends(args):
 
     order = [label.strip() for label in args.order.split(",") if label.strip()]
     with _json_alone(args):
-        result = pipeline.trends_step(Run(args.run), order, build_config(TrendsConfig, args), force=args.force)
+        result = pipeline.trends_step(open_run(args.run), order, build_config(TrendsConfig, args), force=args.force)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -494,7 +507,7 @@ def cmd_trends(args):
 def cmd_status(args):
     from .status import status
 
-    print(status(Run(args.run)))
+    print(status(open_run(args.run)))
 
 
 def cmd_clean(args):
@@ -512,7 +525,7 @@ def cmd_relocate(args):
 def cmd_query(args):
     from .query import query
 
-    print(query(Run(args.run), args.sql).to_string(index=False))
+    print(query(open_run(args.run), args.sql).to_string(index=False))
 
 
 COMMANDS = {"synth": cmd_synth, "prepare": cmd_prepare, "train": cmd_train, "compare": cmd_compare, "localize": cmd_localize, "baseline": cmd_baseline, "typicality": cmd_typicality, "mine": cmd_mine, "cluster": cmd_cluster,

@@ -62,6 +62,8 @@ class ClusterConfig:
             raise ValueError(f"k must be >= 0, k_max and members >= 1, got {self.k}, {self.k_max}, {self.members}")
         if self.rank not in RANKINGS:
             raise ValueError(f"rank must be one of {RANKINGS}, got {self.rank!r}")
+        if math.isnan(self.merge) or self.min_size < 0:
+            raise ValueError(f"merge must be a number and min_size >= 0, got {self.merge}, {self.min_size}")
         if not 0.0 <= self.match_quantile <= 1.0:
             raise ValueError(f"match_quantile must be in [0, 1], got {self.match_quantile}")
 

@@ -219,6 +219,8 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":
 def cmd_compare(args) -> Path:
     if not args.run or len(args.run) != 2:
         raise RunError(f"compare needs exactly two runs (--run A --run B), got {len(args.run or [])}")
+    if args.examples < 0 or args.crops < 0:
+        raise ValueError(f"--examples and --crops must be >= 0, got {args.examples}, {args.crops}")
     path = compare_runs(args.run[0], args.run[1], args.out, examples=args.examples, crops=args.crops)
     print(path)
     return path

@@ -64,6 +64,11 @@ class CotypicalityConfig:
     shard_size: int = 64  # tuples per stored shard
     seed: int = 0
 
+    def __post_init__(self):
+        if min(self.top, self.per_tuple, self.umap_dim, self.k, self.samples, self.shard_size) < 1 or (
+                self.patch is not None and self.patch < 1):
+            raise ValueError("top, per_tuple, umap_dim, k, samples and shard_size must be >= 1, patch >= 1 or None")
+
 
 SHARD_SCHEMA = pa.schema([
     ("index", pa.int64()), ("image_id", pa.string()), ("source_label", pa.string()), ("labels", pa.string()),

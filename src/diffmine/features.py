@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .atomic import write_with
 from .data import BadImage, Problem, image_batches, listed_by_id, to_model_input
 from .models import Backend
+from .machine import resolve_precision
 from .typicality import _barrier, autocast, draw_noise
 
 
@@ -32,6 +33,21 @@ class FeatureConfig:
     batch_size: int = 32  # images per forward pass (times the ensemble)
     precision: str = "auto"  # as TypicalityConfig.precision: bf16 where native, else fp32
     seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.t <= 1.0:
+            raise ValueError(f"t (--feature-t) must be in [0, 1], got {self.t}")
+        if self.ensemble < 1 or self.batch_size < 1 or (self.block is not None and self.block < 0):
+            raise ValueError("ensemble and batch_size (--feature-ensemble, --feature-batch-size) must be >= 1, "
+                             "block (--feature-block) >= 0")
+        resolve_precision(self.precision)  # validates
+
+
+def check_block(backend: Backend, config: FeatureConfig) -> None:
+    """ValueError unless ``config.block`` is an up-block of the model: before a step drops its features."""
+    blocks = len(backend.unet.up_blocks)
+    if config.block is not None and config.block >= blocks:
+        raise ValueError(f"--feature-block {config.block}: the model has up-blocks 0..{blocks - 1}")
 
 
 FEATURE_KINDS = ("top", "rejected")  # the mined patches that get a feature, in this order

@@ -110,6 +110,15 @@ ADAPTIVE_HELP = {
 }
 
 
+def seed_int(text: str) -> int:
+    """argparse type of ``--seed``: numpy's generators take no negative seed (it failed deep in a
+    step, after the step had dropped its record)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _flag(name: str, prefix: str = "") -> str:
     return "--" + (prefix + name).replace("_", "-").lower()
 
@@ -143,7 +152,8 @@ def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tup
             # a help text may say the default in words (a None resolved later)
             said = any(words in help_text for words in ("(default:", "(not given:", "(None:"))
             shown = "" if said else f" (default: {default})"
-            parser.add_argument(_flag(field.name, prefix), dest=dest, type=kind or str, default=default,
+            parser.add_argument(_flag(field.name, prefix), dest=dest,
+                                type=seed_int if field.name == "seed" else kind or str, default=default,
                                 choices=(choices or {}).get(field.name, CHOICES.get(field.name)),
                                 help=f"{help_text}{shown}".strip())
 
@@ -165,6 +175,6 @@ def add_run_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     """``--run`` (required), ``--force`` and, with ``seed``, ``--seed``: the flags of every step."""
     p.add_argument("--run", required=True, type=Path, help="the run directory")
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="seed of every random choice of this step (default: 0)")
+        p.add_argument("--seed", type=seed_int, default=0, help="seed of every random choice of this step (default: 0)")
     p.add_argument("--force", action="store_true",
                    help="replace stored results made with other settings or inputs (a trained model too)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def boxes_mask(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def blur_map(pixel_map: np.ndarray, sigma: float) -> np.ndarray:
     """(H, W) map smoothed by a Gaussian of ``sigma`` map pixels (0: unchanged)."""
-    if sigma < 0:
+    if not 0 <= sigma < math.inf:
         raise ValueError(f"the blur sigma must be >= 0, got {sigma}")
     return gaussian_filter(pixel_map, sigma, mode="nearest") if sigma > 0 else pixel_map
 

@@ -37,6 +37,7 @@ lists, so memory does not grow with the number of images.
 from __future__ import annotations
 
 import sys
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,16 @@ class MineConfig:
             raise ValueError(f"patch must be >= 1, got {self.patch}")
         if self.per_image < 1 or self.top < 1 or self.least < 0 or self.random < 0:
             raise ValueError("per_image and top must be >= 1, least and random >= 0")
+        if not math.isfinite(self.z_min):  # NaN or inf kept no patch, -inf every one (--no-significance says so)
+            raise ValueError(f"z_min must be a finite number, got {self.z_min}")
+
+
+def check_patch(run, patch: int | None, flag: str = "--patch") -> None:
+    """ValueError when ``--patch`` exceeds the side of the run's images (their height is the listed
+    resolution): one line before a step drops its record or computes anything."""
+    side = run.step_config("dataset")["resolution"]
+    if patch is not None and patch > side:
+        raise ValueError(f"{flag} {patch} exceeds the images' side ({side} px, the run's --resolution)")
 
 
 def default_patch_size(height: int, width: int) -> int:
@@ -257,6 +268,8 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
         rejected.add(best[~keep])
         least.add(pd.DataFrame(worst_rows))
     bar.close()
+    if not top.frames and not rejected.frames:  # every image narrower than the patch (keep-aspect)
+        raise ValueError(f"{store.directory}: no image is {k} px wide or more; mine with a smaller --patch")
     columns = ["image_id", "label", "y0", "x0", "typicality", "se"]
     frames = [top.result().assign(kind="top"), rejected.result().assign(kind="rejected"),
               least.result().assign(kind="least"), pd.DataFrame(randoms, columns=columns).assign(kind="random")]

@@ -33,11 +33,11 @@ from .atomic import write_table
 from .clustering import ClusterConfig, run_clustering
 from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
 from .data import DatasetError, Problem, fingerprint_images, scan_dataset
-from .features import FEATURE_KINDS, FeatureConfig, run_features
+from .features import FEATURE_KINDS, FeatureConfig, check_block, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
 from .machine import resolve_precision
-from .mining import MineConfig, run_mining
-from .models import Backend, create_backend, load_backend, recorded_source, relocations
+from .mining import MineConfig, check_patch, run_mining
+from .models import Backend, create_backend, latent_factor, load_backend, recorded_source, relocations
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError, prompt_problem
 from .shards import result_settings
@@ -165,6 +165,9 @@ def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolutio
     check_prompt(prompt)
     if resolution <= 0:
         raise DatasetError(f"--resolution must be > 0, got {resolution}")
+    if resolution % latent_factor(model):
+        raise DatasetError(f"--resolution {resolution} is not a multiple of {latent_factor(model)}, the pixels per "
+                           f"latent pixel of the {model.split(':')[0]} model")
     if not 0.0 <= holdout < 1.0:
         raise DatasetError(f"--holdout must be in [0, 1), got {holdout}")
     dataset = scan_dataset(data)
@@ -437,6 +440,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
     settings = {**result_settings(config, ("batch_size", "workers", "compile", "shard_size")), **named}
     if config.estimator == "adaptive":  # where the draws go depends on what is mined
         adaptive = adaptive or AdaptiveConfig()
+        check_patch(run, adaptive.patch, "--adaptive-patch")
         settings["adaptive"] = asdict(adaptive)
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
     with _locked(run, "typicality", rank):
@@ -517,6 +521,7 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool =
     typicality = run.fresh("typicality")
     settings, inputs = asdict(config), {"typicality": typicality["identity"]}
     _check_adaptive_targets(typicality["settings"].get("adaptive"), config)
+    check_patch(run, config.patch)  # before the record is dropped: a refused --patch leaves the mined patches
     with step_lock(run.path, "mine"):
         if _planned(run, "mine", settings, inputs, force) == "done":
             print("mine: up to date")
@@ -642,6 +647,7 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
         _barrier(world)
         if action != "done":
             backend = scoring_model(run, device)
+            check_block(backend, features)
             if rank == 0:
                 run.lineage.drop("features", "cluster")
             run_features(run, backend, features, progress, rank, world)
@@ -673,7 +679,9 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     from .pages import contrast_page_path, write_contrast_page
 
     other_labels(run.labels, a, b)  # unknown labels: one line, before any model is loaded
+    check_patch(run, mine.patch)  # before the maps are computed
     backend, model_inputs = load_model(run)
+    check_block(backend, features)
     listing = run.fresh("listing")
     name = contrast_name(a, b)
     config = _resolved(run, name, config, default_device())  # a resume elsewhere must not mix bf16 and fp32 maps
@@ -718,10 +726,11 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     """Prevalence and typicality of every element cluster of the run in each label of ``order``
     (RUN/trends/trends.json) and its report page; returns the JSON document."""
     from .pages import trends_page_path, write_trends_page
-    from .trends import check_order, run_trends
+    from .trends import check_min_size, check_order, run_trends
 
     check_order(run, order)  # before anything: a refused --order leaves the stored trends as they are
     clusters = run.fresh("cluster")
+    check_min_size(run, config.min_size)  # so does a --min-size no cluster reaches
     settings = {"order": list(order), **asdict(config)}
     inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
     path = run.result_files("trends")[0]
@@ -821,6 +830,9 @@ def translate_step(run: Run, config: TranslateConfig, progress: bool = True, for
     number of shards written (or rewritten: a shard whose images left out were translated once fixed).
     Its identity names the images it left out that may be fixed: once they are translated,
     co-typicality made from the translations without them is stale."""
+    from .translate import target_labels
+
+    target_labels(run.labels, config.to)  # before the record: a refused --to leaves the translations as they are
     backend, model_inputs = load_model(run)
     settings, inputs = result_settings(config), {**model_inputs, "mine": run.fresh("mine")["identity"]}
     return _sharded_step(run, "translate", settings, inputs, force, lambda: missing_translations(run, config),
@@ -860,6 +872,8 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
     from .baselines.doersch import EXECUTION, RESULT, output_dir, run_doersch
 
     listing = run.fresh("listing")
+    if positive is not None and positive not in run.labels:  # before --force clears the stored baseline
+        raise ValueError(f"unknown label {positive!r}; the run has {run.labels}")
     stored = (run.lineage.get(RESULT) or {}).get("settings") or {}
     # the decoding processes are no part of the detections
     settings = {**_execution_left_out(config, EXECUTION, stored), "positive": positive}

@@ -60,10 +60,13 @@ def query(run, sql: str) -> pd.DataFrame:
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         try:
-            return con.execute(sql).df()
+            result = con.execute(sql)
         except duckdb.Error as exc:
             first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise QueryError(f"query: {first}{_why_absent(run, first)}") from None
+        if result is None:  # an empty string, or comments only: no statement ran
+            raise QueryError(f"query: no SQL statement in {sql!r}; give one, e.g. \"SELECT count(*) FROM images\"")
+        return result.df()
     finally:
         con.close()
 

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,12 @@ class ReportConfig:
     crop_px: int = 72  # display size of a crop
     context: float = 0.5  # context around a crop, fraction of the patch side
     view_px: int = 256  # display size of an image view
+
+    def __post_init__(self):
+        if min(self.clusters, self.examples, self.compare) < 0 or min(self.per_cluster, self.members) < 1:
+            raise ValueError("clusters, examples and compare must be >= 0, per_cluster and members >= 1")
+        if self.crop_px < 8 or self.view_px < 8 or not 0.0 <= self.context < math.inf:
+            raise ValueError(f"crop_px and view_px must be >= 8, context >= 0; got {self.crop_px}, {self.view_px}, {self.context}")
 
 
 def image_key(image_id: str) -> str:

@@ -53,6 +53,19 @@ class SynthConfig:
     guest_share: float = 0.5  # share of every other label's images that carry the guest element
     seed: int = 0
 
+    def __post_init__(self):
+        if not 1 <= self.labels <= len(ELEMENTS):
+            raise ValueError(f"labels must be in 1..{len(ELEMENTS)}, got {self.labels}")
+        if not -1 <= self.guest < self.labels or not 0.0 <= self.guest_share <= 1.0:
+            raise ValueError(f"guest must be -1 or a label index below {self.labels}, guest_share in [0, 1]")
+        if self.per_label < 1 or self.distractors < 0:
+            raise ValueError(f"per_label must be >= 1 and distractors >= 0, got {self.per_label}, {self.distractors}")
+        # the element's radius reaches 7.5 px x size / 64 x element_scale; it is placed 1 px clear of the border
+        radius = 7.5 * self.size / 64 * self.element_scale
+        if self.size < 8 or not 0.0 < self.element_scale or not 2 * radius + 2 < self.size:
+            raise ValueError(f"need size >= 8 and an element_scale > 0 whose element fits the image "
+                             f"(radius {radius:.1f} px at size {self.size}), got size {self.size}, element_scale {self.element_scale}")
+
 
 def _element_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
     """Boolean mask of one element of half-size ``r`` centred at (cy, cx) on the grid (yy, xx)."""
@@ -165,10 +178,6 @@ def generate(out: str | Path, config: SynthConfig = SynthConfig(), progress: boo
 
     Deterministic: the same config gives byte-identical files.
     """
-    if not 1 <= config.labels <= len(ELEMENTS):
-        raise ValueError(f"labels must be in 1..{len(ELEMENTS)}, got {config.labels}")
-    if not -1 <= config.guest < config.labels or not 0.0 <= config.guest_share <= 1.0:
-        raise ValueError(f"guest must be -1 or a label index below {config.labels}, guest_share in [0, 1]")
     out = Path(out)
     names = list(ELEMENTS)[: config.labels]
     jobs = [(li, i) for li in range(config.labels) for i in range(config.per_label)]

@@ -64,6 +64,14 @@ class TrainConfig:
             raise ValueError(f"p_uncond must be in [0, 1], got {self.p_uncond}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
+        if not 0.0 < self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.learning_rate is not None and not 0.0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0 or not 0.0 <= self.random_crop < 1.0:
+            raise ValueError(f"warmup_steps must be >= 0 and random_crop in [0, 1), got {self.warmup_steps}, {self.random_crop}")
         if self.snr_gamma < 0:
             raise ValueError(f"snr_gamma must be >= 0 (0: off), got {self.snr_gamma}")
         # checked here, before the step records its settings: accelerate would refuse it only after

@@ -90,6 +90,10 @@ class TranslateConfig:
         for name in ("feature_injection", "attention_injection"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.images < 0 or self.batch_size < 1 or self.shard_size < 1:
+            raise ValueError("images must be >= 0 (0: all), batch_size and shard_size >= 1")
+        if not math.isfinite(self.guidance):
+            raise ValueError(f"guidance must be a number, got {self.guidance}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,6 +297,8 @@ def target_labels(labels: list[str], to: str) -> list[str]:
     unknown = [label for label in wanted if label not in labels]
     if unknown:
         raise ValueError(f"unknown target label(s) {unknown}; the run's labels are {labels}")
+    if not wanted or len(set(wanted)) != len(wanted):
+        raise ValueError(f"--to needs all or distinct labels of the run, comma-separated; got {to!r}")
     return wanted
 
 

@@ -208,6 +208,13 @@ def check_order(run, order: list[str]) -> None:
                          f"got {', '.join(map(repr, order))}")
 
 
+def check_min_size(run, min_size: int) -> None:
+    """ValueError unless some cluster of the run has ``min_size`` members: before the stored trends' record is dropped."""
+    sizes = run.patches("top").groupby(["label", "cluster"]).size()
+    if sizes.empty or sizes.max() < min_size:
+        raise ValueError(f"no cluster has {min_size} or more members; lower --min-size")
+
+
 def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, progress: bool = True) -> dict:
     """Measure every element in every label of ``order``; writes RUN/trends/trends.json."""
     check_order(run, order)

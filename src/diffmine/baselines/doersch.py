@@ -172,9 +172,11 @@ class DoerschConfig:
         if self.negatives_min < 0 or self.negatives_min > self.negatives_max:
             raise ValueError(f"need 0 <= negatives_min <= negatives_max, got {self.negatives_min}, {self.negatives_max}")
         for name in ("neighbors", "redundancy_neighbors", "overfetch", "top_positives",
-                     "top_detections", "examples", "batch_size", "orientations"):
+                     "top_detections", "examples", "batch_size", "orientations", "svm_max_iter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.workers < 0 or not 0 < self.C < math.inf:
+            raise ValueError(f"workers must be >= 0 and C > 0, got {self.workers}, {self.C}")
 
     def sized(self, positive_patches: int) -> tuple[int, int]:
         """(seeds, detectors) for a label with this many positive patches (module doc, Sizing)."""

@@ -86,15 +86,44 @@ def model_sources(directory: str | Path, spec: dict) -> dict[str, str]:
     return sources
 
 
+def _tiny(model: str) -> bool:
+    return model == "tiny" or model.startswith("tiny:")
+
+
+def latent_factor(model: str) -> int:
+    """Image pixels per latent pixel along a side, from the model's name (before it is loaded):
+    the image side must be a multiple of it. 1 (unchecked) for a Stable Diffusion model, whose
+    factor its VAE's config gives (8 for SD's own)."""
+    if _tiny(model):
+        from .tiny import TinyConfig
+
+        return TinyConfig.latent_factor
+    return 1
+
+
+def check_options(model: str, options: dict) -> None:
+    """ModelError for an option the model does not take (``--lora-rank`` with the embedded model)."""
+    if _tiny(model) and options:
+        import dataclasses
+
+        from .tiny import TinyConfig
+
+        unknown = [key for key in options if key not in {f.name for f in dataclasses.fields(TinyConfig)}]
+        if unknown:
+            raise ModelError(f"--{unknown[0].replace('_', '-')} is for Stable Diffusion models (--model sd:...), "
+                             f"not the embedded model {model!r}")
+
+
 def create_backend(model: str, prompts: list[str], seed: int = 0, **options) -> Backend:
     """A fresh backend: ``tiny`` (random init) or ``sd:PATH_OR_ID`` (pretrained weights).
 
     ``prompts`` are every prompt string the model will see (label prompts and the null prompt);
     the embedded model learns one embedding per string.
     """
-    if model == "tiny" or model.startswith("tiny:"):
+    if _tiny(model):
         from .tiny import TinyBackend, TinyConfig
 
+        check_options(model, options)
         return TinyBackend(prompts, TinyConfig(**options), seed=seed)
     if model.startswith("sd:"):
         from .sd import StableDiffusionBackend
