@@ -178,18 +178,23 @@ def test_unreachable_images_are_retried(tiny, tmp_path, capsys):
     assert Run(copy).lineage.get("typicality")["complete"] and "left_out" not in Run(copy).lineage.get("typicality")
 
 
+def listed_copy(tiny, tmp_path) -> tuple:
+    """Copies of the tiny run's data and run (data, copy), and the commands that list the copied
+    data into the copy and score it (prepare, typicality), for tests that edit or move an image."""
+    images, _, run = tiny
+    data, copy = cp_r(images, tmp_path / "data"), cp_r(run, tmp_path / "copy")
+    prepare = ["prepare", "--data", str(data), "--run", str(copy), "--resolution", "32", "--prompt",
+               "A scene from {label}.", "--null-prompt", "A scene."]
+    return data, copy, prepare, ["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]
+
+
 def test_one_image_that_cannot_be_read_never_stops_the_steps_after_typicality(tiny, tmp_path, capsys):
     """An image that cannot be read (gone, unmounted) or changed since listing is left out of
     typicality for now: mining goes on without it (before, the result stayed incomplete and every
     later step sent the user back to typicality, which could not help). Its record names the image,
     so each later call of typicality retries it; once it has its map, what was made without it is
     stale and made again with it."""
-    images, _, run = tiny
-    data = cp_r(images, tmp_path / "data")
-    copy = cp_r(run, tmp_path / "copy")
-    prepare = ["prepare", "--data", str(data), "--run", str(copy), "--resolution", "32", "--prompt",
-               "A scene from {label}.", "--null-prompt", "A scene."]
-    typicality = ["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]
+    data, copy, prepare, typicality = listed_copy(tiny, tmp_path)
     mine = ["mine", "--run", str(copy), "--top", "10", "--least", "2", "--random", "2"]
     assert cli.main(prepare) == 0
     first = Run(copy).images()["image_id"].iloc[0]
@@ -219,12 +224,7 @@ def test_one_image_that_cannot_be_read_never_stops_the_steps_after_typicality(ti
 def test_an_image_edited_in_place_is_never_read_as_its_results_image(tiny, tmp_path, capsys):
     """Edited without a new listing, an image is no longer the one its map was made from: localize
     refuses it and typicality marks it bad, each naming the file; listed anew, it gets its map."""
-    images, _, run = tiny
-    data = cp_r(images, tmp_path / "data")
-    copy = cp_r(run, tmp_path / "copy")
-    prepare = ["prepare", "--data", str(data), "--run", str(copy), "--resolution", "32", "--prompt",
-               "A scene from {label}.", "--null-prompt", "A scene."]
-    typicality = ["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]
+    data, copy, prepare, typicality = listed_copy(tiny, tmp_path)
     assert cli.main(prepare) == 0
     edited, label = Run(copy).typicality_index()[["image_id", "label"]].iloc[0]
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(data / edited)  # same path, other bytes
@@ -248,12 +248,8 @@ def test_an_image_edited_in_place_is_never_read_as_its_results_image(tiny, tmp_p
 def test_an_image_put_back_as_listed_gets_its_map(tiny, tmp_path, capsys):
     """An image edited since listing and then restored (its listed bytes back, a new mtime) is
     retried and scored by the next typicality call: before, it stayed "bad" until --force."""
-    images, _, run = tiny
-    data = cp_r(images, tmp_path / "data")
-    copy = cp_r(run, tmp_path / "copy")
-    typicality = ["typicality", "--run", str(copy), "--samples", "2", "--shard-size", "4"]
-    assert cli.main(["prepare", "--data", str(data), "--run", str(copy), "--resolution", "32", "--prompt",
-                     "A scene from {label}.", "--null-prompt", "A scene."]) == 0
+    data, copy, prepare, typicality = listed_copy(tiny, tmp_path)
+    assert cli.main(prepare) == 0
     old = maps(Run(copy))
     edited = Run(copy).images()["image_id"].iloc[3]
     original = (data / edited).read_bytes()
