@@ -310,6 +310,18 @@ def test_a_run_path_that_is_no_folder_is_named_so(command, where, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_compare_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path, capsys):
+    """--out naming a file of the user's: it was replaced unasked. The page it wrote is replaced."""
+    compare = ["compare", "--run", str(tiny_run.path), "--run", str(tiny_run.path), "--crops", "1", "--examples", "1"]
+    notes = tmp_path / "notes.html"
+    notes.write_text("<p>my notes</p>")
+    _refused([*compare, "--out", str(notes)], capsys, str(notes), "no page diffmine compare wrote")
+    assert notes.read_text() == "<p>my notes</p>"
+    _refused([*compare, "--out", str(tmp_path)], capsys, "a folder")
+    page = tmp_path / "page.html"
+    assert main([*compare, "--out", str(page)]) == 0 and main([*compare, "--out", str(page)]) == 0
+
+
 @pytest.mark.parametrize("flag", ["--examples", "--crops"])
 def test_compare_refuses_a_negative_count(flag, tiny_run, tmp_path, capsys):
     """--examples -1 was taken (a slice that left out the last image)."""

@@ -29,7 +29,7 @@ from .rundir import Run, RunError, open_run
 from .terminal import print_problems
 
 TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="diffmine compare"><title>{{ title }}</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; }
@@ -185,6 +185,23 @@ def default_output(run_a: Run, run_b: Run) -> Path:
     return run_a.path / "compare" / f"vs-{run_b.path.name}.html"
 
 
+GENERATOR = '<meta name="generator" content="diffmine compare">'
+
+
+def _replaceable(out: Path) -> Path:
+    """``out``, refused (one line) where it holds something other than a compare page: ``--out``
+    names a file of the user's, which an update of the page must not replace unasked."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: a folder; give the page's file name (e.g. {out / 'compare.html'})")
+    if out.exists():
+        with open(out, "rb") as f:
+            head = f.read(4096)
+        if GENERATOR.encode() not in head:
+            raise ValueError(f"--out {out}: the file exists and is no page diffmine compare wrote; give another "
+                             "--out or remove it")
+    return out
+
+
 def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Path | None = None, **options) -> Path:
     """Write the comparison page of two runs (default: ``RUN_A/compare/vs-<RUN_B name>.html``).
 
@@ -194,7 +211,7 @@ def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Pa
     run_b = run_b if isinstance(run_b, Run) else open_run(run_b)
     html = render(build_context(run_a, run_b, **options))
     if out is not None:
-        return write_text(Path(out), html)
+        return write_text(_replaceable(Path(out)), html)
     with step_lock(run_a.path, "compare"):  # a write into run A: `diffmine clean` must see it
         return write_text(run_a.own_path(default_output(run_a, run_b)), html)
 
