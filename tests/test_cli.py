@@ -310,6 +310,14 @@ def test_a_run_path_that_is_no_folder_is_named_so(command, where, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_run_refuses_the_later_steps_flags_before_training(tiny_run, tmp_path, capsys):
+    """`run --patch 33` on 32 px images trained and scored every image, then was refused at mine."""
+    out = tmp_path / "run"
+    _refused(["run", "--data", str(tiny_run.dataset_root), "--run", str(out), "--resolution", "32", "--steps", "2",
+              "--patch", "33"], capsys, "--patch 33", "32 px")
+    assert not (out / "model").exists() and not (out / "typicality").exists()
+
+
 def test_compare_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path, capsys):
     """--out naming a file of the user's: it was replaced unasked. The page it wrote is replaced."""
     compare = ["compare", "--run", str(tiny_run.path), "--run", str(tiny_run.path), "--crops", "1", "--examples", "1"]

@@ -402,6 +402,13 @@ def cmd_evaluate(args):
 def _all_steps(args, run, masks=None):
     from . import pipeline
 
+    from .mining import check_patch
+
+    # the later steps' settings checked before the first trains for minutes (a --patch larger than
+    # the images was refused only at mine, after training and typicality)
+    mine, cluster = build_config(MineConfig, args), build_config(ClusterConfig, args)
+    features = build_config(FeatureConfig, args, "feature-")
+    check_patch(run, mine.patch, side=args.resolution)
     timings = {}
     t0 = time.time()
     _train(args, run)
@@ -410,9 +417,8 @@ def _all_steps(args, run, masks=None):
     cmd_typicality(args, prefix="typicality-")
     timings["typicality"] = time.time() - t0
     t0 = time.time()
-    pipeline.mine_step(run, build_config(MineConfig, args), force=args.force)
-    pipeline.cluster_step(run, build_config(ClusterConfig, args), build_config(FeatureConfig, args, "feature-"),
-                          force=args.force)
+    pipeline.mine_step(run, mine, force=args.force)
+    pipeline.cluster_step(run, cluster, features, force=args.force)
     timings["mine+cluster"] = time.time() - t0
     if masks is not None:
         from .evaluate import evaluate_run, format_result

@@ -82,10 +82,11 @@ class MineConfig:
             raise ValueError(f"z_min must be a finite number, got {self.z_min}")
 
 
-def check_patch(run, patch: int | None, flag: str = "--patch") -> None:
+def check_patch(run, patch: int | None, flag: str = "--patch", side: int | None = None) -> None:
     """ValueError when ``--patch`` exceeds the side of the run's images (their height is the listed
-    resolution): one line before a step drops its record or computes anything."""
-    side = run.step_config("dataset")["resolution"]
+    resolution, or ``side`` for a run still to be listed): one line before a step drops its record
+    or computes anything."""
+    side = run.step_config("dataset")["resolution"] if side is None else side
     if patch is not None and patch > side:
         raise ValueError(f"{flag} {patch} exceeds the images' side ({side} px, the run's --resolution)")
 
