@@ -208,6 +208,19 @@ def test_translate_refuses_an_unknown_repeated_or_empty_to_before_recording_it(t
     assert _files(run) == before
 
 
+@pytest.mark.parametrize("flags, named", [(["--feature-block", "99"], "no such residual block"),
+                                          (["--feature-resnet", "5"], "no such residual block"),
+                                          (["--attention-blocks", "7,9"], "no self-attention layer"),
+                                          (["--attention-blocks", "1,x"], "attention_blocks")])
+def test_translate_refuses_an_injection_the_model_cannot_take(flags, named, tiny_run, tmp_path, capsys):
+    """Plug-and-Play into a block the model lacks injected nothing, silently (the translations kept
+    no structure of their source), after recording the translations as begun."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused(["translate", "--run", str(run), "--images", "1", "--steps", "2", *flags], capsys, named)
+    assert _files(run) == before
+
+
 @pytest.mark.parametrize("flag, value", [("--images", "-1"), ("--guidance", "nan"), ("--batch-size", "0")])
 def test_translate_refuses_nonsense_numbers(flag, value, tiny_run, tmp_path, capsys):
     _refused(["translate", "--run", str(_copied(tiny_run, tmp_path)), flag, value], capsys, flag[2:].replace("-", "_"))

@@ -830,10 +830,11 @@ def translate_step(run: Run, config: TranslateConfig, progress: bool = True, for
     number of shards written (or rewritten: a shard whose images left out were translated once fixed).
     Its identity names the images it left out that may be fixed: once they are translated,
     co-typicality made from the translations without them is stale."""
-    from .translate import target_labels
+    from .translate import check_injection, target_labels
 
     target_labels(run.labels, config.to)  # before the record: a refused --to leaves the translations as they are
     backend, model_inputs = load_model(run)
+    check_injection(backend.unet, config)
     settings, inputs = result_settings(config), {**model_inputs, "mine": run.fresh("mine")["identity"]}
     return _sharded_step(run, "translate", settings, inputs, force, lambda: missing_translations(run, config),
                          (run.translations_dir, run.path / "cotypicality"),

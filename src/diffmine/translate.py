@@ -94,6 +94,8 @@ class TranslateConfig:
             raise ValueError("images must be >= 0 (0: all), batch_size and shard_size >= 1")
         if not math.isfinite(self.guidance):
             raise ValueError(f"guidance must be a number, got {self.guidance}")
+        if not all(b.strip().isdigit() for b in self.attention_blocks.split(",") if b.strip()):
+            raise ValueError(f"attention_blocks must be up-block numbers separated by commas, got {self.attention_blocks!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,11 +167,12 @@ class SourceInjection:
         self.handles = []
         self.attention_layers = 0
         ups = unet.up_blocks
-        if feature_block < len(ups) and feature_resnet < len(ups[feature_block].resnets):
+        self.features_hooked = 0 <= feature_block < len(ups) and 0 <= feature_resnet < len(ups[feature_block].resnets)
+        if self.features_hooked:
             module = ups[feature_block].resnets[feature_resnet]
             self.handles.append(module.register_forward_hook(self._hook("features")))
         for b in attention_blocks:
-            if b >= len(ups):
+            if not 0 <= b < len(ups):
                 continue
             for module in ups[b].modules():
                 # diffusers' Attention; self-attention is the one without a cross-attention input
@@ -192,10 +195,32 @@ class SourceInjection:
         self.handles.clear()
 
 
+def check_injection(unet, config: TranslateConfig) -> None:
+    """ValueError where Plug-and-Play would inject nothing it was asked to: ``--feature-block`` /
+    ``--feature-resnet`` not a residual block of the model, or no self-attention layer in
+    ``--attention-blocks`` (each absent block alone is skipped: SD has 4 up-blocks, the embedded
+    model 3). Before the step's record: a refused flag leaves the translations as they are."""
+    if config.method != "pnp":
+        return
+    injection = SourceInjection(unet, config.feature_block, config.feature_resnet, _attention_blocks(config))
+    injection.remove()
+    ups = unet.up_blocks
+    if config.feature_injection > 0 and not injection.features_hooked:
+        sizes = ", ".join(f"{b}: 0..{len(block.resnets) - 1}" for b, block in enumerate(ups))
+        raise ValueError(f"--feature-block {config.feature_block} --feature-resnet {config.feature_resnet}: no such "
+                         f"residual block in the model (up-block: resnets {sizes})")
+    if config.attention_injection > 0 and not injection.attention_layers:
+        raise ValueError(f"--attention-blocks {config.attention_blocks}: no self-attention layer there (the model "
+                         f"has up-blocks 0..{len(ups) - 1})")
+
+
+def _attention_blocks(config: TranslateConfig) -> list[int]:
+    return [int(b) for b in config.attention_blocks.split(",") if b.strip()]
+
+
 @contextmanager
 def source_injection(unet, config: TranslateConfig):
-    blocks = [int(b) for b in config.attention_blocks.split(",") if b.strip()]
-    injection = SourceInjection(unet, config.feature_block, config.feature_resnet, blocks)
+    injection = SourceInjection(unet, config.feature_block, config.feature_resnet, _attention_blocks(config))
     try:
         yield injection
     finally:
