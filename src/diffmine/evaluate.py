@@ -146,7 +146,10 @@ def evaluate_run(run, masks: str | Path) -> dict:
     mined patches, clusters and baselines only when fresh (``left_out`` names those that are not)."""
     masks = Path(masks)
     if not masks.is_dir():
-        raise FileNotFoundError(f"{masks}: no such mask folder")
+        raise FileNotFoundError(f"{masks}: no such mask folder" if not masks.exists() else
+                                f"{masks}: a file; --masks takes a folder of masks named like the images")
+    if masks.resolve() == run.dataset_root.resolve():  # every image's own pixels would be its "element"
+        raise ValueError(f"--masks {masks}: the run's images folder; give the folder of masks (nonzero = element)")
     index = run.typicality_index()
     ok = index[index["status"] == "ok"]
     maps = {i: run.typicality_map(i) for i in ok["image_id"]}
