@@ -204,6 +204,33 @@ def test_an_image_edited_since_listing_is_left_out_of_the_bank_naming_the_file(d
     assert [(p.image_id, "changed since `diffmine prepare`" in p.problem) for p in bank.problems] == [(edited, True)]
 
 
+def test_an_image_it_could_not_read_is_mined_with_once_it_can_be(data, tmp_path, monkeypatch, capsys):
+    """The record names an image the bank left out that may come back (unreadable, changed since
+    listing): a call while it is still gone fits no SVM (the labels' parts are read back) and keeps
+    the identity; once it is back every label is mined again with it (another bank, other negatives)."""
+    import shutil
+
+    from diffmine import pipeline
+
+    images = Path(shutil.copytree(data[0], tmp_path / "data"))
+    run = _new_run(tmp_path / "run", images)
+    config = DoerschConfig(**SMALL, seed=0)
+    gone = images / run.images()["image_id"].iloc[0]
+    gone.rename(tmp_path / "away.png")
+    pipeline.baseline_step(run, config, progress=False)
+    first = run.lineage.get("baseline-doersch")
+    assert first["left_out"] == 1 and f"skipped {gone}: cannot read" in capsys.readouterr().out
+    mining = _record_mined(monkeypatch)
+    pipeline.baseline_step(run, config, progress=False)
+    assert mining == [] and run.lineage.get("baseline-doersch")["identity"] == first["identity"]
+    (tmp_path / "away.png").rename(gone)
+    pipeline.baseline_step(run, config, progress=False)
+    assert mining == run.labels
+    again = run.lineage.get("baseline-doersch")
+    assert again["identity"] != first["identity"] and "left_out" not in again
+    assert "baseline-doersch" not in set(run.problems()["step"])
+
+
 # --------------------------------------------------------------------------------------------
 # resume: a finished label is kept, an interrupted run mines only the labels left
 

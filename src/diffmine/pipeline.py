@@ -888,7 +888,9 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
             return pd.read_parquet(output_dir(run) / "patches.parquet")
         run.lineage.put(RESULT, settings, inputs, "baseline doersch", complete=False)
         table = run_doersch(run, config, positive, progress)
-        run.lineage.put(RESULT, settings, inputs, "baseline doersch")
+        # an image it could not read (or that changed since listing) may be fixed: the next call then
+        # mines with it (while it is not, the labels' parts are read back: no SVM is fitted again)
+        run.lineage.put(RESULT, settings, inputs, "baseline doersch", left_out=run.left_out(RESULT))
         return table
 
 
