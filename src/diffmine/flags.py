@@ -80,7 +80,7 @@ HELP = {
                    "--steps; more --steps later stretch the decay from the step reached)",
     "snr_gamma": "min-SNR-gamma loss weighting (Hang et al. 2023): each sample's loss times min(SNR, gamma) / SNR "
                  "(e.g. 5; 0: off)",
-    "grad_clip": "clip the gradient norm to this",
+    "grad_clip": "clip the gradient norm to this (inf: no clipping)",
     "grad_accumulation": "micro-batches accumulated per optimizer step",
     "gradient_checkpointing": "recompute activations in the backward pass (SD: less memory, slower)",
     "hflip": "random horizontal flips (seeded per step)",

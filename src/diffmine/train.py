@@ -66,8 +66,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay}")
-        if not 0.0 < self.grad_clip < math.inf:
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if not self.grad_clip > 0.0:  # NaN too; inf: no clipping
+            raise ValueError(f"grad_clip must be > 0 (inf: no clipping), got {self.grad_clip}")
         if self.learning_rate is not None and not 0.0 < self.learning_rate < math.inf:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.warmup_steps < 0 or not 0.0 <= self.random_crop < 1.0:
