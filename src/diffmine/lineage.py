@@ -230,8 +230,11 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
         return "resume"
     if (changed and expensive) or (changed_inputs and guard_inputs):
         what = "; ".join(changed + [f"its input {k} changed" for k in changed_inputs])
+        # the first way out named is the one that loses nothing: `status` sends the user to re-run a step
+        # without its flags, and an interrupted result asked again with other settings lands here
+        keep = "give the settings it was made with (the left of each ->) to keep or finish it, " if changed else ""
         raise LineageError(f"{lineage.run_path}: the stored {name} result was made differently ({what}); "
-                           f"pass --force to replace it, or use another --run")
+                           f"{keep}pass --force to replace it, or use another --run")
     return "replace"
 
 
