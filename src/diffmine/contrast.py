@@ -91,10 +91,10 @@ def contrast_index(run, a: str, b: str | None, images: str = "A") -> pd.DataFram
     return None if index is None else current_rows(index, contrast_images(run, a, images))
 
 
-def missing_contrast(run, a: str, b: str | None, images: str) -> bool:
+def missing_contrast(run, a: str, b: str | None, images: str, index: pd.DataFrame | None = None) -> bool:
     """Some chosen image has no map yet, nor a problem (one that may be fixed is retried by the next
-    call: the record names it left out)."""
-    index = contrast_index(run, a, b, images)
+    call: the record names it left out); ``index``: :func:`contrast_index` when the caller has read it."""
+    index = contrast_index(run, a, b, images) if index is None else index
     return index is None or len(index) < len(contrast_images(run, a, images))
 
 

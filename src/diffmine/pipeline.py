@@ -472,8 +472,9 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
                 print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] != "ok"].itertuples()],
                                run.path)
             # the width keep-aspect images were resized to, for whoever shows them beside the maps
-            run.lineage.put("typicality", settings, inputs, "typicality", complete=_typicality_covers_listing(run),
-                            left_out=left_out, width_multiple=backend.latent_factor, location=location)
+            run.lineage.put("typicality", settings, inputs, "typicality",
+                            complete=_typicality_covers_listing(run, index), left_out=left_out,
+                            width_multiple=backend.latent_factor, location=location)
             if left_out:
                 print(f"typicality: {counted(len(left_out), 'image')} left out for now (unreadable, or changed since "
                       f"listing); the later steps go on without them, and `diffmine typicality --run {run.path}` "
@@ -489,9 +490,10 @@ def _left_out_maps(index: pd.DataFrame | None) -> list[str]:
     return [] if index is None else sorted(index.loc[index["status"] == "unreachable", "image_id"])
 
 
-def _typicality_covers_listing(run: Run) -> bool:
-    """Every listed image has a map, or a problem (retried by the next call where it may be fixed)."""
-    index = run.typicality_index(missing_ok=True)
+def _typicality_covers_listing(run: Run, index: pd.DataFrame | None = None) -> bool:
+    """Every listed image has a map, or a problem (retried by the next call where it may be fixed);
+    ``index``: the run's typicality index when the caller has just read it."""
+    index = run.typicality_index(missing_ok=True) if index is None else index
     return index is not None and len(index) == len(run.images())
 
 
@@ -700,8 +702,9 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
                 _clear(directory)
             run.lineage.put(name, settings, inputs, command, complete=False)
             run_contrast(run, backend, config, a, b, progress)
-            run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images),
-                            left_out=_left_out_maps(contrast_index(run, a, b, config.images)))
+            index = contrast_index(run, a, b, config.images)
+            run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images, index),
+                            left_out=_left_out_maps(index))
         elements = name + "-elements"
         element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
         element_inputs = {name: run.fresh(name)["identity"]}

@@ -280,12 +280,13 @@ class Run:
     def add_skipped(self, step: str, problems: list[Problem]) -> None:
         """More images ``step`` left out (a page it writes after its measure): those not yet
         recorded for the step get their line and join its records, which are kept."""
-        said = set(self.skipped_by(step))
+        path = self.path / "problems.parquet"
+        recorded = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
+        recorded = recorded[recorded["step"] == step]
+        said = set(recorded["image_id"])
         new = [p for p in problems if p.image_id not in said]
         if new:
-            path = self.path / "problems.parquet"
-            recorded = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
-            self.record_problems(step, [*recorded[recorded["step"] == step].itertuples(), *new])
+            self.record_problems(step, [*recorded.itertuples(), *new])
         print_problems(new, self.path)
 
     def skipped_by(self, step: str, may_be_fixed: bool = False) -> list[str]:
