@@ -65,10 +65,10 @@ feature bank left out. An interrupted run (Ctrl-C, a killed job) loses only the 
 mining. The next call rebuilds the feature bank, reads every label whose part carries the
 identity it has now, prints ``doersch: resuming: N of M labels already mined`` and mines the
 others: the same table, bit for bit, as a run never interrupted. Rebuilding the bank is one
-decode and HOG pass: for the 120 images listed at 256 px above (preset data, 1 thread on a busy
-2-core machine), 10-21 s of a resume that took 60-81 s after 3 of 4 labels, where the whole run
-took 205-237 s, 179-203 s of it SVMs (benchmarks/README.md, ``doersch_resume.py``). A part made with other settings, from another listing or from another
-bank (an image unreadable then, read now) is never reused: it is mined again, and the parts of
+decode and HOG pass: for the 120 images listed at 256 px above (preset data, 1 thread, alone on
+a 2-core Intel Xeon), 8.6 s of a resume that took 41.6 s after 3 of 4 labels, where the whole
+run took 144.5 s, 123.8 s of it SVMs (benchmarks/README.md, ``doersch_resume.py``). A part made
+with other settings, from another listing or from another bank (an image unreadable then, read now) is never reused: it is mined again, and the parts of
 other identities are removed once the result is written (the pipeline replaces a result made
 otherwise only on ``--force`` or once its listing changed). ``patches.parquet`` is the parts in
 label order; they are kept beside it, because ``--positive LABEL`` reads and writes the same
