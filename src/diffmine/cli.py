@@ -301,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="SQL (DuckDB) over the run's Parquet tables",
                        description="Tables: images, patches (clustered when available), mined, typicality, problems.")
     p.add_argument("--run", required=True, type=Path, help="the run directory")
-    p.add_argument("sql", help="one SQL query (read-only), e.g. \"SELECT label, count(*) FROM patches GROUP BY label\"")
+    p.add_argument("sql", help="one SQL statement (read-only; several are refused), e.g. \"SELECT label, count(*) FROM patches GROUP BY label\"")
     return root
 
 
