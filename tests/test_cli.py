@@ -250,6 +250,29 @@ def test_trends_refuses_a_min_size_no_cluster_reaches_keeping_the_stored_trends(
     assert _files(run) == before
 
 
+def test_trends_refuses_a_stride_above_the_patch_keeping_the_stored_trends(tiny_run, tmp_path, capsys):
+    """A grid step wider than the patch was taken: its boxes left the pixels between them unscored."""
+    import numpy as np
+
+    from diffmine.trends import candidate_boxes
+
+    def covered(k, stride):
+        seen = np.zeros((32, 32), bool)
+        for x0, y0, x1, y1 in candidate_boxes(32, 32, k, stride):
+            seen[y0:y1, x0:x1] = True
+        return seen.all()
+
+    k = int(tiny_run.lineage.get("mine")["patch"])
+    assert covered(k, k) and not covered(k, k + 1)
+    run = _copied(tiny_run, tmp_path)
+    labels = ",".join(sorted(tiny_run.labels))
+    assert main(["trends", "--run", str(run), "--order", labels, "--min-size", "2", "--stride", str(k)]) == 0
+    before = _files(run)
+    _refused(["trends", "--run", str(run), "--order", labels, "--min-size", "2", "--stride", str(k + 1)], capsys,
+             f"--stride {k + 1} is larger than the patch ({k} px", f"--stride {k} or less")
+    assert _files(run) == before
+
+
 @pytest.mark.parametrize("sql", ["", "  ", "-- a comment"])
 def test_query_without_a_statement_is_one_clear_line(sql, tiny_run, capsys):
     """It was a traceback (AttributeError: 'NoneType' object has no attribute 'df')."""

@@ -271,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
         "threshold": "split: an image contains the element when its best match is in the upper group of all images' "
                      "best matches (Otsu, two or three groups by AIC); members: when it reaches --percentile of the members' own matches",
         "percentile": "with --threshold members: this percentile of the members' cosine similarity to their centroid",
-        "stride": "grid step of the candidate boxes in pixels (0: an eighth of the patch side)",
+        "stride": "grid step of the candidate boxes in pixels, at most the patch side (0: an eighth of it)",
         "chunk": "images whose candidate boxes are held in memory at once",
         "candidates": "typical: each image's most typical boxes (as mined); grid: a grid of boxes",
         "per_image": "with --candidates typical: boxes per image"})
