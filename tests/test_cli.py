@@ -404,6 +404,25 @@ def test_baseline_refuses_an_unknown_positive_label_before_force_clears_the_stor
     assert _files(run) == before
 
 
+def test_baseline_refuses_a_patch_and_stride_the_images_cannot_take_leaving_the_run(tiny_run, tmp_path, capsys):
+    """The refusal came after an incomplete record of those settings was written: the corrected
+    call was then refused as "made differently", and status offered the refused call again."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused(["baseline", "doersch", "--run", str(run), "--patch", "32", "--stride", "8"], capsys,
+             "32px patches fit at most once in 32px images")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("argv, named", [(["--patch", "8", "--stride", "16"], "patch (8) must be a positive multiple of stride (16)"),
+                                         (["--patch", "32", "--stride", "8"], "32px patches fit at most once in 32px")])
+def test_baseline_refuses_a_patch_and_stride_before_listing(argv, named, tiny_run, tmp_path, capsys):
+    """Each listed the dataset into a new run, then was refused."""
+    _refused(["baseline", "doersch", "--data", str(tiny_run.dataset_root), "--run", str(tmp_path / "run"),
+              "--resolution", "32", *argv], capsys, named)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("flag, value", [("--svm-max-iter", "0"), ("--workers", "-1"), ("--c", "nan")])
 def test_baseline_refuses_nonsense_numbers(flag, value, tiny_run, tmp_path, capsys):
     _refused(["baseline", "doersch", "--run", str(_copied(tiny_run, tmp_path)), flag, value], capsys,

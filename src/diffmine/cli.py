@@ -471,14 +471,16 @@ def cmd_cotypicality(args):
 
 def cmd_baseline(args):
     from . import pipeline
-    from .baselines.doersch import OUTPUT, DoerschConfig
+    from .baselines.doersch import OUTPUT, DoerschConfig, check_size
 
     run = Run(args.run)
+    config = build_config(DoerschConfig, args)  # refused settings list no dataset
     if run.lineage.get("listing") is None:
         if args.data is None:
             raise RunError(f"{run.path}: no dataset listed here; pass --data DIR")
+        check_size(args.resolution, config)
         pipeline.prepare(run, args.data, args.prompt, args.null_prompt, args.resolution, args.resize, force=args.force)
-    table = pipeline.baseline_step(run, build_config(DoerschConfig, args), args.positive, force=args.force)
+    table = pipeline.baseline_step(run, config, args.positive, force=args.force)
     n = table.groupby("label")["cluster"].nunique().sum() if len(table) else 0
     print(f"{n} detectors, {len(table)} detections -> {args.run / OUTPUT / 'patches.parquet'}")
     return table

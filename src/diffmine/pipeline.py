@@ -874,9 +874,11 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
     label's part; the same call again mines only the labels left (``doersch.py``, Resume). Other
     settings are refused while that record stands, as for a complete result: its parts are hours
     of SVMs."""
-    from .baselines.doersch import EXECUTION, RESULT, output_dir, run_doersch
+    from .baselines.doersch import EXECUTION, RESULT, check_size, output_dir, run_doersch
 
     listing = run.fresh("listing")
+    # before the incomplete record below: one made with a patch that does not fit refused the corrected call
+    check_size(run.step_config("dataset")["resolution"], config)
     if positive is not None and positive not in run.labels:  # before --force clears the stored baseline
         raise ValueError(f"unknown label {positive!r}; the run has {run.labels}")
     stored = (run.lineage.get(RESULT) or {}).get("settings") or {}
