@@ -365,7 +365,8 @@ def test_evaluate_refuses_the_images_folder_or_a_file_as_masks(tiny_run, tmp_pat
 
 def test_compare_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path, capsys):
     """--out naming a file of the user's: it was replaced unasked. The page it wrote is replaced."""
-    compare = ["compare", "--run", str(tiny_run.path), "--run", str(tiny_run.path), "--crops", "1", "--examples", "1"]
+    compare = ["compare", "--run", str(tiny_run.path), "--run", str(_copied(tiny_run, tmp_path)), "--crops", "1",
+               "--examples", "1"]
     notes = tmp_path / "notes.html"
     notes.write_text("<p>my notes</p>")
     _refused([*compare, "--out", str(notes)], capsys, str(notes), "no page diffmine compare wrote")
@@ -373,6 +374,19 @@ def test_compare_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path, caps
     _refused([*compare, "--out", str(tmp_path)], capsys, "a folder")
     page = tmp_path / "page.html"
     assert main([*compare, "--out", str(page)]) == 0 and main([*compare, "--out", str(page)]) == 0
+
+
+@pytest.mark.parametrize("spelling", ["same", "slash", "link", "relative"])
+def test_compare_refuses_the_same_run_twice_leaving_it(spelling, tiny_run, tmp_path, capsys, monkeypatch):
+    """It was taken: a page of every map and patch beside itself (r = 1), written into the run."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(run)
+    other = {"same": str(run), "slash": f"{run}/", "link": "link", "relative": "run"}[spelling]
+    line = _refused(["compare", "--run", str(run), "--run", other], capsys, "are the same run", f"({run})")
+    assert line.endswith("give two runs")
+    assert _files(run) == before and not (run / "compare").exists()
 
 
 @pytest.mark.parametrize("flag", ["--examples", "--crops"])
