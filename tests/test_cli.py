@@ -250,6 +250,29 @@ def test_trends_refuses_a_min_size_no_cluster_reaches_keeping_the_stored_trends(
     assert _files(run) == before
 
 
+def test_trends_refuses_a_stride_above_the_patch_keeping_the_stored_trends(tiny_run, tmp_path, capsys):
+    """A grid step wider than the patch was taken: its boxes left the pixels between them unscored."""
+    import numpy as np
+
+    from diffmine.trends import candidate_boxes
+
+    def covered(k, stride):
+        seen = np.zeros((32, 32), bool)
+        for x0, y0, x1, y1 in candidate_boxes(32, 32, k, stride):
+            seen[y0:y1, x0:x1] = True
+        return seen.all()
+
+    k = int(tiny_run.lineage.get("mine")["patch"])
+    assert covered(k, k) and not covered(k, k + 1)
+    run = _copied(tiny_run, tmp_path)
+    labels = ",".join(sorted(tiny_run.labels))
+    assert main(["trends", "--run", str(run), "--order", labels, "--min-size", "2", "--stride", str(k)]) == 0
+    before = _files(run)
+    _refused(["trends", "--run", str(run), "--order", labels, "--min-size", "2", "--stride", str(k + 1)], capsys,
+             f"--stride {k + 1} is larger than the patch ({k} px", f"--stride {k} or less")
+    assert _files(run) == before
+
+
 @pytest.mark.parametrize("sql", ["", "  ", "-- a comment"])
 def test_query_without_a_statement_is_one_clear_line(sql, tiny_run, capsys):
     """It was a traceback (AttributeError: 'NoneType' object has no attribute 'df')."""
@@ -342,7 +365,8 @@ def test_evaluate_refuses_the_images_folder_or_a_file_as_masks(tiny_run, tmp_pat
 
 def test_compare_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path, capsys):
     """--out naming a file of the user's: it was replaced unasked. The page it wrote is replaced."""
-    compare = ["compare", "--run", str(tiny_run.path), "--run", str(tiny_run.path), "--crops", "1", "--examples", "1"]
+    compare = ["compare", "--run", str(tiny_run.path), "--run", str(_copied(tiny_run, tmp_path)), "--crops", "1",
+               "--examples", "1"]
     notes = tmp_path / "notes.html"
     notes.write_text("<p>my notes</p>")
     _refused([*compare, "--out", str(notes)], capsys, str(notes), "no page diffmine compare wrote")
@@ -350,6 +374,19 @@ def test_compare_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path, caps
     _refused([*compare, "--out", str(tmp_path)], capsys, "a folder")
     page = tmp_path / "page.html"
     assert main([*compare, "--out", str(page)]) == 0 and main([*compare, "--out", str(page)]) == 0
+
+
+@pytest.mark.parametrize("spelling", ["same", "slash", "link", "relative"])
+def test_compare_refuses_the_same_run_twice_leaving_it(spelling, tiny_run, tmp_path, capsys, monkeypatch):
+    """It was taken: a page of every map and patch beside itself (r = 1), written into the run."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link").symlink_to(run)
+    other = {"same": str(run), "slash": f"{run}/", "link": "link", "relative": "run"}[spelling]
+    line = _refused(["compare", "--run", str(run), "--run", other], capsys, "are the same run", f"({run})")
+    assert line.endswith("give two runs")
+    assert _files(run) == before and not (run / "compare").exists()
 
 
 @pytest.mark.parametrize("flag", ["--examples", "--crops"])
@@ -379,6 +416,25 @@ def test_baseline_refuses_an_unknown_positive_label_before_force_clears_the_stor
     before = _files(run)
     _refused(["baseline", "doersch", "--run", str(run), *small, "--positive", "bogus", "--force"], capsys, "'bogus'")
     assert _files(run) == before
+
+
+def test_baseline_refuses_a_patch_and_stride_the_images_cannot_take_leaving_the_run(tiny_run, tmp_path, capsys):
+    """The refusal came after an incomplete record of those settings was written: the corrected
+    call was then refused as "made differently", and status offered the refused call again."""
+    run = _copied(tiny_run, tmp_path)
+    before = _files(run)
+    _refused(["baseline", "doersch", "--run", str(run), "--patch", "32", "--stride", "8"], capsys,
+             "32px patches fit at most once in 32px images")
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("argv, named", [(["--patch", "8", "--stride", "16"], "patch (8) must be a positive multiple of stride (16)"),
+                                         (["--patch", "32", "--stride", "8"], "32px patches fit at most once in 32px")])
+def test_baseline_refuses_a_patch_and_stride_before_listing(argv, named, tiny_run, tmp_path, capsys):
+    """Each listed the dataset into a new run, then was refused."""
+    _refused(["baseline", "doersch", "--data", str(tiny_run.dataset_root), "--run", str(tmp_path / "run"),
+              "--resolution", "32", *argv], capsys, named)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flag, value", [("--svm-max-iter", "0"), ("--workers", "-1"), ("--c", "nan")])

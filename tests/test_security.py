@@ -161,12 +161,30 @@ def test_query_cannot_lift_the_sandbox(table_run):
         query(table_run, "LOAD httpfs")
 
 
+def test_query_refuses_several_statements_running_none(table_run):
+    """DuckDB ran them all and returned the last one's result: `SELECT 1; SELECT 2` showed 2 alone."""
+    config_path = table_run.path / "config.json"
+    config = config_path.read_bytes()
+    for sql in ("SELECT 1 AS a; SELECT 2 AS b", "SELECT label FROM images; SELECT 'x;y' AS z;",
+                # a harmless first statement lets no second one through
+                f"SELECT 1 AS a; COPY images TO '{config_path}'",
+                "SELECT 1 AS a; SET enable_external_access = true; SELECT * FROM read_csv('/etc/passwd')"):
+        with pytest.raises(QueryError, match=r"^query: [23] SQL statements given; query runs one"):
+            query(table_run, sql)
+    assert config_path.read_bytes() == config
+    # one statement, whatever ';' it holds in a literal or at its end
+    assert query(table_run, "SELECT ';' AS a, count(*) AS n FROM images;").to_dict("list") == {"a": [";"], "n": [3]}
+
+
 def test_bad_sql_is_one_line_from_the_cli(table_run, capsys):
     assert main(["query", "--run", str(table_run.path), "SELEC * FROM images"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("diffmine query: error: query: Parser Error")
     assert main(["query", "--run", str(table_run.path), "SELECT * FROM read_csv('/etc/passwd')"]) == 2
     assert "disabled by configuration" in capsys.readouterr().err
+    assert main(["query", "--run", str(table_run.path), "SELECT 1; SELECT 2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("diffmine query: error: query: 2 SQL statements given")
 
 
 # --------------------------------------------------------------------------------------------

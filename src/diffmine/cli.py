@@ -271,7 +271,7 @@ def parser() -> argparse.ArgumentParser:
         "threshold": "split: an image contains the element when its best match is in the upper group of all images' "
                      "best matches (Otsu, two or three groups by AIC); members: when it reaches --percentile of the members' own matches",
         "percentile": "with --threshold members: this percentile of the members' cosine similarity to their centroid",
-        "stride": "grid step of the candidate boxes in pixels (0: an eighth of the patch side)",
+        "stride": "grid step of the candidate boxes in pixels, at most the patch side (0: an eighth of it)",
         "chunk": "images whose candidate boxes are held in memory at once",
         "candidates": "typical: each image's most typical boxes (as mined); grid: a grid of boxes",
         "per_image": "with --candidates typical: boxes per image"})
@@ -301,7 +301,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="SQL (DuckDB) over the run's Parquet tables",
                        description="Tables: images, patches (clustered when available), mined, typicality, problems.")
     p.add_argument("--run", required=True, type=Path, help="the run directory")
-    p.add_argument("sql", help="one SQL query (read-only), e.g. \"SELECT label, count(*) FROM patches GROUP BY label\"")
+    p.add_argument("sql", help="one SQL statement (read-only; several are refused), e.g. \"SELECT label, count(*) FROM patches GROUP BY label\"")
     return root
 
 
@@ -471,14 +471,16 @@ def cmd_cotypicality(args):
 
 def cmd_baseline(args):
     from . import pipeline
-    from .baselines.doersch import OUTPUT, DoerschConfig
+    from .baselines.doersch import OUTPUT, DoerschConfig, check_size
 
     run = Run(args.run)
+    config = build_config(DoerschConfig, args)  # refused settings list no dataset
     if run.lineage.get("listing") is None:
         if args.data is None:
             raise RunError(f"{run.path}: no dataset listed here; pass --data DIR")
+        check_size(args.resolution, config)
         pipeline.prepare(run, args.data, args.prompt, args.null_prompt, args.resolution, args.resize, force=args.force)
-    table = pipeline.baseline_step(run, build_config(DoerschConfig, args), args.positive, force=args.force)
+    table = pipeline.baseline_step(run, config, args.positive, force=args.force)
     n = table.groupby("label")["cluster"].nunique().sum() if len(table) else 0
     print(f"{n} detectors, {len(table)} detections -> {args.run / OUTPUT / 'patches.parquet'}")
     return table

@@ -15,6 +15,7 @@ Typical use: the same dataset scored by a finetuned model and by the pretrained 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,9 @@ def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Pa
     """
     run_a = run_a if isinstance(run_a, Run) else open_run(run_a)
     run_b = run_b if isinstance(run_b, Run) else open_run(run_b)
+    if os.path.samefile(run_a.path, run_b.path):  # other spellings too: "R/", a link to R, a bind mount
+        raise ValueError(f"--run {run_a.path} and --run {run_b.path} are the same run ({os.path.realpath(run_a.path)}): "
+                         "a page of its maps and patches each beside itself; give two runs")
     html = render(build_context(run_a, run_b, **options))
     if out is not None:
         return write_text(_replaceable(Path(out)), html)
@@ -225,7 +229,7 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":
                               description="One HTML page comparing two runs over the images both scored, e.g. a "
                                           "finetuned model against the pretrained one.")
     p.add_argument("--run", action="append", required=True, type=Path, metavar="RUN",
-                   help="a run directory; give exactly two (A, then B)")
+                   help="a run directory; give exactly two different runs (A, then B)")
     p.add_argument("--out", type=Path, default=None, help="the page to write (default: RUN_A/compare/vs-<RUN_B>.html)")
     p.add_argument("--examples", type=int, default=4, help="images per label shown with both maps (default: 4)")
     p.add_argument("--crops", type=int, default=10, help="top patches per label and run (default: 10)")

@@ -729,11 +729,12 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     """Prevalence and typicality of every element cluster of the run in each label of ``order``
     (RUN/trends/trends.json) and its report page; returns the JSON document."""
     from .pages import trends_page_path, write_trends_page
-    from .trends import check_min_size, check_order, run_trends
+    from .trends import check_min_size, check_order, check_stride, run_trends
 
     check_order(run, order)  # before anything: a refused --order leaves the stored trends as they are
     clusters = run.fresh("cluster")
     check_min_size(run, config.min_size)  # so does a --min-size no cluster reaches
+    check_stride(run, config)  # and a --stride wider than the patch
     settings = {"order": list(order), **asdict(config)}
     inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
     path = run.result_files("trends")[0]
@@ -873,9 +874,11 @@ def baseline_step(run: Run, config, positive: str | None = None, progress: bool 
     label's part; the same call again mines only the labels left (``doersch.py``, Resume). Other
     settings are refused while that record stands, as for a complete result: its parts are hours
     of SVMs."""
-    from .baselines.doersch import EXECUTION, RESULT, output_dir, run_doersch
+    from .baselines.doersch import EXECUTION, RESULT, check_size, output_dir, run_doersch
 
     listing = run.fresh("listing")
+    # before the incomplete record below: one made with a patch that does not fit refused the corrected call
+    check_size(run.step_config("dataset")["resolution"], config)
     if positive is not None and positive not in run.labels:  # before --force clears the stored baseline
         raise ValueError(f"unknown label {positive!r}; the run has {run.labels}")
     stored = (run.lineage.get(RESULT) or {}).get("settings") or {}

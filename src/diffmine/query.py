@@ -60,13 +60,17 @@ def query(run, sql: str) -> pd.DataFrame:
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         try:
-            result = con.execute(sql)
+            # DuckDB's parser, not a split on ';' (a ';' may stand in a string literal)
+            statements = con.extract_statements(sql)
+            if not statements:  # an empty string, or comments only
+                raise QueryError(f"query: no SQL statement in {sql!r}; give one, e.g. \"SELECT count(*) FROM images\"")
+            if len(statements) > 1:  # DuckDB would run them all and return the last one's result only
+                raise QueryError(f"query: {len(statements)} SQL statements given; query runs one and prints its "
+                                 "result: give each its own `diffmine query`, or make them one (WITH ..., UNION ALL)")
+            return con.execute(statements[0]).df()
         except duckdb.Error as exc:
             first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise QueryError(f"query: {first}{_why_absent(run, first)}") from None
-        if result is None:  # an empty string, or comments only: no statement ran
-            raise QueryError(f"query: no SQL statement in {sql!r}; give one, e.g. \"SELECT count(*) FROM images\"")
-        return result.df()
     finally:
         con.close()
 

@@ -215,9 +215,20 @@ def check_min_size(run, min_size: int) -> None:
         raise ValueError(f"no cluster has {min_size} or more members; lower --min-size")
 
 
+def check_stride(run, config: TrendsConfig) -> None:
+    """ValueError where the grid's step exceeds the mined patch side: its boxes would leave the
+    pixels between them unscored (an element there never matched). Before the stored trends' record is dropped."""
+    k = int(run.lineage.get("mine")["patch"])
+    if config.candidates == "grid" and config.stride > k:
+        raise ValueError(f"--stride {config.stride} is larger than the patch ({k} px, the run's mined --patch): the grid's "
+                         f"boxes would leave the pixels between them unscored; give --stride {k} or less "
+                         f"(0: an eighth of the patch, {max(1, k // 8)} px)")
+
+
 def run_trends(run, backend: Backend, order: list[str], config: TrendsConfig, progress: bool = True) -> dict:
     """Measure every element in every label of ``order``; writes RUN/trends/trends.json."""
     check_order(run, order)
+    check_stride(run, config)
     # rows of features.npy are those of the mined patches that got a feature (top, then rejected)
     mined = run.mined_patches(FEATURE_KINDS).assign(row=lambda f: np.arange(len(f)))
     mined = mined[mined["kind"] == "top"]

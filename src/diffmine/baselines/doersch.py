@@ -608,18 +608,20 @@ def _as_bank(source, config: DoerschConfig, resolution: int | None, resize: str,
     if isinstance(source, Run):
         images = source.images()
         dataset = source.step_config("dataset")
-        _check_size(dataset["resolution"], config)
+        check_size(dataset["resolution"], config)
         return build_bank(list(images["path"]), list(images["image_id"]), list(images["label"]), dataset["resolution"],
                           config, dataset.get("resize", "square"), source.width_multiple(), progress, listed_of(images))
     if isinstance(source, Dataset):
         if resolution is None:
             raise ValueError("mining a Dataset needs the image resolution")
-        _check_size(resolution, config)
+        check_size(resolution, config)
         return build_bank(source.paths, source.image_ids, source.labels, resolution, config, resize, 1, progress)
     raise TypeError(f"expected a FeatureBank, Run or Dataset, got {type(source).__name__}")
 
 
-def _check_size(resolution: int, config: DoerschConfig) -> None:
+def check_size(resolution: int, config: DoerschConfig) -> None:
+    """ValueError unless a patch and one stride fit in ``resolution`` px images (the grid needs two
+    places a side): before a run is listed, or the baseline's record is written."""
     if resolution < config.patch + config.stride:
         patch = max(4, resolution // 4 // 4 * 4)
         raise ValueError(f"{config.patch}px patches fit at most once in {resolution}px images; mine smaller patches "
@@ -786,4 +788,4 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return baseline
 
 
-__all__ = ["DoerschConfig", "FeatureBank", "patch_features", "build_bank", "mine_doersch", "run_doersch", "add_parser"]
+__all__ = ["DoerschConfig", "FeatureBank", "patch_features", "build_bank", "check_size", "mine_doersch", "run_doersch", "add_parser"]
