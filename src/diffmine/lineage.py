@@ -58,7 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .atomic import write_json
-from .rerun import command_flags
+from .rerun import command_flags, gives_settings
 
 LINEAGE_FILE = "lineage.json"
 LOCK_DIR = ".locks"
@@ -234,8 +234,10 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
         what = "; ".join(changed + [f"its input {k} changed" for k in changed_inputs])
         # the first way out named is the one that loses nothing: an interrupted result asked again with other
         # settings lands here (its settings, not a method's version: the same settings are refused again)
-        keep = (f"give the settings it was made with (`diffmine {rerun_command(name, record, records)} --run "
-                f"{lineage.run_path}`) to keep or finish it, ") if differences(record["settings"], settings) else ""
+        made = f"`diffmine {rerun_command(name, record, records)} --run {lineage.run_path}`" \
+            if gives_settings(command_of(name)) else "the left of each ->"
+        keep = f"give the settings it was made with ({made}) to keep or finish it, " \
+            if differences(record["settings"], settings) else ""
         raise LineageError(f"{lineage.run_path}: the stored {name} result was made differently ({what}); "
                            f"{keep}pass --force to replace it, or use another --run")
     return "replace"

@@ -76,6 +76,11 @@ def _parts(command: str) -> tuple:
     }.get(command, ())
 
 
+def gives_settings(command: str) -> bool:
+    """Can :func:`command_flags` give ``diffmine COMMAND`` its results' settings (not ``train``'s)?"""
+    return bool(_parts(command))
+
+
 def command_flags(command: str, name: str, records: dict) -> list[str]:
     """The words (shell-quoted) that give ``diffmine COMMAND`` the settings ``records`` hold for the
     results it makes, re-making result ``name``: ``["--top", "40"]``."""
