@@ -4,6 +4,7 @@ Every test works on its own `cp -r` copy of one tiny run (a few training steps, 
 asserted is what the run keeps or recomputes, not the quality of its maps.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -513,6 +514,58 @@ def test_rerun_advice_quotes_an_edited_record_and_drops_what_is_no_flag(tiny, tm
     assert "--guidance" not in pasted["translate"] and "--steps" not in pasted["translate"]
     trends = parse(pasted["trends"])
     assert (trends.order, trends.min_size) == ("$(touch pwned),b; rm -rf ~", 4)
+
+
+# a value other than the default that each str field without CHOICES takes
+OTHER_STRINGS = {"errors": "iid", "rank": "median", "attention_blocks": "1,2", "images": "all", "threshold": "members",
+                 "candidates": "typical", "to": "a", "map_dtype": "float32", "preset": "paper"}
+
+
+def other_values(field) -> list:
+    """Values other than the field's default, of its kind, to try on its config."""
+    from diffmine.flags import CHOICES
+    from diffmine.rerun import field_kind
+
+    default, kind = field.default, field_kind(field)
+    if kind is bool:
+        return [not default]
+    if isinstance(default, tuple):
+        return [[default[0], default[0] / 2]]
+    if kind is int:
+        return [(default or 0) + 8, (default or 0) + 10_000]
+    if kind is float:
+        return [(default or 0.0) + 0.25, (default or 1.0) / 2]
+    return [c for c in (*CHOICES.get(field.name, ()), OTHER_STRINGS.get(field.name)) if c not in (None, default)]
+
+
+def test_every_flag_of_a_hint_gives_its_setting_back():
+    """The hints' flags come from the commands' configs as the CLI adds them (one option per field):
+    any field's recorded value comes back through the CLI's parser unchanged."""
+    from diffmine.rerun import command_configs, command_flags
+
+    parse = cli.parser().parse_args
+    arguments = {"contrast": ["a", "b"], "trends": ["--order", "a,b"]}
+    checked = 0
+    for command in ("typicality", "mine", "cluster", "report", "classify", "translate", "cotypicality", "contrast",
+                    "trends", "baseline doersch"):
+        for result, key, config, prefix, fixed in command_configs(command):
+            for field in dataclasses.fields(config):
+                if field.name in fixed or field.default == "auto":  # no flag; the stored precision kept
+                    continue
+                for value in other_values(field):
+                    try:
+                        config(**{field.name: value})
+                    except ValueError:
+                        continue  # not one the config takes
+                    name = result.format("contrast-x")
+                    settings = {key: {field.name: value}} if key else {field.name: value}
+                    words = shlex.split(" ".join(command_flags(command, name, {name: {"settings": settings}})))
+                    args = parse([*command.split(), *arguments.get(command, []), "--run", "R", *words])
+                    dest = "seed" if field.name == "seed" else prefix.replace("-", "_") + field.name
+                    assert getattr(args, dest) == value, (command, field.name, words)
+                    checked += 1
+                    break
+    assert checked > 150
 
 
 def test_a_result_that_left_images_out_is_another_result_and_is_made_again(tmp_path):

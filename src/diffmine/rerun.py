@@ -39,7 +39,7 @@ def field_kind(field: dataclasses.Field):
     return {"int": int, "float": float, "str": str, "bool": bool}.get(str(field.type).split(" ")[0].split("|")[0].strip())
 
 
-def _parts(command: str) -> tuple:
+def command_configs(command: str) -> tuple:
     """What the flags of ``diffmine COMMAND`` set, as cli.py's parser adds them: (result, key of the
     result's settings that holds the config's fields or None, config, flag prefix, fields without a
     flag). ``{}`` in a result stands for the contrast's own name. Commands not here (``prepare``,
@@ -78,7 +78,7 @@ def _parts(command: str) -> tuple:
 
 def gives_settings(command: str) -> bool:
     """Can :func:`command_flags` give ``diffmine COMMAND`` its results' settings (not ``train``'s)?"""
-    return bool(_parts(command))
+    return bool(command_configs(command))
 
 
 def command_flags(command: str, name: str, records: dict) -> list[str]:
@@ -86,7 +86,7 @@ def command_flags(command: str, name: str, records: dict) -> list[str]:
     results it makes, re-making result ``name``: ``["--top", "40"]``."""
     base = name.removesuffix("-elements")  # a contrast's maps and elements: one command
     words, given = [], set()
-    for result, key, config, prefix, fixed in _parts(command):
+    for result, key, config, prefix, fixed in command_configs(command):
         settings = _settings(records, result.format(base), key)
         for option, value_words in config_words(config, settings, prefix, fixed):
             if option not in given:  # --seed sets every config's seed
