@@ -242,7 +242,8 @@ def test_translate_names_an_image_edited_since_listing_and_translates_it_once_fi
     assert copy.left_out("translate") == [edited]
     first = copy.lineage.get("translate")
     assert first["left_out"] == 1
-    assert "translate: done, 1 image(s) left out (listed below; the next `diffmine translate` tries them again)" in status(copy)
+    assert ("translate: done, 1 image(s) left out (listed below; the next `diffmine translate --images 2 --steps 2 "
+            f"--shard-size 2 --run {copy.path}` tries them again)") in status(copy)  # with its flags: the same result
     assert {image for image, _ in stored()} == {image for image, _ in reference} - {edited}
     pipeline.cotypicality_step(copy, *cotypicality, progress=False)
     assert edited not in set(pd.read_parquet(copy.path / "cotypicality" / "shard-00000.parquet")["image_id"])
@@ -375,7 +376,8 @@ def test_cotypicality_names_a_scene_whose_source_changed_and_scores_it_once_fixe
     assert copy.left_out("cotypicality") == [edited]
     first = copy.lineage.get("cotypicality")
     assert first["left_out"] == 1
-    assert ("cotypicality: done, 1 image(s) left out (listed below; the next `diffmine cotypicality` tries them again)"
+    assert ("cotypicality: done, 1 image(s) left out (listed below; the next `diffmine cotypicality --top 12 --per-tuple 3 "
+            f"--umap-dim 2 --k 2 --samples 2 --shard-size 2 --feature-ensemble 1 --run {copy.path}` tries them again)"
             in status(copy))
 
     with_bad_row, untouched = files("shard-00000"), files("shard-00001")

@@ -4,9 +4,11 @@ Every test works on its own `cp -r` copy of one tiny run (a few training steps, 
 asserted is what the run keeps or recomputes, not the quality of its maps.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -321,7 +323,8 @@ def test_a_result_made_by_an_older_method_is_remade_and_never_served(tiny, tmp_p
     maps_before = {p.name: sha(p) for p in (copy / "typicality").glob("shard-*.safetensors")}
     monkeypatch.setitem(lineage.METHODS, "mine", 2)
     opened = Run(copy)
-    assert ("mine was made by another version of its method (v1 -> v2)", "mine") in opened.stale("mine")
+    assert ("mine was made by another version of its method (v1 -> v2)", "mine --top 10 --least 2 --random 2") \
+        in opened.stale("mine")  # made again as it was made
     with pytest.raises(RunError, match="re-run `diffmine mine"):
         opened.patches()  # the clusters were made from the old mining
     assert cli.main(run_args(images, copy)) == 0
@@ -358,6 +361,7 @@ def test_other_typicality_settings_need_force(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "samples: 2 -> 4" in err and shard.is_file()
     assert err.index("give the settings it was made with") < err.index("--force")  # the way that loses nothing first
+    assert f"(`diffmine typicality --samples 2 --run {copy}`)" in err  # those settings, as flags to paste
     # execution settings are no part of the result: a resume may change them
     assert cli.main(["typicality", "--run", str(copy), "--samples", "2", "--batch-size", "8"]) == 0
 
@@ -437,6 +441,131 @@ def test_rerun_advice_never_echoes_an_edited_command():
     assert lineage.rerun_command(name, {"command": "contrast a; rm -rf ~"}) == "contrast 'a;' rm -rf '~'"
     assert lineage.rerun_command(name, {"command": "typicality ; sh"}) == "contrast"
     assert lineage.rerun_command(name, {"command": "contrast 'unclosed"}) == "contrast"
+
+
+def printed_command(text: str, step: str) -> str:
+    """The command in backquotes on ``status``'s line of ``step``."""
+    line = next(line for line in text.splitlines() if line.startswith(f"{step}:"))
+    return line.split("`")[1]
+
+
+def test_a_stale_result_made_again_as_status_says_keeps_its_flags(tiny, tmp_path, capsys):
+    """`status` names the command that makes each stale result again as it was made: pasted, the
+    expensive typicality is not refused, and mine and cluster keep their flags (the tiny run's
+    --samples 2, --top 10, --k 2, --feature-ensemble 1 ...), not the defaults."""
+    images, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    made = {name: Run(copy).lineage.get(name)["settings"] for name in ("typicality", "mine", "features", "cluster")}
+    assert cli.main(["train", "--data", str(images), "--run", str(copy), "--resolution", "32", "--prompt",
+                     "A scene from {label}.", "--null-prompt", "A scene.", "--steps", "6", "--batch-size", "4",
+                     "--checkpoint-every", "2"]) == 0  # a new model: every result made with it is stale
+    for step in ("typicality", "mine", "cluster"):
+        command = printed_command(status(Run(copy)), step)
+        words = shlex.split(command)
+        assert words[:2] == ["diffmine", step] and "--force" not in words, command
+        capsys.readouterr()
+        assert cli.main(words[1:]) == 0, capsys.readouterr().err
+    for name, settings in made.items():
+        assert Run(copy).lineage.get(name)["settings"] == settings, name
+        assert not Run(copy).stale(name)
+
+
+def test_rerun_advice_quotes_an_edited_record_and_drops_what_is_no_flag(tiny, tmp_path):
+    """A received run's lineage.json is editable text: pasted into a shell, the command `status`
+    prints runs `diffmine STEP` alone, with the record's values as its arguments, word for word
+    (or not at all: unknown keys, values of another kind, values the step refuses)."""
+    _, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    path = copy / "lineage.json"
+    records = json.loads(path.read_text())
+    records["mine"]["settings"].update(per_image=3, top="; rm -rf ~", errors="iid; rm -rf ~", least=[1, "$(id)"],
+                                       random=None, evil="$(touch pwned)")
+    records["mine"]["inputs"]["typicality"] = "0" * 20  # stale
+    model = {"model": records["model"]["identity"]}  # incomplete: status names their own commands
+    records["translate"] = {"settings": {"to": "a; rm -rf ~ $(touch pwned)", "attention_blocks": "$(touch pwned)", "images": 2,
+                                         "guidance": "-x", "steps": True, "evil": "`touch pwned`"},
+                            "inputs": model, "identity": "1" * 20, "command": "translate; sh", "complete": False}
+    records["trends"] = {"settings": {"order": ["$(touch pwned)", "b; rm -rf ~"], "min_size": 4},
+                         "inputs": model, "identity": "2" * 20, "command": "trends", "complete": False}
+    path.write_text(json.dumps(records))
+    home, work, bin_ = tmp_path / "home", tmp_path / "work", tmp_path / "bin"
+    for folder in (home, work, bin_):
+        folder.mkdir()
+    (home / "kept").write_text("")
+    stub = bin_ / "diffmine"  # what the shell would run: its arguments, one a line
+    stub.write_text('#!/bin/sh\nfor word in "$@"; do printf \'%s\\n\' "$word"; done > "$ARGV"\n')
+    stub.chmod(0o755)
+    text = status(Run(copy))
+    pasted = {}
+    for step in ("mine", "translate", "trends"):
+        argv = tmp_path / f"{step}.argv"
+        env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "HOME": str(home), "ARGV": str(argv)}
+        subprocess.run(["bash", "-c", printed_command(text, step)], cwd=work, env=env, check=True)
+        pasted[step] = argv.read_text().splitlines()
+        assert pasted[step][0] == step
+    assert (home / "kept").is_file() and not any(work.iterdir())  # nothing else ran
+    parse = cli.parser().parse_args
+    mine = parse(pasted["mine"])
+    assert (mine.per_image, mine.top, mine.errors, mine.least, mine.random) == (3, 1000, "stratified", 50, 50)
+    assert pasted["mine"] == ["mine", "--per-image", "3", "--run", str(copy)]
+    translate = parse(pasted["translate"])
+    # its labels are free text; attention_blocks one the config refuses
+    assert (translate.to, translate.attention_blocks, translate.images) == ("a; rm -rf ~ $(touch pwned)", "1,2,3", 2)
+    assert "--guidance" not in pasted["translate"] and "--steps" not in pasted["translate"]
+    trends = parse(pasted["trends"])
+    assert (trends.order, trends.min_size) == ("$(touch pwned),b; rm -rf ~", 4)
+
+
+# a value other than the default that each str field without CHOICES takes
+OTHER_STRINGS = {"errors": "iid", "rank": "median", "attention_blocks": "1,2", "images": "all", "threshold": "members",
+                 "candidates": "typical", "to": "a", "map_dtype": "float32", "preset": "paper"}
+
+
+def other_values(field) -> list:
+    """Values other than the field's default, of its kind, to try on its config."""
+    from diffmine.flags import CHOICES
+    from diffmine.rerun import field_kind
+
+    default, kind = field.default, field_kind(field)
+    if kind is bool:
+        return [not default]
+    if isinstance(default, tuple):
+        return [[default[0], default[0] / 2]]
+    if kind is int:
+        return [(default or 0) + 8, (default or 0) + 10_000]
+    if kind is float:
+        return [(default or 0.0) + 0.25, (default or 1.0) / 2]
+    return [c for c in (*CHOICES.get(field.name, ()), OTHER_STRINGS.get(field.name)) if c not in (None, default)]
+
+
+def test_every_flag_of_a_hint_gives_its_setting_back():
+    """The hints' flags come from the commands' configs as the CLI adds them (one option per field):
+    any field's recorded value comes back through the CLI's parser unchanged."""
+    from diffmine.rerun import command_configs, command_flags
+
+    parse = cli.parser().parse_args
+    arguments = {"contrast": ["a", "b"], "trends": ["--order", "a,b"]}
+    checked = 0
+    for command in ("typicality", "mine", "cluster", "report", "classify", "translate", "cotypicality", "contrast",
+                    "trends", "baseline doersch"):
+        for result, key, config, prefix, fixed in command_configs(command):
+            for field in dataclasses.fields(config):
+                if field.name in fixed or field.default == "auto":  # no flag; the stored precision kept
+                    continue
+                for value in other_values(field):
+                    try:
+                        config(**{field.name: value})
+                    except ValueError:
+                        continue  # not one the config takes
+                    name = result.format("contrast-x")
+                    settings = {key: {field.name: value}} if key else {field.name: value}
+                    words = shlex.split(" ".join(command_flags(command, name, {name: {"settings": settings}})))
+                    args = parse([*command.split(), *arguments.get(command, []), "--run", "R", *words])
+                    dest = "seed" if field.name == "seed" else prefix.replace("-", "_") + field.name
+                    assert getattr(args, dest) == value, (command, field.name, words)
+                    checked += 1
+                    break
+    assert checked > 150
 
 
 def test_a_result_that_left_images_out_is_another_result_and_is_made_again(tmp_path):

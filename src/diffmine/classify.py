@@ -32,6 +32,10 @@ from .terminal import printable
 from .typicality import DEFAULT_SAMPLES, TypicalityConfig, compiled, prompt_errors
 
 
+# typicality's fields that classify's command has no flag for: it stores no maps
+NO_FLAGS = ("shard_size", "map_dtype", "unit_maps")
+
+
 @dataclass
 class ClassifyConfig(TypicalityConfig):
     """The draws of typicality (its fields) plus the choice of images to score."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .adaptive import AdaptiveConfig
 from .baselines.doersch import add_parser as add_baseline
+from .classify import NO_FLAGS as CLASSIFY_NO_FLAGS
 from .classify import ClassifyConfig
 from .clustering import ClusterConfig
 from .cotypicality import CotypicalityConfig
@@ -211,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
                                    "model learned the labels.")
     add_run_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    add_config(p, ClassifyConfig, skip=("seed", "shard_size", "map_dtype", "unit_maps"),
+    add_config(p, ClassifyConfig, skip=("seed", *CLASSIFY_NO_FLAGS),
                help={"estimator": FIXED_ESTIMATOR_HELP}, choices={"estimator": FIXED_ESTIMATORS})
 
     p = sub.add_parser("translate", help="translate images to every other label (Plug-and-Play or SDEdit)",

@@ -8,6 +8,8 @@ import dataclasses
 from pathlib import Path
 
 from .machine import PRECISIONS
+from .rerun import field_kind
+from .rerun import flag as _flag  # one option per field: the re-run hints name the same options
 from .train import LR_SCHEDULES, MIXED_PRECISIONS
 from .translate import METHODS
 from .typicality import ESTIMATORS
@@ -119,10 +121,6 @@ def seed_int(text: str) -> int:
     return value
 
 
-def _flag(name: str, prefix: str = "") -> str:
-    return "--" + (prefix + name).replace("_", "-").lower()
-
-
 # the values a string field may take, checked by argparse before any config is built (the configs
 # check them too, for the Python API); ``add_config(choices=...)`` narrows them for one parser
 CHOICES = {"estimator": ESTIMATORS, "precision": PRECISIONS, "method": METHODS, "mixed_precision": MIXED_PRECISIONS,
@@ -139,7 +137,7 @@ def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tup
         if field.name in skip:
             continue
         default = (defaults or {}).get(field.name, field.default)
-        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(field.type).split(" ")[0].split("|")[0].strip())
+        kind = field_kind(field)
         help_text = (help or {}).get(field.name, HELP.get(field.name, ""))
         dest = prefix.replace("-", "_") + field.name
         if kind is bool:

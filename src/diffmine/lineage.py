@@ -58,6 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .atomic import write_json
+from .rerun import command_flags, gives_settings
 
 LINEAGE_FILE = "lineage.json"
 LOCK_DIR = ".locks"
@@ -215,7 +216,8 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
     ask to discard: an ``expensive`` result whose own settings (or method version) changed, or a
     ``guard_inputs`` result (the model) whose inputs changed.
     """
-    record = lineage.get(name)
+    records = lineage.records()
+    record = records.get(name)
     if record is None:
         return "new"
     settings, inputs = canonical(settings), canonical(inputs)
@@ -230,9 +232,12 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
         return "resume"
     if (changed and expensive) or (changed_inputs and guard_inputs):
         what = "; ".join(changed + [f"its input {k} changed" for k in changed_inputs])
-        # the first way out named is the one that loses nothing: `status` sends the user to re-run a step
-        # without its flags, and an interrupted result asked again with other settings lands here
-        keep = "give the settings it was made with (the left of each ->) to keep or finish it, " if changed else ""
+        # the first way out named is the one that loses nothing: an interrupted result asked again with other
+        # settings lands here (its settings, not a method's version: the same settings are refused again)
+        made = f"`diffmine {rerun_command(name, record, records)} --run {lineage.run_path}`" \
+            if gives_settings(command_of(name)) else "the left of each ->"
+        keep = f"give the settings it was made with ({made}) to keep or finish it, " \
+            if differences(record["settings"], settings) else ""
         raise LineageError(f"{lineage.run_path}: the stored {name} result was made differently ({what}); "
                            f"{keep}pass --force to replace it, or use another --run")
     return "replace"
@@ -254,13 +259,13 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
             reasons.append((f"its input {input_name} is gone", command_of(input_name)))
         elif upstream["identity"] != identity:
             reasons += stale_reasons(lineage, input_name, records) if input_name not in ROOTS else []
-            reasons.append((f"{input_name} changed since {name} was made", rerun_command(name, record)))
+            reasons.append((f"{input_name} changed since {name} was made", rerun_command(name, record, records)))
         elif input_name not in ROOTS:
             reasons += stale_reasons(lineage, input_name, records)
-    reasons += [(f"{name} was made by another version of its method ({change})", rerun_command(name, record))
+    reasons += [(f"{name} was made by another version of its method ({change})", rerun_command(name, record, records))
                 for change in _method_change(record, name)]
     if not record.get("complete", True):
-        reasons.append((f"{name} is incomplete", rerun_command(name, record)))
+        reasons.append((f"{name} is incomplete", rerun_command(name, record, records)))
     return reasons
 
 
@@ -274,22 +279,33 @@ COMMANDS = {"listing": "prepare", "model": "train", "typicality": "typicality", 
 COMMAND_PREFIXES = {"contrast-": "contrast"}
 
 
-def rerun_command(name: str, record: dict) -> str:
-    """The command that re-makes ``name``, with the arguments its record names (a contrast's labels).
+def rerun_command(name: str, record: dict, records: dict | None = None) -> str:
+    """The command that makes ``name`` again as it was made: the arguments its record names (a
+    contrast's labels) and the flags of the settings it and the other results of its command were
+    made with (``records``: the run's; :func:`rerun.command_flags`), ``mine --top 40``.
 
     A received run's lineage.json is text anyone could have edited: only a step whose command
     takes arguments (a contrast's labels) reads the stored command, when it starts with the step's
-    own, re-quoted word by word, so what is printed as "re-run ..." never runs anything else in a shell.
+    own, re-quoted word by word, and the flags are only known fields' values, quoted, so what is
+    printed as "re-run ..." never runs anything else in a shell.
     """
     command = command_of(name)
+    flags = command_flags(command, name, {**(records or {}), name: record})
+    return " ".join([_stored_arguments(name, record) or command, *flags])
+
+
+def _stored_arguments(name: str, record: dict) -> str | None:
+    """The stored command of a result made per item (a contrast's, with its labels), re-quoted word
+    by word; None for another result, or a stored command that is not the step's own."""
+    command = command_of(name)
     if not any(name.startswith(prefix) for prefix in COMMAND_PREFIXES):
-        return command
+        return None
     try:
         words = shlex.split(str(record.get("command", "")))
     except ValueError:
-        return command
+        return None
     if words[:len(command.split())] != command.split():
-        return command
+        return None
     return " ".join(shlex.quote(word) for word in words)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .adaptive import draws_summary, rounds_progress
 from .leftovers import status_line as leftovers_line
-from .lineage import command_of
+from .lineage import command_of, rerun_command
 from .models.base import model_files
 from .relocate import location_lines
 from .terminal import printable
@@ -16,15 +16,21 @@ ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "repor
          "translate", "cotypicality", "baseline-doersch")
 
 
+def _rerun(run, name: str) -> str:
+    """``COMMAND --flags`` that makes result ``name`` again as it was made (its recorded settings)."""
+    records = run.lineage.records()
+    return rerun_command(name, records[name], records) if name in records else command_of(name)
+
+
 def _state(run, name: str) -> str:
     reasons = run.stale(name)
     gone = [path for path in run.result_files(name) if not path.is_file()]
     if gone and not reasons:
-        return f"its file {gone[0]} is gone: re-run `diffmine {command_of(name)} --run {run.path}`"
+        return f"its file {gone[0]} is gone: re-run `diffmine {_rerun(run, name)} --run {run.path}`"
     if not reasons:
         left_out = (run.lineage.get(name) or {}).get("left_out")
-        return (f"done, {left_out} image(s) left out (listed below; the next `diffmine {command_of(name)}` "
-                "tries them again)") if left_out else "done"
+        return (f"done, {left_out} image(s) left out (listed below; the next `diffmine {_rerun(run, name)} --run "
+                f"{run.path}` tries them again)") if left_out else "done"
     reason, command = reasons[0]
     return f"out of date ({reason}): re-run `diffmine {command} --run {run.path}`"
 
@@ -79,7 +85,7 @@ def status(run) -> str:
             done = 0 if index is None else len(index)  # a map, or a problem (retried where it may be fixed)
             left = len(images) - done
             state = _state(run, name) if left == 0 else \
-                f"{left} images left: re-run `diffmine typicality --run {run.path}`"
+                f"{left} images left: re-run `diffmine {_rerun(run, name)} --run {run.path}`"
             lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
             if record["settings"].get("estimator") == "adaptive" and index is not None:
                 lines.append(f"  draws per image: {draws_summary(index)}")
