@@ -473,9 +473,10 @@ def test_a_stale_result_made_again_as_status_says_keeps_its_flags(tiny, tmp_path
 def test_rerun_advice_quotes_an_edited_record_and_drops_what_is_no_flag(tiny, tmp_path):
     """A received run's lineage.json is editable text: pasted into a shell, the command `status`
     prints runs `diffmine STEP` alone, with the record's values as its arguments, word for word
-    (or not at all: unknown keys, values of another kind, values the step refuses)."""
+    (or not at all: unknown keys, values of another kind, values the step refuses). The run's own
+    folder is one word too, whatever its name."""
     _, _, run = tiny
-    copy = cp_r(run, tmp_path / "copy")
+    copy = cp_r(run, tmp_path / "a copy $(touch pwned)")
     path = copy / "lineage.json"
     records = json.loads(path.read_text())
     records["mine"]["settings"].update(per_image=3, top="; rm -rf ~", errors="iid; rm -rf ~", least=[1, "$(id)"],

@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from .terminal import printable
+from .terminal import printable, shell_word
 
 HIT_SHARE = 0.5
 # Depth of the fixed-depth top1: the crops per cluster row on a label page (ReportConfig.per_cluster)
@@ -137,7 +137,7 @@ def fresh_or_noted(run, name: str, notes: list[str]) -> bool:
     reasons = run.stale(name)
     if reasons:
         reason, command = reasons[0]
-        notes.append(f"{name} left out: out of date ({reason}); re-run `diffmine {command} --run {run.path}`")
+        notes.append(f"{name} left out: out of date ({reason}); re-run `diffmine {command} --run {shell_word(run.path)}`")
     return not reasons
 
 

@@ -47,6 +47,7 @@ from .atomic import atomic_write, current_umask, write_json, write_text
 from .data import CHANGED, changed_since_listing
 from .images import RunImages
 from .rundir import Run, RunError
+from .terminal import shell_word
 
 FORMATS = ("coco", "hf", "csv")
 MARKER = "diffmine-export.json"
@@ -59,7 +60,7 @@ def clustered_patches(run: Run) -> pd.DataFrame:
     """Every clustered patch, by label, cluster rank and rank in cluster; RunError when stale or missing."""
     patches = run.patches()
     if "cluster_rank" not in patches.columns:
-        raise RunError(f"{run.path}: no clusters yet; run `diffmine cluster --run {run.path}` first")
+        raise RunError(f"{run.path}: no clusters yet; run `diffmine cluster --run {shell_word(run.path)}` first")
     return patches.sort_values(["label", "cluster_rank", "rank_in_cluster"], kind="mergesort").reset_index(drop=True)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .data import BadImage, Problem, listed_by_id, load_image
-from .terminal import print_problems
+from .terminal import print_problems, shell_word
 
 # diverging, perceptually ordered, white at 0: red = typical of the label, blue = atypical
 COLORMAP = "RdBu_r"
@@ -169,7 +169,7 @@ def cluster_grid(run, label: str, rank: int, n: int = 16, size: int = 96, contex
     """A PIL grid of the ``n`` members of cluster ``rank`` of ``label`` nearest its centre (in context)."""
     patches = run.patches()
     if "cluster_rank" not in patches.columns:
-        raise ValueError(f"{run.path}: no clusters yet; run `diffmine cluster --run {run.path}`")
+        raise ValueError(f"{run.path}: no clusters yet; run `diffmine cluster --run {shell_word(run.path)}`")
     members = patches[(patches["label"] == label) & (patches["cluster_rank"] == rank)].sort_values("rank_in_cluster")
     if members.empty:
         raise KeyError(f"no cluster {rank} of label {label!r} in {run.path}")

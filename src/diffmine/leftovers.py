@@ -27,7 +27,7 @@ from pathlib import Path
 from .atomic import is_temporary_name
 from .lineage import quiet_run
 from .rundir import Run, RunError
-from .terminal import counted, printable, size_text
+from .terminal import counted, printable, shell_word, size_text
 
 SHOWN = 3  # leftovers named in a summary; the others counted
 
@@ -87,8 +87,8 @@ def status_line(run: Run) -> str | None:
     running = running_steps(run)
     if running:  # its write in progress looks like a leftover until it is renamed into place
         return (f"leftovers: {describe(run, found)}; {', '.join(running)} running now, some may be its writes in "
-                f"progress: `diffmine clean --run {run.path}` once it has finished")
-    return f"leftovers: {describe(run, found)}; remove with `diffmine clean --run {run.path}`"
+                f"progress: `diffmine clean --run {shell_word(run.path)}` once it has finished")
+    return f"leftovers: {describe(run, found)}; remove with `diffmine clean --run {shell_word(run.path)}`"
 
 
 def clean(run: Run) -> str:

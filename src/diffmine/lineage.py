@@ -59,6 +59,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .rerun import command_flags, gives_settings
+from .terminal import shell_word
 
 LINEAGE_FILE = "lineage.json"
 LOCK_DIR = ".locks"
@@ -234,7 +235,7 @@ def plan(lineage: Lineage, name: str, settings: dict, inputs: dict, force: bool 
         what = "; ".join(changed + [f"its input {k} changed" for k in changed_inputs])
         # the first way out named is the one that loses nothing: an interrupted result asked again with other
         # settings lands here (its settings, not a method's version: the same settings are refused again)
-        made = f"`diffmine {rerun_command(name, record, records)} --run {lineage.run_path}`" \
+        made = f"`diffmine {rerun_command(name, record, records)} --run {shell_word(lineage.run_path)}`" \
             if gives_settings(command_of(name)) else "the left of each ->"
         keep = f"give the settings it was made with ({made}) to keep or finish it, " \
             if differences(record["settings"], settings) else ""
@@ -336,7 +337,7 @@ def require_fresh(lineage: Lineage, name: str) -> dict:
     if reasons:
         reason, command = reasons[0]
         raise LineageError(f"{lineage.run_path}: the {name} result is out of date ({reason}); "
-                           f"re-run `diffmine {command} --run {lineage.run_path}`")
+                           f"re-run `diffmine {command} --run {shell_word(lineage.run_path)}`")
     return lineage.get(name)
 
 

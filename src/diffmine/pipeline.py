@@ -41,7 +41,7 @@ from .models import Backend, create_backend, latent_factor, load_backend, record
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError, prompt_problem
 from .shards import result_settings
-from .terminal import counted, print_problems, printable
+from .terminal import counted, print_problems, printable, shell_word
 from .train import TrainConfig, latest_checkpoint, train
 from .translate import TranslateConfig, missing_translations, run_translate
 from .adaptive import AdaptiveConfig
@@ -301,7 +301,7 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
         if record is not None and not force and record["settings"] == canonical(settings) and record["inputs"] != inputs:
             raise RunError(f"{run.path}: the listing changed since the model was trained (now {len(run.images())} "
                            "images); training on it makes a new model: pass --force. To score the new images with "
-                           f"the trained model, run `diffmine typicality --run {run.path}`")
+                           f"the trained model, run `diffmine typicality --run {shell_word(run.path)}`")
         action = _planned(run, "model", settings, inputs, force, expensive=True, guard_inputs=True)
         if action == "done" and not all(path.is_file() for path in model_files(run.model_dir)):
             action = "resume"  # the weights were deleted or left out of a copy: rebuilt from the checkpoints
@@ -353,7 +353,7 @@ def load_model(run: Run, device: torch.device | None = None) -> tuple[Backend, d
     (checked against its record)."""
     record = run.lineage.get("model")
     if record is None or not record.get("complete"):
-        raise RunError(f"{run.path}: no trained model yet; run `diffmine train --run {run.path}` first")
+        raise RunError(f"{run.path}: no trained model yet; run `diffmine train --run {shell_word(run.path)}` first")
     actual = model_digest(run.model_dir)  # before loading: a damaged file is named, not decoded
     if actual != record["identity"]:
         raise RunError(f"{run.model_dir}: the weights differ from the ones training recorded "
@@ -477,7 +477,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
                             width_multiple=backend.latent_factor, location=location)
             if left_out:
                 print(f"typicality: {counted(len(left_out), 'image')} left out for now (unreadable, or changed since "
-                      f"listing); the later steps go on without them, and `diffmine typicality --run {run.path}` "
+                      f"listing); the later steps go on without them, and `diffmine typicality --run {shell_word(run.path)}` "
                       "retries them once they are fixed (or list the data again without them)")
         return written
 
@@ -605,7 +605,8 @@ def pointing_command(run: Run, settings: dict, folders: dict | None = None) -> s
     encoder = (settings.get("model_options") or {}).get("text_encoder")
     if "text_encoder" in local:
         encoder = folders.get("text_encoder", "TEXT_ENCODER_FOLDER")
-    return f"diffmine typicality --run {run.path} --model {model}" + (f" --text-encoder {encoder}" if encoder else "")
+    return (f"diffmine typicality --run {shell_word(run.path)} --model {shell_word(model)}"
+            + (f" --text-encoder {shell_word(encoder)}" if encoder else ""))
 
 
 def _recorded_location(run: Run, record: dict) -> tuple[str, dict]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .terminal import shell_word
+
 
 class QueryError(ValueError):
     """The SQL failed (syntax, unknown table or column, or refused by the sandbox)."""
@@ -86,6 +88,6 @@ def _why_absent(run, message: str) -> str:
             reasons = run.stale(step)
             if reasons:
                 reason, command = reasons[0]
-                return f" (the {table} table is not served: {reason}; re-run `diffmine {command} --run {run.path}`)"
+                return f" (the {table} table is not served: {reason}; re-run `diffmine {command} --run {shell_word(run.path)}`)"
     return ""
 

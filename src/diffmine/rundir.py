@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from .atomic import write_table
 from .data import Problem, problem_may_be_fixed
 from .lineage import PROBLEMS_LOCK, Lineage, LineageError, command_of, open_lock, require_fresh, stale_reasons, unlinked
-from .terminal import print_problems
+from .terminal import print_problems, shell_word
 
 # in RUN/model: the image ids the trained model saw (no part of its identity: a record of its training set)
 TRAINED_ON_FILE = "trained-on.parquet"
@@ -194,8 +194,8 @@ class Run:
             if name == "listing" and (self.path / "config.json").is_file():
                 raise RunError(f"{self.path}: written by diffmine 0.1, which kept no lineage record; "
                                "run its steps again into a new run directory")
-            hint = f"run `diffmine train --data DIR --run {self.path}` first" if name == "listing" else \
-                f"run `diffmine {command_of(name)} --run {self.path}` first"
+            hint = f"run `diffmine train --data DIR --run {shell_word(self.path)}` first" if name == "listing" else \
+                f"run `diffmine {command_of(name)} --run {shell_word(self.path)}` first"
             raise RunError(f"{self.path}: no {name} result yet; {hint}")
         return record["settings"]
 
@@ -220,7 +220,7 @@ class Run:
     def images(self) -> pd.DataFrame:
         """The listing: index, image_id, path (absolute), label, split, size, fingerprint."""
         if not self.images_path.is_file():
-            raise RunError(f"{self.path}: no dataset listed here; run `diffmine train --data DIR --run {self.path}` first")
+            raise RunError(f"{self.path}: no dataset listed here; run `diffmine train --data DIR --run {shell_word(self.path)}` first")
         images = pd.read_parquet(self.images_path)
         root = str(self.dataset_root)
         images["path"] = [p if os.path.isabs(p) else os.path.join(root, p) for p in images["path"]]
@@ -348,7 +348,7 @@ class Run:
         if index is None:
             if missing_ok:
                 return None
-            raise RunError(f"{self.path}: no typicality yet; run `diffmine typicality --run {self.path}`")
+            raise RunError(f"{self.path}: no typicality yet; run `diffmine typicality --run {shell_word(self.path)}`")
         return current_rows(index, self.images())
 
     def _check_maps(self, name: str = "typicality") -> None:
@@ -356,7 +356,7 @@ class Run:
         for reason, command in self.stale(name):
             if "listing" not in reason and "incomplete" not in reason:
                 raise RunError(f"{self.path}: the {name} maps are out of date ({reason}); "
-                               f"re-run `diffmine {command} --run {self.path}`")
+                               f"re-run `diffmine {command} --run {shell_word(self.path)}`")
 
     @cached_property
     def typicality_store(self) -> "MapStore":
@@ -390,7 +390,7 @@ class Run:
         name = contrast_name(a, b)
         if self.lineage.get(name) is None:
             raise RunError(f"{self.path}: no contrast of {a!r} vs {b if b is not None else 'all'!r} yet; "
-                           f"run `diffmine contrast --run {self.path} ...` first")
+                           f"run `diffmine contrast --run {shell_word(self.path)} ...` first")
         self._check_maps(name)
         index = read_index(self.contrast_dir(a, b))
         rows = current_rows(index, self.images()) if index is not None else pd.DataFrame(columns=["image_id", "status"])
@@ -427,7 +427,7 @@ class Run:
         """The mining step's table of one kind (or several, in the table's order: top, rejected,
         least, random), most typical first (least: least typical first)."""
         if self.lineage.get("mine") is None or not self.patches_path.is_file():
-            raise RunError(f"{self.path}: no mined patches yet; run `diffmine mine --run {self.path}`")
+            raise RunError(f"{self.path}: no mined patches yet; run `diffmine mine --run {shell_word(self.path)}`")
         self.fresh("mine")
         table = pd.read_parquet(self.patches_path)
         kinds = (kind,) if isinstance(kind, str) else kind
@@ -440,7 +440,7 @@ class Run:
 
         index = read_index(self.translations_dir) if self.lineage.get("translate") is not None else None
         if index is None:
-            raise RunError(f"{self.path}: no translations yet; run `diffmine translate --run {self.path}`")
+            raise RunError(f"{self.path}: no translations yet; run `diffmine translate --run {shell_word(self.path)}`")
         return index
 
     @cached_property

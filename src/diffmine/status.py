@@ -9,7 +9,7 @@ from .leftovers import status_line as leftovers_line
 from .lineage import command_of, rerun_command
 from .models.base import model_files
 from .relocate import location_lines
-from .terminal import printable
+from .terminal import printable, shell_word
 from .train import latest_checkpoint
 
 ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "report", "classify", "localize",
@@ -26,13 +26,13 @@ def _state(run, name: str) -> str:
     reasons = run.stale(name)
     gone = [path for path in run.result_files(name) if not path.is_file()]
     if gone and not reasons:
-        return f"its file {gone[0]} is gone: re-run `diffmine {_rerun(run, name)} --run {run.path}`"
+        return f"its file {gone[0]} is gone: re-run `diffmine {_rerun(run, name)} --run {shell_word(run.path)}`"
     if not reasons:
         left_out = (run.lineage.get(name) or {}).get("left_out")
         return (f"done, {left_out} image(s) left out (listed below; the next `diffmine {_rerun(run, name)} --run "
                 f"{run.path}` tries them again)") if left_out else "done"
     reason, command = reasons[0]
-    return f"out of date ({reason}): re-run `diffmine {command} --run {run.path}`"
+    return f"out of date ({reason}): re-run `diffmine {command} --run {shell_word(run.path)}`"
 
 
 def _outside_model_lines(run, record: dict) -> list[str]:
@@ -85,7 +85,7 @@ def status(run) -> str:
             done = 0 if index is None else len(index)  # a map, or a problem (retried where it may be fixed)
             left = len(images) - done
             state = _state(run, name) if left == 0 else \
-                f"{left} images left: re-run `diffmine {_rerun(run, name)} --run {run.path}`"
+                f"{left} images left: re-run `diffmine {_rerun(run, name)} --run {shell_word(run.path)}`"
             lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
             if record["settings"].get("estimator") == "adaptive" and index is not None:
                 lines.append(f"  draws per image: {draws_summary(index)}")
@@ -115,5 +115,5 @@ def status(run) -> str:
     lines.append(f"bad or skipped images: {problems['image_id'].nunique()}")  # below: one line per image and step
     lines += [f"  {p.path or p.image_id} ({p.step}): {p.problem}" for p in problems.head(20).itertuples()]
     if len(problems) > 20:
-        lines.append(f"  ... {len(problems) - 20} more: diffmine query --run {run.path} \"SELECT * FROM problems\"")
+        lines.append(f"  ... {len(problems) - 20} more: diffmine query --run {shell_word(run.path)} \"SELECT * FROM problems\"")
     return "\n".join(printable(line) for line in lines)  # labels and paths are untrusted text

@@ -3,6 +3,8 @@ a newline or an ANSI escape in a label must not forge a line or repaint the scre
 
 from __future__ import annotations
 
+import shlex
+
 
 def printable(text: str) -> str:
     """``text`` with every non-printable character (newline, tab, ESC, ...) shown as its escape."""
@@ -25,6 +27,12 @@ class PrintableOutput:
         return getattr(self.stream, name)
 
 
+def shell_word(value) -> str:
+    """``value`` as one word of a command a message tells the user to run: a run folder with a space
+    stays one argument, and a received run's recorded text (a model name with ``; rm ...``) runs nothing."""
+    return shlex.quote(str(value))
+
+
 def counted(n: int, noun: str) -> str:
     """``1 image``, ``2 images``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
@@ -43,4 +51,4 @@ def print_problems(problems, run_path, limit: int = 10) -> None:
     for p in problems[:limit]:
         print(printable(f"skipped {p.path or p.image_id}: {p.problem}"))
     if len(problems) > limit:
-        print(f"... and {len(problems) - limit} more (see `diffmine status --run {run_path}`)")
+        print(f"... and {len(problems) - limit} more (see `diffmine status --run {shell_word(run_path)}`)")

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from ..terminal import shell_word
 from .base import BACKEND_FILE, WEIGHTS_FILE, Backend, Denoiser, read_weights
 
 __all__ = ["Backend", "Denoiser", "create_backend", "load_backend", "ModelError"]
@@ -79,7 +80,7 @@ def model_sources(directory: str | Path, spec: dict) -> dict[str, str]:
         folder, named_in = (moved[key], LOCATION_FILE) if key in moved else (spec.get(key), BACKEND_FILE)
         if isinstance(folder, str) and Path(folder).is_absolute() and not Path(folder).exists():
             raise ModelError(f"{directory / named_in}: its {key.replace('_', ' ')} folder {folder} is missing; "
-                             f"where it is elsewhere on this machine, run `diffmine relocate --run {directory.parent} "
+                             f"where it is elsewhere on this machine, run `diffmine relocate --run {shell_word(directory.parent)} "
                              f"{flag} FOLDER`")
         if folder is not None:
             sources[key] = recorded_source(folder, directory / named_in, directory.parent)
