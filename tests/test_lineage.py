@@ -582,3 +582,22 @@ def test_a_result_that_left_images_out_is_another_result_and_is_made_again(tmp_p
     assert lineage.plan(record, "classify", settings, inputs) == "resume"
     again = record.put("classify", settings, inputs, "classify", left_out=["a/0.png", "b/1.png"])
     assert again["identity"] == partial["identity"]  # the same images, in any order: the same result
+
+
+def test_a_typicality_hint_names_the_outside_model_it_was_scored_with():
+    """A result scored with `typicality --model sd:FOLDER` (or a hub id) is made again by the same
+    model: the hint gives --model and --text-encoder, a local folder from the record's location
+    (quoted), else the run's own model would be refused as "made differently"."""
+    from diffmine.lineage import rerun_command
+    from diffmine.pipeline import LOCAL
+
+    local = {"settings": {"model": f"sd:{LOCAL}", "model_options": {"text_encoder": LOCAL}, "samples": 4},
+             "location": {"base": "/models/sd 1.5", "text_encoder": "/models/clip"}}
+    assert rerun_command("typicality", local) == \
+        "typicality --samples 4 --model 'sd:/models/sd 1.5' --text-encoder /models/clip"
+    hub = {"settings": {"model": "sd:org/model", "model_options": {}}}
+    assert rerun_command("typicality", hub) == "typicality --model sd:org/model"
+    own = {"settings": {"model": "run", "model_options": {}}, "location": {"base": "/elsewhere"}}
+    assert rerun_command("typicality", own) == "typicality"
+    edited = {"settings": {"model": f"sd:{LOCAL}", "model_options": {}}, "location": {"base": ["not", "text"]}}
+    assert rerun_command("typicality", edited) == "typicality"

@@ -92,6 +92,8 @@ def command_flags(command: str, name: str, records: dict) -> list[str]:
             if option not in given:  # --seed sets every config's seed
                 given.add(option)
                 words += value_words
+    if command == "typicality":
+        words += outside_model_words(records.get("typicality"))
     result, keys = PLAIN.get(command, (None, ()))
     settings = _settings(records, result, None) if result else {}
     for key in keys:
@@ -101,6 +103,27 @@ def command_flags(command: str, name: str, records: dict) -> list[str]:
         if isinstance(value, str) and value:
             words += _words(flag(key), value)
     return words
+
+
+def outside_model_words(record) -> list[str]:
+    """``--model`` (and ``--text-encoder``) of a typicality result scored with a model other than
+    the run's own, as ``typicality --model`` was given them: a local folder from where the record
+    says it was read (its ``location``, kept outside the identity; a folder whose files changed is
+    refused by the step), a hub id as recorded. [] for the run's own model, or a record without one."""
+    from .pipeline import LOCAL  # the name a record gives a local folder, in place of its path
+
+    settings = record.get("settings") if isinstance(record, dict) else None
+    model = settings.get("model") if isinstance(settings, dict) else None
+    if not isinstance(model, str) or model == "run" or ":" not in model:
+        return []
+    location = record.get("location") if isinstance(record.get("location"), dict) else {}
+    options = settings.get("model_options") if isinstance(settings.get("model_options"), dict) else {}
+    kind, name = model.split(":", 1)
+    named = {"--model": (f"{kind}:{location.get('base')}" if isinstance(location.get("base"), str) else None)
+             if name == LOCAL else model,
+             "--text-encoder": location.get("text_encoder") if options.get("text_encoder") == LOCAL
+             else options.get("text_encoder")}
+    return [word for option, value in named.items() if isinstance(value, str) and value for word in _words(option, value)]
 
 
 def _settings(records: dict, result: str, key: str | None) -> dict:
