@@ -276,7 +276,7 @@ def test_query_and_status(trained_run):
     text = status(trained_run)
     images = len(trained_run.images())
     shards = -(-images // TYPICALITY.shard_size)
-    assert f"typicality: {images}/{images} images, {shards} shards; done" in text and "cluster: done" in text
+    assert f"typicality: {images}/{images} images, {shards} shard{'s' if shards > 1 else ''}; done" in text and "cluster: done" in text
 
 
 def test_summary_metrics_read_the_top_cluster_in_its_own_order_at_a_fixed_depth():

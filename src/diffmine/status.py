@@ -9,7 +9,7 @@ from .leftovers import status_line as leftovers_line
 from .lineage import command_of, rerun_command
 from .models.base import model_files
 from .relocate import location_lines
-from .terminal import printable, shell_word
+from .terminal import counted, printable, shell_word
 from .train import latest_checkpoint
 
 ORDER = ("listing", "model", "typicality", "mine", "features", "cluster", "report", "classify", "localize",
@@ -86,7 +86,7 @@ def status(run) -> str:
             left = len(images) - done
             state = _state(run, name) if left == 0 else \
                 f"{left} images left: re-run `diffmine {_rerun(run, name)} --run {shell_word(run.path)}`"
-            lines.append(f"typicality: {done}/{len(images)} images, {len(run.typicality_shards())} shards; {state}")
+            lines.append(f"typicality: {done}/{len(images)} images, {counted(len(run.typicality_shards()), 'shard')}; {state}")
             if record["settings"].get("estimator") == "adaptive" and index is not None:
                 lines.append(f"  draws per image: {draws_summary(index)}")
             rounds = rounds_progress(run.typicality_dir, images)  # an adaptive run interrupted mid-way
