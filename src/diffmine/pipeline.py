@@ -467,18 +467,11 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
         written = run_typicality(run, backend, config, rank, world, progress, adaptive)
         if rank == 0:
             index = run.typicality_index(missing_ok=True)
-            left_out = _left_out_maps(index)
-            if index is not None:
-                print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] != "ok"].itertuples()],
-                               run.path)
             # the width keep-aspect images were resized to, for whoever shows them beside the maps
             run.lineage.put("typicality", settings, inputs, "typicality",
-                            complete=_typicality_covers_listing(run, index), left_out=left_out,
+                            complete=_typicality_covers_listing(run, index), left_out=_left_out_maps(index),
                             width_multiple=backend.latent_factor, location=location)
-            if left_out:
-                print(f"typicality: {counted(len(left_out), 'image')} left out for now (unreadable, or changed since "
-                      f"listing); the later steps go on without them, and `diffmine typicality --run {shell_word(run.path)}` "
-                      "retries them once they are fixed (or list the data again without them)")
+            _say_left_out_maps(run, index, "typicality", "typicality")
         return written
 
 
@@ -488,6 +481,21 @@ def _left_out_maps(index: pd.DataFrame | None) -> list[str]:
     the steps after it go on without them, the next call of the step retries them, and once they
     have their maps what was made without them is stale."""
     return [] if index is None else sorted(index.loc[index["status"] == "unreachable", "image_id"])
+
+
+def _say_left_out_maps(run: Run, index: pd.DataFrame | None, step: str, command: str) -> None:
+    """Name the images a map step (typicality, a contrast: ``step`` on the terminal, made again by
+    ``diffmine COMMAND``) computed no map for, one line each (``print_problems``), and where some of
+    them may be fixed (:func:`_left_out_maps`) that the next call retries them."""
+    if index is None:
+        return
+    print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] != "ok"].itertuples()],
+                   run.path)
+    left_out = _left_out_maps(index)
+    if left_out:
+        print(printable(f"{step}: {counted(len(left_out), 'image')} left out for now (unreadable, or changed since "
+                        f"listing); the later steps go on without them, and `diffmine {command} --run "
+                        f"{shell_word(run.path)}` retries them once they are fixed (or list the data again without them)"))
 
 
 def _typicality_covers_listing(run: Run, index: pd.DataFrame | None = None) -> bool:
@@ -706,6 +714,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
             index = contrast_index(run, a, b, config.images)
             run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images, index),
                             left_out=_left_out_maps(index))
+            _say_left_out_maps(run, index, "contrast", command)
         elements = name + "-elements"
         element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
         element_inputs = {name: run.fresh(name)["identity"]}
