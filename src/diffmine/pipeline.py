@@ -154,14 +154,18 @@ def holdout_split(image_ids: list[str], labels: list[str], fraction: float, seed
 
 
 def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolution: int, resize: str = "square",
-            model: str = "tiny", holdout: float = 0.0, seed: int = 0, force: bool = False) -> dict:
+            model: str = "tiny", holdout: float = 0.0, seed: int = 0, force: bool = False,
+            model_options: dict | None = None) -> dict:
     """List the dataset into the run; returns the listing's record.
 
     Each image is identified by its id (path under the dataset root), label and content
     fingerprint. Re-listing a changed dataset changes the listing; later steps keep the results of
     unchanged images. A changed prompt, label set, image size or model kind would need a new
-    model: refused without ``force`` once the run has results.
+    model: refused without ``force`` once the run has results. A model folder (``sd:FOLDER``, or
+    the ``text_encoder`` of ``model_options``, training's) inside the run is refused before anything
+    is written: training would refuse it only after the listing (``_given_folders_outside``).
     """
+    _given_folders_outside(run, model, model_options or {})
     check_prompt(prompt)
     if resolution <= 0:
         raise DatasetError(f"--resolution must be > 0, got {resolution}")
@@ -256,9 +260,9 @@ def _sources(model: str | None, options: dict) -> tuple:
 def _given_folders_outside(run: Run, model: str | None, options: dict) -> None:
     """A local model folder given for the run (``sd:FOLDER``, ``text_encoder``) is refused where the
     later steps would refuse to load it from the record (``models.recorded_source``): inside the run."""
-    for name in _sources(model, options):
+    for flag, name in zip(("--model", "--text-encoder"), _sources(model, options)):
         if isinstance(name, str) and Path(name).expanduser().is_dir():
-            recorded_source(str(Path(name).expanduser().resolve()), "--model", run.path)
+            recorded_source(str(Path(name).expanduser().resolve()), flag, run.path)
 
 
 # ----------------------------------------------------------------------------------------------
