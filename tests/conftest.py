@@ -46,6 +46,13 @@ def barely_trained_run(out, per_label: int) -> Run:
     return run
 
 
+def run_files(path) -> dict[str, bytes]:
+    """Every file of a run and its bytes, the step locks aside (taking a lock is no change): equal
+    before and after a refused command, which must leave the run as it was."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and ".locks" not in p.parts}
+
+
 def relisted_copy(run: Run, out) -> tuple:
     """``out``/run and ``out``/data: copies of a finished run and of its dataset, the copy listed
     from the copied data (the same listing: its results stay up to date), for tests that edit an image."""

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from conftest import run_files
+
 from diffmine.cli import main, parser
 
 COMMANDS = ["synth", "prepare", "train", "typicality", "mine", "cluster", "report", "evaluate", "run", "demo", "status", "query",
@@ -166,12 +168,6 @@ def _copied(run, tmp_path):
     return shutil.copytree(run.path, tmp_path / "run")
 
 
-def _files(path):
-    """Every file of a run and its bytes, the step locks aside (taking a lock is no change)."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and ".locks" not in p.parts}
-
-
 def _refused(argv, capsys, *names):
     """Run ``argv``: exit 2, one line naming each of ``names``, no traceback; returns the line."""
     capsys.readouterr()
@@ -193,9 +189,9 @@ def test_a_patch_larger_than_the_images_is_refused_leaving_the_run(argv, tiny_ru
     """It said "No objects to concatenate", after dropping the mined patches' record (contrast:
     after computing the maps)."""
     run = _copied(tiny_run, tmp_path)
-    before = _files(run)
+    before = run_files(run)
     _refused([argv[0], "--run", str(run), *argv[1:]], capsys, "--patch 33", "32 px")
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 @pytest.mark.parametrize("to", ["bogus", "norland,norland", ","])
@@ -203,9 +199,9 @@ def test_translate_refuses_an_unknown_repeated_or_empty_to_before_recording_it(t
     """An unknown label was refused only after an incomplete translate record naming it was
     written (the next translate then asked for --force); a repeated one or none was taken."""
     run = _copied(tiny_run, tmp_path)
-    before = _files(run)
+    before = run_files(run)
     _refused(["translate", "--run", str(run), "--images", "1", "--steps", "2", "--to", to], capsys, repr(to) if to != "bogus" else "bogus")
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 @pytest.mark.parametrize("flags, named", [(["--feature-block", "99"], "no such residual block"),
@@ -216,9 +212,9 @@ def test_translate_refuses_an_injection_the_model_cannot_take(flags, named, tiny
     """Plug-and-Play into a block the model lacks injected nothing, silently (the translations kept
     no structure of their source), after recording the translations as begun."""
     run = _copied(tiny_run, tmp_path)
-    before = _files(run)
+    before = run_files(run)
     _refused(["translate", "--run", str(run), "--images", "1", "--steps", "2", *flags], capsys, named)
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 @pytest.mark.parametrize("flag, value", [("--images", "-1"), ("--guidance", "nan"), ("--batch-size", "0")])
@@ -235,9 +231,9 @@ def test_cluster_refuses_feature_flags_out_of_range_leaving_the_run(flag, value,
     NaN to integer", an empty features.npy (batch size -1), each after the features' and clusters'
     records were dropped; t outside [0, 1] was taken (a negative t indexed the schedule from its end)."""
     run = _copied(tiny_run, tmp_path)
-    before = _files(run)
+    before = run_files(run)
     _refused(["cluster", "--run", str(run), flag, value], capsys, flag)
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 def test_trends_refuses_a_min_size_no_cluster_reaches_keeping_the_stored_trends(tiny_run, tmp_path, capsys):
@@ -245,9 +241,9 @@ def test_trends_refuses_a_min_size_no_cluster_reaches_keeping_the_stored_trends(
     run = _copied(tiny_run, tmp_path)
     labels = ",".join(sorted(tiny_run.labels))
     assert main(["trends", "--run", str(run), "--order", labels, "--min-size", "2"]) == 0
-    before = _files(run)
+    before = run_files(run)
     _refused(["trends", "--run", str(run), "--order", labels, "--min-size", "100000"], capsys, "--min-size")
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 def test_trends_refuses_a_stride_above_the_patch_keeping_the_stored_trends(tiny_run, tmp_path, capsys):
@@ -267,10 +263,10 @@ def test_trends_refuses_a_stride_above_the_patch_keeping_the_stored_trends(tiny_
     run = _copied(tiny_run, tmp_path)
     labels = ",".join(sorted(tiny_run.labels))
     assert main(["trends", "--run", str(run), "--order", labels, "--min-size", "2", "--stride", str(k)]) == 0
-    before = _files(run)
+    before = run_files(run)
     _refused(["trends", "--run", str(run), "--order", labels, "--min-size", "2", "--stride", str(k + 1)], capsys,
              f"--stride {k + 1} is larger than the patch ({k} px", f"--stride {k} or less")
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 @pytest.mark.parametrize("sql", ["", "  ", "-- a comment"])
@@ -303,12 +299,12 @@ def test_query_without_a_statement_is_one_clear_line(sql, tiny_run, capsys):
 ])
 def test_a_setting_out_of_range_is_refused_in_one_line_leaving_the_run(argv, named, tiny_run, tmp_path, capsys):
     run = _copied(tiny_run, tmp_path)
-    before = _files(run)
+    before = run_files(run)
     extra = ["--data", str(tiny_run.dataset_root), "--resolution", "32", "--prompt", "A scene from {label}.",
              "--null-prompt", "A scene."] if argv[0] == "train" else []
     argv = [str(tiny_run.dataset_root.parent / "masks") if a == "MASKS" else a for a in argv]
     _refused([argv[0], "--run", str(run), *extra, *argv[1:]], capsys, named)
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 @pytest.mark.parametrize("argv, named", [
@@ -380,13 +376,13 @@ def test_compare_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path, caps
 def test_compare_refuses_the_same_run_twice_leaving_it(spelling, tiny_run, tmp_path, capsys, monkeypatch):
     """It was taken: a page of every map and patch beside itself (r = 1), written into the run."""
     run = _copied(tiny_run, tmp_path)
-    before = _files(run)
+    before = run_files(run)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "link").symlink_to(run)
     other = {"same": str(run), "slash": f"{run}/", "link": "link", "relative": "run"}[spelling]
     line = _refused(["compare", "--run", str(run), "--run", other], capsys, "are the same run", f"({run})")
     assert line.endswith("give two runs")
-    assert _files(run) == before and not (run / "compare").exists()
+    assert run_files(run) == before and not (run / "compare").exists()
 
 
 @pytest.mark.parametrize("flag", ["--examples", "--crops"])
@@ -403,9 +399,9 @@ def test_compare_refuses_a_negative_count(flag, tiny_run, tmp_path, capsys):
                                          (["synth", "--out", "RUN/synth", "--seed", "-1"], "--seed")])
 def test_threads_and_seed_out_of_range_are_refused_by_the_parser(argv, named, tiny_run, tmp_path, capsys):
     run = _copied(tiny_run, tmp_path)
-    before = _files(run)
+    before = run_files(run)
     _refused([str(run) + a[3:] if a.startswith("RUN") else a for a in argv], capsys, named)
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 def test_baseline_refuses_an_unknown_positive_label_before_force_clears_the_stored_one(tiny_run, tmp_path, capsys):
@@ -413,19 +409,19 @@ def test_baseline_refuses_an_unknown_positive_label_before_force_clears_the_stor
     run = _copied(tiny_run, tmp_path)
     small = ["--patch", "8", "--stride", "2"]
     assert main(["baseline", "doersch", "--run", str(run), *small]) == 0
-    before = _files(run)
+    before = run_files(run)
     _refused(["baseline", "doersch", "--run", str(run), *small, "--positive", "bogus", "--force"], capsys, "'bogus'")
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 def test_baseline_refuses_a_patch_and_stride_the_images_cannot_take_leaving_the_run(tiny_run, tmp_path, capsys):
     """The refusal came after an incomplete record of those settings was written: the corrected
     call was then refused as "made differently", and status offered the refused call again."""
     run = _copied(tiny_run, tmp_path)
-    before = _files(run)
+    before = run_files(run)
     _refused(["baseline", "doersch", "--run", str(run), "--patch", "32", "--stride", "8"], capsys,
              "32px patches fit at most once in 32px images")
-    assert _files(run) == before
+    assert run_files(run) == before
 
 
 @pytest.mark.parametrize("argv, named", [(["--patch", "8", "--stride", "16"], "patch (8) must be a positive multiple of stride (16)"),

@@ -514,6 +514,44 @@ def test_relocate_writing_into_the_run_is_a_write_clean_waits_for(moved, tmp_pat
     assert code == 2 and "another diffmine process is running relocate" in err
 
 
+@pytest.mark.parametrize("flag", ["--sd-base", "--text-encoder"])
+def test_relocate_refuses_a_folder_inside_the_run_leaving_it_as_it_was(tmp_path, sd_folder, flag):
+    """It accepted one, same files and all, into base-location.json, which every later step then
+    refused to load (``models.recorded_source``): refused up front, with the steps' own line."""
+    from conftest import run_files
+
+    run = tmp_path / "run"
+    create_backend(f"sd:{sd_folder}", [], lora_rank=2, text_encoder=str(sd_folder)).save(run / "model")
+    inside = Path(shutil.copytree(sd_folder, run / "base"))
+    before = run_files(run)
+    code, err = _cli("relocate", "--run", run, flag, inside)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{flag}: names the model folder {inside}, inside the run" in err and "keep that folder outside" in err
+    assert run_files(run) == before
+
+
+@pytest.mark.parametrize("flag", ["--model", "--text-encoder"])
+@pytest.mark.parametrize("listed", [False, True], ids=["new run", "listed run"])
+def test_train_refuses_a_model_folder_inside_the_run_before_listing(tmp_path, data, sd_folder, flag, listed):
+    """It wrote images.parquet and lineage.json (the listing, and an incomplete model record) before
+    refusing: a refused train leaves the run as it was, a new one holding only that folder."""
+    from conftest import run_files
+
+    run = tmp_path / "run"
+    if listed:
+        _prepare(run, data, sd_folder)
+    inside = Path(shutil.copytree(sd_folder, run / "base"))
+    before = run_files(run)
+    model = inside if flag == "--model" else sd_folder
+    code, err = _cli("train", "--data", data, "--run", run, "--model", f"sd:{model}", "--resolution", RES,
+                     "--steps", "2", "--batch-size", "4", "--prompt", "An image of {label}.", "--null-prompt",
+                     "An image.", "--force", *((flag, inside) if flag == "--text-encoder" else ()))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{flag}: names the model folder {inside}, inside the run" in err
+    assert run_files(run) == before
+    assert listed or [p.name for p in run.iterdir()] == ["base"]
+
+
 def test_relocating_a_run_trained_before_fingerprints_needs_force(moved, tmp_path):
     """Its backend.json (no fingerprint) keeps its bytes: relocated unverified only with --force."""
     from diffmine.models import LOCATION_FILE, relocations

@@ -326,7 +326,7 @@ def _prepare(args, run):
     from . import pipeline
 
     pipeline.prepare(run, args.data, args.prompt, args.null_prompt, args.resolution, args.resize, args.model,
-                     args.holdout, args.seed, args.force)
+                     args.holdout, args.seed, args.force, _model_options(args))
 
 
 def _train(args, run):

@@ -154,14 +154,18 @@ def holdout_split(image_ids: list[str], labels: list[str], fraction: float, seed
 
 
 def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolution: int, resize: str = "square",
-            model: str = "tiny", holdout: float = 0.0, seed: int = 0, force: bool = False) -> dict:
+            model: str = "tiny", holdout: float = 0.0, seed: int = 0, force: bool = False,
+            model_options: dict | None = None) -> dict:
     """List the dataset into the run; returns the listing's record.
 
     Each image is identified by its id (path under the dataset root), label and content
     fingerprint. Re-listing a changed dataset changes the listing; later steps keep the results of
     unchanged images. A changed prompt, label set, image size or model kind would need a new
-    model: refused without ``force`` once the run has results.
+    model: refused without ``force`` once the run has results. A model folder (``sd:FOLDER``, or
+    the ``text_encoder`` of ``model_options``, training's) inside the run is refused before anything
+    is written: training would refuse it only after the listing (``_given_folders_outside``).
     """
+    _given_folders_outside(run, model, model_options or {})
     check_prompt(prompt)
     if resolution <= 0:
         raise DatasetError(f"--resolution must be > 0, got {resolution}")
@@ -256,9 +260,9 @@ def _sources(model: str | None, options: dict) -> tuple:
 def _given_folders_outside(run: Run, model: str | None, options: dict) -> None:
     """A local model folder given for the run (``sd:FOLDER``, ``text_encoder``) is refused where the
     later steps would refuse to load it from the record (``models.recorded_source``): inside the run."""
-    for name in _sources(model, options):
+    for flag, name in zip(("--model", "--text-encoder"), _sources(model, options)):
         if isinstance(name, str) and Path(name).expanduser().is_dir():
-            recorded_source(str(Path(name).expanduser().resolve()), "--model", run.path)
+            recorded_source(str(Path(name).expanduser().resolve()), flag, run.path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,18 +471,11 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
         written = run_typicality(run, backend, config, rank, world, progress, adaptive)
         if rank == 0:
             index = run.typicality_index(missing_ok=True)
-            left_out = _left_out_maps(index)
-            if index is not None:
-                print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] != "ok"].itertuples()],
-                               run.path)
             # the width keep-aspect images were resized to, for whoever shows them beside the maps
             run.lineage.put("typicality", settings, inputs, "typicality",
-                            complete=_typicality_covers_listing(run, index), left_out=left_out,
+                            complete=_typicality_covers_listing(run, index), left_out=_left_out_maps(index),
                             width_multiple=backend.latent_factor, location=location)
-            if left_out:
-                print(f"typicality: {counted(len(left_out), 'image')} left out for now (unreadable, or changed since "
-                      f"listing); the later steps go on without them, and `diffmine typicality --run {shell_word(run.path)}` "
-                      "retries them once they are fixed (or list the data again without them)")
+            _say_left_out_maps(run, index, "typicality", "typicality")
         return written
 
 
@@ -488,6 +485,21 @@ def _left_out_maps(index: pd.DataFrame | None) -> list[str]:
     the steps after it go on without them, the next call of the step retries them, and once they
     have their maps what was made without them is stale."""
     return [] if index is None else sorted(index.loc[index["status"] == "unreachable", "image_id"])
+
+
+def _say_left_out_maps(run: Run, index: pd.DataFrame | None, step: str, command: str) -> None:
+    """Name the images a map step (typicality, a contrast: ``step`` on the terminal, made again by
+    ``diffmine COMMAND``) computed no map for, one line each (``print_problems``), and where some of
+    them may be fixed (:func:`_left_out_maps`) that the next call retries them."""
+    if index is None:
+        return
+    print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] != "ok"].itertuples()],
+                   run.path)
+    left_out = _left_out_maps(index)
+    if left_out:
+        print(printable(f"{step}: {counted(len(left_out), 'image')} left out for now (unreadable, or changed since "
+                        f"listing); the later steps go on without them, and `diffmine {command} --run "
+                        f"{shell_word(run.path)}` retries them once they are fixed (or list the data again without them)"))
 
 
 def _typicality_covers_listing(run: Run, index: pd.DataFrame | None = None) -> bool:
@@ -706,6 +718,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
             index = contrast_index(run, a, b, config.images)
             run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images, index),
                             left_out=_left_out_maps(index))
+            _say_left_out_maps(run, index, "contrast", command)
         elements = name + "-elements"
         element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
         element_inputs = {name: run.fresh(name)["identity"]}

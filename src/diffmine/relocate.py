@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .lineage import step_lock
-from .models import LOCATION_FILE, SOURCES, ModelError, model_sources, relocations
+from .models import LOCATION_FILE, SOURCES, ModelError, model_sources, recorded_source, relocations
 from .models.base import BACKEND_FILE
 
 WHAT = {"base": "base model", "text_encoder": "text encoder"}
@@ -80,6 +80,8 @@ def relocate(run_path: str | Path, base: str | Path | None = None, text_encoder:
              if folder is not None}
     if not given:
         raise ModelError("give --sd-base FOLDER, --text-encoder FOLDER or both")
+    for key, folder in given.items():  # refused up front, as every later step would refuse to load it from there
+        recorded_source(str(folder), SOURCES[key], run_path)
     # read, checked and written under one lock: a second relocate at once is refused, not lost, and
     # `diffmine clean` sees the write
     with step_lock(run_path, "relocate"):
