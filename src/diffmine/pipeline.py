@@ -34,7 +34,7 @@ from .clustering import ClusterConfig, run_clustering
 from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
 from .data import DatasetError, Problem, fingerprint_images, scan_dataset
 from .features import FEATURE_KINDS, FeatureConfig, check_block, run_features
-from .lineage import LineageError, canonical, digest, file_digest, plan, step_lock
+from .lineage import LineageError, canonical, digest, file_digest, plan, rerun_command, step_lock
 from .machine import resolve_precision
 from .mining import MineConfig, check_patch, run_mining
 from .models import Backend, create_backend, latent_factor, load_backend, recorded_source, relocations
@@ -475,7 +475,7 @@ def typicality_step(run: Run, config: TypicalityConfig, model: str | None = None
             run.lineage.put("typicality", settings, inputs, "typicality",
                             complete=_typicality_covers_listing(run, index), left_out=_left_out_maps(index),
                             width_multiple=backend.latent_factor, location=location)
-            _say_left_out_maps(run, index, "typicality", "typicality")
+            _say_left_out_maps(run, index, "typicality", "typicality")  # after its record: the flags it was made with
         return written
 
 
@@ -487,12 +487,16 @@ def _left_out_maps(index: pd.DataFrame | None) -> list[str]:
     return [] if index is None else sorted(index.loc[index["status"] == "unreachable", "image_id"])
 
 
-def _say_left_out_maps(run: Run, index: pd.DataFrame | None, step: str, command: str) -> None:
-    """Name the images a map step (typicality, a contrast: ``step`` on the terminal, made again by
-    ``diffmine COMMAND``) computed no map for, one line each (``print_problems``), and where some of
-    them may be fixed (:func:`_left_out_maps`) that the next call retries them."""
+def _say_left_out_maps(run: Run, index: pd.DataFrame | None, step: str, name: str, coming: dict | None = None) -> None:
+    """Name the images a map step (typicality, a contrast: ``step`` on the terminal, result ``name``)
+    computed no map for, one line each (``print_problems``), and where some of them may be fixed
+    (:func:`_left_out_maps`) the call that retries them: the step with the flags it was made with,
+    and those of the results of the same command still to be made (``coming``: {result: settings};
+    a contrast's elements)."""
     if index is None:
         return
+    records = {**run.lineage.records(), **{result: {"settings": s} for result, s in (coming or {}).items()}}
+    command = rerun_command(name, records[name], records)
     print_problems([Problem(r.image_id, r.path, r.problem) for r in index[index["status"] != "ok"].itertuples()],
                    run.path)
     left_out = _left_out_maps(index)
@@ -704,6 +708,8 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     settings = {"a": a, "b": b, **result_settings(config, ("batch_size", "workers", "compile", "shard_size"))}
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
     command = "contrast " + " ".join(shlex.quote(x) for x in ([a, b] if b is not None else [a, "--vs", "all"]))
+    elements = name + "-elements"
+    element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
     with step_lock(run.path, name):
         action = _planned(run, name, settings, inputs, force, expensive=True, incremental=("listing",))
         if action == "done" and missing_contrast(run, a, b, config.images):
@@ -718,9 +724,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
             index = contrast_index(run, a, b, config.images)
             run.lineage.put(name, settings, inputs, command, complete=not missing_contrast(run, a, b, config.images, index),
                             left_out=_left_out_maps(index))
-            _say_left_out_maps(run, index, "contrast", command)
-        elements = name + "-elements"
-        element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
+            _say_left_out_maps(run, index, "contrast", name, coming={elements: element_settings})
         element_inputs = {name: run.fresh(name)["identity"]}
         page = contrast_page_path(run, a, b)
         if _planned(run, elements, element_settings, element_inputs, force, outputs=(page,)) != "done":
