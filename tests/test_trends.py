@@ -28,7 +28,7 @@ from diffmine import cli, pipeline
 from diffmine.clustering import ClusterConfig
 from diffmine.features import FeatureConfig
 from diffmine.mining import MineConfig
-from diffmine import pages
+from diffmine import pages, trends
 from diffmine.pages import report_links
 from diffmine.rundir import Run
 from diffmine.synthetic import ORDERED_ELEMENTS, OrderedConfig, generate_ordered
@@ -151,6 +151,24 @@ def test_a_page_that_fails_leaves_trends_unrecorded_and_a_missing_page_is_made_a
     pages.trends_page_path(copy).unlink()  # a page deleted (or from before this fix) is made again
     pipeline.trends_step(copy, ORDER, TrendsConfig(), progress=False)
     assert pages.trends_page_path(copy).is_file()
+
+
+def test_settings_that_do_not_change_the_result_keep_the_trends_up_to_date(small, tmp_path, monkeypatch):
+    """--chunk (images held at once) never changes the trends, nor --stride for typical boxes or
+    --per-image for the grid: none of them makes the stored trends stale; --stride for the grid does."""
+    _, run, _ = small
+    copy = Run(tmp_path / "run")
+    shutil.copytree(run.path, copy.path)
+    measured = []
+    real = trends.run_trends
+    monkeypatch.setattr(trends, "run_trends", lambda *args, **kwargs: measured.append(args[3]) or real(*args, **kwargs))
+    pipeline.trends_step(copy, ORDER, TrendsConfig(chunk=2, per_image=2), progress=False)
+    assert measured == []
+    pipeline.trends_step(copy, ORDER, TrendsConfig(candidates="typical", stride=1), progress=False)
+    pipeline.trends_step(copy, ORDER, TrendsConfig(candidates="typical", stride=2, chunk=3), progress=False)
+    assert [config.candidates for config in measured] == ["typical"]
+    pipeline.trends_step(copy, ORDER, TrendsConfig(stride=1), progress=False)
+    assert len(measured) == 2 and measured[-1].stride == 1
 
 
 def test_cli_prints_json_and_refuses_unknown_labels(small, capsys):

@@ -747,13 +747,13 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     """Prevalence and typicality of every element cluster of the run in each label of ``order``
     (RUN/trends/trends.json) and its report page; returns the JSON document."""
     from .pages import trends_page_path, write_trends_page
-    from .trends import check_min_size, check_order, check_stride, run_trends
+    from .trends import check_min_size, check_order, check_stride, run_trends, trends_settings
 
     check_order(run, order)  # before anything: a refused --order leaves the stored trends as they are
     clusters = run.fresh("cluster")
     check_min_size(run, config.min_size)  # so does a --min-size no cluster reaches
     check_stride(run, config)  # and a --stride wider than the patch
-    settings = {"order": list(order), **asdict(config)}
+    settings = trends_settings(order, config)
     inputs = {"cluster": clusters["identity"], "typicality": run.fresh("typicality")["identity"], **scoring_inputs(run)}
     path = run.result_files("trends")[0]
     with step_lock(run.path, "trends"):

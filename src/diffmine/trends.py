@@ -37,7 +37,7 @@ images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -213,6 +213,15 @@ def check_min_size(run, min_size: int) -> None:
     sizes = run.patches("top").groupby(["label", "cluster"]).size()
     if sizes.empty or sizes.max() < min_size:
         raise ValueError(f"no cluster has {min_size} or more members; lower --min-size")
+
+
+def trends_settings(order: list[str], config: TrendsConfig) -> dict:
+    """What the stored trends were made from, for their record: the order and the settings that
+    change the result. Not ``chunk`` (how many images are held at once), nor the candidate setting
+    the chosen ``candidates`` does not read (``stride`` for typical boxes, ``per_image`` for the
+    grid): changing them keeps the trends up to date."""
+    unused = {"grid": "per_image", "typical": "stride"}[config.candidates]
+    return {"order": list(order), **{k: v for k, v in asdict(config).items() if k not in ("chunk", unused)}}
 
 
 def check_stride(run, config: TrendsConfig) -> None:
