@@ -30,7 +30,7 @@ def _state(run, name: str) -> str:
     if not reasons:
         left_out = (run.lineage.get(name) or {}).get("left_out")
         return (f"done, {left_out} image(s) left out (listed below; the next `diffmine {_rerun(run, name)} --run "
-                f"{run.path}` tries them again)") if left_out else "done"
+                f"{shell_word(run.path)}` tries them again)") if left_out else "done"
     reason, command = reasons[0]
     return f"out of date ({reason}): re-run `diffmine {command} --run {shell_word(run.path)}`"
 
