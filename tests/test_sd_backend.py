@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -494,6 +495,26 @@ def test_a_copied_run_relocated_to_its_base_scores_the_same(moved, tmp_path):
                model_options={"lora_rank": 4}, progress=False)
     assert copy.lineage.get("model")["steps"] == 3 and copy.stale("model") == []
     assert json.loads(spec_file.read_text())["base"] == str(base) and "relocated from" not in status(copy)
+
+
+def test_training_on_refuses_a_received_location_inside_the_run_leaving_its_model_recorded(moved, tmp_path):
+    """A received run's base-location.json naming a folder inside it: training on from the
+    checkpoint is refused before the model's record is marked as training, so the trained model
+    stays the run's (not "no trained model yet", and never trained again from scratch)."""
+    from conftest import run_files
+
+    from diffmine.models import LOCATION_FILE
+
+    received = Run(tmp_path / "received")
+    shutil.copytree(moved["copy"].path, received.path)
+    inside = Path(shutil.copytree(moved["B"], received.path / "base"))
+    (received.model_dir / LOCATION_FILE).write_text(json.dumps({"base": str(inside), "unverified": []}))
+    before, record = run_files(received.path), received.lineage.get("model")
+    with pytest.raises(ModelError, match=f"names the model folder {re.escape(str(inside))}, inside the run"):
+        train_step(received, TrainConfig(steps=record["steps"] + 1, batch_size=4, checkpoint_every=2, warmup_steps=1),
+                   model_options={"lora_rank": 4}, progress=False)
+    assert received.lineage.get("model") == record and record["complete"]
+    assert run_files(received.path) == before
 
 
 def test_relocate_writing_into_the_run_is_a_write_clean_waits_for(moved, tmp_path, monkeypatch):

@@ -323,13 +323,17 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
         if action == "done" and config.steps < trained and not force:
             raise RunError(f"{run.path}: the stored model has trained {trained} steps, --steps asks {config.steps}; "
                            "pass --force to train a new one")
-        if action in ("new", "replace") or config.steps < trained:
-            if rank == 0:
-                _clear(run.model_dir)  # results made with the old model become stale by its identity
+        anew = action in ("new", "replace") or config.steps < trained
+        # the folders training reads: a kept model's where `relocate` pointed them (a received run's
+        # location file may name one inside it), checked before anything is cleared or recorded: a
+        # refused call leaves the stored model, and its complete record, as they were
+        model, options = (listing["settings"]["model"], model_options or {}) if anew else \
+            _relocated(run, listing["settings"]["model"], model_options or {})
+        _given_folders_outside(run, model, options)
+        if anew and rank == 0:
+            _clear(run.model_dir)  # results made with the old model become stale by its identity
         if rank == 0:
             run.lineage.put("model", settings, inputs, "train", identity="(training)", complete=False, steps=config.steps)
-        model, options = _relocated(run, listing["settings"]["model"], model_options or {})
-        _given_folders_outside(run, model, options)
         backend = new_backend(run, model, config.seed, **options)
         model_dir = train(run, backend, config, progress=progress)
         if rank == 0:
