@@ -195,6 +195,8 @@ def test_classify_names_an_image_edited_since_listing_and_scores_it_once_fixed(t
     assert problems.loc[problems["step"] == "classify", "image_id"].tolist() == [edited]
     first = copy.lineage.get("classify")
     assert first["left_out"] == 1
+    kept = stored()  # translated in batches without the edited image: on some CPUs (AMD EPYC) a few
+    # grey levels off the reference's, made in batches with it
     shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
     assert cli.main(command) == 0  # the same settings and inputs: made again for the image it left out
     out, err = capsys.readouterr()
@@ -260,6 +262,8 @@ def test_translate_names_an_image_edited_since_listing_and_translates_it_once_fi
     assert files("shard-00000") == with_bad_rows and copy.lineage.get("translate")["identity"] == first["identity"]
     assert not copy.stale("cotypicality")
 
+    kept = stored()  # translated in batches without the edited image: on some CPUs (AMD EPYC) a few
+    # grey levels off the reference's, made in batches with it
     shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
     translated = []
     translate_pixels = diffmine.translate.translate_pixels
@@ -272,11 +276,12 @@ def test_translate_names_an_image_edited_since_listing_and_translates_it_once_fi
     assert again.keys() == reference.keys()
     for pair, image in reference.items():
         if pair[0] != edited:  # kept as stored
-            assert np.array_equal(again[pair], image), pair
-        else:  # translated alone, not in its shard's batch: CPU kernels may round otherwise for another batch shape
-            difference = np.abs(again[pair].astype(int) - image.astype(int))
-            # measured: a grey level at a few pixels (max 1, mean 0.0003), or none
-            assert difference.mean() < 0.05 and difference.max() <= 8, (pair, difference.max(), difference.mean())
+            assert np.array_equal(again[pair], kept[pair]), pair
+        # translated in another batch than the reference's (the fixed image alone, the others without
+        # it): CPU kernels may round otherwise for another batch shape
+        difference = np.abs(again[pair].astype(int) - image.astype(int))
+        # measured: a grey level at a few pixels (max 1, mean 0.0003), or none
+        assert difference.mean() < 0.05 and difference.max() <= 8, (pair, difference.max(), difference.mean())
     assert (copy.translations_index()["status"] == "ok").all()
     assert files("shard-00001") == untouched
     assert "translate" not in set(copy.problems()["step"])
@@ -387,6 +392,8 @@ def test_cotypicality_names_a_scene_whose_source_changed_and_scores_it_once_fixe
     assert files("shard-00000") == with_bad_row and files("shard-00001") == untouched
     assert copy.lineage.get("cotypicality")["identity"] == first["identity"]
 
+    kept = stored()  # translated in batches without the edited image: on some CPUs (AMD EPYC) a few
+    # grey levels off the reference's, made in batches with it
     shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
     scored = []
     latent_maps = diffmine.cotypicality.typicality_latent_maps
