@@ -195,8 +195,6 @@ def test_classify_names_an_image_edited_since_listing_and_scores_it_once_fixed(t
     assert problems.loc[problems["step"] == "classify", "image_id"].tolist() == [edited]
     first = copy.lineage.get("classify")
     assert first["left_out"] == 1
-    kept = stored()  # translated in batches without the edited image: on some CPUs (AMD EPYC) a few
-    # grey levels off the reference's, made in batches with it
     shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
     assert cli.main(command) == 0  # the same settings and inputs: made again for the image it left out
     out, err = capsys.readouterr()
@@ -392,8 +390,6 @@ def test_cotypicality_names_a_scene_whose_source_changed_and_scores_it_once_fixe
     assert files("shard-00000") == with_bad_row and files("shard-00001") == untouched
     assert copy.lineage.get("cotypicality")["identity"] == first["identity"]
 
-    kept = stored()  # translated in batches without the edited image: on some CPUs (AMD EPYC) a few
-    # grey levels off the reference's, made in batches with it
     shutil.copy(tiny_run.dataset_root / edited, data / edited)  # the listed bytes back
     scored = []
     latent_maps = diffmine.cotypicality.typicality_latent_maps

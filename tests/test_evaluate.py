@@ -34,7 +34,9 @@ def test_stale_clusters_and_unrecorded_baselines_are_left_out_not_scored(tiny_ru
     assert "clusters" not in after and "baselines" not in after
     assert after["hit_rate"]["top"]["per_label"]  # the fresh mining result is still scored
     cluster_note, baseline_note = after["left_out"]
-    assert cluster_note.startswith("cluster left out") and f"diffmine cluster --run {copy.path}" in cluster_note
+    # the step to re-run, with the flags the clusters were made with
+    assert cluster_note.startswith("cluster left out") and cluster_note.endswith(
+        f"re-run `diffmine cluster --feature-ensemble 1 --k 2 --run {copy.path}`")
     assert baseline_note.startswith("baseline-unrecorded left out")
     assert cli.main(["evaluate", "--run", str(copy.path), "--masks", str(masks)]) == 0
     text = capsys.readouterr().out
