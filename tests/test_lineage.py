@@ -81,16 +81,23 @@ def test_a_finished_run_run_again_rewrites_no_file(tiny, capsys):
 
 
 def test_a_run_on_read_only_storage_answers_its_up_to_date_steps(tiny, tmp_path, monkeypatch, capsys):
-    """A run this process cannot write (a received archive, a read-only share; os.access says so, as
-    it does on a read-only mount): run again, each step answers "up to date" with no lock file made
-    (making one was refused: `.locks: Permission denied`) and nothing written."""
+    """A run this process cannot write (a received archive, a read-only share: its lock folder cannot
+    be made, as on a read-only mount): run again, each step answers "up to date" (it stopped at
+    `.locks: Permission denied`) and nothing is written."""
+    import errno
+
     images, _, run = tiny
     copy = cp_r(run, tmp_path / "copy")
     for lock in (copy / lineage.LOCK_DIR, copy / lineage.LINEAGE_LOCK):
         shutil.rmtree(lock) if lock.is_dir() else lock.unlink(missing_ok=True)
-    access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kwargs: (
-        False if mode & os.W_OK and Path(path).resolve().is_relative_to(copy.resolve()) else access(path, mode, **kwargs)))
+    mkdir = Path.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if path.resolve().is_relative_to(copy.resolve()) and not path.exists():  # an existing one: as mkdir says
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
     before = files(copy)
     assert cli.main(run_args(images, copy)) == 0
     assert files(copy) == before and not (copy / lineage.LOCK_DIR).exists() and not (copy / lineage.LINEAGE_LOCK).exists()

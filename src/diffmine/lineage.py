@@ -390,14 +390,20 @@ def step_lock(run_path: str | Path, step: str, worker: bool = False):
     name = step.replace(" ", "-") + (".workers" if worker else "") + ".lock"
     for folder in RESULT_FOLDERS:
         unlinked(Path(run_path), Path(run_path) / folder)
-    if Path(run_path).is_dir() and not os.access(run_path, os.W_OK):
-        # a run this process cannot write (a received archive, a read-only share): nothing to guard,
-        # and no lock file can be made. A step that is up to date answers; one that would write stops
-        # at its first write, naming the file
-        yield
-        return
-    # opened, never written: a finished step changes no file
-    with open_lock(_lock_file(run_path, GATE)) as gate, open_lock(_lock_file(run_path, name)) as lock:
+    with ExitStack() as held:
+        try:  # opened, never written: a finished step changes no file
+            gate = held.enter_context(open_lock(_lock_file(run_path, GATE)))
+            lock = held.enter_context(open_lock(_lock_file(run_path, name)))
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            gate = None
+        if gate is None:
+            # a run this process cannot write (a read-only share, an archive): no lock can be made, and
+            # none is needed to read it. A step that is up to date answers; one that would write stops
+            # at its first write, naming the file
+            yield
+            return
         fcntl.flock(gate, fcntl.LOCK_SH)
         try:
             fcntl.flock(lock, fcntl.LOCK_SH if worker else fcntl.LOCK_EX | fcntl.LOCK_NB)
