@@ -255,18 +255,23 @@ class Run:
         return prompts["prompt"].format(label=label)
 
     # -- problems -------------------------------------------------------------------------
+    def _recorded_problems(self) -> pd.DataFrame:
+        """problems.parquet's rows (:data:`PROBLEM_COLUMNS`); none where it is not written yet."""
+        path = self.path / "problems.parquet"
+        return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
+
     def record_problems(self, step: str, problems: list[Problem]) -> None:
         """Append skipped images to problems.parquet (replacing earlier records of this step)."""
-        path = self.path / "problems.parquet"
         # read-modify-write under a lock: steps of one run may finish at once (each holds only its own
         # step lock), and a lost record would lose what a result left out (see ``left_out``)
         with open_lock(self.path / PROBLEMS_LOCK) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            old = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
+            old = self._recorded_problems()
             old = old[old["step"] != step]
             new = pd.DataFrame([{"image_id": p.image_id, "path": p.path, "step": step, "problem": p.problem}
                                 for p in problems], columns=PROBLEM_COLUMNS)
-            write_table(pa.Table.from_pandas(pd.concat([old, new], ignore_index=True), preserve_index=False), path)
+            write_table(pa.Table.from_pandas(pd.concat([old, new], ignore_index=True), preserve_index=False),
+                        self.path / "problems.parquet")
 
     def report_skipped(self, step: str, problems: list[Problem]) -> None:
         """The images ``step`` left out (unreadable, or changed since they were listed): one line
@@ -280,8 +285,7 @@ class Run:
     def add_skipped(self, step: str, problems: list[Problem]) -> None:
         """More images ``step`` left out (a page it writes after its measure): those not yet
         recorded for the step get their line and join its records, which are kept."""
-        path = self.path / "problems.parquet"
-        recorded = pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
+        recorded = self._recorded_problems()
         recorded = recorded[recorded["step"] == step]
         said = set(recorded["image_id"])
         new = [p for p in problems if p.image_id not in said]
@@ -298,10 +302,7 @@ class Run:
         that was read as listed and cannot be used (corrupt, too large) stays so until it is listed
         anew, which makes every result from the listing stale anyway; re-making a result for it at
         every call would break "nothing to do twice" on any large collection."""
-        path = self.path / "problems.parquet"
-        if not path.is_file():
-            return []
-        recorded = pd.read_parquet(path, columns=["image_id", "step", "problem"])
+        recorded = self._recorded_problems()
         recorded = recorded[recorded["step"] == step]
         if may_be_fixed:
             recorded = recorded[np.array([problem_may_be_fixed(p) for p in recorded["problem"]], dtype=bool)]
