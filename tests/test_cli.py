@@ -437,3 +437,37 @@ def test_baseline_refuses_a_patch_and_stride_before_listing(argv, named, tiny_ru
 def test_baseline_refuses_nonsense_numbers(flag, value, tiny_run, tmp_path, capsys):
     _refused(["baseline", "doersch", "--run", str(_copied(tiny_run, tmp_path)), flag, value], capsys,
              {"--c": "C >"}.get(flag, flag[2:].replace("-", "_")))
+
+
+def test_train_without_data_trains_on_the_listed_images_and_status_hints_run_as_pasted(tmp_path, capsys):
+    """`diffmine train --run RUN` (no --data) goes on with the images the run lists: the command
+    status names for a model whose files are gone carries the flags it was trained with, and pasted
+    it rebuilds the same model (it was refused by the parser: --data was required). A listing flag
+    given without --data is refused, the run left as it was."""
+    import re
+    import shlex
+
+    from diffmine.rundir import Run
+    from diffmine.status import status
+
+    assert main(["synth", "--out", str(tmp_path / "data"), "--labels", "2", "--per-label", "3", "--size", "32"]) == 0
+    run = Run(tmp_path / "run")
+    _refused(["train", "--run", str(run.path)], capsys, "no listing result yet", "--data DIR")
+    flags = ["--steps", "2", "--batch-size", "4", "--lr-schedule", "cosine", "--seed", "3"]
+    assert main(["train", "--data", str(tmp_path / "data" / "images"), "--run", str(run.path), "--resolution", "32",
+                 *flags]) == 0
+    trained = run.lineage.get("model")["identity"]
+    before = run_files(run.path)
+    _refused(["train", "--run", str(run.path), "--prompt", "x", "--resolution", "32"], capsys,
+             "--prompt, --resolution set how a dataset is listed: pass --data")
+    assert run_files(run.path) == before
+    for weights in run.model_dir.glob("*.safetensors"):
+        weights.unlink()
+    hint = re.search(r"train: its files in .* are gone: `diffmine (.*?)` rebuilds", status(run)).group(1)
+    assert shlex.split(hint) == ["train", *flags[2:], *flags[:2], "--run", str(run.path)]
+    assert main(shlex.split(hint)) == 0
+    assert run.lineage.get("model")["identity"] == trained and "done (2 steps" in status(run)
+    assert main(["train", "--run", str(run.path), *flags[2:], "--steps", "3"]) == 0  # train longer
+    assert run.lineage.get("model")["steps"] == 3
+    assert main(["train", "--run", str(run.path), "--steps", "3"]) == 2  # another recipe: refused, with its flags
+    assert "`diffmine train --batch-size 4 --lr-schedule cosine --seed 3 --steps 3 --run" in capsys.readouterr().err

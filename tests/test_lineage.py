@@ -573,8 +573,8 @@ def test_every_flag_of_a_hint_gives_its_setting_back():
     parse = cli.parser().parse_args
     arguments = {"contrast": ["a", "b"], "trends": ["--order", "a,b"]}
     checked = 0
-    for command in ("typicality", "mine", "cluster", "report", "classify", "translate", "cotypicality", "contrast",
-                    "trends", "baseline doersch"):
+    for command in ("train", "typicality", "mine", "cluster", "report", "classify", "translate", "cotypicality",
+                    "contrast", "trends", "baseline doersch"):
         for result, key, config, prefix, fixed in command_configs(command):
             for field in dataclasses.fields(config):
                 if field.name in fixed or field.default == "auto":  # no flag; the stored precision kept
@@ -627,3 +627,15 @@ def test_a_typicality_hint_names_the_outside_model_it_was_scored_with():
     assert rerun_command("typicality", own) == "typicality"
     edited = {"settings": {"model": f"sd:{LOCAL}", "model_options": {}}, "location": {"base": ["not", "text"]}}
     assert rerun_command("typicality", edited) == "typicality"
+
+
+def test_a_train_hint_gives_the_steps_and_the_model_options_it_was_trained_with():
+    """A model's record keeps its steps and ``model_options`` beside the training settings: the hint
+    gives them back (a LoRA model retrained without --lora-rank is refused as made differently)."""
+    from diffmine.lineage import rerun_command
+
+    record = {"settings": {"model": "sd:/models/sd 1.5", "model_options": {"lora_rank": 4, "text_encoder": "/m/clip"},
+                           "learning_rate": 1e-4, "seed": 0}, "steps": 900}
+    assert rerun_command("model", record) == "train --learning-rate 0.0001 --steps 900 --lora-rank 4 --text-encoder /m/clip"
+    edited = {"settings": {"model_options": {"lora_rank": "4; sh", "text_encoder": ["x"]}}, "steps": "900"}
+    assert rerun_command("model", edited) == "train"

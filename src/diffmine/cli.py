@@ -46,21 +46,33 @@ from .machine import set_threads
 SYNTH_HELP = {"per_label": "images generated per label"}
 
 
-def _data_args(p):
-    p.add_argument("--data", required=True, type=Path, help="folder of <label>/<image> files, a .csv/.jsonl manifest (path,label), "
-                                                                 "WebDataset tar shards (a .tar, a folder of them or "
-                                                                 "a {0000..0099} pattern), a saved Hugging Face dataset "
-                                                                 "folder or hf:NAME_OR_PATH")
-    p.add_argument("--model", default="tiny", help="tiny (embedded, default) or sd:PATH_OR_HUB_ID")
-    p.add_argument("--prompt", default="An image of {label}.", help="label prompt; {label} is replaced (default: %(default)r)")
-    p.add_argument("--null-prompt", default="An image.", help="the null prompt (default: %(default)r)")
-    p.add_argument("--resolution", type=int, default=64, help="image side (square) or height (keep-aspect) (default: 64)")
-    p.add_argument("--resize", default="square", choices=["square", "keep-aspect"], help="how images are resized")
+# how the dataset is listed (``prepare``): defaults of the flags below
+LISTING_DEFAULTS = {"model": "tiny", "prompt": "An image of {label}.", "null_prompt": "An image.", "resolution": 64,
+                    "resize": "square", "holdout": 0.0}
+
+
+def _data_args(p, listed: bool = False):
+    """``--data`` and the flags that say how it is listed. ``listed`` (``train``): --data may be left
+    out on a run that lists a dataset (training then uses the images listed); the listing flags
+    default to None there, so that one given without --data is refused, not silently unused."""
+    p.add_argument("--data", required=not listed, type=Path,
+                   help="folder of <label>/<image> files, a .csv/.jsonl manifest (path,label), WebDataset tar shards "
+                        "(a .tar, a folder of them or a {0000..0099} pattern), a saved Hugging Face dataset folder or "
+                        "hf:NAME_OR_PATH" + ("; without it, the images the run lists already" if listed else ""))
+    p.add_argument("--model", help="tiny (embedded, default) or sd:PATH_OR_HUB_ID")
+    p.add_argument("--prompt", help=f"label prompt; {{label}} is replaced (default: {LISTING_DEFAULTS['prompt']!r})")
+    p.add_argument("--null-prompt", help=f"the null prompt (default: {LISTING_DEFAULTS['null_prompt']!r})")
+    p.add_argument("--resolution", type=int, help="image side (square) or height (keep-aspect) (default: 64)")
+    p.add_argument("--resize", choices=["square", "keep-aspect"], help="how images are resized (default: square)")
     _holdout_arg(p)
+    if not listed:
+        p.set_defaults(**LISTING_DEFAULTS)
+    else:
+        p.set_defaults(**{key: None for key in LISTING_DEFAULTS})
 
 
 def _holdout_arg(p):
-    p.add_argument("--holdout", type=float, default=0.0,
+    p.add_argument("--holdout", type=float, default=LISTING_DEFAULTS["holdout"],
                    help="fraction of each label's images held out of training (seeded by --seed); classify, "
                         "localize and evaluate report them first (default: 0)")
 
@@ -124,8 +136,9 @@ def parser() -> argparse.ArgumentParser:
     _data_args(p); add_run_args(p)
 
     p = sub.add_parser("train", help="finetune (or train from scratch) the conditional model",
-                       description="List the dataset into the run and train the label-conditioned model (resumable).")
-    _data_args(p); add_run_args(p); _sd_args(p)
+                       description="List the dataset into the run and train the label-conditioned model (resumable). "
+                                   "Without --data, train on the images the run lists (continue, or train longer).")
+    _data_args(p, listed=True); add_run_args(p); _sd_args(p)
     add_config(p, TrainConfig)
 
     p = sub.add_parser("typicality", help="compute per-pixel typicality maps",
@@ -333,8 +346,18 @@ def _train(args, run):
     from . import pipeline
     from .models import check_options
 
-    check_options(args.model, _model_options(args))  # before the dataset is listed into the run
-    _prepare(args, run)
+    if args.data is None:  # `train --run RUN`: the images and prompts the run lists
+        given = [_flag(key) for key in LISTING_DEFAULTS if getattr(args, key) is not None]
+        if given:
+            raise RunError(f"{', '.join(given)} set{'s' * (len(given) == 1)} how a dataset is listed: "
+                           "pass --data with them")
+        check_options(run.step_config("dataset")["model"], _model_options(args))
+    else:
+        for key, value in LISTING_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        check_options(args.model, _model_options(args))  # before the dataset is listed into the run
+        _prepare(args, run)
     pipeline.train_step(run, build_config(TrainConfig, args), _model_options(args), force=args.force)
 
 

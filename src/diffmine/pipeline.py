@@ -361,7 +361,10 @@ def load_model(run: Run, device: torch.device | None = None) -> tuple[Backend, d
     (checked against its record)."""
     record = run.lineage.get("model")
     if record is None or not record.get("complete"):
-        raise RunError(f"{run.path}: no trained model yet; run `diffmine train --run {shell_word(run.path)}` first")
+        records = run.lineage.records()
+        command = "train --data DIR" if "listing" not in records else \
+            rerun_command("model", record, records) if record is not None else "train"
+        raise RunError(f"{run.path}: no trained model yet; run `diffmine {command} --run {shell_word(run.path)}` first")
     actual = model_digest(run.model_dir)  # before loading: a damaged file is named, not decoded
     if actual != record["identity"]:
         raise RunError(f"{run.model_dir}: the weights differ from the ones training recorded "

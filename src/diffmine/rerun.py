@@ -43,7 +43,8 @@ def command_configs(command: str) -> tuple:
     """What the flags of ``diffmine COMMAND`` set, as cli.py's parser adds them: (result, key of the
     result's settings that holds the config's fields or None, config, flag prefix, fields without a
     flag). ``{}`` in a result stands for the contrast's own name. Commands not here (``prepare``,
-    ``train``, which also needs ``--data``, and ``localize``) get no flags."""
+    ``localize``) get no flags. ``train`` trains on the images the run lists (no ``--data``); its
+    model's ``steps`` and ``model_options`` are no config fields: :func:`train_words`."""
     from .adaptive import AdaptiveConfig
     from .baselines.doersch import DoerschConfig
     from .classify import NO_FLAGS as CLASSIFY_NO_FLAGS
@@ -55,10 +56,12 @@ def command_configs(command: str) -> tuple:
     from .mining import MineConfig
     from .report import ReportConfig
     from .translate import TranslateConfig
+    from .train import TrainConfig
     from .trends import TrendsConfig
     from .typicality import TypicalityConfig
 
     return {
+        "train": (("model", None, TrainConfig, "", ()),),
         "typicality": (("typicality", None, TypicalityConfig, "", ()),
                        ("typicality", "adaptive", AdaptiveConfig, "adaptive-", ())),
         "mine": (("mine", None, MineConfig, "", ()),),
@@ -77,7 +80,7 @@ def command_configs(command: str) -> tuple:
 
 
 def gives_settings(command: str) -> bool:
-    """Can :func:`command_flags` give ``diffmine COMMAND`` its results' settings (not ``train``'s)?"""
+    """Can :func:`command_flags` give ``diffmine COMMAND`` its results' settings?"""
     return bool(command_configs(command))
 
 
@@ -88,12 +91,17 @@ def command_flags(command: str, name: str, records: dict) -> list[str]:
     words, given = [], set()
     for result, key, config, prefix, fixed in command_configs(command):
         settings = _settings(records, result.format(base), key)
+        if command == "train":  # the steps trained are recorded beside the model's settings
+            steps = (records.get("model") or {}).get("steps")
+            settings = {**settings, **({"steps": steps} if isinstance(steps, int) else {})}
         for option, value_words in config_words(config, settings, prefix, fixed):
             if option not in given:  # --seed sets every config's seed
                 given.add(option)
                 words += value_words
     if command == "typicality":
         words += outside_model_words(records.get("typicality"))
+    if command == "train":
+        words += train_words(records.get("model"))
     result, keys = PLAIN.get(command, (None, ()))
     settings = _settings(records, result, None) if result else {}
     for key in keys:
@@ -103,6 +111,18 @@ def command_flags(command: str, name: str, records: dict) -> list[str]:
         if isinstance(value, str) and value:
             words += _words(flag(key), value)
     return words
+
+
+def train_words(record) -> list[str]:
+    """``--lora-rank`` and ``--text-encoder`` of a trained model's ``model_options``, as ``train``
+    was given them (no config's fields: ``cli._sd_args``). [] for a record without them."""
+    settings = record.get("settings") if isinstance(record, dict) else None
+    options = settings.get("model_options") if isinstance(settings, dict) else None
+    if not isinstance(options, dict):
+        return []
+    rank, encoder = options.get("lora_rank"), options.get("text_encoder")
+    return ((_words("--lora-rank", rank) if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 else [])
+            + (_words("--text-encoder", encoder) if isinstance(encoder, str) and encoder else []))
 
 
 def outside_model_words(record) -> list[str]:

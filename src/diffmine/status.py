@@ -68,10 +68,12 @@ def status(run) -> str:
         if name == "model":
             if record is None or not record.get("complete"):
                 checkpoint = latest_checkpoint(run.model_dir)
-                lines.append(f"train: {'resumable at ' + checkpoint.name if checkpoint else 'not started'}")
+                again = f"`diffmine {_rerun(run, name)} --run {shell_word(run.path)}`"
+                lines.append(f"train: resumable at {checkpoint.name}: {again} goes on" if checkpoint and record else
+                             f"train: {'resumable at ' + checkpoint.name if checkpoint else 'not started'}")
             elif not all(path.is_file() for path in model_files(run.model_dir)):
-                lines.append(f"train: its files in {run.model_dir} are gone: run the same `diffmine train` again (it "
-                             "rebuilds them from the last checkpoint where there is one)")
+                lines.append(f"train: its files in {run.model_dir} are gone: `diffmine {_rerun(run, name)} --run "
+                             f"{shell_word(run.path)}` rebuilds them (from the last checkpoint where there is one)")
             else:
                 lines.append(f"train: {_state(run, name)} ({record.get('steps', '?')} steps, model {record['identity']})")
                 lines += location_lines(run.model_dir)
