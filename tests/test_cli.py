@@ -471,3 +471,19 @@ def test_train_without_data_trains_on_the_listed_images_and_status_hints_run_as_
     assert run.lineage.get("model")["steps"] == 3
     assert main(["train", "--run", str(run.path), "--steps", "3"]) == 2  # another recipe: refused, with its flags
     assert "`diffmine train --batch-size 4 --lr-schedule cosine --seed 3 --steps 3 --run" in capsys.readouterr().err
+
+
+def test_baseline_lists_any_image_size_and_training_on_that_listing_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    """The Doersch baseline loads no model: a new run listed by it at 30 px (no multiple of the
+    embedded model's 4 px latent pixel) was refused; now it mines, and `train --run` on that listing
+    is refused before it writes anything (not a traceback from the model's pixel_unshuffle)."""
+    from diffmine.rundir import Run
+
+    run = tmp_path / "run"
+    assert main(["baseline", "doersch", "--data", str(tiny_run.dataset_root), "--run", str(run), "--resolution", "30",
+                 "--patch", "8", "--stride", "2", "--positive", "norland"]) == 0
+    assert Run(run).lineage.get("baseline-doersch")["complete"]
+    before = run_files(run)
+    _refused(["train", "--run", str(run), "--steps", "1"], capsys, "lists its images at 30 px",
+             "not a multiple of 4", "--resolution 28 --run OTHER_RUN")
+    assert run_files(run) == before

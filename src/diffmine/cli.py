@@ -503,7 +503,8 @@ def cmd_baseline(args):
         if args.data is None:
             raise RunError(f"{run.path}: no dataset listed here; pass --data DIR")
         check_size(args.resolution, config)
-        pipeline.prepare(run, args.data, args.prompt, args.null_prompt, args.resolution, args.resize, force=args.force)
+        pipeline.prepare(run, args.data, args.prompt, args.null_prompt, args.resolution, args.resize, force=args.force,
+                         for_model=False)
     table = pipeline.baseline_step(run, config, args.positive, force=args.force)
     n = table.groupby("label")["cluster"].nunique().sum() if len(table) else 0
     print(f"{n} detectors, {len(table)} detections -> {args.run / OUTPUT / 'patches.parquet'}")

@@ -155,7 +155,7 @@ def holdout_split(image_ids: list[str], labels: list[str], fraction: float, seed
 
 def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolution: int, resize: str = "square",
             model: str = "tiny", holdout: float = 0.0, seed: int = 0, force: bool = False,
-            model_options: dict | None = None) -> dict:
+            model_options: dict | None = None, for_model: bool = True) -> dict:
     """List the dataset into the run; returns the listing's record.
 
     Each image is identified by its id (path under the dataset root), label and content
@@ -164,14 +164,15 @@ def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolutio
     model: refused without ``force`` once the run has results. A model folder (``sd:FOLDER``, or
     the ``text_encoder`` of ``model_options``, training's) inside the run is refused before anything
     is written: training would refuse it only after the listing (``_given_folders_outside``).
+    ``for_model`` False (the Doersch baseline, which loads no model): the image size is not held to
+    the model's latent grid here; training checks it (:func:`check_latent_grid`).
     """
     _given_folders_outside(run, model, model_options or {})
     check_prompt(prompt)
     if resolution <= 0:
         raise DatasetError(f"--resolution must be > 0, got {resolution}")
-    if resolution % latent_factor(model):
-        raise DatasetError(f"--resolution {resolution} is not a multiple of {latent_factor(model)}, the pixels per "
-                           f"latent pixel of the {model.split(':')[0]} model")
+    if for_model:
+        check_latent_grid(resolution, model)
     if not 0.0 <= holdout < 1.0:
         raise DatasetError(f"--holdout must be in [0, 1), got {holdout}")
     dataset = scan_dataset(data)
@@ -180,6 +181,18 @@ def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolutio
     run.path.mkdir(parents=True, exist_ok=True)
     with step_lock(run.path, "listing"):
         return _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, model, holdout, seed, force)
+
+
+def check_latent_grid(resolution: int, model: str, run: Run | None = None) -> None:
+    """DatasetError unless images of ``resolution`` px fit the model's latent grid (a traceback deep
+    in the embedded model's pixel_unshuffle otherwise); ``run``: a listing made for no model."""
+    factor = latent_factor(model)
+    if resolution % factor:
+        where = f"{run.path}: the run lists its images at {resolution} px, which is" if run else f"--resolution {resolution} is"
+        again = f"; train in another run, listed at a multiple (e.g. `diffmine train --data DIR --resolution " \
+                f"{resolution // factor * factor} --run OTHER_RUN`)" if run else ""
+        raise DatasetError(f"{where} not a multiple of {factor}, the pixels per latent pixel of the "
+                           f"{model.split(':')[0]} model{again}")
 
 
 def _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, model, holdout, seed, force) -> dict:
@@ -294,6 +307,7 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
     training split; resumable, and continued when ``steps`` grows. Another listing, prompts or
     settings than the stored model's are refused without ``force`` (a new model)."""
     listing = run.fresh("listing")
+    check_latent_grid(listing["settings"]["resolution"], listing["settings"]["model"], run)  # listed for the baseline
     settings = {**model_settings(config), "model": listing["settings"]["model"], "model_options": model_options or {}}
     inputs = {"listing": listing["identity"]}
     rank = int(os.environ.get("RANK", "0"))
