@@ -29,8 +29,11 @@ from .images import RunImages, colorbar, map_scale, overlay, png_data_uri
 from .rundir import Run, RunError, open_run
 from .terminal import print_problems
 
+# the page's mark, which `--out` looks for before it replaces a file (a file of the user's is kept)
+GENERATOR = '<meta name="generator" content="diffmine compare">'
+
 TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="diffmine compare"><title>{{ title }}</title>
+<html lang="en"><head><meta charset="utf-8">""" + GENERATOR + """<title>{{ title }}</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: .5em 0 1.5em; }
@@ -184,9 +187,6 @@ def render(context: dict) -> str:
 
 def default_output(run_a: Run, run_b: Run) -> Path:
     return run_a.path / "compare" / f"vs-{run_b.path.name}.html"
-
-
-GENERATOR = '<meta name="generator" content="diffmine compare">'
 
 
 def _replaceable(out: Path) -> Path:
