@@ -639,3 +639,20 @@ def test_a_train_hint_gives_the_steps_and_the_model_options_it_was_trained_with(
     assert rerun_command("model", record) == "train --learning-rate 0.0001 --steps 900 --lora-rank 4 --text-encoder /m/clip"
     edited = {"settings": {"model_options": {"lora_rank": "4; sh", "text_encoder": ["x"]}}, "steps": "900"}
     assert rerun_command("model", edited) == "train"
+
+
+def test_the_command_named_for_every_result_is_one_the_parser_takes():
+    """What status and a stale reason say to run, for a result made with no settings of note,
+    parses as given (`localize --run RUN` lacked its --boxes or --masks, `prepare --run RUN` and
+    `train --run RUN` its --data): the recorded settings fill in what a command requires."""
+    from diffmine.lineage import COMMANDS, rerun_command
+
+    parse = cli.parser().parse_args
+    recorded = {"localize": {"boxes": "/data/boxes list.csv", "masks": None, "blur": 1.5, "before": None},
+                "trends": {"order": ["a", "b"]}}
+    for name in COMMANDS:
+        words = shlex.split(rerun_command(name, {"settings": recorded.get(name, {})}))
+        args = parse([*words, "--run", "R"])
+        assert args.command == words[0], name
+    localize = parse([*shlex.split(rerun_command("localize", {"settings": recorded["localize"]})), "--run", "R"])
+    assert str(localize.boxes) == "/data/boxes list.csv" and localize.blur == 1.5 and localize.masks is None

@@ -270,7 +270,7 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
     return reasons
 
 
-COMMANDS = {"listing": "prepare", "model": "train", "typicality": "typicality", "mine": "mine", "features": "cluster",
+COMMANDS = {"listing": "prepare --data DIR", "model": "train", "typicality": "typicality", "mine": "mine", "features": "cluster",
             "cluster": "cluster", "report": "report", "classify": "classify", "translate": "translate",
             "cotypicality": "cotypicality", "localize": "localize", "baseline-doersch": "baseline doersch",
             "trends": "trends"}

@@ -26,7 +26,7 @@ import shlex
 
 # settings that are plain flags of a command's parser (not a config's fields): (result, keys), by command
 PLAIN = {"trends": ("trends", ("order",)), "report": ("report", ("masks",)),
-         "baseline doersch": ("baseline-doersch", ("positive",))}
+         "baseline doersch": ("baseline-doersch", ("positive",)), "localize": ("localize", ("boxes", "masks", "blur", "before"))}
 
 
 def flag(name: str, prefix: str = "") -> str:
@@ -43,7 +43,7 @@ def command_configs(command: str) -> tuple:
     """What the flags of ``diffmine COMMAND`` set, as cli.py's parser adds them: (result, key of the
     result's settings that holds the config's fields or None, config, flag prefix, fields without a
     flag). ``{}`` in a result stands for the contrast's own name. Commands not here (``prepare``,
-    ``localize``) get no flags. ``train`` trains on the images the run lists (no ``--data``); its
+    ``localize``, whose flags are :data:`PLAIN`) get none from a config. ``train`` trains on the images the run lists (no ``--data``); its
     model's ``steps`` and ``model_options`` are no config fields: :func:`train_words`."""
     from .adaptive import AdaptiveConfig
     from .baselines.doersch import DoerschConfig
@@ -108,6 +108,8 @@ def command_flags(command: str, name: str, records: dict) -> list[str]:
         value = settings.get(key)
         if isinstance(value, list) and all(isinstance(v, str) and "," not in v for v in value) and value:
             value = ",".join(value)  # trends --order L1,L2,...
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            value = repr(value)  # localize --blur 1.5 (0, its default, left out)
         if isinstance(value, str) and value:
             words += _words(flag(key), value)
     return words

@@ -251,7 +251,8 @@ class Run:
         problem = prompt_problem(prompts["prompt"])  # a received run's record is text anyone could have edited
         if problem:
             raise RunError(f"{self.lineage.path}: the listing's prompt {prompts['prompt']!r} is not one diffmine "
-                           f"writes ({problem}); list the data again with `diffmine prepare --force`")
+                           f"writes ({problem}); list the data again with `diffmine prepare --data DIR --run "
+                           f"{shell_word(self.path)} --force`")
         return prompts["prompt"].format(label=label)
 
     # -- problems -------------------------------------------------------------------------
