@@ -656,3 +656,17 @@ def test_the_command_named_for_every_result_is_one_the_parser_takes():
         assert args.command == words[0], name
     localize = parse([*shlex.split(rerun_command("localize", {"settings": recorded["localize"]})), "--run", "R"])
     assert str(localize.boxes) == "/data/boxes list.csv" and localize.blur == 1.5 and localize.masks is None
+
+
+def test_status_of_a_copied_run_names_the_dataset_inside_the_copy(tmp_path):
+    """A dataset inside the run (as `demo` writes it) is read from the copy's own folder: status
+    named the original's, which may be gone."""
+    from diffmine.status import status
+    from diffmine.synthetic import SynthConfig, generate
+
+    run = tmp_path / "run"
+    images = generate(run / "data", SynthConfig(labels=2, per_label=2, size=32), progress=False)
+    assert cli.main(["prepare", "--data", str(images), "--run", str(run), "--resolution", "32"]) == 0
+    copy = cp_r(run, tmp_path / "copy")
+    shutil.rmtree(run)
+    assert status(Run(copy)).splitlines()[1].endswith(f"({copy / 'data' / 'images'})")

@@ -61,8 +61,10 @@ def status(run) -> str:
     listing = records["listing"]["settings"]
     images = run.images()
     held_out = int((images["split"] == "holdout").sum())
+    # a dataset inside the run is recorded relative to it: a copy reads its own, not the original's
+    source = listing["data"] if Path(str(listing.get("root", "/"))).is_absolute() else run.dataset_root
     lines.append(f"dataset: {len(images)} images ({held_out} held out), labels {', '.join(listing['labels'])} "
-                 f"({listing['data']})")
+                 f"({source})")
     for name in ORDER[1:]:
         record = records.get(name)
         if name == "model":
