@@ -133,6 +133,9 @@ def test_adaptive_is_deterministic_and_records_its_draws(trained, reference, tmp
     patches = pipeline.mine_step(again, MineConfig(top=3, per_image=2, least=1, random=1), progress=False)
     assert (patches["kind"] == "top").any() or (patches["kind"] == "rejected").any()
     assert "--top 3 (typicality targeted 1)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="flip needs the same draws on every image"):  # some images have 4 units
+        pipeline.mine_step(again, MineConfig(top=3, per_image=2, least=1, random=1, significance_test="flip"))
+    assert again.mined_patches().equals(patches[patches["kind"] == "top"].reset_index(drop=True))  # kept as it was
     # the report says so too: the summary above the labels and a mean-draws column
     from diffmine.report import write_report
     page = write_report(again).read_text()

@@ -305,3 +305,24 @@ def test_summary_metrics_read_the_top_cluster_in_its_own_order_at_a_fixed_depth(
     flipped = table.assign(rank_in_cluster=[9 - r for r in range(10)] + list(range(4)) + [0])
     again = cluster_purity(flipped, hits, min_size=2)["a"]
     assert again["top_shown_hit_rate"] == pytest.approx(6 / 8) and again["top_cluster_hit_rate"] == pytest.approx(0.8)
+
+
+def test_the_flip_test_keeps_fewer_patches_and_more_of_them_on_the_element(trained_run, synthetic_data, tmp_path):
+    """The z filter passes the best of each image's noise boxes (the winner's curse); the
+    image-wise sign-flip test, the choice of the box included, keeps a set that holds the planted
+    element more often. Each kept patch has p <= alpha, each rejected one more."""
+    from diffmine.mining import MineConfig
+
+    _, masks = synthetic_data
+    copy = Run(shutil.copytree(trained_run.path, tmp_path / "run"))
+    images = copy.images()
+    _, loaded = evaluate_maps({i: copy.typicality_map(i) for i in images["image_id"]},
+                              dict(zip(images["image_id"], images["label"])), masks)
+    flip = MineConfig(top=60, least=20, random=20, significance_test="flip")
+    pipeline.mine_step(copy, flip, progress=False)
+    kept, rejected = copy.mined_patches("top"), copy.mined_patches("rejected")
+    assert (kept["p"] <= 0.05).all() and (rejected["p"] > 0.05).all() and len(kept) < len(trained_run.mined_patches())
+    # measured on the AMD EPYC: 126 of 240 kept, 63% on the element against 39%
+    assert np.nanmean(patch_hits(kept, loaded)) > 1.3 * np.nanmean(patch_hits(trained_run.mined_patches(), loaded))
+    assert copy.lineage.get("mine")["settings"]["significance_test"] == "flip"
+    assert trained_run.mined_patches()["p"].isna().all()  # the z test computes none

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from diffmine.clustering import ClusterConfig, choose_k, cluster_patches, merge_clusters
-from diffmine.mining import mine_image, patch_errors, patch_scores, significant
+from diffmine.mining import MineConfig, flip_p_values, mine_image, mine_settings, patch_errors, patch_scores, sign_patterns, significant
 
 
 def planted_units(seed: int = 0) -> np.ndarray:
@@ -81,6 +81,41 @@ def test_significance_keeps_an_element_whose_typicality_falls_with_t():
         assert best[0][:2] == (2, 2)
         keep = significant(np.array([t for _, _, t, _ in best]), np.array([se for *_, se in best]), 2.0)
         assert keep[0] == kept
+
+
+def test_the_flip_test_counts_the_choice_of_the_best_box_and_the_z_test_does_not():
+    """Images of pure noise (8 units, no typicality anywhere): the z test passes the best box of
+    most of them (the best of ~600 boxes), the flip test about alpha of them; an image with a
+    planted element keeps it at about the smallest p there is (1 / 2^8), its noise boxes not."""
+    passes_z, passes_flip = [], []
+    for seed in range(60):
+        units = np.random.default_rng(seed).normal(0.0, 0.05, (8, 32, 32)).astype(np.float32)
+        best, _, _, _ = mine_image(units.mean(0), 8, 1, units, "stratified")
+        y, x, score, se = best[0]
+        passes_z.append(significant(np.array([score]), np.array([se]), 2.0)[0])
+        passes_flip.append(flip_p_values(units, 8, [(y, x)], 1024, np.random.default_rng(seed))[0] <= 0.05)
+    assert np.mean(passes_z) > 0.5 and np.mean(passes_flip) <= 0.15
+    units = falling_units(np.linspace(2.0, 0.0, 8))
+    best, _, _, _ = mine_image(units.mean(0), 8, 3, units, "stratified")
+    p = flip_p_values(units, 8, [(y, x) for y, x, *_ in best], 1024, np.random.default_rng(0))
+    # the smallest p is 1 / 256; flipping the last unit, where the element has faded to 0, may tie it
+    assert best[0][:2] == (2, 2) and p[0] <= 2 / 256 and (p[1:] > 0.05).all()
+
+
+def test_sign_patterns_are_every_pattern_or_a_seeded_sample_the_observed_one_first():
+    every = sign_patterns(4, 1024, np.random.default_rng(0))
+    assert every.shape == (16, 4) and len({tuple(row) for row in every}) == 16 and (every[0] == 1).all()
+    sampled = sign_patterns(16, 100, np.random.default_rng(3))
+    assert sampled.shape == (101, 16) and (sampled[0] == 1).all() and set(np.unique(sampled)) == {-1.0, 1.0}
+    assert np.array_equal(sampled, sign_patterns(16, 100, np.random.default_rng(3)))
+
+
+def test_the_flip_settings_are_recorded_only_where_the_flip_test_is_used():
+    """Mined patches stored before the flip test existed keep their recorded settings (up to date)."""
+    assert not {"significance_test", "alpha", "flips"} & set(mine_settings(MineConfig(alpha=0.1)))
+    assert mine_settings(MineConfig(significance_test="flip"))["alpha"] == 0.05
+    with pytest.raises(ValueError, match="significance_test"):
+        MineConfig(significance_test="bonferroni")
 
 
 def test_k_follows_the_number_of_patches():

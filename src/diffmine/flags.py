@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from .machine import PRECISIONS
+from .mining import TESTS
 from .rerun import field_kind
 from .rerun import flag as _flag  # one option per field: the re-run hints name the same options
 from .train import LR_SCHEDULES, MIXED_PRECISIONS
@@ -64,6 +65,11 @@ HELP = {
     "errors": "standard error of a patch: stratified (noise from successive differences of the t-ordered units, "
               "blind to typicality's trend in t; the stratified estimators) | iid (spread of the unit scores: "
               "counts the trend as noise, the 0.1 behaviour)",
+    "significance_test": "which test keeps a mined patch: z (its own z >= --z-min) | flip (its image's sign-flip "
+                         "test of the best box, selection included: p <= --alpha; see mining's doc)",
+    "alpha": "level of the flip test (--significance-test flip): the chance that an image without typicality "
+             "keeps a patch",
+    "flips": "flip test: sign patterns of the units, all 2^U where there are at most this many, else this many at random",
     "unit_maps": "also store per-pair maps, for the standard error of patch typicality (mining's significance filter)",
     "t": "diffusion time of the DIFT features (fraction of T)",
     "block": "UNet up-block whose output gives the features (default: the backend's)",
@@ -124,7 +130,7 @@ def seed_int(text: str) -> int:
 # the values a string field may take, checked by argparse before any config is built (the configs
 # check them too, for the Python API); ``add_config(choices=...)`` narrows them for one parser
 CHOICES = {"estimator": ESTIMATORS, "precision": PRECISIONS, "method": METHODS, "mixed_precision": MIXED_PRECISIONS,
-           "lr_schedule": LR_SCHEDULES}
+           "lr_schedule": LR_SCHEDULES, "significance_test": TESTS}
 
 
 def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tuple[str, ...] = ("seed",),

@@ -30,6 +30,20 @@ successive-difference variance estimator of systematic samples; needs U >= 3, el
 paper's i.i.d. draws and the adaptive estimator's nested units are not in t order: ``iid`` there.
 Measured in benchmarks/README.md ("The standard error of a patch").
 
+Which test (``significance_test``). ``z`` tests each kept box alone, but the box is the best of
+the image's thousands of positions, and the best of many noise boxes passes z >= 2 easily (the
+winner's curse). ``flip`` tests the image as a whole, the selection included: under no
+typicality each unit map is symmetric about zero, so flipping the sign of whole units gives
+maps as likely as the observed one; the best box score of each of those maps is the null
+distribution of an image's best box, and a candidate is kept where the share of sign patterns
+whose best box reaches its score (the observed pattern counted) is at most ``alpha`` (a
+permutation test with the max statistic: Nichols & Holmes 2002; it controls the family-wise
+error over the image's boxes). All 2^U patterns where there are at most ``flips``, else the
+observed one and ``flips`` seeded random ones (per image: the same for any sharding). With U
+units no p-value is below 2^-U: at the default 16 draws (U = 8), 1/256. The adaptive estimator
+gives images different numbers of draws (some 8: U = 4, p >= 1/16), so ``flip`` is refused on it.
+Measured in benchmarks/README.md ("Selection-adjusted significance").
+
 The step streams over typicality shards one at a time and keeps bounded per-label candidate
 lists, so memory does not grow with the number of images.
 """
@@ -38,7 +52,7 @@ from __future__ import annotations
 
 import sys
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -50,6 +64,10 @@ from .typicality import upsample
 
 
 ERRORS = ("stratified", "iid")
+TESTS = ("z", "flip")
+# settings added after mined patches were stored, and read only by the test they belong to: left
+# out of the recorded settings where they change nothing, so results mined before stay up to date
+FLIP_SETTINGS = ("significance_test", "alpha", "flips")
 # estimators whose units are in t order, one stratum (or adjacent pair of strata) each
 T_ORDERED = ("stratified", "stratified-antithetic")
 
@@ -70,16 +88,39 @@ class MineConfig:
     # t-ordered units, for the stratified estimators) or "iid" (spread of the unit scores; counts
     # the t trend as noise). See the module's doc
     errors: str = "stratified"
+    # which test keeps a candidate: "z" (its own z >= z_min) or "flip" (its image's sign-flip test
+    # of the best box, p <= alpha, over all 2^U sign patterns of the units, or `flips` random ones)
+    significance_test: str = "z"
+    alpha: float = 0.05
+    flips: int = 1024
 
     def __post_init__(self):
         if self.errors not in ERRORS:
             raise ValueError(f"errors must be one of {', '.join(ERRORS)}, got {self.errors!r}")
+        if self.significance_test not in TESTS:
+            raise ValueError(f"significance_test must be one of {', '.join(TESTS)}, got {self.significance_test!r}")
+        if not 0.0 < self.alpha < 1.0 or self.flips < 1:
+            raise ValueError(f"alpha must be in (0, 1) and flips >= 1, got {self.alpha} and {self.flips}")
         if self.patch is not None and self.patch < 1:
             raise ValueError(f"patch must be >= 1, got {self.patch}")
         if self.per_image < 1 or self.top < 1 or self.least < 0 or self.random < 0:
             raise ValueError("per_image and top must be >= 1, least and random >= 0")
         if not math.isfinite(self.z_min):  # NaN or inf kept no patch, -inf every one (--no-significance says so)
             raise ValueError(f"z_min must be a finite number, got {self.z_min}")
+
+
+def check_test(config: MineConfig, estimator: str | None) -> None:
+    """ValueError for the flip test on adaptive typicality (before a stored result is dropped)."""
+    if config.significance and config.significance_test == "flip" and estimator == "adaptive":
+        raise ValueError("--significance-test flip needs the same draws on every image; adaptive typicality gave some "
+                         "as few as 8 (no p-value below 1/16): mine with --significance-test z")
+
+
+def mine_settings(config: MineConfig) -> dict:
+    """What the mined patches are made with (recorded in the lineage): the flip test's settings
+    only where it is the test (mined patches stored before it existed stay up to date)."""
+    settings = asdict(config)
+    return {k: v for k, v in settings.items() if config.significance_test == "flip" or k not in FLIP_SETTINGS}
 
 
 def check_patch(run, patch: int | None, flag: str = "--patch", side: int | None = None) -> None:
@@ -131,6 +172,36 @@ def patch_errors(unit_maps: np.ndarray, k: int, rule: str = "iid") -> np.ndarray
         second = scores[:-2] - 2 * scores[1:-1] + scores[2:]  # var 6 sigma^2 for independent units
         return np.sqrt((second ** 2).mean(0) / 6 / len(scores)).astype(np.float32)
     return (scores.std(0, ddof=1) / np.sqrt(len(scores))).astype(np.float32)
+
+
+def sign_patterns(units: int, flips: int, rng: np.random.Generator) -> np.ndarray:
+    """(F, units) signs +-1 of the sign-flip test, the observed pattern (all +1) first: all 2^units
+    where there are at most ``flips``, else the observed one and ``flips`` random ones."""
+    if 2 ** units <= flips:
+        return 1.0 - 2.0 * ((np.arange(2 ** units)[:, None] >> np.arange(units)) & 1)
+    return np.vstack([np.ones((1, units)), rng.choice([-1.0, 1.0], size=(flips, units))])
+
+
+def flip_p_values(unit_maps: np.ndarray, k: int, boxes: list[tuple[int, int]], flips: int,
+                  rng: np.random.Generator, chunk: int = 64) -> np.ndarray:
+    """The sign-flip p-value of each of an image's boxes, selection included: the share of sign
+    patterns of the units whose best k x k box scores at least the box's score.
+
+    Args:
+        unit_maps: (U, H, W) the image's independent units (antithetic pairs)
+        boxes: [(y0, x0), ...] the image's candidates
+    Returns:
+        (len(boxes),) p-values in [1 / F, 1] for F patterns (:func:`sign_patterns`); NaN where U < 2
+    """
+    if len(unit_maps) < 2:
+        return np.full(len(boxes), np.nan)
+    scores = patch_scores(unit_maps, k).astype(np.float64).reshape(len(unit_maps), -1)  # (U, P)
+    signs = sign_patterns(len(unit_maps), flips, rng) / len(unit_maps)
+    best = np.concatenate([(signs[i:i + chunk] @ scores).max(1) for i in range(0, len(signs), chunk)])  # (F,)
+    width = unit_maps.shape[-1] - k + 1
+    observed = np.array([scores[:, y * width + x].mean() for y, x in boxes])
+    # the observed pattern's best is the image's best box itself: a tolerance for its rounding
+    return (best[None, :] >= observed[:, None] - 1e-9 * np.abs(observed[:, None])).mean(1)
 
 
 def greedy_boxes(scores: np.ndarray, k: int, n: int) -> list[tuple[int, int, float]]:
@@ -225,6 +296,8 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
     significance = config.significance and store.what == "typicality"  # other scores (contrast) store no units
     estimator = ((run.lineage.get("typicality") or {}).get("settings") or {}).get("estimator")
     errors = config.errors if estimator in T_ORDERED else "iid"  # other estimators' units are not in t order
+    flip = significance and config.significance_test == "flip"
+    check_test(config, estimator)
     ok = store.ok()
     if ok.empty:
         raise ValueError(f"{run.path}: no usable {store.what} maps to mine")
@@ -250,11 +323,14 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
                                      "filter; re-run `diffmine typicality --unit-maps --force`, or mine with --no-significance")
                 best, worst, scores, se = mine_image(pixel_map, k, config.per_image, units, errors)
                 base = dict(image_id=r.image_id, label=r.label)
-                best_rows += [dict(base, y0=y, x0=x, typicality=s, se=e) for y, x, s, e in best]
+                p = flip_p_values(units, k, [(y, x) for y, x, *_ in best], config.flips,
+                                  np.random.default_rng([config.seed, r.index, 1])) \
+                    if flip and units is not None else np.full(len(best), np.nan)
+                best_rows += [dict(base, y0=y, x0=x, typicality=s, se=e, p=pv) for (y, x, s, e), pv in zip(best, p)]
                 worst_rows += [dict(base, y0=y, x0=x, typicality=s, se=e) for y, x, s, e in worst]
                 if r.image_id in chosen_random:
                     y, x = random_boxes(r.height, r.width, k, 1, np.random.default_rng([config.seed, r.index]))[0]
-                    randoms.append(dict(base, y0=y, x0=x, typicality=float(scores[y, x]), se=float(se[y, x])))
+                    randoms.append(dict(base, y0=y, x0=x, typicality=float(scores[y, x]), se=float(se[y, x]), p=np.nan))
                 bar.update()
         if not best_rows:
             continue
@@ -263,23 +339,26 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
             print("mine: fewer than 2 independent units of draws (typicality samples < 4): no standard error, "
                   "every candidate kept", file=sys.stderr)
             warned = True
-        keep = (significant(best["typicality"], best["se"], config.z_min) if significance
-                else np.ones(len(best), bool))
+        if flip:  # an unknown p (fewer than 2 units): kept, there is nothing to test
+            keep = ~(best["p"] > config.alpha).to_numpy()
+        else:
+            keep = (significant(best["typicality"], best["se"], config.z_min) if significance
+                    else np.ones(len(best), bool))
         top.add(best[keep])
         rejected.add(best[~keep])
         least.add(pd.DataFrame(worst_rows))
     bar.close()
     if not top.frames and not rejected.frames:  # every image narrower than the patch (keep-aspect)
         raise ValueError(f"{store.directory}: no image is {k} px wide or more; mine with a smaller --patch")
-    columns = ["image_id", "label", "y0", "x0", "typicality", "se"]
+    columns = ["image_id", "label", "y0", "x0", "typicality", "se", "p"]
     frames = [top.result().assign(kind="top"), rejected.result().assign(kind="rejected"),
               least.result().assign(kind="least"), pd.DataFrame(randoms, columns=columns).assign(kind="random")]
     patches = pd.concat([f for f in frames if len(f)], ignore_index=True)
     patches["x1"], patches["y1"] = patches["x0"] + k, patches["y0"] + k
     with np.errstate(divide="ignore", invalid="ignore"):
         patches["z"] = patches["typicality"] / patches["se"]
-    patches = patches[["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "se", "z", "kind"]]
+    patches = patches[["image_id", "label", "x0", "y0", "x1", "y1", "typicality", "se", "z", "p", "kind"]]
     patches = patches.astype({"x0": "int32", "y0": "int32", "x1": "int32", "y1": "int32", "typicality": "float32",
-                              "se": "float32", "z": "float32"})
+                              "se": "float32", "z": "float32", "p": "float32"})
     write_table(pa.Table.from_pandas(patches, preserve_index=False), run.patches_path if out is None else out)
     return patches, k

@@ -36,7 +36,7 @@ from .data import DatasetError, Problem, fingerprint_images, scan_dataset
 from .features import FEATURE_KINDS, FeatureConfig, check_block, run_features
 from .lineage import LineageError, canonical, digest, file_digest, plan, rerun_command, step_lock
 from .machine import resolve_precision
-from .mining import MineConfig, check_patch, run_mining
+from .mining import MineConfig, check_patch, check_test, mine_settings, run_mining
 from .models import Backend, create_backend, latent_factor, load_backend, recorded_source, relocations
 from .models.base import BACKEND_FILE, model_files
 from .rundir import Run, RunError, prompt_problem
@@ -558,8 +558,9 @@ def _trained_labels(run: Run) -> list[str]:
 def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool = False) -> pd.DataFrame:
     """The most typical patches per label (with the least typical and random ones); returns the table."""
     typicality = run.fresh("typicality")
-    settings, inputs = asdict(config), {"typicality": typicality["identity"]}
+    settings, inputs = mine_settings(config), {"typicality": typicality["identity"]}
     _check_adaptive_targets(typicality["settings"].get("adaptive"), config)
+    check_test(config, typicality["settings"].get("estimator"))
     check_patch(run, config.patch)  # before the record is dropped: a refused --patch leaves the mined patches
     with step_lock(run.path, "mine"):
         if _planned(run, "mine", settings, inputs, force) == "done":
@@ -730,7 +731,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
     command = "contrast " + " ".join(shlex.quote(x) for x in ([a, b] if b is not None else [a, "--vs", "all"]))
     elements = name + "-elements"
-    element_settings = {"mine": asdict(mine), "cluster": asdict(cluster), "features": asdict(features)}
+    element_settings = {"mine": mine_settings(mine), "cluster": asdict(cluster), "features": asdict(features)}
     with step_lock(run.path, name):
         action = _planned(run, name, settings, inputs, force, expensive=True, incremental=("listing",))
         if action == "done" and missing_contrast(run, a, b, config.images):
