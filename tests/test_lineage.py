@@ -670,3 +670,36 @@ def test_status_of_a_copied_run_names_the_dataset_inside_the_copy(tmp_path):
     copy = cp_r(run, tmp_path / "copy")
     shutil.rmtree(run)
     assert status(Run(copy)).splitlines()[1].endswith(f"({copy / 'data' / 'images'})")
+
+
+def test_prepare_without_data_lists_the_runs_dataset_again_from_a_copy_too(tmp_path, capsys):
+    """`prepare --run RUN` lists the run's dataset again with its recorded prompts and settings (an
+    image added is listed; the held-out split drawn with the recorded seed). A dataset inside the run is
+    read from the copy's own folder, the original gone; a received record naming a place outside
+    its root is refused, and so is a listing flag given without --data."""
+    from diffmine.synthetic import SynthConfig, generate
+
+    run = tmp_path / "run"
+    images = generate(run / "data", SynthConfig(labels=2, per_label=3, size=32), progress=False)
+    assert cli.main(["prepare", "--data", str(images), "--run", str(run), "--resolution", "32", "--prompt",
+                     "A scene from {label}.", "--holdout", "0.34", "--seed", "3"]) == 0
+    listed = Run(run).images()
+    copy = cp_r(run, tmp_path / "copy")
+    shutil.rmtree(run)
+    shutil.copy(copy / "data" / "images" / "norland" / "img_0000.png", copy / "data" / "images" / "norland" / "new.png")
+    assert cli.main(["prepare", "--run", str(copy)]) == 0
+    again = Run(copy)
+    settings = again.step_config("dataset")
+    assert settings["prompt"] == "A scene from {label}." and settings["resolution"] == 32 and settings["holdout_seed"] == 3
+    now = again.images()
+    assert len(now) == len(listed) + 1 and "norland/new.png" in set(now["image_id"])
+    kept = now.set_index("image_id").loc[listed["image_id"], "split"]
+    assert (kept.to_numpy() == listed["split"].to_numpy()).all()  # the recorded seed (one held out per label still)
+    capsys.readouterr()
+    assert cli.main(["prepare", "--run", str(copy), "--resolution", "64"]) == 2
+    assert "--resolution sets how a dataset is listed: pass --data" in capsys.readouterr().err
+    record = json.loads((copy / "lineage.json").read_text())
+    record["listing"]["settings"]["data_in_root"] = "../../elsewhere"
+    (copy / "lineage.json").write_text(json.dumps(record))
+    assert cli.main(["prepare", "--run", str(copy)]) == 2
+    assert "does not say where in" in capsys.readouterr().err

@@ -58,7 +58,7 @@ def _data_args(p, listed: bool = False):
     p.add_argument("--data", required=not listed, type=Path,
                    help="folder of <label>/<image> files, a .csv/.jsonl manifest (path,label), WebDataset tar shards "
                         "(a .tar, a folder of them or a {0000..0099} pattern), a saved Hugging Face dataset folder or "
-                        "hf:NAME_OR_PATH" + ("; without it, the images the run lists already" if listed else ""))
+                        "hf:NAME_OR_PATH" + ("; without it, the run's own dataset, as listed" if listed else ""))
     p.add_argument("--model", help="tiny (embedded, default) or sd:PATH_OR_HUB_ID")
     p.add_argument("--prompt", help=f"label prompt; {{label}} is replaced (default: {LISTING_DEFAULTS['prompt']!r})")
     p.add_argument("--null-prompt", help=f"the null prompt (default: {LISTING_DEFAULTS['null_prompt']!r})")
@@ -132,8 +132,11 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="list a dataset into a run without training (to score with a given model)",
                        description="List the dataset and record prompts and image size; then e.g. "
-                                   "`diffmine typicality --run RUN --model sd:PATH` scores it with pretrained weights.")
-    _data_args(p); add_run_args(p)
+                                   "`diffmine typicality --run RUN --model sd:PATH` scores it with pretrained weights. "
+                                   "Without --data, list the run's dataset again as it was listed (images added, "
+                                   "removed or changed since), with the same prompts and settings.")
+    _data_args(p, listed=True); add_run_args(p)
+    p.set_defaults(seed=None)  # --seed only draws the held-out split here: refused without --data
 
     p = sub.add_parser("train", help="finetune (or train from scratch) the conditional model",
                        description="List the dataset into the run and train the label-conditioned model (resumable). "
@@ -342,15 +345,20 @@ def _prepare(args, run):
                      args.holdout, args.seed, args.force, _model_options(args))
 
 
+def _no_listing_flags(args, keys=tuple(LISTING_DEFAULTS)) -> None:
+    """Without --data the run's listing is used as recorded: a flag that would list it otherwise
+    is refused, not silently unused."""
+    given = [_flag(key) for key in keys if getattr(args, key) is not None]
+    if given:
+        raise RunError(f"{', '.join(given)} set{'s' * (len(given) == 1)} how a dataset is listed: pass --data with them")
+
+
 def _train(args, run):
     from . import pipeline
     from .models import check_options
 
     if args.data is None:  # `train --run RUN`: the images and prompts the run lists
-        given = [_flag(key) for key in LISTING_DEFAULTS if getattr(args, key) is not None]
-        if given:
-            raise RunError(f"{', '.join(given)} set{'s' * (len(given) == 1)} how a dataset is listed: "
-                           "pass --data with them")
+        _no_listing_flags(args)
         check_options(run.step_config("dataset")["model"], _model_options(args))
     else:
         for key, value in LISTING_DEFAULTS.items():
@@ -362,7 +370,16 @@ def _train(args, run):
 
 
 def cmd_prepare(args):
+    from . import pipeline
+
     run = Run(args.run)
+    if args.data is None:  # the run's dataset again, as it was listed: images added, removed or changed
+        _no_listing_flags(args, (*LISTING_DEFAULTS, "seed"))
+        args.data, recorded = pipeline.listed_source(run)
+        vars(args).update(recorded)
+    else:
+        vars(args).update({key: value for key, value in {**LISTING_DEFAULTS, "seed": 0}.items()
+                           if getattr(args, key) is None})
     _prepare(args, run)
     print(f"listed {len(run.images())} images into {args.run}")
 

@@ -183,6 +183,25 @@ def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolutio
         return _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, model, holdout, seed, force)
 
 
+def listed_source(run: Run) -> tuple[str, dict]:
+    """What ``prepare --run RUN`` without ``--data`` lists again: the run's dataset, where its
+    listing says it is (inside the run: under the copy's own folder), and the listing's settings
+    as ``prepare`` takes them. RunError where that cannot be found here."""
+    settings = run.step_config("dataset")
+    data, root, inside = settings.get("data"), settings.get("root"), settings.get("data_in_root")
+    if not isinstance(data, str) or not isinstance(root, str):
+        raise RunError(f"{run.path}: its listing names no dataset; pass --data")
+    if not data.startswith("hf:") and not Path(root).is_absolute():  # inside the run
+        if not isinstance(inside, str) or Path(inside).is_absolute() or ".." in Path(inside).parts:
+            raise RunError(f"{run.path}: its listing does not say where in {root} the dataset was given "
+                           "(listed before that was recorded); pass --data")
+        data = str(run.dataset_root / inside)
+    given = {"prompt": settings["prompt"], "null_prompt": settings["null_prompt"],
+             "resolution": settings["resolution"], "resize": settings["resize"], "model": settings["model"],
+             "holdout": settings["holdout"], "seed": settings.get("holdout_seed", 0)}
+    return data, given
+
+
 def check_latent_grid(resolution: int, model: str, run: Run | None = None) -> None:
     """DatasetError unless images of ``resolution`` px fit the model's latent grid (a traceback deep
     in the embedded model's pixel_unshuffle otherwise); ``run``: a listing made for no model."""
@@ -219,6 +238,10 @@ def _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, 
     identity = digest([settings, [dataset.image_ids, dataset.labels, split, fingerprints]])
     where = {"data": str(data) if str(data).startswith("hf:") else str(Path(data).resolve()), "root": stored_root,
              "images": len(dataset)}
+    if not where["data"].startswith("hf:") and Path(where["data"]).is_relative_to(root):
+        # the dataset's own path from its root (".", "manifest.csv", "shards-{0000..0009}.tar"): a
+        # copied run whose dataset lies inside it lists it again from the copy (:func:`listed_source`)
+        where["data_in_root"] = os.path.relpath(where["data"], root)
     if old_record is not None and not force:
         changed = [f"{k}: {old_record['settings'].get(k)} -> {settings[k]}" for k in MODEL_SETTINGS
                    if old_record["settings"].get(k) != settings[k]]
