@@ -487,3 +487,19 @@ def test_baseline_lists_any_image_size_and_training_on_that_listing_is_refused_i
     _refused(["train", "--run", str(run), "--steps", "1"], capsys, "lists its images at 30 px",
              "not a multiple of 4", "--resolution 28 --run OTHER_RUN")
     assert run_files(run) == before
+
+
+def test_run_without_data_goes_on_with_the_listed_run(tiny_run, tmp_path, capsys):
+    """`diffmine run --run RUN` (an interrupted run finished without retyping --data and the
+    prompts) uses the run's listing: every step of a finished run is up to date, nothing rewritten."""
+    from conftest import TINY_ARGS
+
+    run = _copied(tiny_run, tmp_path)
+    before = run_files(run)
+    capsys.readouterr()
+    assert main(["run", "--run", str(run), *TINY_ARGS]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{step}: up to date" in out for step in ("train", "typicality", "mine", "cluster"))
+    assert {k: v for k, v in run_files(run).items() if not k.startswith("report")} == \
+        {k: v for k, v in before.items() if not k.startswith("report")}
+    _refused(["run", "--run", str(run), "--prompt", "x", *TINY_ARGS], capsys, "--prompt sets how a dataset is listed")

@@ -190,11 +190,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", required=True, type=Path, help="folder of <label>/<image file name> masks, nonzero = element")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    for name, text in (("run", "all steps in one go: train, typicality, mine, cluster, report"),
+    for name, text in (("run", "all steps in one go: train, typicality, mine, cluster, report (without --data: "
+                                "on the images the run lists, e.g. to finish an interrupted run)"),
                        ("demo", "the built-in dataset through every step, evaluated; prints the report path")):
         p = sub.add_parser(name, help=text, description=text)
         if name == "run":
-            _data_args(p)
+            _data_args(p, listed=True)
         else:
             p.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
             _holdout_arg(p)
@@ -345,6 +346,11 @@ def _prepare(args, run):
                      args.holdout, args.seed, args.force, _model_options(args))
 
 
+def _fill_listing_defaults(args, keys=tuple(LISTING_DEFAULTS)) -> None:
+    """The listing flags not given get their defaults (``train``, ``run``, ``prepare`` with --data)."""
+    vars(args).update({key: {**LISTING_DEFAULTS, "seed": 0}[key] for key in keys if getattr(args, key) is None})
+
+
 def _no_listing_flags(args, keys=tuple(LISTING_DEFAULTS)) -> None:
     """Without --data the run's listing is used as recorded: a flag that would list it otherwise
     is refused, not silently unused."""
@@ -361,9 +367,7 @@ def _train(args, run):
         _no_listing_flags(args)
         check_options(run.step_config("dataset")["model"], _model_options(args))
     else:
-        for key, value in LISTING_DEFAULTS.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+        _fill_listing_defaults(args)
         check_options(args.model, _model_options(args))  # before the dataset is listed into the run
         _prepare(args, run)
     pipeline.train_step(run, build_config(TrainConfig, args), _model_options(args), force=args.force)
@@ -378,8 +382,7 @@ def cmd_prepare(args):
         args.data, recorded = pipeline.listed_source(run)
         vars(args).update(recorded)
     else:
-        vars(args).update({key: value for key, value in {**LISTING_DEFAULTS, "seed": 0}.items()
-                           if getattr(args, key) is None})
+        _fill_listing_defaults(args, (*LISTING_DEFAULTS, "seed"))
     _prepare(args, run)
     print(f"listed {len(run.images())} images into {args.run}")
 
@@ -449,7 +452,9 @@ def _all_steps(args, run, masks=None):
     # the images was refused only at mine, after training and typicality)
     mine, cluster = build_config(MineConfig, args), build_config(ClusterConfig, args)
     features = build_config(FeatureConfig, args, "feature-")
-    check_patch(run, mine.patch, side=args.resolution)
+    if args.data is not None:
+        _fill_listing_defaults(args)
+    check_patch(run, mine.patch, side=args.resolution)  # None: the listed run's
     timings = {}
     t0 = time.time()
     _train(args, run)
