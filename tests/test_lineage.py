@@ -703,3 +703,7 @@ def test_prepare_without_data_lists_the_runs_dataset_again_from_a_copy_too(tmp_p
     (copy / "lineage.json").write_text(json.dumps(record))
     assert cli.main(["prepare", "--run", str(copy)]) == 2
     assert "does not say where in" in capsys.readouterr().err
+    record["listing"]["settings"].update(data_in_root=".", resolution="32")
+    (copy / "lineage.json").write_text(json.dumps(record))
+    assert cli.main(["prepare", "--run", str(copy)]) == 2
+    assert "its listing's resolution is not what diffmine records" in capsys.readouterr().err

@@ -365,7 +365,7 @@ def _train(args, run):
 
     if args.data is None:  # `train --run RUN`: the images and prompts the run lists
         _no_listing_flags(args)
-        check_options(run.step_config("dataset")["model"], _model_options(args))
+        check_options(pipeline.listing_flags(run)["model"], _model_options(args))
     else:
         _fill_listing_defaults(args)
         check_options(args.model, _model_options(args))  # before the dataset is listed into the run

@@ -186,7 +186,7 @@ def prepare(run: Run, data: str | Path, prompt: str, null_prompt: str, resolutio
 def listed_source(run: Run) -> tuple[str, dict]:
     """What ``prepare --run RUN`` without ``--data`` lists again: the run's dataset, where its
     listing says it is (inside the run: under the copy's own folder), and the listing's settings
-    as ``prepare`` takes them. RunError where that cannot be found here."""
+    as ``prepare`` takes them (:func:`listing_flags`). RunError where that cannot be found here."""
     settings = run.step_config("dataset")
     data, root, inside = settings.get("data"), settings.get("root"), settings.get("data_in_root")
     if not isinstance(data, str) or not isinstance(root, str):
@@ -196,10 +196,21 @@ def listed_source(run: Run) -> tuple[str, dict]:
             raise RunError(f"{run.path}: its listing does not say where in {root} the dataset was given "
                            "(listed before that was recorded); pass --data")
         data = str(run.dataset_root / inside)
-    given = {"prompt": settings["prompt"], "null_prompt": settings["null_prompt"],
-             "resolution": settings["resolution"], "resize": settings["resize"], "model": settings["model"],
-             "holdout": settings["holdout"], "seed": settings.get("holdout_seed", 0)}
-    return data, given
+    return data, listing_flags(run)
+
+
+def listing_flags(run: Run) -> dict:
+    """The run's listing settings as ``prepare`` takes them (``seed``: the held-out split's);
+    RunError for a value diffmine does not record (a received run's edited lineage.json)."""
+    settings = run.step_config("dataset")
+    kinds = {"prompt": str, "null_prompt": str, "resolution": int, "resize": str, "model": str, "holdout": (int, float),
+             "holdout_seed": int}
+    given = {key: settings.get(key, 0 if key == "holdout_seed" else None) for key in kinds}
+    wrong = [key for key, kind in kinds.items() if not isinstance(given[key], kind) or isinstance(given[key], bool)]
+    if wrong:  # a received run's lineage.json is text anyone could have edited
+        raise RunError(f"{run.path}: its listing's {', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not what "
+                       "diffmine records; pass --data and the listing's flags")
+    return {**{k: v for k, v in given.items() if k != "holdout_seed"}, "seed": given["holdout_seed"]}
 
 
 def check_latent_grid(resolution: int, model: str, run: Run | None = None) -> None:
