@@ -51,24 +51,22 @@ LISTING_DEFAULTS = {"model": "tiny", "prompt": "An image of {label}.", "null_pro
                     "resize": "square", "holdout": 0.0}
 
 
-def _data_args(p, listed: bool = False):
-    """``--data`` and the flags that say how it is listed. ``listed`` (``train``): --data may be left
-    out on a run that lists a dataset (training then uses the images listed); the listing flags
-    default to None there, so that one given without --data is refused, not silently unused."""
-    p.add_argument("--data", required=not listed, type=Path,
+def _data_args(p):
+    """``--data`` and the flags that say how it is listed (``prepare``, ``train``, ``run``). --data
+    may be left out on a run that lists a dataset (its listing is used as recorded); the listing
+    flags default to None, so that one given without --data is refused, not silently unused
+    (:func:`_no_listing_flags`; :func:`_fill_listing_defaults` with --data)."""
+    p.add_argument("--data", type=Path,
                    help="folder of <label>/<image> files, a .csv/.jsonl manifest (path,label), WebDataset tar shards "
                         "(a .tar, a folder of them or a {0000..0099} pattern), a saved Hugging Face dataset folder or "
-                        "hf:NAME_OR_PATH" + ("; without it, the run's own dataset, as listed" if listed else ""))
+                        "hf:NAME_OR_PATH; without it, the run's own dataset, as listed")
     p.add_argument("--model", help="tiny (embedded, default) or sd:PATH_OR_HUB_ID")
     p.add_argument("--prompt", help=f"label prompt; {{label}} is replaced (default: {LISTING_DEFAULTS['prompt']!r})")
     p.add_argument("--null-prompt", help=f"the null prompt (default: {LISTING_DEFAULTS['null_prompt']!r})")
     p.add_argument("--resolution", type=int, help="image side (square) or height (keep-aspect) (default: 64)")
     p.add_argument("--resize", choices=["square", "keep-aspect"], help="how images are resized (default: square)")
     _holdout_arg(p)
-    if not listed:
-        p.set_defaults(**LISTING_DEFAULTS)
-    else:
-        p.set_defaults(**{key: None for key in LISTING_DEFAULTS})
+    p.set_defaults(**{key: None for key in LISTING_DEFAULTS})
 
 
 def _holdout_arg(p):
@@ -135,13 +133,13 @@ def parser() -> argparse.ArgumentParser:
                                    "`diffmine typicality --run RUN --model sd:PATH` scores it with pretrained weights. "
                                    "Without --data, list the run's dataset again as it was listed (images added, "
                                    "removed or changed since), with the same prompts and settings.")
-    _data_args(p, listed=True); add_run_args(p)
+    _data_args(p); add_run_args(p)
     p.set_defaults(seed=None)  # --seed only draws the held-out split here: refused without --data
 
     p = sub.add_parser("train", help="finetune (or train from scratch) the conditional model",
                        description="List the dataset into the run and train the label-conditioned model (resumable). "
                                    "Without --data, train on the images the run lists (continue, or train longer).")
-    _data_args(p, listed=True); add_run_args(p); _sd_args(p)
+    _data_args(p); add_run_args(p); _sd_args(p)
     add_config(p, TrainConfig)
 
     p = sub.add_parser("typicality", help="compute per-pixel typicality maps",
@@ -195,7 +193,7 @@ def parser() -> argparse.ArgumentParser:
                        ("demo", "the built-in dataset through every step, evaluated; prints the report path")):
         p = sub.add_parser(name, help=text, description=text)
         if name == "run":
-            _data_args(p, listed=True)
+            _data_args(p)
         else:
             p.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
             _holdout_arg(p)

@@ -297,7 +297,8 @@ def run_mining(run, config: MineConfig, progress: bool = True, store=None, out=N
     estimator = ((run.lineage.get("typicality") or {}).get("settings") or {}).get("estimator")
     errors = config.errors if estimator in T_ORDERED else "iid"  # other estimators' units are not in t order
     flip = significance and config.significance_test == "flip"
-    check_test(config, estimator)
+    if flip:
+        check_test(config, estimator)
     ok = store.ok()
     if ok.empty:
         raise ValueError(f"{run.path}: no usable {store.what} maps to mine")

@@ -13,7 +13,8 @@
         shard-00000.safetensors    one (h, w) tensor per image, key = row in shard
         shard-00000.parquet        index: image_id, label, fingerprint, height, width, key, mean, status, problem
       mining/patches.parquet   top (significant) / rejected (not) / least / random patches per
-                               label, with typicality, its standard error se and z = typicality / se
+                               label, with typicality, its standard error se, z = typicality / se
+                               and p (the flip test's, mine --significance-test flip; else empty)
       features/features.npy    DIFT feature per top and rejected patch (rows of mining/patches.parquet
                                of kind top, then rejected)
       clusters/patches.parquet top patches with cluster, cluster_rank, rank_in_cluster and the
