@@ -410,8 +410,7 @@ def load_model(run: Run, device: torch.device | None = None) -> tuple[Backend, d
     record = run.lineage.get("model")
     if record is None or not record.get("complete"):
         records = run.lineage.records()
-        command = "train --data DIR" if "listing" not in records else \
-            rerun_command("model", record, records) if record is not None else "train"
+        command = rerun_command("model", record or {}, records) if "listing" in records else "train --data DIR"
         raise RunError(f"{run.path}: no trained model yet; run `diffmine {command} --run {shell_word(run.path)}` first")
     actual = model_digest(run.model_dir)  # before loading: a damaged file is named, not decoded
     if actual != record["identity"]:
