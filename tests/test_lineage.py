@@ -687,7 +687,9 @@ def test_prepare_without_data_lists_the_runs_dataset_again_from_a_copy_too(tmp_p
     copy = cp_r(run, tmp_path / "copy")
     shutil.rmtree(run)
     shutil.copy(copy / "data" / "images" / "norland" / "img_0000.png", copy / "data" / "images" / "norland" / "new.png")
+    capsys.readouterr()
     assert cli.main(["prepare", "--run", str(copy)]) == 0
+    assert f"listing the run's dataset again from {copy / 'data' / 'images'}" in capsys.readouterr().out
     again = Run(copy)
     settings = again.step_config("dataset")
     assert settings["prompt"] == "A scene from {label}." and settings["resolution"] == 32 and settings["holdout_seed"] == 3

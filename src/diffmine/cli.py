@@ -379,6 +379,7 @@ def cmd_prepare(args):
         _no_listing_flags(args, (*LISTING_DEFAULTS, "seed"))
         args.data, recorded = pipeline.listed_source(run)
         vars(args).update(recorded)
+        print(printable(f"prepare: listing the run's dataset again from {args.data}"))  # a received run's record names it
     else:
         _fill_listing_defaults(args, (*LISTING_DEFAULTS, "seed"))
     _prepare(args, run)
