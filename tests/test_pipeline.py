@@ -326,3 +326,6 @@ def test_the_flip_test_keeps_fewer_patches_and_more_of_them_on_the_element(train
     assert np.nanmean(patch_hits(kept, loaded)) > 1.3 * np.nanmean(patch_hits(trained_run.mined_patches(), loaded))
     assert copy.lineage.get("mine")["settings"]["significance_test"] == "flip"
     assert trained_run.mined_patches()["p"].isna().all()  # the z test computes none
+    from diffmine.status import status
+    assert f"{len(kept)} top patches kept, {len(rejected)} rejected candidates stored (flip test, p <= 0.05)" in status(copy)
+    assert f"{len(trained_run.mined_patches())} top patches kept" in status(trained_run) and "(z >= 2.0)" in status(trained_run)

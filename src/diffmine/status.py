@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from .adaptive import draws_summary, rounds_progress
 from .leftovers import status_line as leftovers_line
 from .lineage import command_of, rerun_command
@@ -33,6 +35,16 @@ def _state(run, name: str) -> str:
                 f"{shell_word(run.path)}` tries them again)") if left_out else "done"
     reason, command = reasons[0]
     return f"out of date ({reason}): re-run `diffmine {command} --run {shell_word(run.path)}`"
+
+
+def _kept(run, settings: dict) -> str:
+    """How many of the images' candidates mining kept as top patches, and by which test."""
+    kinds = pd.read_parquet(run.patches_path, columns=["kind"])["kind"]
+    top, rejected = int((kinds == "top").sum()), int((kinds == "rejected").sum())
+    test = "no significance filter" if not settings.get("significance", True) else \
+        f"flip test, p <= {settings.get('alpha')}" if settings.get("significance_test") == "flip" else \
+        f"z >= {settings.get('z_min')}"
+    return f"{top} top patches kept, {rejected} rejected candidates stored ({test})"  # rejected: up to --top a label
 
 
 def _outside_model_lines(run, record: dict) -> list[str]:
@@ -99,6 +111,8 @@ def status(run) -> str:
             lines += _outside_model_lines(run, record)
             continue
         lines.append(f"{name}: {_state(run, name)}")
+        if name == "mine" and run.patches_path.is_file():
+            lines.append(f"  {_kept(run, record['settings'])}")
         if name == "baseline-doersch" and not record.get("complete"):
             from .baselines.doersch import kept_labels
 
