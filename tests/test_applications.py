@@ -243,7 +243,8 @@ def test_translate_names_an_image_edited_since_listing_and_translates_it_once_fi
     first = copy.lineage.get("translate")
     assert first["left_out"] == 1
     assert ("translate: done, 1 image(s) left out (listed below; the next `diffmine translate --images 2 --steps 2 "
-            f"--shard-size 2 --run {copy.path}` tries them again)") in status(copy)  # with its flags: the same result
+            f"--run {copy.path}` tries them again)") in status(copy)  # with its flags: the same result
+    assert first["shard_size"] == 2 and "shard_size" not in first["settings"]  # how it is cut, kept beside them
     assert {image for image, _ in stored()} == {image for image, _ in reference} - {edited}
     pipeline.cotypicality_step(copy, *cotypicality, progress=False)
     assert edited not in set(pd.read_parquet(copy.path / "cotypicality" / "shard-00000.parquet")["image_id"])
@@ -380,7 +381,7 @@ def test_cotypicality_names_a_scene_whose_source_changed_and_scores_it_once_fixe
     first = copy.lineage.get("cotypicality")
     assert first["left_out"] == 1
     assert ("cotypicality: done, 1 image(s) left out (listed below; the next `diffmine cotypicality --top 12 --per-tuple 3 "
-            f"--umap-dim 2 --k 2 --samples 2 --shard-size 2 --feature-ensemble 1 --run {copy.path}` tries them again)"
+            f"--umap-dim 2 --k 2 --samples 2 --feature-ensemble 1 --run {copy.path}` tries them again)"
             in status(copy))
 
     with_bad_row, untouched = files("shard-00000"), files("shard-00001")
@@ -449,3 +450,34 @@ def test_a_result_that_left_out_a_corrupt_listed_image_is_not_made_again(tiny_ru
     copy.record_problems("classify", [Problem(broken, str(data / broken), "corrupt"), Problem("b", "b", CHANGED)])
     assert copy.skipped_by("classify") == ["b", broken] if "b" < broken else [broken, "b"]
     assert copy.left_out("classify") == ["b"]
+
+
+def test_the_shard_size_of_translations_cuts_the_work_and_is_no_setting_of_the_result(tiny_run, tmp_path, capsys):
+    """Translations are stored in positional shards (shard s holds sources s * size onwards): a
+    call with another --shard-size keeps the stored result's cut and serves it (it was refused as
+    made differently); an interrupted one resumes in its own cut; --force makes it anew in the new
+    one. A record made before, naming the size among its settings, stays up to date."""
+    from diffmine.lineage import identity_of
+
+    copy = Run(shutil.copytree(tiny_run.path, tmp_path / "run"))
+    config = TranslateConfig(images=2, steps=2, shard_size=2)  # 4 sources, 2 shards
+    pipeline.translate_step(copy, config, progress=False)
+    shards = sorted(p.name for p in copy.translations_dir.glob("shard-*.parquet"))
+    made = copy.lineage.get("translate")
+    assert len(shards) == 2 and made["shard_size"] == 2
+    capsys.readouterr()
+    assert pipeline.translate_step(copy, TranslateConfig(images=2, steps=2, shard_size=3), progress=False) == 0
+    out = capsys.readouterr()
+    assert "translate: up to date" in out.out and "keeps the stored result's --shard-size 2" in out.err
+    (copy.translations_dir / shards[1]).unlink()  # as an interrupted run leaves it
+    assert pipeline.translate_step(copy, TranslateConfig(images=2, steps=2, shard_size=3), progress=False) == 1
+    assert sorted(p.name for p in copy.translations_dir.glob("shard-*.parquet")) == shards
+    record = json.loads((copy.path / "lineage.json").read_text())
+    record["translate"]["settings"]["shard_size"] = 2  # an older record: the size among its settings
+    record["translate"]["identity"] = identity_of("translate", record["translate"]["settings"],
+                                                  record["translate"]["inputs"])
+    (copy.path / "lineage.json").write_text(json.dumps(record))
+    assert pipeline.translate_step(copy, TranslateConfig(images=2, steps=2, shard_size=5), progress=False) == 0
+    assert pipeline.translate_step(copy, TranslateConfig(images=2, steps=2, shard_size=4), progress=False,
+                                   force=True) == 1
+    assert copy.lineage.get("translate")["shard_size"] == 4 and "shard_size" not in copy.lineage.get("translate")["settings"]

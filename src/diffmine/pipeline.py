@@ -881,12 +881,31 @@ def localize_step(run: Run, boxes=None, masks=None, blur: float = 0.0, before=No
         return result
 
 
+def _positional(run: Run, name: str, config, force: bool) -> tuple:
+    """``(config, settings)`` of a step whose shards are positional (shard s holds items s *
+    shard_size onwards: translate, co-typicality). The shard size says how the work is cut, not
+    what it makes, so it is no setting of the result: a stored result keeps its own (a resume with
+    another one would mix two cuts; --force makes it anew with the one given), and a record made
+    before this, which names it among its settings, keeps it there (it stays up to date)."""
+    record = run.lineage.get(name) or {}
+    stored = record.get("settings") or {}
+    size = stored.get("shard_size", record.get("shard_size"))
+    if not force and isinstance(size, int) and not isinstance(size, bool) and size >= 1 and size != config.shard_size:
+        print(f"{name}: keeps the stored result's --shard-size {size} (its shards are cut by it; --force makes it "
+              f"anew with {config.shard_size})", file=sys.stderr)
+        config = replace(config, shard_size=size)
+    settings = result_settings(config, ("batch_size", "workers", "compile", "shard_size"))
+    if stored.get("shard_size") == config.shard_size:
+        settings["shard_size"] = config.shard_size
+    return config, settings
+
+
 def _sharded_step(run: Run, name: str, settings: dict, inputs: dict, force: bool, missing, clear: tuple[Path, ...],
-                  compute, stored, left_out=lambda: ()):
+                  compute, stored, left_out=lambda: (), shard_size: int | None = None):
     """An expensive, sharded, resumable step: up to date (and every shard there) -> ``stored()``;
     else clear a stale result, mark it incomplete, ``compute()``, mark it complete, with what
     ``left_out()`` names as left out (``Lineage.put``: the next call retries them, for a ``compute``
-    that does)."""
+    that does) and the ``shard_size`` its shards are cut by (:func:`_positional`)."""
     with step_lock(run.path, name):
         action = _planned(run, name, settings, inputs, force, expensive=True)
         if action == "done" and missing():
@@ -896,9 +915,10 @@ def _sharded_step(run: Run, name: str, settings: dict, inputs: dict, force: bool
             return stored()
         if action == "replace":
             _clear(*clear)
-        run.lineage.put(name, settings, inputs, name, complete=False)
+        cut = {"shard_size": shard_size} if shard_size is not None else {}
+        run.lineage.put(name, settings, inputs, name, complete=False, **cut)
         result = compute()
-        run.lineage.put(name, settings, inputs, name, left_out=left_out())
+        run.lineage.put(name, settings, inputs, name, left_out=left_out(), **cut)
         return result
 
 
@@ -912,11 +932,12 @@ def translate_step(run: Run, config: TranslateConfig, progress: bool = True, for
     target_labels(run.labels, config.to)  # before the record: a refused --to leaves the translations as they are
     backend, model_inputs = load_model(run)
     check_injection(backend.unet, config)
-    settings, inputs = result_settings(config), {**model_inputs, "mine": run.fresh("mine")["identity"]}
+    config, settings = _positional(run, "translate", config, force)
+    inputs = {**model_inputs, "mine": run.fresh("mine")["identity"]}
     return _sharded_step(run, "translate", settings, inputs, force, lambda: missing_translations(run, config),
                          (run.translations_dir, run.path / "cotypicality"),
                          lambda: run_translate(run, backend, config, progress), lambda: 0,
-                         left_out=lambda: run.left_out("translate"))
+                         left_out=lambda: run.left_out("translate"), shard_size=config.shard_size)
 
 
 def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureConfig, progress: bool = True,
@@ -929,14 +950,15 @@ def cotypicality_step(run: Run, config: CotypicalityConfig, features: FeatureCon
     stored = ((run.lineage.get("cotypicality") or {}).get("settings") or {}).get("features") or {}
     features = _resolved(run, "cotypicality", features, default_device(), stored.get("precision"))
     # the features of a sequence's members are one forward pass per scene: their batch size is unused
-    settings = {**result_settings(config), "features": _execution_left_out(features, ("batch_size",), stored),
+    config, own = _positional(run, "cotypicality", config, force)
+    settings = {**own, "features": _execution_left_out(features, ("batch_size",), stored),
                 "draws": result_settings(TypicalityConfig.from_settings(run.step_config("typicality")))}
     inputs = {**model_inputs, "translate": run.fresh("translate")["identity"]}
     directory = run.path / "cotypicality"
     return _sharded_step(run, "cotypicality", settings, inputs, force, lambda: missing_cotypicality(run, config),
                          (directory,), lambda: run_cotypicality(run, backend, config, features, progress),
                          lambda: pd.read_parquet(directory / "sequences.parquet"),
-                         left_out=lambda: run.left_out("cotypicality"))
+                         left_out=lambda: run.left_out("cotypicality"), shard_size=config.shard_size)
 
 
 def baseline_step(run: Run, config, positive: str | None = None, progress: bool = True,
