@@ -385,6 +385,22 @@ def test_compare_refuses_the_same_run_twice_leaving_it(spelling, tiny_run, tmp_p
     assert run_files(run) == before and not (run / "compare").exists()
 
 
+def test_compare_of_a_run_and_its_copy_says_the_two_sides_are_alike(tiny_run, tmp_path, capsys):
+    """A run and its `cp -r` copy are two runs (the page is made), holding the same results: said
+    in one line, which a run mined anew in the copy no longer gets."""
+    import shutil
+
+    run = _copied(tiny_run, tmp_path)
+    copy = shutil.copytree(run, tmp_path / "copy")
+    capsys.readouterr()
+    assert main(["compare", "--run", str(run), "--run", str(copy)]) == 0
+    assert "hold the same typicality and mined patches" in capsys.readouterr().err
+    assert main(["mine", "--run", str(copy), "--top", "3", "--least", "2", "--random", "2"]) == 0
+    capsys.readouterr()
+    assert main(["compare", "--run", str(run), "--run", str(copy)]) == 0
+    assert "hold the same" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--examples", "--crops"])
 def test_compare_refuses_a_negative_count(flag, tiny_run, tmp_path, capsys):
     """--examples -1 was taken (a slice that left out the last image)."""

@@ -16,6 +16,7 @@ Typical use: the same dataset scored by a finetuned model and by the pretrained 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from .atomic import write_text
 from .lineage import step_lock
 from .images import RunImages, colorbar, map_scale, overlay, png_data_uri
 from .rundir import Run, RunError, open_run
-from .terminal import print_problems
+from .terminal import print_problems, printable
 
 # the page's mark, which `--out` looks for before it replaces a file (a file of the user's is kept)
 GENERATOR = '<meta name="generator" content="diffmine compare">'
@@ -203,6 +204,10 @@ def _replaceable(out: Path) -> Path:
     return out
 
 
+def _identity(run: Run, name: str) -> str | None:
+    return (run.lineage.get(name) or {}).get("identity")
+
+
 def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Path | None = None, **options) -> Path:
     """Write the comparison page of two runs (default: ``RUN_A/compare/vs-<RUN_B name>.html``).
 
@@ -213,6 +218,10 @@ def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Pa
     if os.path.samefile(run_a.path, run_b.path):  # other spellings too: "R/", a link to R, a bind mount
         raise ValueError(f"--run {run_a.path} and --run {run_b.path} are the same run ({os.path.realpath(run_a.path)}): "
                          "a page of its maps and patches each beside itself; give two runs")
+    if all(_identity(run_a, name) is not None and _identity(run_a, name) == _identity(run_b, name)
+           for name in ("typicality", "mine")):  # a copy of the run: legitimate, but say what the page will show
+        print(printable(f"compare: {run_a.path} and {run_b.path} hold the same typicality and mined patches (one "
+                        "a copy of the other?): the two sides of the page will be alike"), file=sys.stderr)
     html = render(build_context(run_a, run_b, **options))
     if out is not None:
         return write_text(_replaceable(Path(out)), html)
