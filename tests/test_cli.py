@@ -485,6 +485,11 @@ def test_train_without_data_trains_on_the_listed_images_and_status_hints_run_as_
     assert run.lineage.get("model")["identity"] == trained and "done (2 steps" in status(run)
     assert main(["train", "--run", str(run.path), *flags[2:], "--steps", "3"]) == 0  # train longer
     assert run.lineage.get("model")["steps"] == 3
+    record = run.lineage.get("model")  # as a killed training leaves it: incomplete, its checkpoints kept
+    run.lineage.put("model", record["settings"], record["inputs"], "train", identity="(training)", complete=False,
+                    steps=3)
+    goes_on = re.search(r"train: resumable at step-\d+: `diffmine (.*?)` goes on", status(run)).group(1)
+    assert shlex.split(goes_on) == ["train", *flags[2:], "--steps", "3", "--run", str(run.path)]
     assert main(["train", "--run", str(run.path), "--steps", "3"]) == 2  # another recipe: refused, with its flags
     assert "`diffmine train --batch-size 4 --lr-schedule cosine --seed 3 --steps 3 --run" in capsys.readouterr().err
 

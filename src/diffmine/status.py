@@ -82,9 +82,10 @@ def status(run) -> str:
         if name == "model":
             if record is None or not record.get("complete"):
                 checkpoint = latest_checkpoint(run.model_dir)
-                again = f"`diffmine {_rerun(run, name)} --run {shell_word(run.path)}`"
-                lines.append(f"train: resumable at {checkpoint.name}: {again} goes on" if checkpoint and record else
-                             f"train: {'resumable at ' + checkpoint.name if checkpoint else 'not started'}")
+                state = f"resumable at {checkpoint.name}" if checkpoint else "not started"
+                if checkpoint and record:  # its recipe is recorded: the command that goes on
+                    state += f": `diffmine {_rerun(run, name)} --run {shell_word(run.path)}` goes on"
+                lines.append(f"train: {state}")
             elif not all(path.is_file() for path in model_files(run.model_dir)):
                 lines.append(f"train: its files in {run.model_dir} are gone: `diffmine {_rerun(run, name)} --run "
                              f"{shell_word(run.path)}` rebuilds them (from the last checkpoint where there is one)")
