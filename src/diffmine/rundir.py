@@ -53,6 +53,26 @@ from .terminal import print_problems, shell_word
 TRAINED_ON_FILE = "trained-on.parquet"
 PROBLEM_COLUMNS = ["image_id", "path", "step", "problem"]  # of problems.parquet
 
+# What a listing records, by kind (the first six always): a received run's lineage.json and
+# images.parquet are files anyone could have edited, and a value of another kind failed deep in a
+# later step with a traceback instead of a line naming the file.
+LISTING_KINDS = {"labels": list, "prompt": str, "null_prompt": str, "resolution": int, "resize": str, "root": str,
+                 "model": str, "holdout": (int, float), "holdout_seed": int, "data": str, "images": int}
+_text = lambda kind: pa.types.is_string(kind) or pa.types.is_large_string(kind)  # noqa: E731 - pandas writes either
+LISTING_COLUMNS = {"image_id": _text, "path": _text, "label": _text, "size": pa.types.is_integer,
+                   "mtime_ns": pa.types.is_integer, "fingerprint": _text}
+
+
+def listing_problems(settings: dict) -> list[str]:
+    """The names of the listing's settings that are missing or not of the kind diffmine records."""
+    def wrong(key, value) -> bool:
+        if key == "labels":
+            return not isinstance(value, list) or not all(isinstance(label, str) for label in value)
+        return not isinstance(value, LISTING_KINDS[key]) or isinstance(value, bool)
+
+    required = list(LISTING_KINDS)[:6]
+    return [key for key in LISTING_KINDS if (key in settings or key in required) and wrong(key, settings.get(key))]
+
 
 @lru_cache(maxsize=64)  # asked for every image's prompt
 def prompt_problem(prompt) -> str | None:
@@ -198,6 +218,10 @@ class Run:
             hint = f"run `diffmine train --data DIR --run {shell_word(self.path)}` first" if name == "listing" else \
                 f"run `diffmine {command_of(name)} --run {shell_word(self.path)}` first"
             raise RunError(f"{self.path}: no {name} result yet; {hint}")
+        if name == "listing" and (wrong := listing_problems(record["settings"])):
+            raise RunError(f"{self.path / 'lineage.json'}: the listing's {', '.join(wrong)} "
+                           f"{'is' if len(wrong) == 1 else 'are'} not what diffmine records; list the dataset again "
+                           f"(`diffmine prepare --data DIR --run {shell_word(self.path)}` with the listing's flags)")
         return record["settings"]
 
     def stale(self, name: str) -> list[tuple[str, str]]:
@@ -222,8 +246,14 @@ class Run:
         """The listing: index, image_id, path (absolute), label, split, size, fingerprint."""
         if not self.images_path.is_file():
             raise RunError(f"{self.path}: no dataset listed here; run `diffmine train --data DIR --run {shell_word(self.path)}` first")
-        images = pd.read_parquet(self.images_path)
         root = str(self.dataset_root)
+        table = pq.read_table(self.images_path)
+        wrong = [c for c, kind in LISTING_COLUMNS.items() if c not in table.column_names or not kind(table.schema.field(c).type)]
+        if wrong:
+            raise RunError(f"{self.images_path}: not a listing of diffmine's (its {', '.join(wrong)} "
+                           f"{'is' if len(wrong) == 1 else 'are'} missing or of another type); list the dataset again "
+                           f"(`diffmine prepare --run {shell_word(self.path)}`)")
+        images = table.to_pandas()
         images["path"] = [p if os.path.isabs(p) else os.path.join(root, p) for p in images["path"]]
         return images
 
