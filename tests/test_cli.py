@@ -36,6 +36,28 @@ def test_every_flag_of_every_command_has_help_text():
     assert list(missing(parser())) == []
 
 
+def test_a_field_shared_by_steps_is_helped_with_each_steps_own_meaning():
+    """--batch-size is training's images per step, typicality's UNet inputs per pass (0: the
+    backend's choice) and the features' images per pass: one text offered training the 0 it refuses."""
+    import dataclasses
+
+    from diffmine.features import FeatureConfig
+    from diffmine.train import TrainConfig
+    from diffmine.typicality import TypicalityConfig
+
+    def help_of(command, flag):
+        sub = next(a for a in parser()._actions if a.dest == "command").choices[command]
+        return next(a.help for a in sub._actions if flag in a.option_strings)
+
+    assert "0:" in help_of("typicality", "--batch-size") and "0:" in help_of("run", "--typicality-batch-size")
+    for command, flag, config in (("train", "--batch-size", TrainConfig()), ("run", "--batch-size", TrainConfig()),
+                                  ("cluster", "--feature-batch-size", FeatureConfig())):
+        assert "0:" not in help_of(command, flag) and "UNet inputs" not in help_of(command, flag)
+        with pytest.raises(ValueError):
+            dataclasses.replace(config, batch_size=0)
+    assert dataclasses.replace(TypicalityConfig(), batch_size=0).batch_size == 0
+
+
 def test_version(capsys):
     from importlib.metadata import version
 

@@ -17,7 +17,11 @@ from .typicality import ESTIMATORS
 
 HELP = {
     "steps": "optimizer steps (training resumes from the last checkpoint up to this many)",
-    "batch_size": "images per step (training) / UNet inputs per forward pass (typicality; 0: 64 on CPU, 256 on GPU) / images per pass (features)",
+    # one field name, a meaning per step: a dict gives each config's own text (by class name)
+    "batch_size": {"TrainConfig": "images per optimizer step (>= 1)",
+                   "TypicalityConfig": "UNet inputs per forward pass, all conditions counted (0: the backend's "
+                                       "choice, 64 on CPU, 256 on GPU)",
+                   "FeatureConfig": "images per forward pass of the DIFT features (>= 1; times the ensemble)"},
     "learning_rate": "AdamW learning rate (default: the backend's)",
     "p_uncond": "probability of replacing the label prompt with the null prompt in training",
     "mixed_precision": "accelerate's mixed precision of training",
@@ -144,7 +148,10 @@ def add_config(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: tup
             continue
         default = (defaults or {}).get(field.name, field.default)
         kind = field_kind(field)
-        help_text = (help or {}).get(field.name, HELP.get(field.name, ""))
+        shared = HELP.get(field.name, "")
+        if isinstance(shared, dict):  # the text of the config's class, or of the class it extends
+            shared = next((shared[k.__name__] for k in cls.__mro__ if k.__name__ in shared), "")
+        help_text = (help or {}).get(field.name, shared)
         dest = prefix.replace("-", "_") + field.name
         if kind is bool:
             parser.add_argument(_flag(field.name, prefix), dest=dest, action=argparse.BooleanOptionalAction,
