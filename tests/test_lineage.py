@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -404,6 +405,34 @@ def test_a_new_label_needs_a_new_model(tiny, tmp_path, capsys):
     assert len(Run(copy).images()) == 12
 
 
+@pytest.mark.parametrize("change", [["--prompt", "A photo of {label}."], ["--resolution", "16"]])
+def test_maps_of_other_prompts_or_size_are_never_served_after_a_forced_listing(tiny, tmp_path, capsys, change):
+    """`prepare --force` with other prompts or another size: the maps were made of other prompts and
+    pixels, but their only stale reason read "listing changed" (as for added images, whose maps are
+    served): query, compare and the map readers served them."""
+    images, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    flags = {"--resolution": "32", "--prompt": "A scene from {label}.", "--null-prompt": "A scene."}
+    flags.update(dict(zip(change[::2], change[1::2])))
+    assert cli.main(["prepare", "--data", str(images), "--run", str(copy), "--force",
+                     *[word for pair in flags.items() for word in pair]]) == 0
+    opened = Run(copy)
+    reason = "the dataset's prompts or image size changed since typicality was made"
+    assert any(line.startswith("typicality:") and f"out of date ({reason})" in line for line in status(opened).splitlines())
+    with pytest.raises(RunError, match=re.escape(reason)):
+        opened.typicality_map(opened.images()["image_id"][0])
+    with pytest.raises(ValueError, match="typicality"):
+        query(opened, "SELECT count(*) FROM typicality")
+    assert reason in [r for r, _ in opened.stale("mine")]
+    capsys.readouterr()
+    assert cli.main(["compare", "--run", str(copy), "--run", str(run)]) == 2
+    assert "hold the same typicality" not in capsys.readouterr().err
+    # the listing put back as it was: the maps are its own again
+    assert cli.main(["prepare", "--data", str(images), "--run", str(copy), "--resolution", "32", "--force",
+                     "--prompt", "A scene from {label}.", "--null-prompt", "A scene."]) == 0
+    assert not Run(copy).stale("mine")
+
+
 def test_holdout_is_stratified_seeded_and_never_trained_on(tmp_path, capsys):
     images = generate(tmp_path / "data", SynthConfig(labels=2, per_label=8, size=32, seed=1), progress=False)
     run = Run(tmp_path / "run")
@@ -708,4 +737,4 @@ def test_prepare_without_data_lists_the_runs_dataset_again_from_a_copy_too(tmp_p
     record["listing"]["settings"].update(data_in_root=".", resolution="32")
     (copy / "lineage.json").write_text(json.dumps(record))
     assert cli.main(["prepare", "--run", str(copy)]) == 2
-    assert "its listing's resolution is not what diffmine records" in capsys.readouterr().err
+    assert "the listing's resolution is not what diffmine records" in capsys.readouterr().err

@@ -218,11 +218,12 @@ def compare_runs(run_a: Run | str | Path, run_b: Run | str | Path, out: str | Pa
     if os.path.samefile(run_a.path, run_b.path):  # other spellings too: "R/", a link to R, a bind mount
         raise ValueError(f"--run {run_a.path} and --run {run_b.path} are the same run ({os.path.realpath(run_a.path)}): "
                          "a page of its maps and patches each beside itself; give two runs")
+    context = build_context(run_a, run_b, **options)  # first: a run whose maps are out of date is refused
     if all(_identity(run_a, name) is not None and _identity(run_a, name) == _identity(run_b, name)
            for name in ("typicality", "mine")):  # a copy of the run: legitimate, but say what the page will show
         print(printable(f"compare: {run_a.path} and {run_b.path} hold the same typicality and mined patches (one "
                         "a copy of the other?): the two sides of the page will be alike"), file=sys.stderr)
-    html = render(build_context(run_a, run_b, **options))
+    html = render(context)
     if out is not None:
         return write_text(_replaceable(Path(out)), html)
     with step_lock(run_a.path, "compare"):  # a write into run A: `diffmine clean` must see it

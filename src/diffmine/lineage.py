@@ -73,6 +73,15 @@ RESULT_FOLDERS = ("model", "typicality", "mining", "features", "clusters", "clas
 # results that are identified by their content (not by what made them): a reader checks
 # freshness up to them and no further (a model is what it is, whatever it was trained on)
 ROOTS = ("listing", "model")
+# what a model's use depends on in the listing's settings: its prompts and image size. A result
+# scored with the model records their digest as its input "prompts" (no result of its own: checked
+# against the listing as it is now, so a listing re-made with --force and other prompts makes it stale)
+MODEL_SETTINGS = ("labels", "prompt", "null_prompt", "resolution", "resize", "model")
+
+
+def prompts_digest_of(listing_settings: dict) -> str:
+    """The input "prompts" of a result made from a listing with these settings."""
+    return digest({k: listing_settings.get(k) for k in MODEL_SETTINGS})
 # the version of each step's method, by result name (or name prefix ending in "-"); 1 if absent
 METHODS = {
     # 2: prevalence keeps the upper of two or three groups of best matches (BIC), not Otsu's upper half;
@@ -253,8 +262,14 @@ def stale_reasons(lineage: Lineage, name: str, records: dict | None = None) -> l
         return [(f"{name} has not been made", command_of(name))]
     reasons = []
     for input_name, identity in record["inputs"].items():
+        if input_name == "prompts":
+            listing = records.get("listing")
+            if listing is not None and prompts_digest_of(listing["settings"]) != identity:
+                reasons.append((f"the dataset's prompts or image size changed since {name} was made",
+                                rerun_command(name, record, records)))
+            continue
         if command_of(input_name, None) is None:
-            continue  # a digest of settings (prompts) or of an outside model: nothing to look up
+            continue  # a digest of an outside model: nothing to look up
         upstream = records.get(input_name)
         if upstream is None:
             reasons.append((f"its input {input_name} is gone", command_of(input_name)))

@@ -34,7 +34,8 @@ from .clustering import ClusterConfig, run_clustering
 from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
 from .data import DatasetError, Problem, fingerprint_images, scan_dataset
 from .features import FEATURE_KINDS, FeatureConfig, check_block, run_features
-from .lineage import LineageError, canonical, digest, file_digest, plan, rerun_command, step_lock
+from .lineage import (MODEL_SETTINGS, LineageError, canonical, digest, file_digest, plan, prompts_digest_of,
+                      rerun_command, step_lock)
 from .machine import resolve_precision
 from .mining import MineConfig, check_patch, check_test, mine_settings, run_mining
 from .models import Backend, create_backend, latent_factor, load_backend, recorded_source, relocations
@@ -123,10 +124,6 @@ def _clear(*paths: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # listing
-
-
-# settings of the listing that a trained model depends on: changing them needs a new model
-MODEL_SETTINGS = ("labels", "prompt", "null_prompt", "resolution", "resize", "model")
 
 
 def check_prompt(prompt: str) -> None:
@@ -278,8 +275,7 @@ def _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, 
 
 def prompts_digest(run: Run) -> str:
     """What a model's use depends on in the listing: prompts and image size."""
-    settings = run.step_config("listing")
-    return digest({k: settings[k] for k in MODEL_SETTINGS})
+    return prompts_digest_of(run.step_config("listing"))
 
 
 def all_prompts(run: Run) -> list[str]:
@@ -579,8 +575,9 @@ def _check_labels(run: Run, model: str | None) -> None:
     known = set(_trained_labels(run))
     new = [label for label in listing["settings"]["labels"] if label not in known]
     if new and trained is not None:
-        raise RunError(f"{run.path}: labels {new} are new to the trained model (it knows {sorted(known)}); "
-                       "train a new one with `diffmine train --force`")
+        why = "it knows " + (f"{sorted(known)}" if known else "none of the listing's prompts: were they changed since?")
+        raise RunError(f"{run.path}: labels {new} are new to the trained model ({why}); "
+                       f"train a new one with `diffmine train --run {shell_word(run.path)} --force`")
 
 
 def _trained_labels(run: Run) -> list[str]:
