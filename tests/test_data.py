@@ -5,6 +5,7 @@ import sys
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -46,6 +47,35 @@ def test_manifest_problems_are_listed_not_raised(folder):
     assert "outside the dataset root" in problems["../outside.png"]
     assert "file not found" in problems["missing.png"]
     assert "empty label" in problems["a/1.png"]
+
+
+def test_a_name_that_is_no_utf8_or_no_regular_file_is_a_problem_the_rest_listed(folder):
+    """A Latin-1 file name (or label folder) failed the whole listing when its table was written,
+    naming no file; a pipe named x.png was listed, and hashing it waited forever."""
+    image = (folder / "a" / "0.png").read_bytes()
+    (folder / "b" / "caf\udce9.png").write_bytes(image)  # the bytes b"caf\xe9.png", as os.listdir gives them
+    (folder / "l\udce4nd").mkdir()
+    (folder / "l\udce4nd" / "x.png").write_bytes(image)
+    os.mkfifo(folder / "a" / "pipe.png")
+    ds = scan_dataset(folder)
+    assert sorted(ds.image_ids) == [f"{label}/{i}.png" for label in "ab" for i in range(3)]
+    problems = {p.image_id: (p.path, p.problem) for p in ds.problems}
+    assert problems["b/caf\\xe9.png"] == (f"{folder}/b/caf\\xe9.png",
+                                          "its name (or its label's) is not UTF-8: rename it to list it")
+    assert "not UTF-8" in problems["l\\xe4nd/x.png"][1]
+    assert problems["a/pipe.png"][1] == "not a regular file: a device or a pipe"
+    ds.table()  # every listed name, and every problem's, can be stored
+    assert pa.table({"path": [p.path for p in ds.problems]}).num_rows == 3
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.jsonl"])
+def test_a_manifest_saved_with_a_byte_order_mark_is_read(folder, name):
+    """Excel's "CSV UTF-8" starts the file with a BOM: its header read '\\ufeffpath', refused."""
+    rows = [("a/0.png", "a"), ("b/1.png", "b")]
+    text = "path,label\n" + "".join(f"{p},{l}\n" for p, l in rows) if name.endswith("csv") else \
+        "".join(json.dumps({"path": p, "label": l}) + "\n" for p, l in rows)
+    (folder / name).write_text(text, encoding="utf-8-sig")
+    assert scan_dataset(folder / name).image_ids == ["a/0.png", "b/1.png"]
 
 
 def test_jsonl_manifest_and_unknown_label(folder):

@@ -387,6 +387,19 @@ def test_os_error_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err == "diffmine status: error: /some/run/lineage.json: No space left on device\n"
 
 
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a traceback through the step's code, ending in KeyboardInterrupt."""
+    import diffmine.status
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffmine.status, "status", interrupted)
+    assert main(["status", "--run", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("diffmine status: interrupted; run the same command again") and err.count("\n") == 1
+
+
 def test_debug_lets_the_error_propagate(tmp_path, monkeypatch):
     import diffmine.status
 

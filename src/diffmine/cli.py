@@ -614,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
         # what the commands print holds labels, paths and query results: untrusted text
         with contextlib.redirect_stdout(PrintableOutput(sys.stdout)):
             COMMANDS[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (shards, checkpoints); no traceback
+        print(f"diffmine {args.command}: interrupted; run the same command again (training and the sharded steps go "
+              "on where they stopped)", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `diffmine classify --json | head`: the reader has gone, nothing to say
         # the interpreter flushes stdout once more at exit: into /dev/null, not the closed pipe
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -127,6 +127,9 @@ def _scan_folder(root: Path) -> tuple[list[Row], list[Problem]]:
                 continue
             if path.is_dir():
                 continue
+            if path.exists() and not path.is_file():  # a pipe named x.png: hashing it waited forever
+                problems.append(Problem(image_id, str(path), NOT_REGULAR))
+                continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 problems.append(Problem(image_id, str(path), f"not an image file extension ({path.suffix or 'none'})"))
                 continue
@@ -149,7 +152,7 @@ def _read_jsonl_in_python(manifest: Path) -> tuple[list[str], list[str]]:
     """The slow path, for what pyarrow refuses: a line that is not JSON (named here), or a field
     whose type changes between rows (labels 1 and "x")."""
     entries = []
-    for n, line in enumerate(manifest.read_text().splitlines(), 1):
+    for n, line in enumerate(manifest.read_text(encoding="utf-8-sig").splitlines(), 1):
         if line.strip():
             try:
                 entry = json.loads(line)
@@ -182,7 +185,7 @@ def _read_manifest(manifest: Path) -> tuple[list[str], list[str]]:
             except pa.ArrowException:
                 return _read_jsonl_in_python(manifest)
         else:
-            with manifest.open(newline="") as f:
+            with manifest.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
                 header = next(csv.reader(f), [])
             if not header:
                 return [], []
@@ -478,6 +481,28 @@ def _hf_split_rows(source: str, split, split_name: str) -> tuple[list[Row], list
     return rows, problems, files
 
 
+def _shown(text: str) -> str:
+    """A name with the bytes that are no UTF-8 (Python keeps them as surrogates) written as \\xNN."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _utf8_only(rows: list[Row], problems: list[Problem]) -> tuple[list[Row], list[Problem]]:
+    """The rows whose file name, path and label are UTF-8, and a problem for each other one: a name
+    of other bytes (a Latin-1 ``caf\\xe9.png``, a tar member's) cannot be stored in the listing's
+    Parquet table, and failed the whole listing in one line that named no file."""
+    try:  # the common case, at a million rows: one encode
+        "\0".join(part for row in rows for part in row).encode("utf-8")
+        "\0".join(part for problem in problems for part in (problem.image_id, problem.path)).encode("utf-8")
+        return rows, problems
+    except UnicodeEncodeError:
+        pass
+    kept = [row for row in rows if all(_shown(part) == part for part in row)]
+    problems = [Problem(_shown(p.image_id), _shown(p.path), _shown(p.problem)) for p in problems]
+    problems += [Problem(_shown(row[0]), _shown(row[1]), "its name (or its label's) is not UTF-8: rename it to list it")
+                 for row in rows if any(_shown(part) != part for part in row)]
+    return kept, problems
+
+
 def scan_dataset(source: str | Path, labels: list[str] | None = None, min_labels: int = 2) -> Dataset:
     """List a labeled image collection.
 
@@ -517,6 +542,7 @@ def scan_dataset(source: str | Path, labels: list[str] | None = None, min_labels
     else:
         raise DatasetError(f"{source}: expected a folder of label sub-folders, a .csv/.jsonl manifest, "
                            ".tar shards or a Hugging Face dataset")
+    rows, problems = _utf8_only(rows, problems)
     if labels is not None:
         known = set(labels)
         problems += [Problem(i, p, f"unknown label {l!r} (the model knows {sorted(known)})")
