@@ -77,7 +77,7 @@ def test_a_finished_run_run_again_rewrites_no_file(tiny, capsys):
     assert cli.main(run_args(images, run)) == 0
     assert files(run) == before
     out = capsys.readouterr().out
-    for step in ("train", "typicality", "mine", "cluster"):
+    for step in ("train", "typicality", "mine", "cluster", "report"):
         assert f"{step}: up to date" in out
 
 
@@ -117,6 +117,42 @@ def test_a_copied_run_is_valid_as_it_is(tiny, tmp_path):
     opened = open_run(copy)
     assert len(opened.patches()) == len(open_run(run).patches())
     assert not any(opened.stale(name) for name in ("model", "typicality", "mine", "cluster", "report"))
+
+
+def test_masks_and_boxes_are_identified_by_content_not_by_the_path_given(tiny, tmp_path, capsys):
+    """report --masks and localize recorded the path they were given (localize: as typed, relative to
+    where it ran) as their identity: a copied run with its masks copied along was another result, and
+    localize computed everything again on every call, its flags changed or not."""
+    _, masks, run = tiny
+    first = cp_r(run, tmp_path / "first")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("image,label,x0,y0,x1,y1\nnorland/img_0000.png,norland,0,0,16,16\n")
+    for command in (["report", "--masks", str(masks)], ["localize", "--masks", str(masks)], ["report", "--masks", str(masks)]):
+        assert cli.main([*command, "--run", str(first)]) == 0
+    capsys.readouterr()
+    before = files(first)
+    assert cli.main(["localize", "--run", str(first), "--masks", str(masks)]) == 0  # again: kept, and said so
+    assert files(first) == before and "localize: up to date" in capsys.readouterr().err
+    # a copy with its masks beside it: the same results, the hints naming the copy's masks
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    copy, masks_copy = cp_r(first, moved / "run"), cp_r(masks, moved / "masks")
+    assert cli.main(["report", "--run", str(copy), "--masks", str(masks_copy)]) == 0
+    assert cli.main(["localize", "--run", str(copy), "--masks", str(masks_copy)]) == 0
+    out = capsys.readouterr()
+    assert "report: up to date" in out.out and "localize: up to date" in out.err
+    records, copied = Run(first).lineage.records(), Run(copy).lineage.records()
+    for name in ("report", "localize"):
+        assert copied[name]["identity"] == records[name]["identity"]
+        assert copied[name]["paths"] == {"masks": str(masks_copy.resolve())}
+        assert lineage.rerun_command(name, copied[name], copied).endswith(f"--masks {masks_copy.resolve()}")
+    # other content at the same path is another result; so are boxes in place of masks
+    mask = next(p for p in sorted(masks_copy.rglob("*.png")))
+    Image.fromarray(255 - np.asarray(Image.open(mask))).save(mask)
+    assert cli.main(["localize", "--run", str(copy), "--masks", str(masks_copy)]) == 0
+    assert Run(copy).lineage.get("localize")["identity"] != records["localize"]["identity"]
+    assert cli.main(["localize", "--run", str(copy), "--boxes", str(boxes)]) == 0
+    assert Run(copy).lineage.get("localize")["paths"] == {"boxes": str(boxes.resolve())}
 
 
 def test_a_changed_training_flag_keeps_the_model(tiny, tmp_path, capsys):

@@ -132,6 +132,23 @@ def file_digest(*paths: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:20]
 
 
+def given_digest(path: str | Path | None) -> str | None:
+    """The identity of what a path given to a step holds (``report --masks DIR``, ``localize --boxes
+    CSV``): a hash of a file's bytes, or of a folder's files (their names under it and their bytes;
+    hidden ones left out), never the path, so a copied run and its copied masks stay the same result.
+    None for no path; a path that does not exist is named (the step then says what is missing)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.exists():
+        return f"missing: {path}"
+    if not path.is_dir():
+        return file_digest(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(path).parts))
+    return digest([[p.relative_to(path).as_posix(), file_digest(p)] for p in files])
+
+
 def differences(old: dict, new: dict) -> list[str]:
     """``["samples: 16 -> 8", ...]`` for every key whose value differs."""
     old, new = canonical(old), canonical(new)

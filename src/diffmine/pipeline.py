@@ -34,8 +34,8 @@ from .clustering import ClusterConfig, run_clustering
 from .cotypicality import CotypicalityConfig, missing_cotypicality, run_cotypicality
 from .data import DatasetError, Problem, fingerprint_images, scan_dataset
 from .features import FEATURE_KINDS, FeatureConfig, check_block, run_features
-from .lineage import (MODEL_SETTINGS, LineageError, canonical, digest, file_digest, plan, prompts_digest_of,
-                      rerun_command, step_lock)
+from .lineage import (MODEL_SETTINGS, LineageError, canonical, digest, file_digest, given_digest, plan,
+                      prompts_digest_of, rerun_command, step_lock)
 from .machine import resolve_precision
 from .mining import MineConfig, check_patch, check_test, mine_settings, run_mining
 from .models import Backend, create_backend, latent_factor, load_backend, recorded_source, relocations
@@ -597,7 +597,7 @@ def mine_step(run: Run, config: MineConfig, progress: bool = True, force: bool =
     check_patch(run, config.patch)  # before the record is dropped: a refused --patch leaves the mined patches
     with step_lock(run.path, "mine"):
         if _planned(run, "mine", settings, inputs, force) == "done":
-            print("mine: up to date")
+            _say_up_to_date("mine", force)
             return pd.read_parquet(run.patches_path)
         run.lineage.drop("mine")
         patches, k = run_mining(run, config, progress)
@@ -732,7 +732,7 @@ def cluster_step(run: Run, config: ClusterConfig, features: FeatureConfig, progr
             return None
         settings, inputs = asdict(config), {"features": run.lineage.get("features")["identity"]}
         if _planned(run, "cluster", settings, inputs, force) == "done":
-            print("cluster: up to date")
+            _say_up_to_date("cluster", force)
             return pd.read_parquet(run.clusters_path)
         clustered = run_clustering(run, config)
         run.lineage.put("cluster", settings, inputs, "cluster")
@@ -814,6 +814,7 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
     with step_lock(run.path, "trends"):
         # the page is an output too: a run recorded before its page was written makes it again
         if _planned(run, "trends", settings, inputs, force, outputs=(trends_page_path(run),)) == "done":
+            _say_up_to_date("trends", force)
             return json.loads(path.read_text())
         run.lineage.drop("trends")
         result = run_trends(run, scoring_model(run), list(order), config, progress)
@@ -835,14 +836,36 @@ def report_step(run: Run, config, masks: str | Path | None = None, force: bool =
               if name in records and not run.stale(name)}
     if "mine" not in inputs:
         run.fresh("mine")  # names the step to re-run
-    settings = {**asdict(config), "masks": str(Path(masks).resolve()) if masks else None}
+    settings = {**asdict(config), "masks": given_digest(masks)}
+    paths = _given_paths(masks=masks)
     with step_lock(run.path, "report"):
         if _planned(run, "report", settings, inputs, force) == "done":
+            _note_paths(run, "report", paths)
+            _say_up_to_date("report", force)
             return run.report_path
         evaluation = evaluate_run(run, masks) if masks else None
         path = write_report(run, config, evaluation, fresh=set(inputs))
-        run.lineage.put("report", settings, inputs, "report", left_out=run.left_out("report"))
+        run.lineage.put("report", settings, inputs, "report", left_out=run.left_out("report"), paths=paths)
         return path
+
+
+def _say_up_to_date(name: str, force: bool, file=None) -> None:
+    """The line of a step whose result is kept as it is (with --force, :func:`_planned` said why)."""
+    if not force and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{name}: up to date", file=file)
+
+
+def _given_paths(**given) -> dict[str, str]:
+    """Where the files given to a step were read from (absolute), recorded beside its identity: the
+    re-run hints name them, the identity holds only their content (:func:`lineage.given_digest`)."""
+    return {key: str(Path(path).resolve()) for key, path in given.items() if path is not None}
+
+
+def _note_paths(run: Run, name: str, paths: dict[str, str]) -> None:
+    """An up-to-date result whose files were given from another place (a copied run, its masks
+    copied along): the record names the new place, its identity unchanged."""
+    if (run.lineage.get(name) or {}).get("paths") != paths:
+        run.lineage.annotate(name, paths=paths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -859,6 +882,7 @@ def classify_step(run: Run, config, progress: bool = True, force: bool = False) 
     settings, inputs = result_settings(config), {**backend_inputs, "listing": listing["identity"]}
     with step_lock(run.path, "classify"):
         if _planned(run, "classify", settings, inputs, force) == "done":
+            _say_up_to_date("classify", force)
             return json.loads(run.result_files("classify")[0].read_text())
         backend = scoring_model(run) if run.lineage.get("typicality") else load_model(run)[0]
         # scores.parquet and summary.json are written one after the other: never under the old record
@@ -873,11 +897,20 @@ def localize_step(run: Run, boxes=None, masks=None, blur: float = 0.0, before=No
     from .localize import localize_run
 
     typicality = run.fresh("typicality")
-    settings = {"boxes": str(boxes) if boxes else None, "masks": str(masks) if masks else None, "blur": blur,
-                "before": str(before) if before else None}
+    # the boxes and masks by content, the run before by its maps: never by the paths they were given as
+    before_maps = (Run(before).lineage.get("typicality") or {}).get("identity") if before and Path(before).is_dir() else None
+    settings = {"boxes": given_digest(boxes), "masks": given_digest(masks), "blur": blur,
+                "before": (before_maps or f"missing: {before}") if before else None}
+    paths = _given_paths(boxes=boxes, masks=masks, before=before)
     with step_lock(run.path, "localize"):
+        summary_path = run.path / "localize" / "summary.json"
+        if _planned(run, "localize", settings, {"typicality": typicality["identity"]}, force,
+                    outputs=(summary_path,)) == "done":
+            _note_paths(run, "localize", paths)
+            _say_up_to_date("localize", force, file=sys.stderr)  # stdout holds the table (or the --json document)
+            return json.loads(summary_path.read_text())
         result, extra = localize_run(run, boxes, masks, blur, before)
-        run.lineage.put("localize", settings, {"typicality": typicality["identity"]}, "localize", **extra)
+        run.lineage.put("localize", settings, {"typicality": typicality["identity"]}, "localize", paths=paths, **extra)
         return result
 
 

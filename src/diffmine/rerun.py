@@ -25,8 +25,12 @@ import dataclasses
 import shlex
 
 # settings that are plain flags of a command's parser (not a config's fields): (result, keys), by command
-PLAIN = {"trends": ("trends", ("order",)), "report": ("report", ("masks",)),
-         "baseline doersch": ("baseline-doersch", ("positive",)), "localize": ("localize", ("boxes", "masks", "blur", "before"))}
+PLAIN = {"trends": ("trends", ("order",)), "baseline doersch": ("baseline-doersch", ("positive",)),
+         "localize": ("localize", ("blur",))}
+# files and folders given to a command, by command: (result, keys of the record's "paths", where they
+# were read from; the settings hold their content's digest). A record made before paths were kept
+# holds the path itself in its settings.
+GIVEN_PATHS = {"report": ("report", ("masks",)), "localize": ("localize", ("boxes", "masks", "before"))}
 
 
 def flag(name: str, prefix: str = "") -> str:
@@ -112,6 +116,13 @@ def command_flags(command: str, name: str, records: dict) -> list[str]:
             value = repr(value)  # localize --blur 1.5 (0, its default, left out)
         if isinstance(value, str) and value:
             words += _words(flag(key), value)
+    result, keys = GIVEN_PATHS.get(command, (None, ()))
+    record = records.get(result) if result else None
+    paths = record.get("paths") if isinstance(record, dict) else None
+    paths = paths if isinstance(paths, dict) else _settings(records, result, None) if result else {}
+    for key in keys:
+        if isinstance(paths.get(key), str) and paths[key]:
+            words += _words(flag(key), paths[key])
     return words
 
 
