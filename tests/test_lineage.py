@@ -81,6 +81,22 @@ def test_a_finished_run_run_again_rewrites_no_file(tiny, capsys):
         assert f"{step}: up to date" in out
 
 
+def test_run_again_without_steps_or_masks_keeps_the_model_and_the_reports_masks(tiny, tmp_path, capsys):
+    """`run --run RUN` on a run `demo` made was refused (the model trained 800 steps, --steps' default
+    asked 600), and its report was made again without the masks it was made with (`run` takes none)."""
+    _, masks, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    assert cli.main(["report", "--run", str(copy), "--masks", str(masks)]) == 0
+    before = files(copy)
+    without_steps = [w for n, w in enumerate(TINY) if "--steps" not in TINY[max(0, n - 1):n + 1]]
+    assert cli.main(["run", "--run", str(copy), *without_steps]) == 0
+    out = capsys.readouterr().out
+    assert files(copy) == before and "train: up to date (4 steps" in out and "report: up to date" in out
+    assert "top1 hit" in out  # the evaluation against the report's masks, as demo prints it
+    assert cli.main(["train", "--run", str(copy), "--batch-size", "4", "--checkpoint-every", "2"]) == 0
+    assert files(copy) == before
+
+
 def test_a_run_on_read_only_storage_answers_its_up_to_date_steps(tiny, tmp_path, monkeypatch, capsys):
     """A run this process cannot write (a received archive, a read-only share: its lock folder cannot
     be made, as on a read-only mount): run again, each step answers "up to date" (it stopped at

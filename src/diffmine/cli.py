@@ -140,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
                        description="List the dataset into the run and train the label-conditioned model (resumable). "
                                    "Without --data, train on the images the run lists (continue, or train longer).")
     _data_args(p); add_run_args(p); _sd_args(p)
-    add_config(p, TrainConfig)
+    _add_train_config(p, TrainConfig.steps)
 
     p = sub.add_parser("typicality", help="compute per-pixel typicality maps",
                        description="T(x|c) = E[L(x,eps,null) - L(x,eps,c)] per latent pixel, upsampled; sharded and resumable. "
@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
             _sd_args(p)
         # demo trains longer than `train`'s default: it should show most planted elements learned,
         # and still finish in under 10 minutes on 2 cores
-        add_config(p, TrainConfig, defaults={"steps": 800} if name == "demo" else None)
+        _add_train_config(p, DEMO_STEPS if name == "demo" else TrainConfig.steps)
         add_config(p, TypicalityConfig, prefix="typicality-", skip=("seed", "samples", "t_min", "t_max", "estimator"))
         for key in ("samples", "t_min", "t_max", "estimator"):
             field = next(f for f in dataclasses.fields(TypicalityConfig) if f.name == key)
@@ -358,9 +358,25 @@ def _no_listing_flags(args, keys=tuple(LISTING_DEFAULTS)) -> None:
         raise RunError(f"{', '.join(given)} set{'s' * (len(given) == 1)} how a dataset is listed: pass --data with them")
 
 
+DEMO_STEPS = 800
+
+
+def _add_train_config(p, new_steps: int) -> None:
+    """Training's flags; ``--steps`` not given is the run's trained model's steps (`run --run RUN` on a
+    run `demo` made trains nothing more, and is not refused for asking fewer), else ``new_steps``."""
+    add_config(p, TrainConfig, defaults={"steps": None}, help={"steps": (
+        f"optimizer steps; training resumes from the last checkpoint up to this many (not given: the steps of the "
+        f"model the run holds, else {new_steps})")})
+    p.set_defaults(new_model_steps=new_steps)
+
+
 def _train(args, run):
     from . import pipeline
     from .models import check_options
+
+    if args.steps is None:
+        recorded = (run.lineage.get("model") or {}).get("steps") if (run.path / "lineage.json").is_file() else None
+        args.steps = recorded if isinstance(recorded, int) and recorded > 0 else args.new_model_steps
 
     if args.data is None:  # `train --run RUN`: the images and prompts the run lists
         _no_listing_flags(args)
@@ -476,7 +492,12 @@ def _all_steps(args, run, masks=None):
 
 
 def cmd_run(args):
-    _all_steps(args, Run(args.run))
+    run = Run(args.run)
+    # `run --run RUN` goes on with the run as it is: a report made with masks (`demo`'s, or
+    # `report --masks`) keeps them while they are there (`run` takes no --masks)
+    recorded = ((run.lineage.get("report") or {}).get("paths") or {}).get("masks") \
+        if args.data is None and (run.path / "lineage.json").is_file() else None
+    _all_steps(args, run, masks=Path(recorded) if isinstance(recorded, str) and Path(recorded).is_dir() else None)
 
 
 def cmd_demo(args):
