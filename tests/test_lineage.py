@@ -506,6 +506,29 @@ def test_holdout_is_stratified_seeded_and_never_trained_on(tmp_path, capsys):
     assert (run.training_images()["split"] == "train").all() and len(run.training_images()) == 12
 
 
+def test_holdout_never_takes_every_image_of_a_label():
+    """A label of one image at --holdout 0.9 was wholly held out: trained on nothing, without a word."""
+    ids = ["a/0", "b/0", "b/1", "b/2", "b/3", "c/0", "c/1"]
+    split = pipeline.holdout_split(ids, [i[0] for i in ids], 0.9, seed=0)
+    kept = {label: [s for i, s in zip(ids, split) if i[0] == label].count("train") for label in "abc"}
+    assert kept == {"a": 1, "b": 1, "c": 1}
+    assert pipeline.holdout_split(ids, [i[0] for i in ids], 0.5, seed=0).count("holdout") == 0 + 2 + 1
+
+
+def test_a_label_whose_every_training_image_is_unreadable_is_said(tmp_path, capsys):
+    """Its prompt was trained on nothing: its typicality says nothing of its images."""
+    images = generate(tmp_path / "data", SynthConfig(labels=2, per_label=2, size=32, seed=0), progress=False)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(images), "--run", str(run), "--resolution", "32", "--steps", "2", "--batch-size", "4"]
+    assert cli.main(["prepare", *[w for w in argv[1:] if w not in ("--steps", "2", "--batch-size", "4")]]) == 0
+    label = Run(run).labels[1]
+    for path in sorted((images / label).iterdir()):
+        path.write_bytes(b"not an image")
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert f"train: every training image of {label!r} was left out" in capsys.readouterr().err
+
+
 def test_evaluations_report_the_holdout_split(tmp_path, capsys):
     images = generate(tmp_path / "data", SynthConfig(labels=2, per_label=6, size=32, seed=0), progress=False)
     run = tmp_path / "run"

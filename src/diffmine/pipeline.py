@@ -135,8 +135,9 @@ def check_prompt(prompt: str) -> None:
 
 def holdout_split(image_ids: list[str], labels: list[str], fraction: float, seed: int) -> list[str]:
     """"train" or "holdout" per image: per label, the ``round(fraction * n)`` images that come first
-    in a seeded hash order are held out. Seeded, stratified, and stable: an image keeps its split
-    when others are added or removed, unless the count of its label changes the cut."""
+    in a seeded hash order are held out, never all of them (a label with no training image would
+    be learned from none). Seeded, stratified, and stable: an image keeps its split when others
+    are added or removed, unless the count of its label changes the cut."""
     split = ["train"] * len(image_ids)
     if fraction <= 0:
         return split
@@ -145,7 +146,7 @@ def holdout_split(image_ids: list[str], labels: list[str], fraction: float, seed
         order.setdefault(label, []).append((digest([seed, image_id]), n))
     for members in order.values():
         members.sort()
-        for _, n in members[:round(fraction * len(members))]:
+        for _, n in members[:min(round(fraction * len(members)), len(members) - 1)]:
             split[n] = "holdout"
     return split
 

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from .data import BadImage, Problem, listed_of, load_image, to_model_input
 from .models import Backend
 from .models.base import WEIGHTS_FILE, read_weights, save_weights
 from .rundir import TRAINED_ON_FILE, RunError
+from .terminal import printable
 
 
 @dataclass
@@ -311,6 +313,11 @@ def train(run, backend: Backend, config: TrainConfig, progress: bool = True) -> 
         write_table(pa.table({"image_id": images["image_id"].tolist()}), model_dir / TRAINED_ON_FILE)
         problems = [Problem(images["image_id"][i], images["path"][i], p) for i, p in sorted(cache.bad.items())]
         run.report_skipped("train", problems)
+        unlearned = sorted(set(labels) - {label for i, label in enumerate(labels) if i not in cache.bad})
+        if unlearned:  # its prompt was trained on nothing: its typicality would say nothing of its images
+            print(printable(f"train: every training image of {', '.join(map(repr, unlearned))} was left out "
+                            "(unreadable, or changed since listed): the model learned nothing of that label (see "
+                            "`diffmine status`)"), file=sys.stderr)
     accelerator.wait_for_everyone()
     if metrics is not None:
         metrics.close()
