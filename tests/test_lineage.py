@@ -291,6 +291,7 @@ def test_one_image_that_cannot_be_read_never_stops_the_steps_after_typicality(ti
     assert record["complete"] and record["left_out"] == 1
     assert cli.main(mine) == 0  # goes on without it
     assert first not in set(Run(copy).mined_patches("random")["image_id"])
+    assert "images (1 without a map: see the bad images below)" in status(Run(copy))
     assert cli.main(typicality) == 0  # retried, still gone: nothing made from it turns stale
     assert Run(copy).lineage.get("typicality")["identity"] == record["identity"] and not Run(copy).stale("mine")
     (tmp_path / "kept.png").rename(gone)

@@ -103,7 +103,10 @@ def status(run) -> str:
             left = len(images) - done
             state = _state(run, name) if left == 0 else \
                 f"{left} images left: re-run `diffmine {_rerun(run, name)} --run {shell_word(run.path)}`"
-            lines.append(f"typicality: {done}/{len(images)} images, {counted(len(run.typicality_shards()), 'shard')}; {state}")
+            without = 0 if index is None else int((index["status"] != "ok").sum())
+            maps = f" ({without} without a map: see the bad images below)" if without else ""
+            lines.append(f"typicality: {done}/{len(images)} images{maps}, {counted(len(run.typicality_shards()), 'shard')}; "
+                         f"{state}")
             if record["settings"].get("estimator") == "adaptive" and index is not None:
                 lines.append(f"  draws per image: {draws_summary(index)}")
             rounds = rounds_progress(run.typicality_dir, images)  # an adaptive run interrupted mid-way
