@@ -225,11 +225,18 @@ class Run:
         return record["settings"]
 
     def stale(self, name: str) -> list[tuple[str, str]]:
-        """Why result ``name`` is out of date, [(reason, command to re-run)]; empty when fresh."""
+        """Why result ``name`` is out of date, [(reason, command to re-run)]; empty when fresh.
+        RunError for a damaged listing record (what every result is checked against)."""
+        self._check_listing()
         return stale_reasons(self.lineage, name)
+
+    def _check_listing(self) -> None:
+        if self.lineage.get("listing") is not None:
+            self.step_config("dataset")  # RunError naming lineage.json when its listing was damaged
 
     def fresh(self, name: str) -> dict:
         """The record of ``name``, or RunError naming the step to re-run when it is out of date."""
+        self._check_listing()
         try:
             return require_fresh(self.lineage, name)
         except LineageError as exc:
