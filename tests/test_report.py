@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from diffmine.report import ReportConfig, image_key, render, write_report
+from diffmine.rundir import Run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -60,6 +62,37 @@ def test_a_report_rendered_again_rewrites_no_file_and_drops_what_is_no_longer_sh
     assert not (report / "assets" / "left-over.png").exists()
     assert (report / "cluster-0-0.html").read_text().count('<tr class="member">') == 1  # capped
     write_report(run)
+
+
+def test_every_cluster_link_has_its_page_when_clusters_are_capped(run, tmp_path):
+    """An image view linked each patch to its cluster's page, also where the site has none (a
+    cluster past --clusters or under --min-cluster-size): dead links."""
+    copy = Run(shutil.copytree(run.path, tmp_path / "copy"))
+    write_report(copy, ReportConfig(clusters=1))
+    report = copy.report_path.parent
+    linked = {href for page in report.glob("image-*.html") for href in links(page.read_text(), "cluster-")}
+    assert linked and all((report / href).is_file() for href in linked)
+    assert all("cluster-" not in p.name or p.name.endswith("-0.html") for p in report.glob("cluster-*.html"))
+
+
+def test_the_skipped_images_page_is_this_renders(run, tmp_path):
+    """The problems page and the index's count read the problems before this render recorded its
+    own: an image broken showed 0, and once mended showed 1 for good (the report then up to date)."""
+    copy = Run(shutil.copytree(run.path, tmp_path / "copy"))
+    data = shutil.copytree(copy.dataset_root, tmp_path / "data")
+    listing = pd.read_parquet(copy.images_path)
+    listing["path"] = [str(data / p) for p in listing["path"]]
+    listing.to_parquet(copy.images_path)
+    shown = Run(copy.path).patches()["image_id"].iloc[0]
+    image = Path(Run(copy.path).images().set_index("image_id").loc[shown, "path"])
+    kept = image.read_bytes()
+    image.write_bytes(b"broken")
+    write_report(copy)
+    report = copy.report_path.parent
+    assert "Skipped images (1)" in copy.report_path.read_text() and image.name in (report / "problems.html").read_text()
+    image.write_bytes(kept)  # the listed bytes again
+    write_report(copy)
+    assert "Skipped images (0)" in copy.report_path.read_text() and image.name not in (report / "problems.html").read_text()
 
 
 def test_one_colour_scale_for_every_map_of_the_run(run):

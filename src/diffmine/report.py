@@ -291,8 +291,11 @@ def render(template: str, context: dict) -> str:
     return _environment().get_template(template).render(**context)
 
 
-def _image_pages(run, pages: Pages, clustered: pd.DataFrame | None, mined: pd.DataFrame, label_pages: dict) -> tuple[list, float]:
-    """One view per linked image, on one colour scale: the 99th percentile of |T| over their maps."""
+def _image_pages(run, pages: Pages, clustered: pd.DataFrame | None, mined: pd.DataFrame, label_pages: dict,
+                 cluster_files: set[str]) -> tuple[list, float]:
+    """One view per linked image, on one colour scale: the 99th percentile of |T| over their maps.
+    A patch links its cluster's page where the site has one (``cluster_files``: not for clusters
+    under ``--min-cluster-size`` or past ``--clusters``)."""
     have = {}
     for image_id in pages.viewed:
         try:
@@ -322,10 +325,10 @@ def _image_pages(run, pages: Pages, clustered: pd.DataFrame | None, mined: pd.Da
             if group is not None:
                 for r in group.itertuples():
                     rank = getattr(r, "cluster_rank", None)
+                    page = None if rank is None else f"cluster-{label_index[r.label]}-{int(rank)}.html"
                     entry["patches"].append({
                         "box": f"({r.x0},{r.y0})-({r.x1},{r.y1})", "typicality": float(r.typicality),
-                        "cluster": None if rank is None else int(rank),
-                        "href": None if rank is None else f"cluster-{label_index[r.label]}-{int(rank)}.html"})
+                        "cluster": None if rank is None else int(rank), "href": page if page in cluster_files else None})
         views.append(entry)
     return views, scale
 
@@ -384,7 +387,8 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         entry["draws"] = float(rows["draws"].mean()) if len(rows) and "draws" in rows else float("nan")
         labels.append(entry)
 
-    views, scale = _image_pages(run, pages, clustered, mined, {l["name"]: l["href"] for l in labels})
+    views, scale = _image_pages(run, pages, clustered, mined, {l["name"]: l["href"] for l in labels},
+                                {cluster["file"] for cluster in cluster_pages})
     legend = site.put("assets/legend.png", colorbar(scale))
     thumbs = {v["image_id"]: v.get("overlay") for v in views}
     for entry in labels:  # the label page's maps: the image views' overlays (one scale)
@@ -401,6 +405,10 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
     localization = report_section(run, pages.images, config.examples, save=site.png) if "localize" in fresh else None
     cotypicality = cotypicality_section(run, pages.images, config, "cotypicality" in fresh, save=site.png) \
         if "translate" in fresh else None
+    # the images left out of the pages (unreadable, or changed since they were listed): one line
+    # each, and recorded for `status` and the `problems` table (this render's only: fixed ones go),
+    # before the problems page and the index count them (they showed the render before's)
+    run.report_skipped("report", list(pages.images.problems.values()))
     problems = run.problems()
     extra = {"localization": localization, "cotypicality": cotypicality}
     for name, section in extra.items():
@@ -421,9 +429,6 @@ def build_site(run, site: Site, config: ReportConfig, evaluation: dict | None, f
         "adaptive": _adaptive_section(run, index),
         "links": site.keep_pages(report_links(run)),
         "scale": scale, "legend": legend}).encode())
-    # the images left out of the pages (unreadable, or changed since they were listed): one line
-    # each, and recorded for `status` and the `problems` table (this render's only: fixed ones go)
-    run.report_skipped("report", list(pages.images.problems.values()))
 
 
 def write_report(run, config: ReportConfig = ReportConfig(), evaluation: dict | None = None,
