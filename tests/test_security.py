@@ -129,6 +129,11 @@ def test_query_reads_the_run_tables(table_run):
 def test_query_serves_an_empty_problems_table_when_nothing_was_skipped(table_run):
     assert query(table_run, "SELECT count(*) AS n FROM problems")["n"].tolist() == [0]
     assert query(table_run, "SELECT image_id, problem FROM problems WHERE step = 'listing'").empty
+    # its columns are text, empty or not (they were typed NULL: `... UNION ALL SELECT 1` gave integers)
+    types = query(table_run, "SELECT column_type FROM (DESCRIBE problems)")["column_type"].tolist()
+    assert types == ["VARCHAR"] * 4
+    table_run.record_problems("listing", [])
+    assert query(table_run, "SELECT column_type FROM (DESCRIBE problems)")["column_type"].tolist() == ["VARCHAR"] * 4
 
 
 def test_query_cannot_read_other_files(table_run, tmp_path):

@@ -125,6 +125,9 @@ def test_the_page_shows_every_element_with_its_plot(small):
     for src in html.split('src="')[1:]:
         assert (page.parent / src.split('"')[0]).is_file()
     assert {"title": "Trends over " + ", ".join(ORDER), "href": "trends.html"} in report_links(run)
+    # the page says the rule the trends were made with (it named --threshold members' under split)
+    assert run.lineage.get("trends")["settings"]["threshold"] == "split" and "Otsu" in html and "own members" not in html
+    assert "the 10th percentile of the element's own members" in pages.threshold_words("members", 10.0)
 
 
 def test_a_label_with_dollar_signs_is_drawn_as_text_not_mathtext():

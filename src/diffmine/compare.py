@@ -113,8 +113,8 @@ def _ok_index(run: Run) -> pd.DataFrame:
 def _top_patches(run: Run, label: str, images: RunImages, n: int, crop_px: int) -> tuple[list[dict], str | None]:
     try:
         patches = run.patches("top")
-    except RunError:
-        return [], "not mined yet"
+    except RunError:  # not clustered, or out of date: never shown as if current
+        return [], "not mined yet" if run.lineage.get("mine") is None else "mined patches out of date"
     patches = patches[patches["label"] == label].sort_values("typicality", ascending=False).head(n)
     crops = []
     for row in patches.itertuples():

@@ -83,7 +83,7 @@ def write_contrast_page(run, a: str, b: str | None, clusters: int = 8, per_clust
         if image is not None:
             shown.append({"image_id": image_id, "image": assets.png(image), "overlay": assets.png(overlay(image, values))})
     record = run.lineage.get(contrast_name(a, b))
-    html = _render("contrast.html.j2", a=a, b=b if b is not None else "every other label", clusters=rows,
+    html = _render("contrast.html.j2", a=a, b=b if b is not None else "every other label", vs_all=b is None, clusters=rows,
                    examples=shown, crop_px=CROP_PX, samples=record["settings"].get("samples"),
                    images=record["settings"].get("images"))
     run.add_skipped(contrast_name(a, b) + "-elements", list(images.problems.values()))  # beside its features' skips
@@ -115,8 +115,18 @@ def trends_page_path(run) -> Path:
     return run.path / "report" / "trends.html"
 
 
-def write_trends_page(run, result: dict, per_element: int = 6, limit: int = 40) -> Path:
-    """Per element: its crops and its prevalence over the order; rising, then falling, then flat."""
+def threshold_words(threshold: str, percentile: float) -> str:
+    """When an image counts as containing an element, as trends' ``--threshold`` decides it."""
+    if threshold == "members":
+        return (f"whose best-matching patch is as close to the element's DIFT centroid as the {percentile:g}th "
+                "percentile of the element's own members")
+    return ("whose best-matching patch lies in the upper group of all images' best matches to the element's DIFT "
+            "centroid (Otsu's cut into two or three groups)")
+
+
+def write_trends_page(run, result: dict, rule: str, per_element: int = 6, limit: int = 40) -> Path:
+    """Per element: its crops and its prevalence over the order; rising, then falling, then flat.
+    ``rule``: when an image contains an element (:func:`threshold_words`)."""
     page = run.own_path(trends_page_path(run))  # its folder of images is removed and written anew
     assets, images = _Assets(page), RunImages(run)
     sections = {"rising": [], "falling": [], "flat": []}
@@ -125,7 +135,7 @@ def write_trends_page(run, result: dict, per_element: int = 6, limit: int = 40) 
         sections[element["direction"]].append({**element, "crops": [c for c in crops if c],
                                                "plot": assets.save(_plot(result["order"], element["prevalence"]), "png"),
                                                "cells": list(zip(result["order"], element["prevalence"], element["typicality"]))})
-    html = _render("trends.html.j2", order=result["order"], sections=sections, crop_px=CROP_PX,
+    html = _render("trends.html.j2", order=result["order"], sections=sections, crop_px=CROP_PX, rule=rule,
                    total=len(result["elements"]), shown=min(limit, len(result["elements"])))
     run.add_skipped("trends", list(images.problems.values()))  # beside those its measure named
     return write_text(page, html)

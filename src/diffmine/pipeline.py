@@ -802,7 +802,7 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
 def trends_step(run: Run, order: list[str], config, progress: bool = True, force: bool = False) -> dict:
     """Prevalence and typicality of every element cluster of the run in each label of ``order``
     (RUN/trends/trends.json) and its report page; returns the JSON document."""
-    from .pages import trends_page_path, write_trends_page
+    from .pages import threshold_words, trends_page_path, write_trends_page
     from .trends import check_min_size, check_order, check_stride, run_trends, trends_settings
 
     check_order(run, order)  # before anything: a refused --order leaves the stored trends as they are
@@ -819,7 +819,7 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
             return json.loads(path.read_text())
         run.lineage.drop("trends")
         result = run_trends(run, scoring_model(run), list(order), config, progress)
-        write_trends_page(run, result)  # before the record: a step recorded up to date has its page
+        write_trends_page(run, result, threshold_words(config.threshold, config.percentile))  # before the record: a step recorded up to date has its page
         run.lineage.put("trends", settings, inputs, "trends", left_out=run.left_out("trends"))
         return result
 

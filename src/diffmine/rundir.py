@@ -53,6 +53,11 @@ from .terminal import print_problems, shell_word
 TRAINED_ON_FILE = "trained-on.parquet"
 PROBLEM_COLUMNS = ["image_id", "path", "step", "problem"]  # of problems.parquet
 
+
+def no_problems() -> pd.DataFrame:
+    """An empty problems table whose columns are text (untyped, Parquet and DuckDB read them as NULL)."""
+    return pd.DataFrame({column: pd.Series(dtype="string") for column in PROBLEM_COLUMNS})
+
 # What a listing records, by kind (the first six always): a received run's lineage.json and
 # images.parquet are files anyone could have edited, and a value of another kind failed deep in a
 # later step with a traceback instead of a line naming the file.
@@ -297,7 +302,7 @@ class Run:
     def _recorded_problems(self) -> pd.DataFrame:
         """problems.parquet's rows (:data:`PROBLEM_COLUMNS`); none where it is not written yet."""
         path = self.path / "problems.parquet"
-        return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=PROBLEM_COLUMNS)
+        return pd.read_parquet(path) if path.is_file() else no_problems()
 
     def record_problems(self, step: str, problems: list[Problem]) -> None:
         """Append skipped images to problems.parquet (replacing earlier records of this step)."""
@@ -309,7 +314,8 @@ class Run:
             old = old[old["step"] != step]
             new = pd.DataFrame([{"image_id": p.image_id, "path": p.path, "step": step, "problem": p.problem}
                                 for p in problems], columns=PROBLEM_COLUMNS)
-            write_table(pa.Table.from_pandas(pd.concat([old, new], ignore_index=True), preserve_index=False),
+            write_table(pa.Table.from_pandas(pd.concat([old, new], ignore_index=True), preserve_index=False,
+                                             schema=pa.schema([(column, pa.string()) for column in PROBLEM_COLUMNS])),
                         self.path / "problems.parquet")
 
     def report_skipped(self, step: str, problems: list[Problem]) -> None:
@@ -371,7 +377,7 @@ class Run:
                 frames.append(pd.DataFrame({"image_id": bad["image_id"], "path": bad["path"], "step": step,
                                             "problem": bad["problem"]}))
         if not frames:
-            return pd.DataFrame(columns=PROBLEM_COLUMNS)
+            return no_problems()
         return pd.concat(frames, ignore_index=True).drop_duplicates(["image_id", "step", "problem"], ignore_index=True)
 
     # -- typicality -----------------------------------------------------------------------
