@@ -545,6 +545,20 @@ def test_evaluations_report_the_holdout_split(tmp_path, capsys):
     result = json.loads(out[out.index("{"):])
     assert result["split"] == "holdout" and result["splits"]["holdout"]["overall"]["images"] == 4
     assert result["splits"]["train"]["overall"]["images"] == 8
+    # listed again with more held out, the model unchanged: the 4 new "held-out" images were trained
+    # on, and were counted as held out by classify and evaluate (not by localize)
+    assert cli.main(["prepare", "--data", str(images), "--run", str(run), "--resolution", "32", "--prompt",
+                     "A scene from {label}.", "--null-prompt", "A scene.", "--holdout", "0.67"]) == 0
+    assert (Run(run).images()["split"] == "holdout").sum() == 8
+    assert cli.main(["typicality", "--run", str(run), "--samples", "2", "--shard-size", "4"]) == 0
+    capsys.readouterr()
+    assert cli.main(["classify", "--run", str(run), "--samples", "2", "--per-label", "6", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index("{"):])["splits"]["holdout"]["images"] == 4
+    for command in (["evaluate", "--json"], ["localize", "--json"]):
+        assert cli.main([*command, "--run", str(run), "--masks", str(tmp_path / "data" / "masks")]) == 0
+        out = capsys.readouterr().out
+        assert json.loads(out[out.index("{"):])["splits"]["holdout"]["overall"]["images"] == 4, command
 
 
 def test_bad_settings_are_refused_in_one_line(tiny, tmp_path, capsys):

@@ -104,7 +104,7 @@ def run_classify(run, backend: Backend, config: ClassifyConfig, progress: bool =
     dataset = run.step_config("dataset")
     labels = dataset["labels"]
     prompts = [run.prompt(label) for label in labels]
-    listing = run.images()
+    listing = run.as_trained(run.images())  # held out: never trained on, whatever the listing says now
     splits = report_splits(listing)
     images = pd.concat([sample_images(listing[listing["split"] == s], config.per_label, config.seed) for s in splits])
     images = images.sort_index()

@@ -151,7 +151,7 @@ def evaluate_run(run, masks: str | Path) -> dict:
     if masks.resolve() == run.dataset_root.resolve():  # every image's own pixels would be its "element"
         raise ValueError(f"--masks {masks}: the run's images folder; give the folder of masks (nonzero = element)")
     index = run.typicality_index()
-    ok = index[index["status"] == "ok"]
+    ok = run.as_trained(index[index["status"] == "ok"])  # held out: never trained on, whatever the listing says now
     maps = {i: run.typicality_map(i) for i in ok["image_id"]}
     per_image, loaded = evaluate_maps(maps, dict(zip(ok["image_id"], ok["label"])), masks)
     if per_image.empty:

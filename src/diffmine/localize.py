@@ -184,11 +184,7 @@ class ImageNames:
 def _scored_images(run: Run) -> pd.DataFrame:
     """The images with a stored typicality map: image_id (index), label, path, height, width."""
     index = run.typicality_index()
-    scored = index[index["status"] == "ok"].drop_duplicates("image_id").set_index("image_id")
-    trained_on = run.trained_on()
-    if trained_on is not None:  # what the model saw, not what a later listing calls its split
-        scored["split"] = np.where(scored.index.isin(list(trained_on)), "train", "holdout")
-    return scored
+    return run.as_trained(index[index["status"] == "ok"].drop_duplicates("image_id")).set_index("image_id")
 
 
 def box_regions(boxes: pd.DataFrame, scored: pd.DataFrame) -> tuple[list[dict], list[str]]:

@@ -282,6 +282,16 @@ class Run:
             return None
         return set(pq.read_table(path).column("image_id").to_pylist())
 
+    def as_trained(self, images: pd.DataFrame) -> pd.DataFrame:
+        """``images`` (image_id, split, ...) with the split the model saw: "train" for the images it
+        trained on, "holdout" for the others. A later listing's split (another --holdout) may call a
+        trained image held out, and a held-out score must never count one. As listed where the
+        model's training set is not recorded (:meth:`trained_on`)."""
+        trained_on = self.trained_on()
+        if trained_on is None:
+            return images
+        return images.assign(split=np.where(images["image_id"].isin(list(trained_on)), "train", "holdout"))
+
     @property
     def labels(self) -> list[str]:
         return self.step_config("dataset")["labels"]
