@@ -236,6 +236,26 @@ def test_compare_draws_both_runs_on_one_colour_scale(tiny_run, monkeypatch):
         assert change_a > 3 * change_b > 0
 
 
+def test_compare_pairs_images_by_their_bytes_not_their_names(tiny_run, tmp_path, capsys):
+    """Another collection under the same file names: B's map of another image was drawn over A's
+    image, and correlated with A's map, as if both runs had scored it."""
+    from conftest import TINY_ARGS
+
+    from diffmine import cli
+    from diffmine.compare import build_context
+    from diffmine.synthetic import SynthConfig, generate
+
+    images = generate(tmp_path / "data", SynthConfig(labels=2, per_label=6, size=32, seed=1), progress=False)
+    assert cli.main(["run", "--data", str(images), "--run", str(tmp_path / "other"), "--resolution", "32",
+                     "--prompt", "A scene from {label}.", "--null-prompt", "A scene.", *TINY_ARGS]) == 0
+    other = Run(tmp_path / "other")
+    assert set(other.images()["image_id"]) == set(tiny_run.images()["image_id"])  # the same names, other pixels
+    capsys.readouterr()
+    context = build_context(tiny_run, other, examples=2, crops=1)
+    assert context["shared_count"] == 0 and not [ex for label in context["labels"] for ex in label["examples"]]
+    assert "12 image id(s)" in capsys.readouterr().err and all(row["n_shared"] == 0 for row in context["means"])
+
+
 def test_compare_names_an_image_edited_since_listing_and_records_it_until_fixed(tiny_run, tmp_path, capsys):
     """The compare page leaves the edited image out with one line, as the report does, and the
     run it belongs to lists it as a problem of step compare until the listed bytes are back."""

@@ -132,11 +132,18 @@ def build_context(run_a: Run, run_b: Run, examples: int = 4, crops: int = 10, cr
     images_a, images_b = RunImages(run_a), RunImages(run_b)
     labels_a = run_a.labels
     label_names = labels_a + [l for l in run_b.labels if l not in labels_a]
-    shared_ids = set(index_a["image_id"]) & set(index_b["image_id"])
+    # an image is compared where both runs scored the same bytes: an id alone may name other pixels in
+    # the other run (another collection under the same file names), whose map is of another image
+    same = set(zip(index_a["image_id"], index_a["fingerprint"])) & set(zip(index_b["image_id"], index_b["fingerprint"]))
+    shared_ids = {image_id for image_id, _ in same}
+    other_bytes = (set(index_a["image_id"]) & set(index_b["image_id"])) - shared_ids
+    if other_bytes:
+        print(printable(f"compare: {len(other_bytes)} image id(s) of {run_a.path} name other bytes in {run_b.path} "
+                        f"(e.g. {sorted(other_bytes)[0]}): not compared"), file=sys.stderr)
     means, labels = [], []
     for label in label_names:
         rows_a, rows_b = index_a[index_a["label"] == label], index_b[index_b["label"] == label]
-        shared = sorted(set(rows_a["image_id"]) & set(rows_b["image_id"]))
+        shared = sorted((set(rows_a["image_id"]) & set(rows_b["image_id"])) & shared_ids)
         sa, sb = rows_a[rows_a["image_id"].isin(shared)], rows_b[rows_b["image_id"].isin(shared)]
         means.append({"label": label, "n_a": len(rows_a), "mean_a": _fmt(rows_a["mean"].mean() if len(rows_a) else None),
                       "n_b": len(rows_b), "mean_b": _fmt(rows_b["mean"].mean() if len(rows_b) else None),
