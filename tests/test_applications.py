@@ -481,3 +481,20 @@ def test_the_shard_size_of_translations_cuts_the_work_and_is_no_setting_of_the_r
     assert pipeline.translate_step(copy, TranslateConfig(images=2, steps=2, shard_size=4), progress=False,
                                    force=True) == 1
     assert copy.lineage.get("translate")["shard_size"] == 4 and "shard_size" not in copy.lineage.get("translate")["settings"]
+
+
+def test_cotypicality_after_translating_to_one_label_says_it_needs_every_label(tmp_path):
+    """`translate --to norland` on a run of 3 labels: no scene has a member under every label, and
+    co-typicality said the images were translated to no other label."""
+    from conftest import TINY_ARGS
+
+    from diffmine.synthetic import SynthConfig, generate
+
+    images = generate(tmp_path / "data", SynthConfig(labels=3, per_label=3, size=32, seed=0), progress=False)
+    assert cli.main(["run", "--data", str(images), "--run", str(tmp_path / "run"), "--resolution", "32",
+                     "--prompt", "A scene from {label}.", "--null-prompt", "A scene.", *TINY_ARGS]) == 0
+    run = Run(tmp_path / "run")
+    pipeline.translate_step(run, TranslateConfig(images=1, steps=2, to=run.labels[0]), progress=False)
+    with pytest.raises(ValueError, match=r"no scene is translated to all the others; run `diffmine translate --to all"):
+        pipeline.cotypicality_step(run, CotypicalityConfig(samples=2, k=2, umap_dim=2), FeatureConfig(ensemble=1),
+                                   progress=False)

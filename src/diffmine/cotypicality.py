@@ -50,6 +50,7 @@ from .mining import default_patch_size, greedy_boxes, patch_scores
 from .models import Backend
 from .shards import (images_to_retry, missing_shards, positional_shards, read_array, read_index, retry_in_shard,
                      write_shard)
+from .terminal import shell_word
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
 
 
@@ -195,8 +196,12 @@ def run_cotypicality(run, backend: Backend, config: CotypicalityConfig, features
     other rows and maps kept as stored; then the sequences are made again from every shard."""
     dataset = run.step_config("dataset")
     scenes, labels = tuples(run)
-    if len(labels) < 2 or scenes.empty:
+    if len(labels) < 2:
         raise ValueError(f"{run.path}: co-typicality needs images translated to at least one other label")
+    if scenes.empty:  # e.g. `translate --to norland`: scenes of 2 labels, each a different pair
+        raise ValueError(f"{run.path}: co-typicality compares each scene under every label its translations name "
+                         f"({', '.join(map(repr, labels))}), and no scene is translated to all the others; run "
+                         f"`diffmine translate --to all --run {shell_word(run.path)}` first")
     draws = TypicalityConfig.from_settings(run.config.get("typicality", {}), samples=config.samples, seed=config.seed)
     directory = run.path / "cotypicality"  # cleared by the pipeline when its lineage changes
     retry = images_to_retry(directory)
