@@ -38,7 +38,8 @@ NO_FLAGS = ("shard_size", "map_dtype", "unit_maps")
 
 @dataclass
 class ClassifyConfig(TypicalityConfig):
-    """The draws of typicality (its fields) plus the choice of images to score."""
+    """How typicality draws (its fields, with its defaults: not the run's typicality settings) plus
+    the choice of images to score."""
 
     samples: int = DEFAULT_SAMPLES  # no adaptive estimator here: K is the draws of every image
     per_label: int = 50  # images scored per label (0: all), drawn at random with the seed

@@ -2,8 +2,9 @@
 
     C(x | A, B) = E_{t, eps} [ L_t(x, eps, B) - L_t(x, eps, A) ]
 
-per latent pixel, with the SAME (t, eps) draws in both terms (those of typicality: seed, K, time
-range, estimator), upsampled to the image. Positive where A's prompt explains the pixel better
+per latent pixel, with the SAME (t, eps) draws in both terms, drawn as typicality draws them from
+the contrast's own seed, K, time range and estimator (typicality's defaults, not the run's
+typicality settings), upsampled to the image. Positive where A's prompt explains the pixel better
 than B's. Against every other label at once (``b = None``, ``--vs all``) the map is the smallest
 margin, min over B != A of C(x | A, B): positive only where A beats every other label. Typicality
 is the special case B = null; both are :func:`typicality.prompt_errors` with other prompts (one
@@ -34,7 +35,8 @@ IMAGES = ("A", "all")
 
 @dataclass
 class ContrastConfig(TypicalityConfig):
-    """The draws of typicality (its fields) plus which images to score."""
+    """How typicality draws (its fields, with its defaults: not the run's typicality settings) plus
+    which images to score."""
 
     samples: int = DEFAULT_SAMPLES  # no adaptive estimator here: K is the draws of every image
     images: str = "A"  # A: the first label's images; all: every listed image
