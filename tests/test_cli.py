@@ -372,13 +372,14 @@ def test_run_refuses_the_later_steps_flags_before_training(tiny_run, tmp_path, c
     assert not (out / "model").exists() and not (out / "typicality").exists()
 
 
-def test_evaluate_refuses_the_images_folder_or_a_file_as_masks(tiny_run, tmp_path, capsys):
-    """The images folder given as --masks was read as masks (each image all "element"); a file said
-    "no such mask folder"."""
-    _refused(["evaluate", "--run", str(tiny_run.path), "--masks", str(tiny_run.dataset_root)], capsys, "images folder")
+@pytest.mark.parametrize("command", ["evaluate", "localize"])
+def test_evaluate_and_localize_refuse_the_images_folder_or_a_file_as_masks(command, tiny_run, tmp_path, capsys):
+    """The images folder given as --masks was read as masks (each image all "element": localize
+    reported AUC-PR 1.0); a file said "no such mask folder"."""
+    _refused([command, "--run", str(tiny_run.path), "--masks", str(tiny_run.dataset_root)], capsys, "images folder")
     notes = tmp_path / "masks.png"
     notes.write_bytes(b"")
-    _refused(["evaluate", "--run", str(tiny_run.path), "--masks", str(notes)], capsys, "a file")
+    _refused([command, "--run", str(tiny_run.path), "--masks", str(notes)], capsys, "a file")
 
 
 def test_compare_never_replaces_a_file_it_did_not_write(tiny_run, tmp_path, capsys):

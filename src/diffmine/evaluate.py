@@ -141,15 +141,22 @@ def fresh_or_noted(run, name: str, notes: list[str]) -> bool:
     return not reasons
 
 
-def evaluate_run(run, masks: str | Path) -> dict:
-    """Localization AP, mined-patch hit rates and cluster purity of a run against ``masks``; the
-    mined patches, clusters and baselines only when fresh (``left_out`` names those that are not)."""
+def check_masks(run, masks: str | Path) -> Path:
+    """``masks`` as a folder of masks for ``run``'s images; one clear error for a missing folder, a
+    file, or the run's images folder itself (every image's own pixels would be its "element")."""
     masks = Path(masks)
     if not masks.is_dir():
         raise FileNotFoundError(f"{masks}: no such mask folder" if not masks.exists() else
                                 f"{masks}: a file; --masks takes a folder of masks named like the images")
-    if masks.resolve() == run.dataset_root.resolve():  # every image's own pixels would be its "element"
+    if masks.resolve() == run.dataset_root.resolve():
         raise ValueError(f"--masks {masks}: the run's images folder; give the folder of masks (nonzero = element)")
+    return masks
+
+
+def evaluate_run(run, masks: str | Path) -> dict:
+    """Localization AP, mined-patch hit rates and cluster purity of a run against ``masks``; the
+    mined patches, clusters and baselines only when fresh (``left_out`` names those that are not)."""
+    masks = check_masks(run, masks)
     index = run.typicality_index()
     ok = run.as_trained(index[index["status"] == "ok"])  # held out: never trained on, whatever the listing says now
     maps = {i: run.typicality_map(i) for i in ok["image_id"]}

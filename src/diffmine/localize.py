@@ -44,7 +44,7 @@ from scipy.ndimage import binary_erosion, gaussian_filter
 
 from .atomic import write_json
 from .data import CHANGED, changed_since_listing, load_image, require_regular_file, to_model_input
-from .evaluate import load_mask, region_scores, summarize
+from .evaluate import check_masks, load_mask, region_scores, summarize
 from .flags import add_run_args
 from .images import draw_boxes, overlay, png_data_uri
 from .rundir import Run, open_run
@@ -309,7 +309,7 @@ def localize(run: Run, boxes: str | Path | None = None, masks: str | Path | None
     if (boxes is None) == (masks is None):
         raise ValueError("give exactly one of boxes (a CSV file) and masks (a folder)")
     scored = _scored_images(run)
-    source = Path(boxes if boxes is not None else masks)
+    source = Path(boxes) if boxes is not None else check_masks(run, masks)
     regions, unmatched = box_regions(read_boxes(source), scored) if boxes is not None else mask_regions(source, scored)
     if not regions:
         raise ValueError(f"{source}: no entry matches an image with typicality in {run.path} "
