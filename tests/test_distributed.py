@@ -126,3 +126,18 @@ def test_the_gathered_features_keep_the_images_a_process_could_not_read(tmp_path
     features, skipped = _gather_parts(tmp_path, 2, 3)
     assert skipped == [bad] and not list(tmp_path.iterdir())
     assert np.isnan(features[1]).all() and (features[[0, 2]] == 1).all()
+
+
+def test_training_launched_as_several_cpu_processes_is_refused_before_writing(tmp_path, capsys, monkeypatch):
+    """accelerate distributes training over GPUs only: under torchrun on CPU every process trained
+    the whole model again, all of them writing the same model folder."""
+    from diffmine import cli
+    from diffmine.synthetic import SynthConfig, generate
+
+    images = generate(tmp_path / "data", SynthConfig(labels=2, per_label=2, size=32), progress=False)
+    assert cli.main(["prepare", "--data", str(images), "--run", str(tmp_path / "run"), "--resolution", "32"]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert cli.main(["train", "--run", str(tmp_path / "run"), "--steps", "2"]) == 2
+    assert "launched as 2 processes on CPU" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model").exists() and "model" not in Run(tmp_path / "run").lineage.records()

@@ -18,7 +18,8 @@ from .typicality import ESTIMATORS
 HELP = {
     "steps": "optimizer steps (training resumes from the last checkpoint up to this many)",
     # one field name, a meaning per step: a dict gives each config's own text (by class name)
-    "batch_size": {"TrainConfig": "images per optimizer step (>= 1)",
+    "batch_size": {"TrainConfig": "images per optimizer step and process (>= 1; N GPUs under accelerate: N times "
+                                  "as many per step)",
                    "TypicalityConfig": "UNet inputs per forward pass, all conditions counted (0: the backend's "
                                        "choice, 64 on CPU, 256 on GPU)",
                    "FeatureConfig": "images per forward pass of the DIFT features (>= 1; times the ensemble)"},

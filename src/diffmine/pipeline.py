@@ -342,6 +342,12 @@ def train_step(run: Run, config: TrainConfig, model_options: dict | None = None,
     settings than the stored model's are refused without ``force`` (a new model)."""
     listing = run.fresh("listing")
     check_latent_grid(listing["settings"]["resolution"], listing["settings"]["model"], run)  # listed for the baseline
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.cuda.is_available():
+        # accelerate distributes training over GPUs only: under torchrun on CPU each process trained
+        # the whole model again, all of them writing the same model folder
+        raise RunError(f"train: launched as {world} processes on CPU, where each would train the whole model again "
+                       "into the same folder; run `diffmine train` as one process (it uses every core it may)")
     settings = {**model_settings(config), "model": listing["settings"]["model"], "model_options": model_options or {}}
     inputs = {"listing": listing["identity"]}
     rank = int(os.environ.get("RANK", "0"))
