@@ -63,6 +63,23 @@ def test_feature_layout_matches_the_authors_2112_dims():
     assert set(boxes[:, 0]) == {0, 8, 16, 24, 32} and set(boxes[:, 1]) == {0, 8, 16}
 
 
+def test_svms_fitted_on_threads_at_once_are_the_ones_fitted_alone():
+    """With fewer samples than features liblinear's dual solver shuffled with one random state for
+    the whole process: SVMs fitted on two threads came out different from run to run (~1e-6)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from diffmine.baselines.doersch import _fit_svm
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 600)).astype(np.float32)
+    X[:30] += 0.2
+    y = np.r_[np.ones(30), -np.ones(170)]
+    alone = _fit_svm(X, y, DoerschConfig(), seed=3)
+    with ThreadPoolExecutor(2) as pool:
+        for w, c in pool.map(lambda _: _fit_svm(X, y, DoerschConfig(), seed=3), range(6)):
+            assert np.array_equal(w, alone[0]) and c == alone[1]
+
+
 def test_pyramid_boxes_are_in_original_pixels():
     image = np.random.default_rng(1).integers(0, 256, size=(48, 48, 3), dtype=np.uint8)
     config = DoerschConfig(patch=16, stride=4, scales=(1.0, 0.75, 0.5))

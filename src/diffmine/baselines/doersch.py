@@ -412,7 +412,10 @@ def _fit_svm(X: np.ndarray, y: np.ndarray, config: DoerschConfig, seed: int) -> 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        svm = LinearSVC(C=config.C, dual="auto", max_iter=config.svm_max_iter, random_state=seed).fit(X, y)
+        # the primal solver: liblinear's dual one (what "auto" picks for fewer samples than features)
+        # shuffles with one C random state for the process, so SVMs fitted on threads at once came
+        # out different from run to run (~1e-6); the primal one draws nothing
+        svm = LinearSVC(C=config.C, dual=False, max_iter=config.svm_max_iter, random_state=seed).fit(X, y)
     return svm.coef_[0].astype(np.float32), float(svm.intercept_[0])
 
 
@@ -457,7 +460,7 @@ def train_detectors(bank: FeatureBank, init: np.ndarray, positives: np.ndarray, 
                 y = np.r_[np.ones(len(pos_rows)), -np.ones(len(neg_rows))]
                 return _fit_svm(X, y, config, config.seed + fold)
 
-            # liblinear releases the GIL: the batch's SVMs (independent, each with its own seed) fit
+            # liblinear releases the GIL: the batch's SVMs (independent, deterministic: _fit_svm) fit
             # on threads; the result does not depend on their number
             for j, (w, c) in enumerate(pool.map(fit, range(batch.stop - batch.start))):
                 W[batch.start + j], b[batch.start + j] = w, c
