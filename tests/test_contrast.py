@@ -160,6 +160,12 @@ def test_a_second_run_is_up_to_date_and_a_lost_shard_is_recomputed_alone(tiny, c
     out = capsys.readouterr().out
     assert "maps up to date" in out and "elements up to date" in out
     assert {p.name: p.stat().st_mtime_ns for p in directory.glob("shard-*")} == before
+    # the features' batch size is no part of the elements (it made them again, the same)
+    elements = tiny.lineage.get(contrast_name("norland", ODD) + "-elements")
+    assert "batch_size" not in elements["settings"]["features"] and elements["settings"]["features"]["precision"] != "auto"
+    assert tiny_contrast(tiny, "norland", ODD, extra=("--feature-batch-size", "2")) == 0
+    assert "elements up to date" in capsys.readouterr().out
+    assert tiny.lineage.get(contrast_name("norland", ODD) + "-elements") == elements
     (directory / "shard-00001.parquet").unlink()
     assert tiny_contrast(tiny, "norland", ODD) == 0
     after = {p.name: p.stat().st_mtime_ns for p in directory.glob("shard-*")}

@@ -771,7 +771,12 @@ def contrast_step(run: Run, a: str, b: str | None, config, mine: MineConfig, clu
     inputs = {**model_inputs, "prompts": prompts_digest(run), "listing": listing["identity"]}
     command = "contrast " + " ".join(shlex.quote(x) for x in ([a, b] if b is not None else [a, "--vs", "all"]))
     elements = name + "-elements"
-    element_settings = {"mine": mine_settings(mine), "cluster": asdict(cluster), "features": asdict(features)}
+    # the features' batch size is how they are computed, not what (as for the cluster step's), and an
+    # "auto" precision is made concrete: bf16 on one machine and fp32 on another are other elements
+    stored = ((run.lineage.get(elements) or {}).get("settings") or {}).get("features") or {}
+    features = _resolved(run, elements, features, default_device(), stored.get("precision"))
+    element_settings = {"mine": mine_settings(mine), "cluster": asdict(cluster),
+                        "features": _execution_left_out(features, ("batch_size",), stored)}
     with step_lock(run.path, name):
         action = _planned(run, name, settings, inputs, force, expensive=True, incremental=("listing",))
         if action == "done" and missing_contrast(run, a, b, config.images):
