@@ -375,7 +375,7 @@ def _train(args, run):
     from .models import check_options
 
     if args.steps is None:
-        recorded = (run.lineage.get("model") or {}).get("steps") if (run.path / "lineage.json").is_file() else None
+        recorded = (run.lineage.get("model") or {}).get("steps")
         args.steps = recorded if isinstance(recorded, int) and recorded > 0 else args.new_model_steps
 
     if args.data is None:  # `train --run RUN`: the images and prompts the run lists
@@ -495,8 +495,7 @@ def cmd_run(args):
     run = Run(args.run)
     # `run --run RUN` goes on with the run as it is: a report made with masks (`demo`'s, or
     # `report --masks`) keeps them while they are there (`run` takes no --masks)
-    recorded = ((run.lineage.get("report") or {}).get("paths") or {}).get("masks") \
-        if args.data is None and (run.path / "lineage.json").is_file() else None
+    recorded = ((run.lineage.get("report") or {}).get("paths") or {}).get("masks") if args.data is None else None
     _all_steps(args, run, masks=Path(recorded) if isinstance(recorded, str) and Path(recorded).is_dir() else None)
 
 

@@ -83,8 +83,8 @@ def write_contrast_page(run, a: str, b: str | None, clusters: int = 8, per_clust
         if image is not None:
             shown.append({"image_id": image_id, "image": assets.png(image), "overlay": assets.png(overlay(image, values))})
     record = run.lineage.get(contrast_name(a, b))
-    html = _render("contrast.html.j2", a=a, b=b if b is not None else "every other label", vs_all=b is None, clusters=rows,
-                   examples=shown, crop_px=CROP_PX, samples=record["settings"].get("samples"),
+    html = _render("contrast.html.j2", a=a, b=b if b is not None else "every other label", vs_all=b is None,
+                   clusters=rows, examples=shown, crop_px=CROP_PX, samples=record["settings"].get("samples"),
                    images=record["settings"].get("images"))
     run.add_skipped(contrast_name(a, b) + "-elements", list(images.problems.values()))  # beside its features' skips
     return write_text(page, html)

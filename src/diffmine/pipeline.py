@@ -830,7 +830,8 @@ def trends_step(run: Run, order: list[str], config, progress: bool = True, force
             return json.loads(path.read_text())
         run.lineage.drop("trends")
         result = run_trends(run, scoring_model(run), list(order), config, progress)
-        write_trends_page(run, result, threshold_words(config.threshold, config.percentile))  # before the record: a step recorded up to date has its page
+        # before the record: a step recorded up to date has its page
+        write_trends_page(run, result, threshold_words(config.threshold, config.percentile))
         run.lineage.put("trends", settings, inputs, "trends", left_out=run.left_out("trends"))
         return result
 
@@ -910,7 +911,8 @@ def localize_step(run: Run, boxes=None, masks=None, blur: float = 0.0, before=No
 
     typicality = run.fresh("typicality")
     # the boxes and masks by content, the run before by its maps: never by the paths they were given as
-    before_maps = (Run(before).lineage.get("typicality") or {}).get("identity") if before and Path(before).is_dir() else None
+    before_maps = (Run(before).lineage.get("typicality") or {}).get("identity") \
+        if before and Path(before).is_dir() else None
     settings = {"boxes": given_digest(boxes), "masks": given_digest(masks), "blur": blur,
                 "before": (before_maps or f"missing: {before}") if before else None}
     paths = _given_paths(boxes=boxes, masks=masks, before=before)

@@ -260,7 +260,8 @@ class Run:
             raise RunError(f"{self.path}: no dataset listed here; run `diffmine train --data DIR --run {shell_word(self.path)}` first")
         root = str(self.dataset_root)
         table = pq.read_table(self.images_path)
-        wrong = [c for c, kind in LISTING_COLUMNS.items() if c not in table.column_names or not kind(table.schema.field(c).type)]
+        wrong = [c for c, kind in LISTING_COLUMNS.items()
+                 if c not in table.column_names or not kind(table.schema.field(c).type)]
         if wrong:
             raise RunError(f"{self.images_path}: not a listing of diffmine's (its {', '.join(wrong)} "
                            f"{'is' if len(wrong) == 1 else 'are'} missing or of another type); list the dataset again "
