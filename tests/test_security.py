@@ -715,9 +715,9 @@ def test_a_received_box_outside_its_image_is_drawn_clipped_at_once():
 def test_what_a_json_command_prints_beside_its_document_is_printable(tiny_run, tmp_path, capsys):
     """With --json the step's messages go to stderr: a received record's text there drove the
     terminal (an OSC retitled it, ESC[2J cleared it), and the count it claims must be a count."""
-    from diffmine.cli import _json_alone
+    from diffmine.terminal import json_alone
 
-    with _json_alone(argparse.Namespace(json=True)):
+    with json_alone(True):
         print("label \x1b]0;PWNED\x07\x1b[2J")
     assert capsys.readouterr().err == "label \\x1b]0;PWNED\\x07\\x1b[2J\n"
     received = tmp_path / "received"

@@ -27,7 +27,7 @@ from .contrast import ContrastConfig
 from .localize import add_parser as add_localize
 from .localize import cmd_localize
 from .data import DatasetError
-from .terminal import PrintableOutput, printable
+from .terminal import PrintableOutput, json_alone, printable
 from .features import FeatureConfig
 from .mining import MineConfig
 from .models import ModelError
@@ -324,13 +324,6 @@ def parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------
 
 
-def _json_alone(args):
-    """With ``--json``, stdout carries the JSON document alone: what the step prints meanwhile (the
-    images it skipped, a kept precision, ...) goes to stderr, where a pipe to ``jq`` leaves it (printable,
-    as stdout is: a label or a received record's text never drives the terminal)."""
-    return contextlib.redirect_stdout(PrintableOutput(sys.stderr)) if args.json else contextlib.nullcontext()
-
-
 def cmd_synth(args):
     from .synthetic import generate
 
@@ -514,7 +507,7 @@ def cmd_classify(args):
     from . import pipeline
     from .classify import format_summary
 
-    with _json_alone(args):
+    with json_alone(args.json):
         summary = pipeline.classify_step(open_run(args.run), build_config(ClassifyConfig, args), force=args.force)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
 
@@ -568,7 +561,7 @@ def cmd_trends(args):
     from . import pipeline
 
     order = [label.strip() for label in args.order.split(",") if label.strip()]
-    with _json_alone(args):
+    with json_alone(args.json):
         result = pipeline.trends_step(open_run(args.run), order, build_config(TrendsConfig, args), force=args.force)
     if args.json:
         print(json.dumps(result, indent=2))

@@ -49,7 +49,7 @@ from .flags import add_run_args
 from .images import draw_boxes, overlay, png_data_uri
 from .rundir import Run, open_run
 from .shards import read_array, write_shard
-from .terminal import printable
+from .terminal import json_alone, printable
 from .typicality import TypicalityConfig, typicality_latent_maps, upsample
 
 METRICS = ("auc_pr", "random", "inside", "outside")
@@ -457,8 +457,9 @@ def localize_run(run: Run, boxes=None, masks=None, blur: float = 0.0, before=Non
 def cmd_localize(args) -> dict:
     from .pipeline import localize_step
 
-    result = localize_step(open_run(args.run), args.boxes, args.masks, args.blur, args.before,
-                           force=getattr(args, "force", False))
+    with json_alone(args.json):
+        result = localize_step(open_run(args.run), args.boxes, args.masks, args.blur, args.before,
+                               force=getattr(args, "force", False))
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return result
 

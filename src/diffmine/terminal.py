@@ -3,7 +3,9 @@ a newline or an ANSI escape in a label must not forge a line or repaint the scre
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import sys
 
 
 def printable(text: str) -> str:
@@ -52,3 +54,10 @@ def print_problems(problems, run_path, limit: int = 10) -> None:
         print(printable(f"skipped {p.path or p.image_id}: {p.problem}"))
     if len(problems) > limit:
         print(f"... and {len(problems) - limit} more (see `diffmine status --run {shell_word(run_path)}`)")
+
+
+def json_alone(as_json: bool):
+    """With ``--json``, stdout carries the JSON document alone: what the step prints meanwhile (the
+    images it skipped, a kept precision, ...) goes to stderr, where a pipe to ``jq`` leaves it (printable,
+    as stdout is: a label or a received record's text never drives the terminal)."""
+    return contextlib.redirect_stdout(PrintableOutput(sys.stderr)) if as_json else contextlib.nullcontext()
