@@ -507,6 +507,17 @@ def test_holdout_is_stratified_seeded_and_never_trained_on(tmp_path, capsys):
     assert (run.training_images()["split"] == "train").all() and len(run.training_images()) == 12
 
 
+def test_a_label_no_list_flag_can_name_is_said_when_listed(tmp_path, capsys):
+    """`trends --order` and `translate --to` cut at commas and trim: a label " pad" or "a,b" was
+    listed without a word, and no command could name it there."""
+    for label in ("a,b", " pad", "plain"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / label / "0.png")
+    pipeline.prepare(Run(tmp_path / "run"), tmp_path / "data", "A {label}.", "A thing.", 8)
+    out = capsys.readouterr().out
+    assert "label 'a,b' holds a comma" in out and "label ' pad' holds a comma or spaces" in out and "'plain'" not in out
+
+
 def test_holdout_never_takes_every_image_of_a_label():
     """A label of one image at --holdout 0.9 was wholly held out: trained on nothing, without a word."""
     ids = ["a/0", "b/0", "b/1", "b/2", "b/3", "c/0", "c/1"]

@@ -271,6 +271,10 @@ def _write_listing(run, data, dataset, prompt, null_prompt, resolution, resize, 
     else:
         record = old_record
     print_problems(dataset.problems, run.path)
+    for label in dataset.label_names:  # listed as they are, but flags that take a list of labels cut and trim
+        if "," in label or label != label.strip():
+            print(printable(f"prepare: label {label!r} holds a comma or spaces around it: `trends --order` and "
+                            "`translate --to` cannot name it (rename it to use those)"))
     return record
 
 
