@@ -171,6 +171,20 @@ def test_masks_and_boxes_are_identified_by_content_not_by_the_path_given(tiny, t
     assert Run(copy).lineage.get("localize")["paths"] == {"boxes": str(boxes.resolve())}
 
 
+def test_paths_a_run_records_do_not_depend_on_how_run_was_spelled(tiny, tmp_path, monkeypatch):
+    """A run whose dataset lies inside it, opened as `--run copy`: its image paths (and so the
+    problems it records and the report shows) were relative to where the command ran."""
+    images, _, run = tiny
+    copy = cp_r(run, tmp_path / "copy")
+    shutil.copytree(images, copy / "data")
+    assert cli.main(["prepare", "--data", str(copy / "data"), "--run", str(copy), "--resolution", "32",
+                     "--prompt", "A scene from {label}.", "--null-prompt", "A scene."]) == 0
+    monkeypatch.chdir(tmp_path)
+    opened = Run(Path("copy"))
+    assert opened.dataset_root == (tmp_path / "copy" / "data").absolute()
+    assert all(os.path.isabs(path) for path in opened.images()["path"])
+
+
 def test_a_changed_training_flag_keeps_the_model(tiny, tmp_path, capsys):
     images, _, run = tiny
     copy = cp_r(run, tmp_path / "copy")

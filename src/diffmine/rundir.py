@@ -250,9 +250,11 @@ class Run:
     # -- dataset --------------------------------------------------------------------------
     @property
     def dataset_root(self) -> Path:
-        """Where the listed images are: the recorded root, relative to the run when inside it."""
+        """Where the listed images are (absolute): the recorded root, relative to the run when inside
+        it. Absolute, so that the paths a run records (problems.parquet) and shows do not depend on
+        how `--run` was spelled where the command ran."""
         root = Path(self.step_config("dataset")["root"])
-        return root if root.is_absolute() else self.path / root
+        return root if root.is_absolute() else (self.path / root).absolute()
 
     def images(self) -> pd.DataFrame:
         """The listing: index, image_id, path (absolute), label, split, size, fingerprint."""
