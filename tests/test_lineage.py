@@ -149,6 +149,9 @@ def test_masks_and_boxes_are_identified_by_content_not_by_the_path_given(tiny, t
     before = files(first)
     assert cli.main(["localize", "--run", str(first), "--masks", str(masks)]) == 0  # again: kept, and said so
     assert files(first) == before and "localize: up to date" in capsys.readouterr().err
+    # with --json stdout is the document alone, --force's line included
+    assert cli.main(["localize", "--run", str(first), "--masks", str(masks), "--json", "--force"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"]
     # a copy with its masks beside it: the same results, the hints naming the copy's masks
     moved = tmp_path / "moved"
     moved.mkdir()
