@@ -333,10 +333,10 @@ def summary(per_region: pd.DataFrame) -> dict:
 
 def write_results(run: Run, per_region: pd.DataFrame, computed: dict[str, np.ndarray], result: dict) -> Path:
     """RUN/localize/results.{safetensors,parquet} (maps first, index last) and summary.json."""
-    directory = run.path / "localize"
-    write_shard(directory, "results", computed, per_region.to_dict("records"), RESULTS_SCHEMA)
-    write_json(directory / "summary.json", result)
-    return directory
+    summary_path = run.result_files("localize")[0]
+    write_shard(summary_path.parent, "results", computed, per_region.to_dict("records"), RESULTS_SCHEMA)
+    write_json(summary_path, result)
+    return summary_path.parent
 
 
 def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:

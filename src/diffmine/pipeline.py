@@ -921,12 +921,10 @@ def localize_step(run: Run, boxes=None, masks=None, blur: float = 0.0, before=No
                 "before": (before_maps or f"missing: {before}") if before else None}
     paths = _given_paths(boxes=boxes, masks=masks, before=before)
     with step_lock(run.path, "localize"):
-        summary_path = run.path / "localize" / "summary.json"
-        if _planned(run, "localize", settings, {"typicality": typicality["identity"]}, force,
-                    outputs=(summary_path,)) == "done":
+        if _planned(run, "localize", settings, {"typicality": typicality["identity"]}, force) == "done":
             _note_paths(run, "localize", paths)
             _say_up_to_date("localize", force, file=sys.stderr)  # stdout holds the table (or the --json document)
-            return json.loads(summary_path.read_text())
+            return json.loads(run.result_files("localize")[0].read_text())
         result, extra = localize_run(run, boxes, masks, blur, before)
         run.lineage.put("localize", settings, {"typicality": typicality["identity"]}, "localize", paths=paths, **extra)
         return result

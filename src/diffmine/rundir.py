@@ -178,6 +178,7 @@ class Run:
         shards, the model its weights). A record whose files are gone is made again, not read."""
         files = {"mine": (self.patches_path,), "features": (self.features_path,), "cluster": (self.clusters_path,),
                  "report": (self.report_path,), "classify": (self.path / "classify" / "summary.json",),
+                 "localize": (self.path / "localize" / "summary.json",),
                  "trends": (self.path / "trends" / "trends.json",)}
         return files.get(name, ())
 
